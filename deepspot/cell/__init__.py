@@ -1,0 +1,5 @@
+"""The DeepCell family."""
+
+from .model import DeepCell
+
+__all__ = ["DeepCell"]

@@ -1,0 +1,139 @@
+"""Checkpoints: one ``.safetensors`` file that rebuilds the model alone.
+
+The tensors are the state dict under the reference's keys. The header's metadata holds one JSON document
+(``deepspot``) with the family, the mode, every constructor argument, the scaler's arrays, the gene names and the
+training history. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ._version import __version__
+from .errors import CheckpointError
+from .fileio import atomic_path
+from .scaler import Scaler
+
+FORMAT = "deepspot-checkpoint"
+FORMAT_VERSION = 1
+REFERENCE_SUFFIXES = (".pkl", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def model_metadata(model) -> dict[str, Any]:
+    """Everything but the weights needed to rebuild ``model``, as JSON-serialisable data."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "deepspot_version": __version__,
+        "family": model.family,
+        "mode": model.mode.name,
+        "config": dict(model.config),
+        "scaler": None if model.scaler is None else model.scaler.to_dict(),
+        "genes": None if model.genes is None else [str(g) for g in model.genes],
+        "history": model.history,
+    }
+
+
+def save(model, path: str | Path) -> Path:
+    """Write ``model`` to ``path`` (``.safetensors``) atomically and return the path."""
+    path = Path(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "deepspot": json.dumps(model_metadata(model))}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint's metadata without loading its tensors."""
+    path = Path(path)
+    return _open(path)[0]
+
+
+def _open(path: Path, with_tensors: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable .safetensors checkpoint ({str(e).splitlines()[0]})") from None
+    if raw.get("format") != FORMAT or "deepspot" not in raw:
+        raise CheckpointError(f"{path}: a .safetensors file, but not a deepspot checkpoint (no deepspot metadata)")
+    try:
+        meta = json.loads(raw["deepspot"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt deepspot metadata ({e})") from None
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {meta['format_version']} is newer than this deepspot supports ({FORMAT_VERSION})"
+        )
+    return meta, tensors
+
+
+def from_parts(meta: dict[str, Any], state_dict: dict[str, torch.Tensor], source: str = "checkpoint"):
+    """Rebuild a model from its metadata and state dict, checking that every shape agrees."""
+    from .factory import model_class
+
+    try:
+        config = dict(meta["config"])
+        family = meta["family"]
+        cls = model_class(family)
+        model = cls(**config, scaler=None if meta.get("scaler") is None else Scaler.from_dict(meta["scaler"]))
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{source}: incomplete hyperparameters ({type(e).__name__}: {e})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise CheckpointError(f"{source}: state dict does not match the hyperparameters: {what}")
+    for k, v in expected.items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{source}: {k} has shape {tuple(state_dict[k].shape)}, the hyperparameters give {tuple(v.shape)}"
+            )
+    model.load_state_dict({k: t.to(torch.float32) for k, t in state_dict.items()})
+    model.genes = meta.get("genes")
+    model.history = meta.get("history")
+    if model.genes is not None and len(model.genes) != model.output_size:
+        raise CheckpointError(f"{source}: {len(model.genes)} gene names for {model.output_size} outputs")
+    if model.scaler is not None and model.scaler.n_features not in (None, model.output_size):
+        raise CheckpointError(f"{source}: the scaler has {model.scaler.n_features} genes, the model {model.output_size}")
+    model.eval()
+    return model
+
+
+def load(path: str | Path):
+    """Load a model, in eval mode, from a deepspot checkpoint or a reference file.
+
+    ``.safetensors`` files are deepspot checkpoints. Reference files (``.pkl``, ``.ckpt``, ``.pt``) are imported on
+    the fly with :func:`deepspot.importer.import_reference` (safely: nothing in them is executed).
+
+    Raises:
+        CheckpointError: The file is missing, truncated, foreign, or does not match its hyperparameters.
+    """
+    path = Path(path)
+    if path.suffix.lower() in REFERENCE_SUFFIXES:
+        from .importer import import_reference
+
+        return import_reference(path)
+    meta, tensors = _open(path, with_tensors=True)
+    return from_parts(meta, tensors, source=str(path))
+
+
+def file_hash(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, as hex."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

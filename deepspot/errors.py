@@ -1,0 +1,28 @@
+"""Errors raised for a user's mistake.
+
+Every error a user can cause (a wrong shape, a missing file, a wrong mode) derives from :class:`DeepSpotError`, so
+the CLI can print it as one line and exit with code 2 instead of showing a traceback. Shape errors are also
+``ValueError`` so that Python callers can catch them the usual way.
+"""
+
+from __future__ import annotations
+
+
+class DeepSpotError(Exception):
+    """Base class of every error caused by the user's input."""
+
+
+class InputError(DeepSpotError, ValueError):
+    """An input has the wrong name, shape, dtype or values."""
+
+
+class ConfigError(DeepSpotError, ValueError):
+    """An unknown mode, family, loss or an invalid constructor argument."""
+
+
+class CheckpointError(DeepSpotError):
+    """A checkpoint or model file is missing, truncated, foreign or refused."""
+
+
+class BackendUnavailableError(DeepSpotError):
+    """A requested backend needs a package or hardware that is not there."""

@@ -1,0 +1,5 @@
+"""The DeepSpot family."""
+
+from .model import DeepSpot
+
+__all__ = ["DeepSpot"]
