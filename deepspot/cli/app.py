@@ -1,0 +1,71 @@
+"""The typer app and what every command shares: error handling and the version flag.
+
+Commands live in one module per area (``train``, ``export``, ``runtime``, ``importer``) and each maps its options
+onto one library call. A user's mistake (any :class:`~deepspot.errors.DeepSpotError`) becomes one line on stderr and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, Optional
+
+import typer
+
+from .._version import __version__
+from ..errors import DeepSpotError
+
+app = typer.Typer(
+    name="deepspot",
+    help="DeepSpot and DeepCell: train, export to ONNX, and run high-throughput inference with verified parity.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+USER_ERROR = 2
+
+
+def fail(message: str, code: int = USER_ERROR) -> None:
+    """Print ``Error: message`` on stderr and exit with ``code``."""
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a user's mistake into one line and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DeepSpotError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            typer.echo("Interrupted.", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"deepspot {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Optional[bool] = typer.Option(
+        None, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """DeepSpot and DeepCell: train, export to ONNX, and run high-throughput inference with verified parity."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app(prog_name="deepspot"))

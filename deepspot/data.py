@@ -1,0 +1,301 @@
+"""Feature bundles: the data format for training and inference.
+
+A bundle is a ``.npz`` file or a directory of ``.npy`` files (memory-mapped when read) holding:
+
+- ``spot`` or ``cell``: ``(N, D)`` or ``(N, 1, D)`` (for the ``spot`` mode also ``(N, T, D)``);
+- ``subspot`` ``(N, S, D)`` and ``neighbors`` ``(N, K, D)``, as the mode needs; or, instead of ``neighbors``,
+  ``neighbor_index`` ``(N, K)`` int64 with the positions of each item's neighbours in the bundle (``-1``: a zero row);
+- ``target`` ``(N, G)`` for training;
+- optionally ``barcode`` ``(N,)`` and ``genes`` ``(G,)`` (strings).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .fileio import atomic_path
+from .modes import Mode, get_mode
+
+FEATURE_KEYS = ("spot", "cell", "subspot", "neighbors")
+KNOWN_KEYS = FEATURE_KEYS + ("neighbor_index", "target", "barcode", "genes", "x_array", "y_array", "x_pixel", "y_pixel")
+
+
+@dataclass
+class Bundle:
+    """Arrays of a feature bundle, by name; read lazily and memory-mapped where the format allows.
+
+    Attributes:
+        arrays: The bundle's arrays.
+        path: Where it was read from (``None`` for an in-memory bundle).
+    """
+
+    arrays: dict[str, np.ndarray]
+    path: Path | None = None
+    _source: str = field(default="bundle", repr=False)
+
+    def __post_init__(self):
+        self._source = str(self.path) if self.path is not None else "bundle"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.arrays
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.arrays[key]
+
+    @property
+    def n(self) -> int:
+        for key in ("spot", "cell", "target"):
+            if key in self.arrays:
+                return int(self.arrays[key].shape[0])
+        raise InputError(f"{self._source}: has neither 'spot', 'cell' nor 'target'")
+
+    @property
+    def genes(self) -> list[str] | None:
+        return None if "genes" not in self.arrays else [str(g) for g in self.arrays["genes"]]
+
+    @property
+    def barcodes(self) -> list[str] | None:
+        return None if "barcode" not in self.arrays else [str(b) for b in self.arrays["barcode"]]
+
+    @property
+    def layout(self) -> str:
+        """``indexed`` when neighbours are given by ``neighbor_index``, else ``dense``."""
+        return "indexed" if "neighbor_index" in self.arrays and "neighbors" not in self.arrays else "dense"
+
+    def inputs(self, mode: Mode) -> dict[str, np.ndarray]:
+        """The model inputs of ``mode``, by name, with single-tile bags shaped ``(N, 1, D)`` (views, no copies)."""
+        out = {}
+        for bag in mode.bags:
+            a = self.arrays[bag.name]
+            out[bag.name] = a[:, None, :] if a.ndim == 2 else a
+        return out
+
+    def validate(
+        self,
+        family: str,
+        mode: str | Mode,
+        input_size: int | None = None,
+        output_size: int | None = None,
+        require_target: bool = False,
+        allow_index: bool = False,
+    ) -> Mode:
+        """Check the bundle against a model's family and mode; raise :class:`InputError` naming the problem.
+
+        Args:
+            family: ``spot`` or ``cell``.
+            mode: The model's mode.
+            input_size: The model's feature size ``D``, if known.
+            output_size: The model's number of genes ``G``, if known (checked against ``target`` and ``genes``).
+            require_target: Whether ``target`` must be there (training).
+            allow_index: Whether ``neighbor_index`` may stand in for ``neighbors``.
+        """
+        m = mode if isinstance(mode, Mode) else get_mode(family, mode)
+        src = self._source
+        other = "cell" if m.family == "spot" else "spot"
+        own = "spot" if m.family == "spot" else "cell"
+        if own not in self.arrays and other in self.arrays:
+            raise InputError(f"{src}: holds {other!r} features, but the model is a {m.family} model (needs {own!r})")
+        n = None
+        for bag in m.bags:
+            if bag.name == "neighbors" and "neighbors" not in self.arrays and "neighbor_index" in self.arrays:
+                if not allow_index:
+                    raise InputError(f"{src}: neighbours are given as 'neighbor_index'; use the indexed layout")
+                continue
+            if bag.name not in self.arrays:
+                raise InputError(f"{src}: missing {bag.name!r}, which mode {m.reference!r} needs")
+            a = self.arrays[bag.name]
+            if a.dtype.kind != "f":
+                raise InputError(f"{src}: {bag.name!r} must be floating point, got {a.dtype}")
+            if bag.single and bag.name == own:
+                ok = a.ndim == 2 or (a.ndim == 3 and a.shape[1] == 1)
+                shape = "(N, D) or (N, 1, D)"
+            elif bag.name == own:  # the `spot` mode pools a bag of spot tiles
+                ok = a.ndim in (2, 3)
+                shape = "(N, D) or (N, T, D)"
+            else:
+                ok = a.ndim == 3
+                shape = f"(N, {bag.name[0].upper()}, D)"
+            if not ok:
+                raise InputError(f"{src}: {bag.name!r} must have shape {shape}, got {a.shape}")
+            if a.shape[1 if a.ndim == 3 else 0] == 0 and a.ndim == 3:
+                raise InputError(f"{src}: {bag.name!r} has an empty bag axis: {a.shape}")
+            if input_size is not None and a.shape[-1] != input_size:
+                raise InputError(f"{src}: {bag.name!r} has {a.shape[-1]} features, the model expects {input_size}")
+            if n is None:
+                n = a.shape[0]
+            elif a.shape[0] != n:
+                raise InputError(f"{src}: {bag.name!r} has {a.shape[0]} rows, {m.bags[0].name!r} has {n}")
+        for key, length in (("target", n), ("barcode", n)):
+            if key in self.arrays and self.arrays[key].shape[0] != length:
+                raise InputError(f"{src}: {key!r} has {self.arrays[key].shape[0]} rows, the features have {length}")
+        if require_target and "target" not in self.arrays:
+            raise InputError(f"{src}: missing 'target', which training needs")
+        if "target" in self.arrays:
+            t = self.arrays["target"]
+            if t.ndim != 2:
+                raise InputError(f"{src}: 'target' must have shape (N, G), got {t.shape}")
+            if output_size is not None and t.shape[1] != output_size:
+                raise InputError(f"{src}: 'target' has {t.shape[1]} genes, the model predicts {output_size}")
+        if "genes" in self.arrays:
+            g = self.arrays["genes"]
+            width = self.arrays["target"].shape[1] if "target" in self.arrays else output_size
+            if width is not None and g.shape[0] != width:
+                raise InputError(f"{src}: 'genes' has {g.shape[0]} names for {width} genes")
+        return m
+
+
+def load_bundle(path: str | Path, mmap: bool = True) -> Bundle:
+    """Read a bundle from a ``.npz`` file or a directory of ``.npy`` files (memory-mapped with ``mmap``).
+
+    Raises:
+        InputError: The path is missing, not a bundle, or an array cannot be read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such bundle (expected a .npz file or a directory of .npy files)")
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        if path.is_dir():
+            files = sorted(path.glob("*.npy"))
+            if not files:
+                raise InputError(f"{path}: directory holds no .npy files")
+            for f in files:
+                arrays[f.stem] = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
+        else:
+            arrays = _read_npz(path, mmap)
+    except InputError:
+        raise
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"{path}: not a readable bundle ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # zipfile.BadZipFile and friends from a corrupt .npz
+        raise InputError(f"{path}: not a readable bundle ({type(e).__name__}: {e})") from None
+    unknown = [k for k in arrays if k not in KNOWN_KEYS]
+    if unknown:
+        raise InputError(f"{path}: unknown array {unknown[0]!r}; a bundle holds {', '.join(KNOWN_KEYS)}")
+    return Bundle(arrays, path)
+
+
+def _read_npz(path: Path, mmap: bool) -> dict[str, np.ndarray]:
+    """Read a ``.npz``; members stored uncompressed (``np.savez``) are memory-mapped in place when ``mmap``."""
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path}: not a .npz bundle (expected a .npz file or a directory of .npy files)")
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            key = info.filename[: -len(".npy")]
+            if mmap and info.compress_type == zipfile.ZIP_STORED:
+                # Local file header: 30 bytes, then the name and the extra field, then the .npy bytes.
+                raw.seek(info.header_offset)
+                header = raw.read(30)
+                start = info.header_offset + 30 + int.from_bytes(header[26:28], "little")
+                start += int.from_bytes(header[28:30], "little")
+                raw.seek(start)
+                version = np.lib.format.read_magic(raw)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else (
+                    np.lib.format.read_array_header_2_0
+                )
+                shape, fortran, dtype = read_header(raw)
+                if dtype.hasobject:
+                    raise InputError(f"{path}: array {key!r} holds Python objects, which bundles never do")
+                if int(np.prod(shape)) == 0:
+                    arrays[key] = np.zeros(shape, dtype=dtype)
+                else:
+                    order = "F" if fortran else "C"
+                    arrays[key] = np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=shape, order=order)
+            else:
+                with zf.open(info) as f:
+                    arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
+    return arrays
+
+
+def save_bundle(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
+    """Write arrays as a bundle, atomically: ``.npz`` for a path ending in ``.npz``, else a directory of ``.npy``."""
+    path = Path(path)
+    unknown = [k for k in arrays if k not in KNOWN_KEYS]
+    if unknown:
+        raise InputError(f"unknown bundle array {unknown[0]!r}; a bundle holds {', '.join(KNOWN_KEYS)}")
+    if path.suffix == ".npz":
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        return path
+    if path.exists():
+        raise InputError(f"{path}: already exists; bundles are not overwritten")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{path}: output folder {parent} does not exist")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    try:
+        for k, v in arrays.items():
+            np.save(tmp / f"{k}.npy", np.asarray(v), allow_pickle=False)
+        tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def synth_bundle(
+    family: str,
+    mode: str,
+    n: int,
+    input_size: int = 64,
+    genes: int = 32,
+    seed: int = 0,
+    n_subspots: int = 9,
+    n_neighbors: int | None = None,
+    noise: float = 0.1,
+) -> dict[str, np.ndarray]:
+    """A seeded synthetic bundle with a learnable signal.
+
+    Each item's tile features are standard normal. The target of an item is a non-linear function of its own
+    features (and, where the mode has them, of its sub-spots' mean and its neighbours' maximum) plus Gaussian
+    noise, so a model of the right mode can learn it and a mean predictor cannot.
+
+    Args:
+        family: ``spot`` or ``cell``.
+        mode: Forward mode; decides which bags are written.
+        n: Number of items.
+        input_size: Features per tile ``D``.
+        genes: Number of genes ``G``.
+        seed: Seed of the generator (NumPy's PCG64; independent of torch's global state).
+        n_subspots: Sub-spots per spot ``S``.
+        n_neighbors: Neighbours per item ``K`` (default 6 for spots, 8 for cells).
+        noise: Standard deviation of the noise added to the targets.
+    """
+    m = get_mode(family, mode)
+    if n < 1 or input_size < 1 or genes < 1:
+        raise InputError("n, input_size and genes must be positive")
+    k = n_neighbors if n_neighbors is not None else (6 if family == "spot" else 8)
+    rng = np.random.default_rng(seed)
+    own = m.bags[0].name
+    # Hidden structure shared by all items, then per-item features.
+    w_own = rng.standard_normal((input_size, genes)) / np.sqrt(input_size)
+    w_ctx = rng.standard_normal((input_size, genes)) / np.sqrt(input_size)
+    arrays: dict[str, np.ndarray] = {}
+    x = rng.standard_normal((n, input_size)).astype(np.float32)
+    arrays[own] = x
+    signal = np.tanh(2.0 * x @ w_own)
+    if "subspot" in m.input_names:
+        sub = (x[:, None, :] + rng.standard_normal((n, n_subspots, input_size))).astype(np.float32)
+        arrays["subspot"] = sub
+        signal += 0.5 * np.maximum(sub.mean(axis=1) @ w_ctx, 0)
+    if "neighbors" in m.input_names:
+        nb = rng.standard_normal((n, k, input_size)).astype(np.float32)
+        arrays["neighbors"] = nb
+        signal += 0.5 * np.tanh(nb.max(axis=1) @ w_ctx / 2.0)
+    target = signal + noise * rng.standard_normal(signal.shape)
+    arrays["target"] = target.astype(np.float32)
+    arrays["barcode"] = np.array([f"{own}_{i:06d}" for i in range(n)])
+    arrays["genes"] = np.array([f"gene_{j:04d}" for j in range(genes)])
+    return arrays

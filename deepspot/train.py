@@ -1,0 +1,283 @@
+"""Training: a plain, seeded PyTorch loop that follows the reference's Lightning training step for step.
+
+On unshuffled data without validation, :func:`fit` reproduces the reference's per-step losses and final weights bit
+for bit on the CPU. Two details make that possible (see ``MODEL_SPEC.md``): the model runs its bags through the Phi
+ensemble in the reference's order (:attr:`deepspot.modes.Mode.phi_order`), and every epoch draws one 64-bit number
+from torch's global generator, as creating a ``DataLoader`` iterator does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import DeepSetModel
+from .errors import ConfigError, InputError
+from .scaler import Scaler
+
+MONITORS = ("val_loss", "train_loss")
+
+
+@dataclass
+class TrainConfig:
+    """How to train.
+
+    Attributes:
+        epochs: Maximum number of epochs (the reference uses up to 10).
+        batch_size: Items per optimisation step (the reference uses 1024).
+        shuffle: Shuffle the training items every epoch (reproducible from the model's seed).
+        val_fraction: Fraction of the items held out for validation when no separate validation data is given.
+        normalize: Standardise the targets (mean and scale fitted on the training targets, stored in the model).
+        early_stopping: Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
+        monitor: ``val_loss`` or ``train_loss`` (epoch means).
+        patience: Epochs without improvement before stopping.
+        min_delta: Smallest decrease that counts as an improvement.
+        progress: Show a progress bar.
+    """
+
+    epochs: int = 10
+    batch_size: int = 1024
+    shuffle: bool = True
+    val_fraction: float = 0.0
+    normalize: bool = False
+    early_stopping: bool = False
+    monitor: str = "val_loss"
+    patience: int = 3
+    min_delta: float = 0.0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.monitor not in MONITORS:
+            raise ConfigError(f"unknown monitor {self.monitor!r}; expected one of: {', '.join(MONITORS)}")
+        if self.patience < 1:
+            raise ConfigError(f"patience must be at least 1, got {self.patience}")
+
+
+def _as_tensors(inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in inputs.items():
+        t = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+        t = t.float()
+        out[k] = t[:, None, :] if t.dim() == 2 else t
+    return out
+
+
+def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of ``range(n)`` into training and validation positions (NumPy generator, not torch's)."""
+    n_val = int(round(n * fraction))
+    if fraction > 0 and (n_val < 1 or n_val >= n):
+        raise ConfigError(f"val_fraction {fraction} of {n} items leaves an empty training or validation set")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _epoch_order(n: int, shuffle: bool) -> torch.Tensor | None:
+    # A DataLoader draws its iterator's base seed from the global generator each epoch; we make the same draw so
+    # dropout masks follow the reference's. With shuffling, RandomSampler then draws the seed of its permutation.
+    torch.empty((), dtype=torch.int64).random_()
+    if not shuffle:
+        return None
+    seed = int(torch.empty((), dtype=torch.int64).random_().item())
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return torch.randperm(n, generator=gen)
+
+
+def _batches(n: int, batch_size: int, order: torch.Tensor | None):
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        yield slice(start, stop) if order is None else order[start:stop]
+
+
+def evaluate(model: DeepSetModel, inputs: Mapping[str, torch.Tensor], target: torch.Tensor, batch_size: int):
+    """Per-batch losses of ``model`` in eval mode (no gradients, no dropout)."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for idx in _batches(target.shape[0], batch_size, None):
+            pred = model(**{k: v[idx] for k, v in inputs.items()})
+            losses.append(float(model.loss_func(pred, target[idx]).item()))
+    model.train(was_training)
+    return losses
+
+
+def fit(
+    model: DeepSetModel,
+    inputs: Mapping[str, Any],
+    target: Any,
+    config: TrainConfig | None = None,
+    val_inputs: Mapping[str, Any] | None = None,
+    val_target: Any = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place with AdamW(``lr``, ``weight_decay``) and return its history.
+
+    Args:
+        model: A freshly built model (its constructor seeded torch; training continues from that state).
+        inputs: Training bags by name (``spot``, ``subspot``, ``neighbors``, ``cell``), arrays or tensors.
+        target: Training targets ``(N, G)``.
+        config: How to train; defaults to :class:`TrainConfig`'s defaults.
+        val_inputs: Separate validation bags; otherwise ``config.val_fraction`` of the items is held out.
+        val_target: Separate validation targets.
+
+    Returns:
+        The history: per-step ``train_loss`` and ``val_loss``, per-epoch means, and why training stopped. It is also
+        stored on ``model.history``; with ``normalize`` the fitted scaler is stored on ``model.scaler``.
+    """
+    config = config or TrainConfig()
+    x = _as_tensors(inputs)
+    y = torch.as_tensor(np.asarray(target, dtype=np.float32))
+    model.parse_inputs(**{k: v[:1] for k, v in x.items()})  # names and shapes, before any work
+    if y.dim() != 2 or y.shape[1] != model.output_size:
+        raise InputError(f"target must have shape (N, {model.output_size}), got {tuple(y.shape)}")
+    if any(v.shape[0] != y.shape[0] for v in x.values()):
+        raise InputError("inputs and target have different numbers of items")
+    for name, t in list(x.items()) + [("target", y)]:
+        if not torch.isfinite(t).all():
+            row = int(torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1))[0])
+            raise InputError(f"{name!r} holds a non-finite value in row {row}")
+
+    if val_inputs is not None:
+        xv, yv = _as_tensors(val_inputs), torch.as_tensor(np.asarray(val_target, dtype=np.float32))
+    elif config.val_fraction > 0:
+        train_idx, val_idx = split_validation(y.shape[0], config.val_fraction, model.config["random_seed"])
+        xv = {k: v[val_idx] for k, v in x.items()}
+        yv = y[val_idx]
+        x = {k: v[train_idx] for k, v in x.items()}
+        y = y[train_idx]
+    else:
+        xv, yv = None, None
+    if config.early_stopping and config.monitor == "val_loss" and xv is None:
+        raise ConfigError("early stopping on val_loss needs validation data (val_fraction or separate data)")
+
+    if config.normalize:
+        model.scaler = Scaler.fit(y.numpy())
+        y = torch.from_numpy(model.scaler.transform(y.numpy()))
+        if yv is not None:
+            yv = torch.from_numpy(model.scaler.transform(yv.numpy()))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=model.config["lr"], weight_decay=model.config["weight_decay"])
+    n = y.shape[0]
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    history: dict[str, Any] = {
+        "train_loss": [],
+        "val_loss": [],
+        "epoch_train_loss": [],
+        "epoch_val_loss": [],
+        "steps_per_epoch": steps_per_epoch,
+        "config": asdict(config),
+        "stopped": "max_epochs",
+    }
+    best, bad_epochs = math.inf, 0
+    progress = _progress(config.progress, config.epochs * steps_per_epoch)
+    with progress:
+        task = progress.add_task("training", total=config.epochs * steps_per_epoch, loss=float("nan"))
+        for epoch in range(config.epochs):
+            model.train()
+            order = _epoch_order(n, config.shuffle)
+            epoch_losses = []
+            for idx in _batches(n, config.batch_size, order):
+                pred = model(**{k: v[idx] for k, v in x.items()})
+                loss = model.loss_func(pred, y[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                epoch_losses.append(float(loss.detach().item()))
+                progress.update(task, advance=1, loss=epoch_losses[-1])
+            history["train_loss"].extend(epoch_losses)
+            history["epoch_train_loss"].append(float(np.mean(epoch_losses)))
+            if xv is not None:
+                val_losses = evaluate(model, xv, yv, config.batch_size)
+                history["val_loss"].extend(val_losses)
+                history["epoch_val_loss"].append(float(np.mean(val_losses)))
+            if config.early_stopping:
+                current = history["epoch_val_loss" if config.monitor == "val_loss" else "epoch_train_loss"][-1]
+                if current < best - config.min_delta:
+                    best, bad_epochs = current, 0
+                else:
+                    bad_epochs += 1
+                    if bad_epochs >= config.patience:
+                        history["stopped"] = f"early_stopping (epoch {epoch + 1})"
+                        break
+    history["epochs"] = len(history["epoch_train_loss"])
+    model.eval()
+    model.history = history
+    return history
+
+
+def _progress(enabled: bool, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+def smooth_curve(values: list[float] | np.ndarray, alpha: float = 0.2) -> np.ndarray:
+    """Exponential smoothing as the reference's plot does it: ``s_i = alpha * x_i + (1 - alpha) * s_{i-1}``."""
+    out = np.empty(len(values), dtype=np.float64)
+    for i, v in enumerate(values):
+        out[i] = v if i == 0 else alpha * v + (1 - alpha) * out[i - 1]
+    return out
+
+
+def loss_curves(history: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The curves the loss plot draws: raw and smoothed training loss, and the validation loss interpolated onto the
+    training steps (as the reference's ``plot_loss`` does), raw and smoothed."""
+    train = np.asarray(history["train_loss"], dtype=np.float64)
+    steps = np.arange(1, len(train) + 1)
+    curves = {"steps": steps, "train": train, "train_smooth": smooth_curve(train)}
+    val = np.asarray(history.get("val_loss", []), dtype=np.float64)
+    if len(val) and len(train):
+        val_steps = np.arange(len(val)) * (len(train) // len(val) + 1)
+        val_full = np.interp(steps, val_steps, val)
+        curves["val"] = val_full
+        curves["val_smooth"] = smooth_curve(val_full)
+    return curves
+
+
+def plot_loss(history: Mapping[str, Any], path: str | Path) -> Path:
+    """Write the training (and validation) loss curves, raw and smoothed, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .fileio import atomic_path
+
+    c = loss_curves(history)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(c["steps"], c["train"], label="Original Training Loss", color="blue", alpha=0.4)
+    ax.plot(c["steps"], c["train_smooth"], label="Smoothed Training Loss", color="blue")
+    if "val" in c:
+        ax.plot(c["steps"], c["val"], label="Original Validation Loss", color="orange", alpha=0.4, linestyle="--")
+        ax.plot(c["steps"], c["val_smooth"], label="Smoothed Validation Loss", color="orange", linestyle="--")
+    ax.set_title("Training and Validation Loss (with Smoothing)")
+    ax.set_xlabel("Steps")
+    ax.set_ylabel("Loss")
+    ax.legend()
+    ax.grid(True)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
