@@ -68,7 +68,8 @@ class TrainConfig:
 def _as_tensors(inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in inputs.items():
-        t = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+        # A copy: bundles are memory-mapped read-only, and training needs the data in memory anyway.
+        t = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v, dtype=np.float32))
         t = t.float()
         out[k] = t[:, None, :] if t.dim() == 2 else t
     return out
