@@ -45,7 +45,8 @@ def save(model, path: str | Path) -> Path:
     """Write ``model`` to ``path`` (``.safetensors``) atomically and return the path."""
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "deepspot": json.dumps(model_metadata(model))}
+    # One metadata key: safetensors stores the metadata map in no fixed order, and equal models must give equal bytes.
+    meta = {"deepspot": json.dumps(model_metadata(model))}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
@@ -66,12 +67,14 @@ def _open(path: Path, with_tensors: bool = False) -> tuple[dict[str, Any], dict[
             tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a readable .safetensors checkpoint ({str(e).splitlines()[0]})") from None
-    if raw.get("format") != FORMAT or "deepspot" not in raw:
+    if "deepspot" not in raw:
         raise CheckpointError(f"{path}: a .safetensors file, but not a deepspot checkpoint (no deepspot metadata)")
     try:
         meta = json.loads(raw["deepspot"])
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: corrupt deepspot metadata ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: a .safetensors file, but not a deepspot checkpoint (unknown format)")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format {meta['format_version']} is newer than this deepspot supports ({FORMAT_VERSION})"

@@ -139,7 +139,7 @@ def fit(
     """
     config = config or TrainConfig()
     x = _as_tensors(inputs)
-    y = torch.as_tensor(np.asarray(target, dtype=np.float32))
+    y = torch.from_numpy(np.array(target, dtype=np.float32))
     model.parse_inputs(**{k: v[:1] for k, v in x.items()})  # names and shapes, before any work
     if y.dim() != 2 or y.shape[1] != model.output_size:
         raise InputError(f"target must have shape (N, {model.output_size}), got {tuple(y.shape)}")
@@ -151,7 +151,7 @@ def fit(
             raise InputError(f"{name!r} holds a non-finite value in row {row}")
 
     if val_inputs is not None:
-        xv, yv = _as_tensors(val_inputs), torch.as_tensor(np.asarray(val_target, dtype=np.float32))
+        xv, yv = _as_tensors(val_inputs), torch.from_numpy(np.array(val_target, dtype=np.float32))
     elif config.val_fraction > 0:
         train_idx, val_idx = split_validation(y.shape[0], config.val_fraction, model.config["random_seed"])
         xv = {k: v[val_idx] for k, v in x.items()}

@@ -93,13 +93,10 @@ def train(
         progress=progress,
     )
     bundle = load_bundle(data)
-    own = "spot" if family == "spot" else "cell"
-    if own not in bundle:
-        raise InputError(f"{data}: missing {own!r} features for a {family} model")
-    input_size = int(bundle[own].shape[-1])
-    target = bundle["target"] if "target" in bundle else None
-    output_size = int(target.shape[1]) if target is not None and target.ndim == 2 else 0
-    m = bundle.validate(family, mode, input_size=input_size, require_target=True)
+    m = bundle.validate(family, mode, require_target=True)
+    input_size = int(bundle[m.bags[0].name].shape[-1])
+    output_size = int(bundle["target"].shape[1])
+    m = bundle.validate(family, m, input_size=input_size, require_target=True)
     val = None
     if val_data is not None:
         vb = load_bundle(val_data)

@@ -1,0 +1,84 @@
+"""Feature bundles: formats, memory mapping, validation against a model, and the synthetic generator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deepspot.data import load_bundle, save_bundle, synth_bundle
+from deepspot.errors import InputError
+from deepspot.modes import get_mode
+
+
+@pytest.mark.parametrize("suffix", [".npz", ""])
+def test_round_trip_and_memory_mapping(tmp_path, suffix):
+    arrays = synth_bundle("spot", "subspot_neighbors", 30, input_size=5, genes=3, seed=2)
+    path = save_bundle(tmp_path / f"b{suffix}", arrays)
+    bundle = load_bundle(path)
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(bundle[k], v)
+    assert isinstance(bundle["subspot"], np.memmap)  # both formats map the feature arrays, nothing is read yet
+    assert bundle.genes == [f"gene_{j:04d}" for j in range(3)] and bundle.barcodes[0] == "spot_000000"
+    mode = bundle.validate("spot", "subspot_neighbors", input_size=5, output_size=3, require_target=True)
+    inputs = bundle.inputs(mode)
+    assert inputs["spot"].shape == (30, 1, 5) and inputs["neighbors"].shape == (30, 6, 5)
+
+
+def test_synthetic_data_is_seeded():
+    a = synth_bundle("cell", "neighbors", 10, input_size=4, genes=2, seed=5)
+    b = synth_bundle("cell", "neighbors", 10, input_size=4, genes=2, seed=5)
+    c = synth_bundle("cell", "neighbors", 10, input_size=4, genes=2, seed=6)
+    assert set(a) == {"cell", "neighbors", "target", "barcode", "genes"} and a["neighbors"].shape == (10, 8, 4)
+    np.testing.assert_array_equal(a["target"], b["target"])
+    assert not np.array_equal(a["target"], c["target"])
+
+
+@pytest.mark.parametrize(
+    "edit, kwargs, message",
+    [
+        (lambda a: a.pop("neighbors"), {}, "missing 'neighbors', which mode 'spot_subspot_neighbors' needs"),
+        (lambda a: a.update(subspot=a["subspot"][:, :, :4]), {"input_size": 5}, "'subspot' has 4 features"),
+        (lambda a: a.update(neighbors=a["neighbors"][:7]), {}, "'neighbors' has 7 rows, 'spot' has 12"),
+        (lambda a: a.update(spot=a["subspot"]), {}, "'spot' must have shape (N, D) or (N, 1, D)"),
+        (lambda a: a.pop("target"), {"require_target": True}, "missing 'target'"),
+        (lambda a: a.update(target=a["target"][:, :2]), {"output_size": 3}, "'target' has 2 genes"),
+        (lambda a: a.update(subspot=a["subspot"].astype(np.int32)), {}, "'subspot' must be floating point"),
+    ],
+)
+def test_validation_errors_name_the_problem(tmp_path, edit, kwargs, message):
+    arrays = synth_bundle("spot", "subspot_neighbors", 12, input_size=5, genes=3)
+    edit(arrays)
+    bundle = load_bundle(save_bundle(tmp_path / "b.npz", arrays))
+    with pytest.raises(InputError) as err:
+        bundle.validate("spot", "subspot_neighbors", **kwargs)
+    assert message in str(err.value) and str(tmp_path / "b.npz") in str(err.value)
+
+
+def test_wrong_family():
+    from deepspot.data import Bundle
+
+    arrays = synth_bundle("spot", "neighbors", 4, input_size=5, genes=3)
+    with pytest.raises(InputError, match="holds 'spot' features, but the model is a cell model"):
+        Bundle(arrays).validate("cell", "neighbors")
+
+
+def test_unreadable_bundles(tmp_path):
+    with pytest.raises(InputError, match="no such bundle"):
+        load_bundle(tmp_path / "missing.npz")
+    (tmp_path / "garbage.npz").write_bytes(b"not a zip file at all")
+    with pytest.raises(InputError, match="not a .npz bundle"):
+        load_bundle(tmp_path / "garbage.npz")
+    np.savez(tmp_path / "foreign.npz", weights=np.zeros(3))
+    with pytest.raises(InputError, match="unknown array 'weights'"):
+        load_bundle(tmp_path / "foreign.npz")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no .npy files"):
+        load_bundle(tmp_path / "empty")
+
+
+def test_compressed_npz_is_read_in_memory(tmp_path):
+    arrays = synth_bundle("cell", "cell", 6, input_size=3, genes=2)
+    np.savez_compressed(tmp_path / "c.npz", **arrays)
+    bundle = load_bundle(tmp_path / "c.npz")
+    np.testing.assert_array_equal(bundle["cell"], arrays["cell"])
+    assert bundle.validate("cell", "cell") == get_mode("cell", "cell")

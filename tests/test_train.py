@@ -1,0 +1,119 @@
+"""Training: the reference's path bit for bit, reproducibility, learning, early stopping and the loss plot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deepspot import create_model
+from deepspot.checkpoint import save
+from deepspot.data import synth_bundle
+from deepspot.errors import ConfigError, InputError
+from deepspot.modes import get_mode
+from deepspot.spot import DeepSpot
+from deepspot.train import TrainConfig, fit, loss_curves, plot_loss, smooth_curve
+
+QUIET = dict(progress=False)
+
+
+def test_follows_the_reference_trajectory_exactly(reference_dir):
+    traj = np.load(reference_dir / "trajectory_spot_subspot_neighbors_seed2024.npz")
+    model = DeepSpot(input_size=12, output_size=5, phi2rho_size=8, random_seed=2024)
+    inputs = {k: traj[k] for k in ("spot", "subspot", "neighbors")}
+    history = fit(model, inputs, traj["target"], TrainConfig(epochs=3, batch_size=16, shuffle=False, **QUIET))
+    np.testing.assert_array_equal(np.asarray(history["train_loss"]), traj["training_loss"])
+    for key, value in model.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), traj[f"final/{key}"], err_msg=key)
+
+
+def _small(family="spot", mode="subspot_neighbors", n=200, seed=3):
+    data = synth_bundle(family, mode, n, input_size=8, genes=4, seed=seed, n_subspots=3, n_neighbors=3)
+    m = get_mode(family, mode)
+    return {b.name: data[b.name] for b in m.bags}, data["target"]
+
+
+def _train(tmp_path, name, shuffle=True, **cfg):
+    inputs, target = _small()
+    model = create_model("spot", "subspot_neighbors", input_size=8, output_size=4, phi2rho_size=6, n_ensemble=3)
+    fit(model, inputs, target, TrainConfig(epochs=2, batch_size=32, shuffle=shuffle, val_fraction=0.2, **QUIET, **cfg))
+    path = save(model, tmp_path / f"{name}.safetensors")
+    return model, path.read_bytes()
+
+
+def test_same_seed_gives_identical_checkpoints(tmp_path):
+    a, bytes_a = _train(tmp_path, "a")
+    b, bytes_b = _train(tmp_path, "b")
+    assert bytes_a == bytes_b
+    assert a.history["train_loss"] == b.history["train_loss"]
+    assert len(a.history["val_loss"]) > 0
+
+
+def test_shuffling_changes_the_path():
+    inputs, target = _small()
+    losses = []
+    for shuffle in (True, False):
+        model = create_model("spot", "subspot_neighbors", input_size=8, output_size=4, phi2rho_size=6, n_ensemble=3)
+        losses.append(fit(model, inputs, target, TrainConfig(epochs=1, batch_size=32, shuffle=shuffle, **QUIET)))
+    assert losses[0]["train_loss"] != losses[1]["train_loss"]
+
+
+@pytest.mark.parametrize("family, mode", [("spot", "subspot_neighbors"), ("cell", "neighbors")])
+def test_learns_synthetic_signal_well_below_the_mean_predictor(family, mode):
+    data = synth_bundle(family, mode, 1500, input_size=16, genes=8, seed=1, n_subspots=4, n_neighbors=4)
+    m = get_mode(family, mode)
+    inputs = {b.name: data[b.name] for b in m.bags}
+    model = create_model(family, mode, input_size=16, output_size=8, phi2rho_size=32, n_ensemble=3, lr=3e-3)
+    cfg = TrainConfig(epochs=12, batch_size=64, val_fraction=0.2, normalize=True, **QUIET)
+    history = fit(model, inputs, data["target"], cfg)
+    # With normalised targets, predicting the (training) mean scores a validation MSE of about 1.
+    assert history["epoch_val_loss"][-1] < 0.6 * history["epoch_val_loss"][0]
+    assert history["epoch_val_loss"][-1] < 0.6
+    assert model.scaler is not None and model.scaler.offset.shape == (8,)
+
+
+def test_early_stopping_stops_on_a_plateau():
+    inputs, target = _small()
+    model = create_model("spot", "subspot_neighbors", input_size=8, output_size=4, phi2rho_size=6, n_ensemble=3, lr=0)
+    cfg = TrainConfig(epochs=20, batch_size=64, val_fraction=0.2, early_stopping=True, patience=2, **QUIET)
+    history = fit(model, inputs, target, cfg)
+    # lr = 0: the validation loss never improves after the first epoch, so training stops after 1 + patience.
+    assert history["epochs"] == 3
+    assert history["stopped"].startswith("early_stopping")
+
+
+def test_separate_validation_data():
+    inputs, target = _small()
+    v_inputs, v_target = _small(n=50, seed=9)
+    model = create_model("spot", "subspot_neighbors", input_size=8, output_size=4, phi2rho_size=6, n_ensemble=3)
+    history = fit(model, inputs, target, TrainConfig(epochs=2, batch_size=64, **QUIET), v_inputs, v_target)
+    assert len(history["val_loss"]) == 2  # one batch per epoch
+    assert history["steps_per_epoch"] == 4
+
+
+def test_bad_training_inputs():
+    inputs, target = _small()
+    model = create_model("spot", "subspot_neighbors", input_size=8, output_size=4, phi2rho_size=6, n_ensemble=3)
+    with pytest.raises(InputError, match=r"target must have shape \(N, 4\)"):
+        fit(model, inputs, target[:, :3], TrainConfig(**QUIET))
+    bad = dict(inputs, subspot=inputs["subspot"].copy())
+    bad["subspot"][17, 1, 2] = np.nan
+    with pytest.raises(InputError, match="'subspot' holds a non-finite value in row 17"):
+        fit(model, bad, target, TrainConfig(**QUIET))
+    with pytest.raises(ConfigError, match="needs validation data"):
+        fit(model, inputs, target, TrainConfig(early_stopping=True, **QUIET))
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=0)
+
+
+def test_smoothing_and_curves():
+    np.testing.assert_allclose(smooth_curve([1.0, 0.0, 0.0]), [1.0, 0.8, 0.64])
+    curves = loss_curves({"train_loss": [4.0, 3.0, 2.0, 1.0], "val_loss": [3.0, 1.0]})
+    # Validation steps sit at 0 and len(train)//len(val)+1 = 3, interpolated onto training steps 1..4.
+    np.testing.assert_allclose(curves["val"], [3 - 2 / 3, 3 - 4 / 3, 1.0, 1.0])
+
+
+def test_plot_is_a_png(tmp_path):
+    path = plot_loss({"train_loss": [3.0, 2.0, 1.5], "val_loss": [2.5]}, tmp_path / "loss.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert torch.get_num_threads() >= 1
