@@ -299,3 +299,112 @@ def synth_bundle(
     arrays["barcode"] = np.array([f"{own}_{i:06d}" for i in range(n)])
     arrays["genes"] = np.array([f"gene_{j:04d}" for j in range(genes)])
     return arrays
+
+
+def check_neighbor_index(index: np.ndarray, n: int, k: int | None = None, source: str = "bundle") -> np.ndarray:
+    """Check a ``neighbor_index`` array and return it as int64.
+
+    Each row lists positions of the item's neighbours in the same bundle, ``-1`` meaning a zero row. Errors name the
+    first offending row.
+
+    Args:
+        index: ``(N, K)`` integer array.
+        n: Number of items in the bundle.
+        k: Expected number of neighbours per item, where the model fixes it.
+        source: Where the index came from, for messages.
+
+    Raises:
+        InputError: Wrong dtype, rank or row count, a different ``K``, or an index out of range or below -1.
+    """
+    index = np.asarray(index)
+    if index.dtype.kind not in "iu":
+        if index.dtype.kind == "f" and index.size:
+            bad = ~np.isfinite(index) | (index != np.round(index))
+            row = int(np.nonzero(bad.any(axis=-1))[0][0]) if bad.any() else None
+            where = f" (row {row} is not integral)" if row is not None else ""
+            raise InputError(f"{source}: 'neighbor_index' must be an integer array, got {index.dtype}{where}")
+        raise InputError(f"{source}: 'neighbor_index' must be an integer array, got {index.dtype}")
+    if index.ndim != 2:
+        raise InputError(f"{source}: 'neighbor_index' must have shape (N, K), got {index.shape}")
+    if index.shape[0] != n:
+        raise InputError(f"{source}: 'neighbor_index' has {index.shape[0]} rows, the bundle has {n} items")
+    if k is not None and index.shape[1] != k:
+        raise InputError(f"{source}: 'neighbor_index' has K={index.shape[1]} neighbours, the model expects {k}")
+    if index.shape[1] == 0:
+        raise InputError(f"{source}: 'neighbor_index' has no columns; use -1 for items without neighbours")
+    # Row by chunk, so a slide-sized index never needs a second full-size temporary.
+    for start in range(0, n, 1 << 16):
+        chunk = np.asarray(index[start : start + (1 << 16)])
+        for bad, what in ((chunk < -1, "below -1"), (chunk >= n, f"out of range (the bundle has {n} items)")):
+            rows = np.nonzero(bad.any(axis=1))[0]
+            if rows.size:
+                row = start + int(rows[0])
+                value = int(np.asarray(index[row])[bad[rows[0]]][0])
+                raise InputError(f"{source}: 'neighbor_index' row {row} holds {value}, {what}")
+    return index.astype(np.int64, copy=False)
+
+
+def densify(own: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """The per-item neighbour bags of an index: ``neighbors[i, k] = own[index[i, k]]``, zeros where ``-1``."""
+    own = own.reshape(own.shape[0], -1)
+    padded = np.concatenate([np.zeros((1, own.shape[1]), dtype=own.dtype), own])
+    return padded[np.asarray(index) + 1]
+
+
+def hex_grid(n: int) -> np.ndarray:
+    """Centres of ``n`` spots on a hexagonal lattice (Visium's layout) with unit spacing, ``(n, 2)``."""
+    cols = int(np.ceil(np.sqrt(n)))
+    i = np.arange(n)
+    row, col = i // cols, i % cols
+    return np.stack([col + 0.5 * (row % 2), row * np.sqrt(3) / 2], axis=1)
+
+
+def neighbor_index_radius(coords: np.ndarray, radius: float, max_neighbors: int) -> np.ndarray:
+    """Neighbours within ``radius`` (the item itself excluded), nearest first, padded with ``-1``: ``(N, K)``."""
+    from scipy.spatial import cKDTree
+
+    dist, idx = cKDTree(coords).query(coords, k=max_neighbors + 1, distance_upper_bound=radius * (1 + 1e-9))
+    dist, idx = dist[:, 1:], idx[:, 1:]  # column 0 is the item itself (distance 0)
+    return np.where(np.isfinite(dist), idx, -1).astype(np.int64)
+
+
+def neighbor_index_knn(coords: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` nearest items of each item, the item itself excluded, nearest first: ``(N, k)``."""
+    from scipy.spatial import cKDTree
+
+    _, idx = cKDTree(coords).query(coords, k=k + 1)
+    return idx[:, 1:].astype(np.int64)
+
+
+def synth_slide(
+    family: str,
+    n: int,
+    input_size: int,
+    n_neighbors: int,
+    seed: int = 0,
+    n_subspots: int = 9,
+    genes: int | None = None,
+) -> dict[str, np.ndarray]:
+    """A seeded whole-slide bundle in the indexed layout, as the slide benchmarks use.
+
+    Spots lie on a hexagonal grid with their (up to 6) adjacent spots as neighbours, padded with ``-1`` at the
+    border; cells lie uniformly in a square with their ``n_neighbors`` nearest cells as neighbours. Features are
+    standard normal; ``genes`` adds a random target.
+    """
+    rng = np.random.default_rng(seed)
+    if family == "spot":
+        coords = hex_grid(n)
+        index = neighbor_index_radius(coords, 1.0, n_neighbors)
+        arrays = {
+            "spot": rng.standard_normal((n, input_size), dtype=np.float32),
+            "subspot": rng.standard_normal((n, n_subspots, input_size), dtype=np.float32),
+        }
+    else:
+        coords = rng.uniform(0, np.sqrt(n), size=(n, 2))
+        index = neighbor_index_knn(coords, n_neighbors)
+        arrays = {"cell": rng.standard_normal((n, input_size), dtype=np.float32)}
+    arrays["neighbor_index"] = index
+    arrays["x_pixel"], arrays["y_pixel"] = coords[:, 0], coords[:, 1]
+    if genes:
+        arrays["target"] = rng.standard_normal((n, genes), dtype=np.float32)
+    return arrays
