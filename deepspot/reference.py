@@ -98,6 +98,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("_codecs", "encode"): __import__("codecs").encode,
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    # Parameters that carry Python attributes (torch >= 1.12 writes them this way when a parameter has any).
+    ("torch._utils", "_rebuild_parameter_with_state"): torch._utils._rebuild_parameter_with_state,
+    ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
@@ -108,6 +111,9 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 for _np_mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
     _ALLOWED[(_np_mod, "_reconstruct")] = np._core.multiarray._reconstruct
     _ALLOWED[(_np_mod, "scalar")] = np._core.multiarray.scalar
+# Arrays pickled with protocol 5 (a scikit-learn scaler pickled on its own, then stored) rebuild from a buffer.
+for _np_mod in ("numpy.core.numeric", "numpy._core.numeric"):
+    _ALLOWED[(_np_mod, "_frombuffer")] = np._core.numeric._frombuffer
 for _np_mod in ("numpy.dtypes",):
     for _dt in ("Float32DType", "Float64DType", "Int64DType", "Int32DType", "ObjectDType", "StrDType", "BoolDType"):
         if hasattr(np.dtypes, _dt):
