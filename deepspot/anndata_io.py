@@ -1,0 +1,203 @@
+"""AnnData in and out: coordinates from a sample's ``.h5ad`` (or a CSV), predictions to an ``.h5ad``.
+
+anndata is an optional extra (``pip install 'deepspot[anndata]'``); it is imported only when an ``.h5ad`` is read or
+written, so the rest of the package works without it. CSV coordinates need nothing beyond NumPy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BackendUnavailableError, InputError
+from .fileio import atomic_path
+
+COORD_COLUMNS = ("x_array", "y_array", "x_pixel", "y_pixel")
+#: Names accepted for the barcode column of a CSV (pandas writes an unnamed index column as "" or "Unnamed: 0").
+BARCODE_COLUMNS = ("barcode", "barcodes", "cell_id", "", "Unnamed: 0")
+
+
+def _anndata():
+    try:
+        import anndata
+    except ImportError:
+        raise BackendUnavailableError(
+            "reading or writing .h5ad needs anndata, which is not installed: pip install 'deepspot[anndata]'"
+        ) from None
+    return anndata
+
+
+# -- reading coordinates ------------------------------------------------------------------------------------------
+def read_obs(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """Barcodes and coordinates of a sample.
+
+    From an ``.h5ad``: ``obs_names`` and the ``obs`` columns ``x_array``, ``y_array``, ``x_pixel``, ``y_pixel`` that
+    exist (only ``obs`` is read, not ``X``). From a ``.csv``: a ``barcode`` column (or pandas' unnamed index column)
+    and the same coordinate columns.
+
+    Returns:
+        ``(barcodes, coords)``: barcodes in file order and float64 arrays by column name.
+
+    Raises:
+        InputError: The file is missing, unreadable, has no barcodes or a non-numeric coordinate.
+        BackendUnavailableError: An ``.h5ad`` without anndata installed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such coordinates file (expected .h5ad or .csv)")
+    suffix = path.suffix.lower()
+    if suffix == ".h5ad":
+        barcodes, coords = _read_h5ad_obs(path)
+    elif suffix in (".csv", ".tsv", ".txt"):
+        barcodes, coords = _read_csv_obs(path, "\t" if suffix == ".tsv" else ",")
+    else:
+        raise InputError(f"{path}: unknown coordinates format {path.suffix!r}; expected .h5ad or .csv")
+    if not barcodes:
+        raise InputError(f"{path}: holds no barcodes")
+    return barcodes, coords
+
+
+def _read_h5ad_obs(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    ad = _anndata()
+    import h5py
+
+    try:
+        read_elem = ad.io.read_elem if hasattr(ad, "io") and hasattr(ad.io, "read_elem") else ad.experimental.read_elem
+        with h5py.File(path, "r") as f:
+            obs = read_elem(f["obs"])
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise InputError(f"{path}: not a readable .h5ad file ({str(e).splitlines()[0]})") from None
+    coords = {}
+    for name in COORD_COLUMNS:
+        if name in obs.columns:
+            try:
+                coords[name] = np.asarray(obs[name], dtype=np.float64)
+            except (TypeError, ValueError):
+                raise InputError(f"{path}: obs column {name!r} is not numeric") from None
+    return [str(b) for b in obs.index], coords
+
+
+def _read_csv_obs(path: Path, delimiter: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f, delimiter=delimiter)
+            header = next(reader, None)
+            rows = [r for r in reader if r]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: not a readable CSV file ({e})") from None
+    if header is None:
+        raise InputError(f"{path}: empty CSV file")
+    header = [h.strip() for h in header]
+    col = next((header.index(c) for c in BARCODE_COLUMNS if c in header), None)
+    if col is None:
+        raise InputError(f"{path}: no barcode column (columns: {', '.join(header)})")
+    bad = next((i for i, r in enumerate(rows) if len(r) != len(header)), None)
+    if bad is not None:
+        raise InputError(f"{path}: line {bad + 2} has {len(rows[bad])} fields, the header {len(header)}")
+    barcodes = [r[col].strip() for r in rows]
+    coords = {}
+    for name in COORD_COLUMNS:
+        if name in header:
+            j = header.index(name)
+            try:
+                coords[name] = np.array([float(r[j]) for r in rows], dtype=np.float64)
+            except ValueError:
+                raise InputError(f"{path}: column {name!r} holds a value that is not a number") from None
+    return barcodes, coords
+
+
+# -- writing predictions ------------------------------------------------------------------------------------------
+def write_anndata(
+    path: str | Path,
+    predictions: np.ndarray,
+    barcodes: Sequence[str] | None = None,
+    genes: Sequence[str] | None = None,
+    obs_coords: Mapping[str, np.ndarray] | None = None,
+    uns: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write predictions as an ``.h5ad`` that scanpy and squidpy read as it is, atomically.
+
+    Args:
+        path: Output file.
+        predictions: ``(N, G)``; stored as float32 ``X``.
+        barcodes: ``obs_names``; default ``"0"`` ... ``"N-1"``.
+        genes: ``var_names``; default ``gene_0`` ... .
+        obs_coords: Coordinate columns for ``obs`` (``x_array``, ``y_array``, ``x_pixel``, ``y_pixel``). With both
+            pixel coordinates, ``obsm["spatial"]`` is ``[y_pixel, x_pixel]``, the reference notebooks' convention
+            (their ``x_pixel`` is the image row).
+        uns: Metadata (the model's, for instance). ``None`` values are dropped and values h5ad cannot hold are stored
+            as JSON text, since an ``.h5ad`` stores neither ``None`` nor mixed lists.
+
+    Raises:
+        InputError: Names or coordinates whose length disagrees with the predictions.
+        BackendUnavailableError: anndata is not installed.
+    """
+    ad = _anndata()
+    import pandas as pd
+
+    path = Path(path)
+    x = np.asarray(predictions, dtype=np.float32)
+    if x.ndim != 2:
+        raise InputError(f"{path}: predictions must have shape (N, G), got {x.shape}")
+    n, g = x.shape
+    obs_names = [str(i) for i in range(n)] if barcodes is None else [str(b) for b in barcodes]
+    var_names = [f"gene_{j}" for j in range(g)] if genes is None else [str(v) for v in genes]
+    if len(obs_names) != n:
+        raise InputError(f"{path}: {len(obs_names)} barcodes for {n} predictions")
+    if len(var_names) != g:
+        raise InputError(f"{path}: {len(var_names)} gene names for {g} predicted genes")
+    obs = pd.DataFrame(index=pd.Index(obs_names, name=None))
+    for name, values in (obs_coords or {}).items():
+        values = np.asarray(values)
+        if values.shape != (n,):
+            raise InputError(f"{path}: coordinate {name!r} has shape {values.shape}, expected ({n},)")
+        obs[name] = values
+    var = pd.DataFrame(index=pd.Index(var_names, name=None))
+    adata = ad.AnnData(X=x, obs=obs, var=var, uns=_h5ad_safe(dict(uns or {})))
+    if "x_pixel" in obs.columns and "y_pixel" in obs.columns:
+        adata.obsm["spatial"] = np.column_stack([obs["y_pixel"].to_numpy(), obs["x_pixel"].to_numpy()])
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)
+    return path
+
+
+def _h5ad_safe(value: Any) -> Any:
+    """A copy of ``value`` that h5ad can store: dicts kept, ``None`` dropped, odd lists as JSON text."""
+    if isinstance(value, Mapping):
+        return {str(k): _h5ad_safe(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (bool, np.bool_, int, np.integer, str, np.ndarray)):
+        return value
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(v, str) for v in value):
+            return np.asarray(value, dtype=object)
+        if all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in value):
+            return np.asarray(value, dtype=np.float64 if any(isinstance(v, float) for v in value) else np.int64)
+        if value and all(isinstance(v, (bool, np.bool_)) for v in value):
+            return np.asarray(value, dtype=bool)
+        return json.dumps(value, default=_json_default)
+    return json.dumps(value, default=_json_default)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return str(obj)
+
+
+def model_uns(model, **extra: Any) -> dict[str, Any]:
+    """``uns`` for a model's predictions: ``{"deepspot": <the checkpoint metadata>, **extra}``."""
+    from .checkpoint import model_metadata
+
+    return {"deepspot": model_metadata(model), **extra}

@@ -1,0 +1,302 @@
+"""The reference's feature layout, turned into a feature bundle.
+
+The reference stores one ``.npy`` per spot or cell, named ``<barcode>.npy``. For a spot, row 0 holds the features of
+the spot's own tile and rows 1 onward those of its sub-tiles, ``(1 + S, D)``; for a cell, one vector ``(D,)`` (or one
+row, ``(1, D)``). Coordinates come from the sample's AnnData (or a CSV, see :func:`deepspot.anndata_io.read_obs`).
+
+Neighbours are chosen as the reference's data loaders choose them, within one sample:
+
+- **spots**: every other spot whose array coordinates lie within ``radius`` on both axes
+  (``|dx_array| <= radius`` and ``|dy_array| <= radius``, a square window, bounds included), in the order of the
+  sample's ``obs`` (the reference filters its coordinate table, which keeps that order);
+- **cells**: the ``k`` nearest cells by pixel coordinates (Euclidean), nearest first, less the cell itself, so
+  ``k - 1`` neighbours (the reference's ``k = 45`` gives 44).
+
+Every bag is then padded with zero rows up to the largest bag of the sample, and to at least one row: the reference
+counts the neighbours of a spot that has none as one (its empty neighbour string splits into one empty name), so such
+a spot gets one zero row. A zero row is a real input to the model (see ``MODEL_SPEC.md``, "Zero padding").
+Instead of copying features, neighbours can be stored as ``neighbor_index`` ``(N, K)`` with ``-1`` for a zero row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from .data import save_bundle
+from .errors import InputError
+from .modes import check_family
+
+COORD_KEYS = ("x_array", "y_array", "x_pixel", "y_pixel")
+#: The reference's number of nearest cells, the cell itself included.
+DEFAULT_K = 45
+#: The radius the reference's notebooks use for spots, in array coordinates.
+DEFAULT_RADIUS = 1.0
+
+
+@dataclass
+class Features:
+    """Tile features of every spot or cell of a sample, in ``obs`` order.
+
+    Attributes:
+        own: ``(N, D)`` float32, the spot's (row 0) or cell's features.
+        subspot: ``(N, S, D)`` float32, the spot's sub-tiles (rows 1 onward); ``None`` for cells or when ``S`` is 0.
+    """
+
+    own: np.ndarray
+    subspot: np.ndarray | None
+
+
+def read_features(folder: str | Path, barcodes: Sequence[str], family: str = "spot") -> Features:
+    """Read ``<folder>/<barcode>.npy`` for every barcode, in order.
+
+    Raises:
+        InputError: The folder is missing, a barcode has no file, a file is unreadable, or the files disagree in
+            shape (the message names the file and both shapes).
+    """
+    check_family(family)
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: no such features folder")
+    files = [folder / f"{b}.npy" for b in barcodes]
+    missing = [b for b, f in zip(barcodes, files) if not f.is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise InputError(
+            f"{folder}: no features file for barcode(s) {', '.join(map(repr, missing[:3]))}{more} "
+            f"(expected {folder / (missing[0] + '.npy')})"
+        )
+    if not files:
+        raise InputError(f"{folder}: no barcodes to read")
+    own = sub = None
+    first_shape = None
+    for i, f in enumerate(files):
+        x = _load_npy(f)
+        if family == "cell" and x.ndim == 2 and x.shape[0] == 1:
+            x = x[0]
+        if (family == "cell" and x.ndim != 1) or (family == "spot" and x.ndim not in (1, 2)):
+            expected = "(D,) or (1, D)" if family == "cell" else "(1 + S, D)"
+            raise InputError(f"{f}: features of shape {x.shape}; a {family} file holds {expected}")
+        if family == "spot" and x.ndim == 1:
+            x = x[None, :]
+        if first_shape is None:
+            first_shape = x.shape
+            own = np.empty((len(files), x.shape[-1]), dtype=np.float32)
+            if family == "spot" and x.shape[0] > 1:
+                sub = np.empty((len(files), x.shape[0] - 1, x.shape[-1]), dtype=np.float32)
+        elif x.shape != first_shape:
+            raise InputError(f"{f}: features of shape {x.shape}, but {files[0]} has {first_shape}; all must agree")
+        if family == "cell":
+            own[i] = x
+        else:
+            own[i] = x[0]
+            if sub is not None:
+                sub[i] = x[1:]
+    return Features(own, sub)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"{path}: not a readable .npy file ({str(e).splitlines()[0]})") from None
+    if x.dtype.kind not in "fiu":
+        raise InputError(f"{path}: features must be numbers, got {x.dtype}")
+    return x
+
+
+# -- neighbours ---------------------------------------------------------------------------------------------------
+def spot_neighbor_lists(x_array: np.ndarray, y_array: np.ndarray, radius: float = DEFAULT_RADIUS):
+    """Neighbours of every spot as the reference chooses them: a square window of ``radius`` in array coordinates.
+
+    Returns:
+        ``(flat, counts)``: the neighbour positions of spot 0, then of spot 1, ..., each in ascending order (the order
+        of ``obs``), and how many each spot has.
+    """
+    pts = _points(x_array, y_array, "x_array/y_array")
+    n = len(pts)
+    if radius < 0:
+        raise InputError(f"radius must be non-negative, got {radius}")
+    # Chebyshev distance <= radius is the reference's box query; i < j pairs, so the spot itself never appears.
+    pairs = cKDTree(pts).query_pairs(r=float(radius), p=np.inf, output_type="ndarray")
+    src = np.concatenate([pairs[:, 0], pairs[:, 1]])
+    dst = np.concatenate([pairs[:, 1], pairs[:, 0]])
+    order = np.lexsort((dst, src))
+    counts = np.bincount(src, minlength=n)
+    return dst[order].astype(np.int64), counts.astype(np.int64)
+
+
+def cell_neighbor_index(x_pixel: np.ndarray, y_pixel: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
+    """The ``k`` nearest cells by pixel coordinates, nearest first, less the cell itself: ``(N, k - 1)`` int64.
+
+    Like the reference, ``k`` counts the cell itself. The reference drops the first of the ``k`` nearest, assuming it
+    is the cell; here the cell itself is dropped wherever it appears (two cells at the same position otherwise
+    could swap), and the farthest when it does not. With fewer than ``k`` cells in the sample, missing neighbours
+    are ``-1`` (the reference fails there).
+    """
+    if k < 2:
+        raise InputError(f"k must be at least 2 (it counts the cell itself), got {k}")
+    pts = _points(x_pixel, y_pixel, "x_pixel/y_pixel")
+    n = len(pts)
+    kq = min(k, n)
+    _, idx = cKDTree(pts).query(pts, k=kq)
+    idx = np.asarray(idx, dtype=np.int64).reshape(n, kq)
+    is_self = idx == np.arange(n)[:, None]
+    # Rows without the cell itself (ties at distance 0) drop their farthest entry instead, to keep k - 1.
+    is_self[~is_self.any(axis=1), -1] = True
+    out = idx[~is_self].reshape(n, kq - 1)
+    if kq < k:
+        out = np.concatenate([out, np.full((n, k - kq), -1, dtype=np.int64)], axis=1)
+    return out
+
+
+def pad_neighbor_lists(flat: np.ndarray, counts: np.ndarray, width: int | None = None) -> np.ndarray:
+    """Lists of neighbours as ``(N, K)`` int64, ``-1`` after each list's end.
+
+    ``K`` is ``width`` if given, else the longest list, and at least 1 (the reference pads a spot without neighbours
+    to one zero row).
+
+    Raises:
+        InputError: A list is longer than ``width``.
+    """
+    longest = int(counts.max()) if len(counts) else 0
+    k = max(1, longest) if width is None else int(width)
+    if width is not None and longest > k:
+        raise InputError(f"an item has {longest} neighbours, more than max_neighbors={k}")
+    n = len(counts)
+    out = np.full((n, k), -1, dtype=np.int64)
+    rows = np.repeat(np.arange(n), counts)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if n else np.zeros(0, dtype=np.int64)
+    cols = np.arange(len(flat)) - np.repeat(starts, counts)
+    out[rows, cols] = flat
+    return out
+
+
+def gather_neighbors(features: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``(N, K, D)`` neighbour features from ``(M, D)`` features and an ``(N, K)`` index; ``-1`` gives a zero row."""
+    features = np.asarray(features)
+    index = np.asarray(index)
+    if features.ndim == 3 and features.shape[1] == 1:
+        features = features[:, 0]
+    # One extra zero row at the end, so that -1 picks it without a mask.
+    padded = np.concatenate([features, np.zeros((1, features.shape[-1]), dtype=features.dtype)], axis=0)
+    return padded[np.where(index < 0, len(features), index)]
+
+
+def _points(a: np.ndarray, b: np.ndarray, what: str) -> np.ndarray:
+    pts = np.column_stack([np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)])
+    if not np.isfinite(pts).all():
+        raise InputError(f"{what} coordinates hold NaN or infinite values")
+    return pts
+
+
+# -- bundle -------------------------------------------------------------------------------------------------------
+def build_bundle(
+    features: str | Path,
+    barcodes: Sequence[str],
+    coords: Mapping[str, np.ndarray],
+    family: str = "spot",
+    radius: float = DEFAULT_RADIUS,
+    k: int = DEFAULT_K,
+    index: bool = False,
+    max_neighbors: int | None = None,
+    source: str = "obs",
+) -> dict[str, np.ndarray]:
+    """Build bundle arrays from a reference-style features folder and a sample's coordinates.
+
+    Args:
+        features: Folder with one ``<barcode>.npy`` per spot or cell.
+        barcodes: Barcodes of the sample, in ``obs`` order (the bundle's order).
+        coords: Coordinate arrays by name (``x_array``, ``y_array`` for spots; ``x_pixel``, ``y_pixel`` for cells).
+        family: ``spot`` or ``cell``.
+        radius: Spots: the neighbour window in array coordinates.
+        k: Cells: the number of nearest cells, the cell itself included.
+        index: Store ``neighbor_index`` ``(N, K)`` (``-1`` for padding) instead of ``neighbors`` ``(N, K, D)``.
+        max_neighbors: Pad every bag to this many rows instead of the sample's largest bag. The reference pads to the
+            largest bag of its whole data set, so give that number to reproduce one slide of several.
+        source: Name of the coordinates' file, for messages.
+
+    Returns:
+        ``spot`` ``(N, 1, D)`` (and ``subspot`` ``(N, S, D)``) or ``cell`` ``(N, 1, D)``; ``neighbors`` or
+        ``neighbor_index``; ``barcode``; and the coordinates that were given.
+
+    Raises:
+        InputError: Duplicate barcodes, missing coordinates, missing or inconsistent feature files.
+    """
+    check_family(family)
+    barcodes = [str(b) for b in barcodes]
+    n = len(barcodes)
+    if n == 0:
+        raise InputError(f"{source}: holds no barcodes")
+    seen: set[str] = set()
+    dupes = [b for b in barcodes if b in seen or seen.add(b)]
+    if dupes:
+        raise InputError(f"{source}: barcode {dupes[0]!r} appears more than once")
+    needed = ("x_array", "y_array") if family == "spot" else ("x_pixel", "y_pixel")
+    absent = [c for c in needed if c not in coords]
+    if absent:
+        raise InputError(f"{source}: no {' or '.join(absent)} coordinates, which {family} neighbours need")
+    for name, values in coords.items():
+        if len(values) != n:
+            raise InputError(f"{source}: {name} has {len(values)} values for {n} barcodes")
+    if max_neighbors is not None and max_neighbors < 1:
+        raise InputError(f"max_neighbors must be positive, got {max_neighbors}")
+
+    feats = read_features(features, barcodes, family)
+    if family == "spot":
+        flat, counts = spot_neighbor_lists(coords["x_array"], coords["y_array"], radius)
+        try:
+            nb_index = pad_neighbor_lists(flat, counts, max_neighbors)
+        except InputError:
+            worst = int(np.argmax(counts))
+            raise InputError(
+                f"{source}: spot {barcodes[worst]!r} has {counts[worst]} neighbours within radius {radius}, "
+                f"more than --max-neighbors {max_neighbors}"
+            ) from None
+    else:
+        nb_index = cell_neighbor_index(coords["x_pixel"], coords["y_pixel"], k)
+        if max_neighbors is not None:
+            if max_neighbors < nb_index.shape[1]:
+                raise InputError(f"{source}: k={k} gives {k - 1} neighbours, more than --max-neighbors {max_neighbors}")
+            extra = np.full((n, max_neighbors - nb_index.shape[1]), -1, dtype=np.int64)
+            nb_index = np.concatenate([nb_index, extra], axis=1)
+
+    own = "spot" if family == "spot" else "cell"
+    arrays: dict[str, np.ndarray] = {own: feats.own[:, None, :]}
+    if feats.subspot is not None:
+        arrays["subspot"] = feats.subspot
+    if index:
+        arrays["neighbor_index"] = nb_index
+    else:
+        arrays["neighbors"] = gather_neighbors(feats.own, nb_index)
+    arrays["barcode"] = np.asarray(barcodes, dtype=str)
+    for name in COORD_KEYS:
+        if name in coords:
+            arrays[name] = np.asarray(coords[name])
+    return arrays
+
+
+def write_bundle(
+    out: str | Path,
+    features: str | Path,
+    obs: str | Path,
+    family: str = "spot",
+    radius: float = DEFAULT_RADIUS,
+    k: int = DEFAULT_K,
+    index: bool = False,
+    max_neighbors: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Read coordinates from ``obs`` (``.h5ad`` or ``.csv``), build the bundle and write it to ``out`` atomically.
+
+    Everything is checked before anything is written. Returns the arrays written.
+    """
+    from .anndata_io import read_obs
+
+    barcodes, coords = read_obs(obs)
+    arrays = build_bundle(features, barcodes, coords, family, radius, k, index, max_neighbors, source=str(obs))
+    save_bundle(out, arrays)
+    return arrays
