@@ -1,0 +1,159 @@
+"""``deepspot import`` and ``deepspot bundle`` as a user runs them: results, one-line errors, exit code 2."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import deepspot
+from deepspot.cli import app
+from deepspot.data import load_bundle
+from deepspot.reference import safe_torch_load
+
+runner = CliRunner()
+NAMES = ("spot_subspot_neighbors", "cell_neighbors_max")
+
+
+def _error_line(result) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def test_help_lists_the_options():
+    result = runner.invoke(app, ["import", "--help"])
+    assert result.exit_code == 0 and "--hparams" in result.output and "--genes" in result.output
+    result = runner.invoke(app, ["bundle", "--help"])
+    assert result.exit_code == 0
+    for option in ("--features", "--obs", "--family", "--radius", "--k", "--index", "--dense", "--max-neighbors"):
+        assert option in result.output
+
+
+@pytest.mark.parametrize("suffix", [".pkl", ".ckpt"])
+@pytest.mark.parametrize("name", NAMES)
+def test_import_writes_a_checkpoint_equal_to_the_reference(reference_dir, tmp_path, ref, name, suffix):
+    out = tmp_path / "model.safetensors"
+    result = runner.invoke(app, ["import", str(reference_dir / f"{name}{suffix}"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "standard scaler" in result.output and str(out) in result.output
+    model = deepspot.load(out)
+    case = ref.case(name)
+    pred = ref.predict(model, case)
+    assert ref.max_abs(pred, case["prediction"]) <= ref.tol
+    assert ref.max_abs(model.inverse_transform(pred), case["prediction_inverse"]) <= ref.tol
+
+
+def test_import_state_dict_with_hparams(reference_dir, tmp_path, ref):
+    ckpt = safe_torch_load(reference_dir / "cell_neighbors_max.ckpt")
+    weights = tmp_path / "sub" / "weights.pt"
+    weights.parent.mkdir()
+    torch.save(dict(ckpt["state_dict"]), weights)
+    out = tmp_path / "m.safetensors"
+    # No YAML beside the weights: a clear error, nothing written.
+    result = runner.invoke(app, ["import", str(weights), "-o", str(out)])
+    assert result.exit_code == 2 and "holds no hyperparameters" in _error_line(result) and not out.exists()
+    genes = tmp_path / "genes.txt"
+    genes.write_text("\n".join(f"G{i}" for i in range(6)) + "\n")
+    args = ["import", str(weights), "--hparams", str(reference_dir / "cell_neighbors_max.yaml"), "--genes", str(genes)]
+    result = runner.invoke(app, [*args, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    model = deepspot.load(out)
+    assert model.genes == [f"G{i}" for i in range(6)] and model.scaler is None
+    case = ref.case("cell_neighbors_max")
+    assert ref.max_abs(ref.predict(model, case), case["prediction"]) <= ref.tol
+
+
+class _Shell:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_import_bad_input_exits_2_and_writes_nothing(reference_dir, tmp_path):
+    out = tmp_path / "model.safetensors"
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "final_model.pkl"
+    evil.write_bytes(pickle.dumps(_Shell(marker), protocol=2))
+    result = runner.invoke(app, ["import", str(evil), "-o", str(out)])
+    line = _error_line(result)
+    assert result.exit_code == 2 and "refused to load global" in line and "final_model.pkl" in line
+    assert not marker.exists() and not out.exists()
+
+    yaml_path = tmp_path / "wrong.yaml"
+    pkl = reference_dir / "spot_subspot_neighbors.pkl"
+    hparams = (reference_dir / "spot_subspot_neighbors.yaml").read_text()
+    yaml_path.write_text(hparams.replace("input_size: 24", "input_size: 7"))
+    result = runner.invoke(app, ["import", str(pkl), "--hparams", str(yaml_path), "-o", str(out)])
+    line = _error_line(result)
+    assert result.exit_code == 2 and "spot_subspot_neighbors.pkl" in line and "has shape" in line and not out.exists()
+
+    result = runner.invoke(app, ["import", str(pkl), "-o", str(tmp_path / "m.pt")])
+    assert result.exit_code == 2 and "must end in .safetensors" in _error_line(result)
+    assert set(tmp_path.iterdir()) == {evil, yaml_path}
+
+
+def _reference_folder(tmp_path, n_side=3, d=5, rows=4):
+    rng = np.random.default_rng(0)
+    barcodes = [f"S{i}" for i in range(n_side * n_side)]
+    xs, ys = np.divmod(np.arange(n_side * n_side), n_side)
+    folder = tmp_path / "features"
+    folder.mkdir()
+    for b in barcodes:
+        np.save(folder / f"{b}.npy", rng.standard_normal((rows, d)).astype(np.float32))
+    lines = ["barcode,x_array,y_array,x_pixel,y_pixel"] + [
+        f"{b},{x},{y},{x * 100.0},{y * 100.0}" for b, x, y in zip(barcodes, xs, ys)
+    ]
+    (tmp_path / "coords.csv").write_text("\n".join(lines) + "\n")
+    return folder, tmp_path / "coords.csv", barcodes
+
+
+def test_bundle_dense_and_indexed(tmp_path):
+    folder, csv, barcodes = _reference_folder(tmp_path)
+    out = tmp_path / "dense.npz"
+    result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(csv), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "9 spots, 5 features, 3 sub-spots, 8 neighbour rows (dense)" in result.output
+    dense = load_bundle(out)
+    assert dense["neighbors"].shape == (9, 8, 5) and dense.barcodes == barcodes
+    out2 = tmp_path / "indexed"
+    result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(csv), "-o", str(out2), "--index",
+                                 "--max-neighbors", "10"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    indexed = load_bundle(out2)
+    assert indexed.layout == "indexed" and indexed["neighbor_index"].shape == (9, 10)
+    assert indexed["neighbor_index"][0].tolist() == [1, 3, 4] + [-1] * 7  # corner spot (0, 0), in obs order
+
+
+def test_bundle_cells_with_k(tmp_path):
+    folder, csv, _ = _reference_folder(tmp_path, rows=1)
+    out = tmp_path / "cells.npz"
+    result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(csv), "-o", str(out),
+                                 "--family", "cell", "--k", "4"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    bundle = load_bundle(out)
+    assert bundle["cell"].shape == (9, 1, 5) and bundle["neighbors"].shape == (9, 3, 5)
+
+
+def test_bundle_bad_input_exits_2_and_writes_nothing(tmp_path):
+    folder, csv, barcodes = _reference_folder(tmp_path)
+    out = tmp_path / "out.npz"
+    (folder / f"{barcodes[4]}.npy").unlink()
+    result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(csv), "-o", str(out)])
+    assert result.exit_code == 2 and f"'{barcodes[4]}'" in _error_line(result) and not out.exists()
+    np.save(folder / f"{barcodes[4]}.npy", np.zeros((4, 6), np.float32))
+    result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(csv), "-o", str(out)])
+    assert result.exit_code == 2 and f"{barcodes[4]}.npy" in _error_line(result) and not out.exists()
+    shutil.rmtree(folder)
+    result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(csv), "-o", str(out)])
+    assert result.exit_code == 2 and "no such features folder" in _error_line(result) and not out.exists()
+    result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(csv), "-o", str(out),
+                                 "--family", "tile"])  # fmt: skip
+    assert result.exit_code == 2 and "unknown family" in _error_line(result)
