@@ -1,0 +1,243 @@
+"""``deepspot infer``, ``parity``, ``bench``, ``engine build`` / ``engine info`` and ``quickstart``.
+
+Each command maps its options onto one library call in :mod:`deepspot.runtime` (or :mod:`deepspot.quickstart`) and
+prints the result; a user's mistake is one line on stderr and exit code 2, a failed parity check exit code 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .app import app, fail, handle_errors
+
+engine_app = typer.Typer(help="Build and inspect native TensorRT engines (.plan).", no_args_is_help=True)
+app.add_typer(engine_app, name="engine")
+
+BACKEND_HELP = "Backend: torch, torch-cuda, ort-cpu, ort-cuda, ort-trt or tensorrt (default from the model file type)."
+
+
+@contextlib.contextmanager
+def _announce_fallbacks():
+    """Print an allowed backend fallback as one clear line instead of a Python warning with a source line."""
+    from ..runtime.backends import FallbackWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FallbackWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, FallbackWarning):
+            typer.echo(f"Warning: {w.message}", err=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def _console():
+    """A rich console; 120 columns when the output is not a terminal, so tables are not cut in logs and pipes."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=120)
+
+
+def _options(device: int, precision: Optional[str], threads: Optional[int], compile: bool = False,
+             cache_dir: Optional[Path] = None):
+    from ..runtime.backends import RunnerOptions
+
+    return RunnerOptions(device=device, precision=precision, threads=threads, compile=compile, cache_dir=cache_dir)
+
+
+def _bag_sizes(text: Optional[str]) -> dict[str, int]:
+    from ..errors import ConfigError
+
+    sizes = {}
+    for part in filter(None, (text or "").split(",")):
+        name, _, value = part.partition("=")
+        if not value.strip().isdigit():
+            raise ConfigError(f"--bag-sizes takes name=size pairs such as subspot=9,neighbors=6; got {part!r}")
+        sizes[name.strip()] = int(value)
+    return sizes
+
+
+@app.command()
+@handle_errors
+def infer(
+    model: Path = typer.Argument(..., help="An .onnx file, a TensorRT .plan, or a checkpoint (runs on torch)."),
+    input: Path = typer.Option(..., "--input", "-i", help="Feature bundle: .npz or a directory of .npy files."),
+    output: Path = typer.Option(..., "--output", "-o", help="Predictions: .npy, .npz (with barcodes and genes) or .h5ad."),
+    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
+    batch_size: int = typer.Option(256, help="Items per batch."),
+    device: int = typer.Option(0, help="GPU index for the GPU backends."),
+    precision: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (torch, ort-trt, tensorrt); default: the model's."),
+    inverse_transform: bool = typer.Option(False, "--inverse-transform", help="Map predictions to the original scale with the model's scaler."),
+    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Run on another backend if this one is unavailable (announced)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: physical cores)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the model (torch backends)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="TensorRT engine and timing cache folder."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with items/s."),
+) -> None:
+    """Stream a feature bundle through a model and write the predictions atomically."""
+    from ..runtime import infer as run_infer
+
+    with _announce_fallbacks():
+        result = run_infer(model, input, output, backend, batch_size, _options(device, precision, threads, compile, cache_dir),
+                           inverse_transform, allow_fallback, progress)
+    typer.echo(f"wrote {result.output}: {result.n} x {result.genes} predictions on {result.backend} "
+               f"in {result.seconds:.2f} s ({result.items_per_s:,.0f} items/s)")
+
+
+@app.command()
+@handle_errors
+def parity(
+    checkpoint: Path = typer.Argument(..., help="The reference checkpoint (.safetensors, or a reference .pkl/.ckpt)."),
+    model: Path = typer.Argument(..., help="What to check: an .onnx file, a .plan, or a checkpoint (torch backends)."),
+    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
+    input: Optional[Path] = typer.Option(None, "--input", "-i", help="Compare on this bundle's items."),
+    random: Optional[int] = typer.Option(None, "--random", help="Compare on N seeded random items (default 64)."),
+    atol: Optional[float] = typer.Option(None, help="Absolute tolerance (default: the precision's row of the table)."),
+    rtol: Optional[float] = typer.Option(None, help="Relative tolerance, times max |reference| (default: the table's)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the report as JSON here."),
+    batch_size: int = typer.Option(256, help="Items per batch."),
+    device: int = typer.Option(0, help="GPU index for the GPU backends."),
+    precision: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (torch, ort-trt, tensorrt)."),
+    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Run on another backend if this one is unavailable."),
+    seed: int = typer.Option(0, help="Seed of the random inputs."),
+) -> None:
+    """Compare a backend with the eager PyTorch model; exit 1 when parity fails."""
+    from ..runtime import check_parity
+
+    if input is not None and random is not None:
+        fail("give either --input or --random, not both")
+    with _announce_fallbacks():
+        result = check_parity(checkpoint, model, backend, input, random, atol, rtol, batch_size,
+                              _options(device, precision, None), allow_fallback, seed)
+    _print_parity(result)
+    if report is not None:
+        result.save(report)
+        typer.echo(f"wrote {report}")
+    if not result.passed:
+        raise typer.Exit(1)
+
+
+def _print_parity(result) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"parity: {result.backend} ({result.precision}) vs {result.reference}, {result.n} items")
+    for column in ("output", "max abs err", "limit", "mean abs err", "max rel err", "min gene r", "r limit", "result"):
+        table.add_column(column, justify="left" if column in ("output", "result") else "right")
+    for o in result.outputs:
+        r = "n/a" if o.min_pearson is None else f"{o.min_pearson:.6f}"
+        verdict = "[green]PASS[/green]" if o.passed else "[red]FAIL[/red]"
+        table.add_row(o.name, f"{o.max_abs:.3g}", f"{o.limit:.3g}", f"{o.mean_abs:.3g}", f"{o.max_rel:.3g}", r,
+                      f"{o.tolerance.min_pearson}", verdict)
+    console = _console()
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}")
+
+
+@app.command()
+@handle_errors
+def bench(
+    workload: str = typer.Option("visium-uni", help="visium-uni, visium-hoptimus or xenium (BENCHMARKS.md)."),
+    backends: str = typer.Option("torch,ort-cpu", help="Comma-separated backends; eager torch is always measured."),
+    batch_size: Optional[int] = typer.Option(None, help="Items per batch (default: the workload's CPU / GPU batch)."),
+    repeats: Optional[int] = typer.Option(None, help="Timed repeats per backend (default 5; 3 with --quick)."),
+    warmup: int = typer.Option(2, help="Untimed runs per backend first."),
+    quick: bool = typer.Option(False, "--quick", help="Toy sizes with the workload's structure (smoke test)."),
+    device: int = typer.Option(0, help="GPU index for the GPU backends."),
+    precision: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (torch, ort-trt, tensorrt)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for onnxruntime (default: physical cores)."),
+    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Run on another backend if one is unavailable."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
+) -> None:
+    """Throughput of each backend against the eager PyTorch model, measured side by side in one process."""
+    from ..runtime.bench import run_bench
+
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    with _announce_fallbacks():
+        report = run_bench(workload, names, batch_size, repeats or (3 if quick else 5), warmup, quick,
+                           options=_options(device, precision, threads), allow_fallback=allow_fallback)
+    print_bench(report)
+    if json_out is not None:
+        report.save(json_out)
+        typer.echo(f"wrote {json_out}")
+
+
+def print_bench(report) -> None:
+    """The benchmark report as a rich table, with the GEMM rate and the bound beneath it."""
+    from rich.table import Table
+
+    w = report.workload
+    table = Table(title=f"{w['name']}: {w['family']}/{w['mode']}, D={w['input_size']} H={w['phi2rho_size']} "
+                        f"E={w['n_ensemble']} G={w['output_size']}, {report.repeats} repeats")
+    for column in ("backend", "device", "batch", "items/s", "x torch", "p50 ms", "p95 ms", "peak RSS MiB",
+                   "GFLOP/s", "of GEMM", "of bound"):
+        table.add_column(column, justify="left" if column in ("backend", "device") else "right")
+    for r in report.results:
+        table.add_row(r.backend, r.device, str(r.batch_size), f"{r.items_per_s:,.1f}", f"{r.ratio_to_torch:.2f}",
+                      f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}", f"{r.peak_rss_mb:,.0f}", f"{r.gflops:.1f}",
+                      f"{r.fraction_of_gemm:.0%}", f"{r.fraction_of_bound:.0%}")
+    console = _console()
+    console.print(table)
+    console.print(f"GEMM fp32 (4096x1024 @ 1024x5120): {report.gemm_gflops:.1f} GFLOP/s; "
+                  f"{report.flops_per_item / 1e6:.1f} MFLOP per item as BENCHMARKS.md counts it "
+                  f"({report.flops_per_item_folded / 1e6:.1f} with Rho folded); bound "
+                  f"{report.bound_items_per_s:,.0f} items/s. Peak RSS: {report.peak_rss_scope}.")
+
+
+@engine_app.command("build")
+@handle_errors
+def engine_build(
+    model: Path = typer.Argument(..., help="The ONNX file (deepspot export)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The .plan to write."),
+    fp16: bool = typer.Option(False, "--fp16", help="Let TensorRT run layers in fp16."),
+    bf16: bool = typer.Option(False, "--bf16", help="Let TensorRT run layers in bf16."),
+    max_batch: int = typer.Option(4096, help="Largest (and optimal) batch of the optimisation profile."),
+    bag_sizes: Optional[str] = typer.Option(None, help="Bag sizes to pin, e.g. subspot=9,neighbors=6 (default: 1..64)."),
+    device: int = typer.Option(0, help="GPU to build for."),
+    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file, reused between builds."),
+) -> None:
+    """Build a native TensorRT engine from an ONNX graph, with an optimisation profile."""
+    from ..runtime.trt import engine_from_onnx, import_trt
+
+    import_trt()  # before anything else: on a machine without TensorRT this is the one thing to say
+    if fp16 and bf16:
+        fail("give --fp16 or --bf16, not both")
+    precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    path = engine_from_onnx(model, output, precision, max_batch, _bag_sizes(bag_sizes), device, timing_cache=timing_cache)
+    typer.echo(f"wrote {path} ({precision}, batch 1..{max_batch})")
+
+
+@engine_app.command("info")
+@handle_errors
+def engine_info(plan: Path = typer.Argument(..., help="A .plan written by `deepspot engine build`.")) -> None:
+    """Print what an engine was built from and for (works without TensorRT)."""
+    from ..runtime.trt import read_plan_header
+
+    header, _ = read_plan_header(plan)
+    model = header.pop("model", None) or {}
+    for key in ("scaler", "genes", "config"):
+        model.pop(key, None)
+    typer.echo(json.dumps({**header, "model": model}, indent=2))
+
+
+@app.command()
+@handle_errors
+def quickstart(
+    workdir: Optional[Path] = typer.Option(None, help="Keep the files here (default: a temporary folder, removed after)."),
+    seed: int = typer.Option(0, help="Seed of the data, the weights and the inputs."),
+) -> None:
+    """Synthetic data -> train -> export -> infer -> parity -> bench, on the CPU in about a minute."""
+    from ..quickstart import print_quickstart, run_quickstart
+
+    console = _console()
+    result = run_quickstart(workdir, seed, log=lambda line: console.print(f"[dim]{line}[/dim]"))
+    print_quickstart(result, console)
+    if not result.passed:
+        raise typer.Exit(1)

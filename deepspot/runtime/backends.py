@@ -1,0 +1,284 @@
+"""The backend registry, backend selection and the one entry point that builds a runner for a model file.
+
+A backend asked for is the backend that runs, or an error that says what to install: never a silent switch to the
+CPU. ``allow_fallback=True`` permits walking the backend's fallback chain (``tensorrt -> ort-trt -> ort-cuda ->
+ort-cpu``, ``torch-cuda -> torch``), and a fallback is announced with a :class:`FallbackWarning` and a log line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BackendUnavailableError, ConfigError
+from .artifacts import artifact_kind, read_onnx
+from .base import Runner
+from .ort import CPU, CUDA, TRT, install_hint
+
+log = logging.getLogger("deepspot.runtime")
+
+
+class FallbackWarning(UserWarning):
+    """A requested backend was unavailable and ``allow_fallback`` let another one run."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend.
+
+    Attributes:
+        name: Registry name.
+        runs: What it runs: ``model`` (a PyTorch model or checkpoint) or ``onnx`` (``tensorrt`` also runs ``plan``).
+        device: ``cpu`` or ``cuda``.
+        needs: What must be installed, in words.
+        install: How to install it.
+        fallback: The backend tried next when fallback is allowed.
+        providers: onnxruntime providers, in priority order.
+    """
+
+    name: str
+    runs: str
+    device: str
+    needs: str
+    install: str
+    fallback: str | None = None
+    providers: tuple[str, ...] = ()
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("torch", "model", "cpu", "PyTorch", "pip install deepspot"),
+        Backend("torch-cuda", "model", "cuda", "a CUDA build of PyTorch and an NVIDIA GPU",
+                "install a CUDA build of PyTorch", "torch"),
+        Backend("ort-cpu", "onnx", "cpu", "onnxruntime", "pip install onnxruntime", None, (CPU,)),
+        Backend("ort-cuda", "onnx", "cuda", "onnxruntime-gpu (CUDA provider) and an NVIDIA GPU", install_hint(CUDA),
+                "ort-cpu", (CUDA, CPU)),
+        Backend("ort-trt", "onnx", "cuda", "onnxruntime-gpu with TensorRT, and an NVIDIA GPU", install_hint(TRT),
+                "ort-cuda", (TRT, CUDA, CPU)),
+        Backend("tensorrt", "onnx", "cuda", "NVIDIA TensorRT 10 and an NVIDIA GPU",
+                "pip install 'deepspot[tensorrt]'", "ort-trt"),
+    )
+}
+DEFAULT_BACKEND = {"model": "torch", "onnx": "ort-cpu", "plan": "tensorrt"}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What this machine offers: onnxruntime's providers, a CUDA GPU for PyTorch, the TensorRT package."""
+
+    providers: tuple[str, ...] = ()
+    cuda: bool = False
+    tensorrt: bool = False
+
+    @classmethod
+    def detect(cls) -> "Probe":
+        providers: tuple[str, ...] = ()
+        if importlib.util.find_spec("onnxruntime") is not None:
+            import onnxruntime
+
+            providers = tuple(onnxruntime.get_available_providers())
+        import torch
+
+        return cls(providers, torch.cuda.is_available(), importlib.util.find_spec("tensorrt") is not None)
+
+
+def unavailable_reason(name: str, probe: Probe) -> str | None:
+    """Why backend ``name`` cannot run here, with the install hint; ``None`` when it can."""
+    b = get_backend(name)
+    missing = [p for p in b.providers if p not in probe.providers]
+    if missing:
+        return f"backend {name!r} needs {b.needs}: onnxruntime here has no {missing[0]}; {b.install}"
+    if name == "tensorrt" and not probe.tensorrt:
+        return f"backend {name!r} needs {b.needs}: the tensorrt package is not installed; {b.install}"
+    if b.device == "cuda" and not probe.cuda and not b.providers:
+        return f"backend {name!r} needs {b.needs}: PyTorch sees no CUDA GPU; {b.install}"
+    return None
+
+
+def get_backend(name: str) -> Backend:
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}; expected one of: {', '.join(BACKENDS)}")
+    return BACKENDS[name]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome of :func:`select_backend`: what was asked for, what runs, and why it differs."""
+
+    requested: str
+    backend: str
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def fell_back(self) -> bool:
+        return self.backend != self.requested
+
+
+def select_backend(requested: str, allow_fallback: bool = False, probe: Probe | None = None,
+                   kind: str = "onnx") -> Selection:
+    """The backend that will run: ``requested`` if it can, else (with ``allow_fallback``) the first in its chain.
+
+    Args:
+        requested: Backend name.
+        allow_fallback: Permit another backend when ``requested`` cannot run; the switch is warned about.
+        probe: What the machine offers (detected when ``None``).
+        kind: What the model file is (``model``, ``onnx``, ``plan``); a plan runs on ``tensorrt`` only.
+
+    Raises:
+        BackendUnavailableError: The backend cannot run here and fallback is off (or the chain is exhausted).
+    """
+    get_backend(requested)
+    probe = probe or Probe.detect()
+    reasons: list[str] = []
+    name: str | None = requested
+    while name is not None:
+        reason = unavailable_reason(name, probe)
+        if reason is None:
+            selection = Selection(requested, name, tuple(reasons))
+            if selection.fell_back:
+                message = f"falling back from {requested!r} to {name!r}: {reasons[0]}"
+                log.info(message)  # the warning is what users see; the log line is for applications that log
+                warnings.warn(message, FallbackWarning, stacklevel=2)
+            return selection
+        reasons.append(reason)
+        if not allow_fallback or (kind == "plan" and name == "tensorrt"):
+            break
+        name = get_backend(name).fallback
+    hint = "" if allow_fallback else " (--allow-fallback permits another backend)"
+    raise BackendUnavailableError(reasons[0] + hint)
+
+
+def default_cache_dir() -> Path:
+    """Where TensorRT engines are cached: ``$DEEPSPOT_CACHE`` or ``~/.cache/deepspot``."""
+    return Path(os.environ.get("DEEPSPOT_CACHE") or Path.home() / ".cache" / "deepspot")
+
+
+@dataclass
+class RunnerOptions:
+    """How to build a runner; every field has a default that suits batch inference.
+
+    Attributes:
+        device: GPU index for the GPU backends.
+        precision: Compute precision; ``None`` keeps the file's own (onnxruntime runs a graph at its exported
+            precision; TensorRT and torch can lower it).
+        batch_size: Largest batch (TensorRT profiles, CUDA graphs).
+        bag_sizes: Sizes of the bag axes in the data (TensorRT profiles).
+        threads: Intra-op threads on the CPU.
+        compile: ``torch.compile`` the torch backend.
+        cuda_graph: Replay a CUDA graph on the GPU backends of onnxruntime (``None``: on for ``ort-cuda``).
+        cache_dir: TensorRT engine and timing caches.
+    """
+
+    device: int = 0
+    precision: str | None = None
+    batch_size: int = 256
+    bag_sizes: dict[str, int] = field(default_factory=dict)
+    threads: int | None = None
+    compile: bool = False
+    cuda_graph: bool | None = None
+    cache_dir: Path | None = None
+
+
+def load_runner(model: Any, backend: str | None = None, options: RunnerOptions | None = None,
+                allow_fallback: bool = False, probe: Probe | None = None) -> Runner:
+    """Build (but do not activate) the runner for a model, a checkpoint, an ONNX file or a TensorRT plan.
+
+    The runner's ``selection`` attribute records the backend asked for and the one that runs.
+
+    Raises:
+        BackendUnavailableError: The backend cannot run here (see :func:`select_backend`).
+        ConfigError: The backend cannot run this kind of file, or the precision does not fit.
+        CheckpointError: The file is missing or unreadable.
+    """
+    options = options or RunnerOptions()
+    kind = artifact_kind(model)
+    requested = backend or DEFAULT_BACKEND[kind]
+    b = get_backend(requested)
+    if kind == "plan" and requested != "tensorrt":
+        raise ConfigError(f"{model}: a TensorRT plan runs on the tensorrt backend only, not {requested!r}")
+    if kind != "plan" and b.runs != kind:
+        what = "a checkpoint or model" if b.runs == "model" else "an ONNX file (deepspot export)"
+        raise ConfigError(f"backend {requested!r} runs {what}; {model} is {'an ONNX file' if kind == 'onnx' else 'a checkpoint'}")
+    selection = select_backend(requested, allow_fallback, probe, kind)
+    runner = _build(model, kind, selection.backend, options)
+    runner.selection = selection
+    return runner
+
+
+def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
+    if name in ("torch", "torch-cuda"):
+        from .torch_runner import TorchRunner
+
+        device = f"cuda:{o.device}" if name == "torch-cuda" else "cpu"
+        return TorchRunner(model, device=device, precision=o.precision or "fp32", compile=o.compile)
+    if kind == "plan":
+        from .trt import TrtRunner
+
+        return TrtRunner(model, device_id=o.device)
+    info, inputs = read_onnx(model)
+    graph_precision = info.precision if info else "fp32"
+    precision = o.precision or graph_precision
+    if name == "tensorrt":
+        return _tensorrt_from_onnx(model, info, inputs, precision, o)
+    if name in ("ort-cpu", "ort-cuda") and precision != graph_precision:
+        raise ConfigError(
+            f"{model} was exported at {graph_precision}; onnxruntime runs it as exported, so export it with "
+            f"--precision {precision} (or use ort-trt / tensorrt, which can lower the precision)"
+        )
+    from .ort import OrtRunner, cuda_provider_options, trt_provider_options
+
+    providers: list[Any] = [CPU]
+    cuda_graph = bool(o.cuda_graph) if o.cuda_graph is not None else name == "ort-cuda"
+    if name == "ort-cuda":
+        providers = [(CUDA, cuda_provider_options(o.device, cuda_graph)), CPU]
+    elif name == "ort-trt":
+        cache = ort_trt_cache_dir(model, inputs, precision, o)
+        trt_options = trt_provider_options(cache, _profile(inputs, o), precision == "fp16", o.device, cuda_graph=cuda_graph)
+        providers = [(TRT, trt_options), (CUDA, cuda_provider_options(o.device)), CPU]
+    runner = OrtRunner(model, name, info, providers, o.device, o.threads, cuda_graph)
+    if info is not None:
+        info.precision = precision
+    return runner
+
+
+def _profile(inputs, o: RunnerOptions):
+    from .profiles import derive_profile
+
+    return derive_profile(inputs, o.batch_size, o.bag_sizes)
+
+
+def ort_trt_cache_dir(onnx_path: str | Path, inputs, precision: str, o: RunnerOptions) -> Path:
+    """Engine cache folder for onnxruntime's TensorRT provider: one per graph, profile and precision."""
+    from ..checkpoint import file_hash
+    from .profiles import cache_key
+
+    key = cache_key(onnx=file_hash(onnx_path), profile=_profile(inputs, o).to_dict(), precision=precision)
+    path = (o.cache_dir or default_cache_dir()) / "ort-trt" / f"{Path(onnx_path).stem}-{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _tensorrt_from_onnx(onnx_path, info, inputs, precision: str, o: RunnerOptions) -> Runner:
+    """Build (or reuse from the cache) a native engine for an ONNX file, then run it."""
+    from ..checkpoint import file_hash
+    from .profiles import cache_key
+    from .trt import TrtRunner, engine_from_onnx, gpu_identity, import_trt
+
+    trt = import_trt()
+    sha = file_hash(onnx_path)
+    key = cache_key(onnx=sha, profile=_profile(inputs, o).to_dict(), precision=precision, trt=trt.__version__,
+                    **gpu_identity(o.device))
+    folder = (o.cache_dir or default_cache_dir()) / "tensorrt"
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = folder / f"{Path(onnx_path).stem}-{key}.plan"
+    if not plan.is_file():
+        log.info("building a TensorRT engine for %s into %s", onnx_path, plan)
+        engine_from_onnx(onnx_path, plan, precision, o.batch_size, o.bag_sizes, o.device,
+                         timing_cache=folder / "timing.cache")
+    return TrtRunner(plan, device_id=o.device, onnx_path=onnx_path)

@@ -1,0 +1,179 @@
+"""``infer``: a model file and a feature bundle in, predictions out (``.npy``, ``.npz`` or ``.h5ad``), streamed.
+
+The output is written atomically: predictions stream into a memory-mapped temporary ``.npy`` in the output's
+folder, and the finished file is renamed into place (or packed into the ``.npz`` / ``.h5ad``) only after the last
+batch. A failed or interrupted run leaves nothing that looks like an output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, DeepSpotError
+from ..fileio import atomic_path
+from .backends import RunnerOptions, load_runner
+from .stream import check_inputs, predict
+
+OUTPUT_SUFFIXES = (".npy", ".npz", ".h5ad")
+COORD_KEYS = ("x_array", "y_array", "x_pixel", "y_pixel")
+
+
+@dataclass
+class InferResult:
+    """What :func:`infer` did.
+
+    Attributes:
+        output: The file written.
+        n: Items predicted.
+        genes: Genes per item.
+        seconds: Wall time of the inference loop.
+        items_per_s: Throughput of the inference loop.
+        backend: The backend that ran.
+        requested: The backend asked for (differs only after an allowed fallback).
+        batch_size: Items per batch.
+        inverse_transform: Whether predictions are on the original scale.
+    """
+
+    output: Path
+    n: int
+    genes: int
+    seconds: float
+    items_per_s: float
+    backend: str
+    requested: str
+    batch_size: int
+    inverse_transform: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "output": str(self.output)}
+
+
+def check_output_path(output: str | Path) -> Path:
+    """Refuse an unknown output type or a missing folder before any work."""
+    output = Path(output)
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"{output}: unknown output type; expected one of {', '.join(OUTPUT_SUFFIXES)}")
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise DeepSpotError(f"{output}: output folder {folder} does not exist")
+    return output
+
+
+def infer(
+    model: Any,
+    bundle: str | Path,
+    output: str | Path,
+    backend: str | None = None,
+    batch_size: int = 256,
+    options: RunnerOptions | None = None,
+    inverse_transform: bool = False,
+    allow_fallback: bool = False,
+    progress: bool = False,
+) -> InferResult:
+    """Predict every item of a bundle and write the predictions.
+
+    Args:
+        model: A checkpoint (runs on ``torch``), an ``.onnx`` file, a ``.plan``, or an in-memory model.
+        bundle: A feature bundle (``.npz`` or a directory of ``.npy``), memory-mapped.
+        output: ``.npy`` (predictions), ``.npz`` (``predictions``, ``barcodes``, ``genes``) or ``.h5ad``.
+        backend: Backend name; default ``torch`` for a checkpoint, ``ort-cpu`` for ONNX, ``tensorrt`` for a plan.
+        batch_size: Items per batch.
+        options: Runner options (device, precision, threads, ...); ``batch_size`` and the data's bag sizes are
+            filled in here.
+        inverse_transform: Map predictions to the original scale with the model's scaler.
+        allow_fallback: Permit another backend when ``backend`` cannot run here (announced with a warning).
+        progress: Show a progress bar with items/s.
+
+    Raises:
+        DeepSpotError: Bad input (reported before anything runs), unavailable backend, unwritable output.
+    """
+    from ..data import load_bundle
+
+    output = check_output_path(output)
+    data = load_bundle(bundle, mmap=True)
+    options = options or RunnerOptions()
+    options.batch_size = batch_size
+    options.bag_sizes = {k: int(data[k].shape[1]) for k in ("subspot", "neighbors") if k in data and data[k].ndim == 3}
+    runner = load_runner(model, backend, options, allow_fallback)
+    info = runner.info
+    if info is None:
+        raise ConfigError(f"{model}: not exported by deepspot (no model metadata); cannot match it to the bundle")
+    mode = data.validate(info.family, info.mode, input_size=info.input_size)
+    inputs = data.inputs(mode)
+    n = check_inputs(inputs, info, source=str(bundle))
+    if inverse_transform and info.scaler is None and not info.fold_scaler:
+        raise ConfigError(f"{model}: the model has no scaler, so there is no original scale to map back to")
+    genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
+
+    with runner, prediction_file(output, n, info.output_size, data.barcodes, genes, _coords(data), _uns(runner)) as out:
+        start = time.perf_counter()
+        predict(runner, inputs, batch_size, out=out, inverse_transform=inverse_transform, progress=progress)
+        seconds = time.perf_counter() - start
+    selection = getattr(runner, "selection", None)
+    return InferResult(output, n, info.output_size, seconds, n / max(seconds, 1e-9), runner.backend,
+                       selection.requested if selection else runner.backend, batch_size,
+                       inverse_transform or info.fold_scaler)
+
+
+def _coords(data) -> dict[str, np.ndarray]:
+    return {k: np.asarray(data[k]) for k in COORD_KEYS if k in data}
+
+
+def _uns(runner) -> dict[str, Any]:
+    info = runner.info
+    return {"deepspot": {"backend": runner.backend, "model": info.source, "family": info.family, "mode": info.mode,
+                         "precision": info.precision}}
+
+
+@contextlib.contextmanager
+def _temporary_npy(folder: Path, n: int, g: int) -> Iterator[tuple[Path, np.memmap]]:
+    fd, name = tempfile.mkstemp(prefix=".predictions.", suffix=".tmp.npy", dir=folder)
+    os.close(fd)
+    path = Path(name)
+    try:
+        yield path, np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, g))
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def prediction_file(output: Path, n: int, g: int, barcodes: Sequence[str] | None = None,
+                    genes: Sequence[str] | None = None, coords: dict[str, np.ndarray] | None = None,
+                    uns: dict[str, Any] | None = None) -> Iterator[np.ndarray]:
+    """Yield a writable ``(n, g)`` float32 memory map; on a clean exit put the finished file at ``output``."""
+    suffix = output.suffix.lower()
+    folder = output.parent if str(output.parent) else Path(".")
+    if suffix == ".npy":
+        with atomic_path(output) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, g))
+            yield out
+            out.flush()
+            del out
+        return
+    barcodes = [str(i) for i in range(n)] if barcodes is None else list(barcodes)
+    genes = [f"gene_{j}" for j in range(g)] if genes is None else list(genes)
+    with _temporary_npy(folder, n, g) as (tmp_npy, out):
+        yield out
+        out.flush()
+        if suffix == ".npz":
+            with atomic_path(output) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                zf.write(tmp_npy, "predictions.npy")  # copied in chunks: memory stays flat
+                for key, values in (("barcodes", barcodes), ("genes", genes)):
+                    with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                        np.lib.format.write_array(f, np.asarray(values, dtype=str), allow_pickle=False)
+        else:
+            from ..anndata_io import write_anndata
+
+            write_anndata(output, out, barcodes=barcodes, genes=genes, obs_coords=coords, uns=uns)
+        del out

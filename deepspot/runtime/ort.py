@@ -1,0 +1,229 @@
+"""The onnxruntime backends: ``ort-cpu``, ``ort-cuda`` and ``ort-trt`` (CPU, CUDA and TensorRT providers).
+
+Building is separate from running: :func:`session_from_onnx` makes a session (and checks that the providers asked
+for are the ones that run it: onnxruntime itself drops to the CPU when a GPU provider fails to load), and
+:class:`OrtRunner` runs it. On a GPU the runner binds inputs and outputs to device buffers (IO binding), stages
+inputs through page-locked host memory, keeps outputs on the device until they are read, and can replay a CUDA
+graph when every batch has the same shape. ``onnxruntime`` is imported lazily.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, ConfigError, InputError
+from .base import ModelInfo, Runner, TensorSpec
+from .profiles import Profile, trt_profile_options
+
+CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
+OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                       "all": "ORT_ENABLE_ALL"}
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
+
+
+def import_ort():
+    """``onnxruntime``, or an error that says what to install."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from None
+    return onnxruntime
+
+
+def physical_cores() -> int:
+    """Physical cores this process may use (hyper-threads share a core's matrix units, so they add nothing here)."""
+    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            block: dict[str, str] = {}
+            for line in f:
+                if ":" in line:
+                    key, value = (s.strip() for s in line.split(":", 1))
+                    block[key] = value
+                    if key == "core id":
+                        cores.add((block.get("physical id", "0"), value))
+    except OSError:
+        return logical
+    return max(1, min(logical, len(cores))) if cores else logical
+
+
+def session_options(threads: int | None = None, optimization: str = "all"):
+    """Session options: graph optimisation level and intra-op threads (default: physical cores)."""
+    ort = import_ort()
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise ConfigError(f"unknown optimisation level {optimization!r}; expected {', '.join(OPTIMIZATION_LEVELS)}")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization])
+    so.intra_op_num_threads = threads or physical_cores()
+    so.inter_op_num_threads = 1  # one chain of large matrix products: parallel branches only steal cores
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return so
+
+
+def cuda_provider_options(device_id: int = 0, cuda_graph: bool = False) -> dict[str, str]:
+    return {"device_id": str(device_id), "enable_cuda_graph": "1" if cuda_graph else "0"}
+
+
+def trt_provider_options(
+    cache_dir: str | Path,
+    profile: Profile | None = None,
+    fp16: bool = False,
+    device_id: int = 0,
+    workspace_bytes: int = 4 << 30,
+    cuda_graph: bool = False,
+) -> dict[str, str]:
+    """onnxruntime TensorRT provider options: engine and timing caches under ``cache_dir``, fp16, the profile."""
+    cache_dir = Path(cache_dir)
+    options = {
+        "device_id": str(device_id),
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(cache_dir),
+        "trt_fp16_enable": "True" if fp16 else "False",
+        "trt_max_workspace_size": str(int(workspace_bytes)),
+        "trt_cuda_graph_enable": "True" if cuda_graph else "False",
+    }
+    if profile is not None:
+        options.update(trt_profile_options(profile))
+    return options
+
+
+def session_from_onnx(
+    path: str | Path,
+    providers: Sequence[str | tuple[str, Mapping[str, str]]] = (CPU,),
+    threads: int | None = None,
+    optimization: str = "all",
+):
+    """Build an ``InferenceSession`` and check that it really runs on the first provider asked for.
+
+    Args:
+        path: The ONNX file.
+        providers: Provider names, or ``(name, options)`` pairs, in priority order.
+        threads: Intra-op threads; default physical cores.
+        optimization: Graph optimisation level: ``disable``, ``basic``, ``extended`` or ``all``.
+
+    Raises:
+        BackendUnavailableError: A provider is not in this onnxruntime build, or failed to load.
+        CheckpointError: The file is missing or not a readable ONNX model.
+    """
+    from ..errors import CheckpointError
+
+    ort = import_ort()
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    missing = [n for n in names if n not in ort.get_available_providers()]
+    if missing:
+        raise BackendUnavailableError(f"onnxruntime has no {missing[0]} here; {install_hint(missing[0])}")
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: no such ONNX file")
+    try:
+        options = session_options(threads, optimization)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except Exception as e:  # onnxruntime's exception classes are not a stable import
+        raise CheckpointError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+    if names[0] not in session.get_providers():
+        raise BackendUnavailableError(
+            f"{names[0]} failed to load (onnxruntime fell back to {session.get_providers()[0]}); {install_hint(names[0])}"
+        )
+    return session
+
+
+def install_hint(provider: str) -> str:
+    if provider == TRT:
+        return "install onnxruntime-gpu with TensorRT: pip install 'deepspot[gpu,tensorrt]'"
+    if provider == CUDA:
+        return "install onnxruntime-gpu (uninstall onnxruntime first): pip install 'deepspot[gpu]'"
+    return "pip install onnxruntime"
+
+
+def graph_specs(session) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """Input and output specs of a session's graph (dynamic axes as their names)."""
+
+    def spec(arg) -> TensorSpec:
+        shape = tuple(d if isinstance(d, int) else (d or None) for d in arg.shape)
+        return TensorSpec(arg.name, shape, _ORT_DTYPES.get(arg.type, "float32"))
+
+    return {a.name: spec(a) for a in session.get_inputs()}, {a.name: spec(a) for a in session.get_outputs()}
+
+
+class OrtRunner(Runner):
+    """Runs an ONNX graph with onnxruntime.
+
+    Args:
+        path: The ONNX file.
+        backend: ``ort-cpu``, ``ort-cuda`` or ``ort-trt``.
+        info: Model metadata (read from the file by :func:`deepspot.runtime.load_runner`).
+        providers: Providers with options; default from ``backend`` (see :func:`deepspot.runtime.backends.providers_for`).
+        device_id: GPU index for the GPU backends.
+        threads: Intra-op threads (CPU work); default physical cores.
+        cuda_graph: Capture a CUDA graph on the first batch and replay it; shorter batches are zero-padded to the
+            first batch's shape, because a captured graph has fixed shapes and fixed buffer addresses.
+        name: Runner name in reports.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        backend: str = "ort-cpu",
+        info: ModelInfo | None = None,
+        providers: Sequence[Any] | None = None,
+        device_id: int = 0,
+        threads: int | None = None,
+        cuda_graph: bool = False,
+        name: str | None = None,
+    ):
+        super().__init__(info, name or backend)
+        self.backend = backend
+        self.path = Path(path)
+        self.device_id = device_id
+        self.providers = list(providers) if providers is not None else [CPU]
+        self.threads = threads
+        self.cuda_graph = cuda_graph
+        self.on_gpu = backend != "ort-cpu"
+        self.session = None
+        self._inputs: dict[str, TensorSpec] = {}
+        self._outputs: dict[str, TensorSpec] = {}
+        self._io = None  # _DeviceIO on a GPU
+
+    @property
+    def device(self) -> str:
+        return f"cuda:{self.device_id}" if self.on_gpu else "cpu"
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(self._outputs)
+
+    def get_input_metadata(self) -> dict[str, TensorSpec]:
+        if not self._inputs:
+            raise RuntimeError(f"{self.name}: activate() the runner first")
+        return self._inputs
+
+    def activate_impl(self) -> None:
+        self.session = session_from_onnx(self.path, self.providers, self.threads)
+        self._inputs, self._outputs = graph_specs(self.session)
+        if self.on_gpu:
+            from ._ort_gpu import DeviceIO
+
+            self._io = DeviceIO(self.session, self._inputs, self._outputs, self.device_id, self.cuda_graph)
+
+    def deactivate_impl(self) -> None:
+        self._io = None
+        self.session = None
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self._io is not None:
+            return self._io.run(feed)
+        outputs = self.session.run(list(self._outputs), feed)
+        return {name: np.asarray(y, dtype=np.float32) for name, y in zip(self._outputs, outputs)}
+
+    def infer_on_device(self, feed: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Run on the GPU and return the outputs as device ``OrtValue``s (for a second graph to consume)."""
+        if not self.is_active or self._io is None:
+            raise InputError(f"{self.name}: outputs stay on the device only on a GPU backend")
+        return self._io.run(feed, to_host=False)

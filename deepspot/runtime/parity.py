@@ -1,0 +1,269 @@
+"""Parity: run a reference runner (the PyTorch model) and a backend on the same inputs, and report per output.
+
+As in Polygraphy's comparator, parity is a report, not an assert: for each output the max and mean absolute error,
+the max relative error, the lowest per-gene Pearson correlation between backend and reference, the tolerance and
+pass or fail. Tolerances are data, one row per precision; every failure states the measured error and the limit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..fileio import atomic_path
+from .base import Runner
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass when ``max|backend - reference| <= atol + rtol * max|reference|`` and every gene's ``r >= min_pearson``.
+
+    The limit scales with the output's magnitude rather than element by element, because expression on the original
+    scale runs to the thousands while standardised expression is of order one, and elementwise relative error is
+    meaningless next to zero.
+    """
+
+    atol: float
+    rtol: float
+    min_pearson: float
+
+    def limit(self, reference_max_abs: float) -> float:
+        return self.atol + self.rtol * float(reference_max_abs)
+
+
+# fp32: only the reordering of sums (fused Phi, folded Rho) separates backend and reference, as in the exporter's
+# validation. fp16 and bf16 round weights, inputs and intermediates (unit roundoff 2^-11 and 2^-8), with a margin.
+TOLERANCES: Mapping[str, Tolerance] = MappingProxyType({
+    "fp32": Tolerance(atol=1e-5, rtol=1e-5, min_pearson=0.99999),
+    "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_pearson=0.999),
+    "bf16": Tolerance(atol=6e-2, rtol=6e-2, min_pearson=0.99),
+})
+
+
+def tolerance_for(precision: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:
+    """The table's tolerance for ``precision``, with ``atol`` / ``rtol`` overridden where given."""
+    if precision not in TOLERANCES:
+        raise ConfigError(f"no tolerance for precision {precision!r}; expected one of: {', '.join(TOLERANCES)}")
+    tol = TOLERANCES[precision]
+    return replace(tol, atol=tol.atol if atol is None else atol, rtol=tol.rtol if rtol is None else rtol)
+
+
+@dataclass
+class OutputParity:
+    """Parity of one output over all compared items."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    mean_abs: float
+    max_rel: float
+    min_pearson: float | None
+    worst_gene: int | None
+    reference_max_abs: float
+    limit: float
+    tolerance: Tolerance
+    passed: bool
+
+    def describe(self) -> str:
+        r = "n/a" if self.min_pearson is None else f"{self.min_pearson:.6f} (gene {self.worst_gene})"
+        verdict = "PASS" if self.passed else "FAIL"
+        return (f"{self.name}: {verdict}: max abs err {self.max_abs:.3g} (limit {self.limit:.3g}), mean abs err "
+                f"{self.mean_abs:.3g}, max rel err {self.max_rel:.3g}, min Pearson r {r} (limit {self.tolerance.min_pearson})")
+
+
+@dataclass
+class ParityReport:
+    """Per-output parity of ``backend`` against ``reference``."""
+
+    reference: str
+    backend: str
+    precision: str
+    n: int
+    outputs: list[OutputParity]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.outputs) and all(o.passed for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the report as JSON, atomically."""
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return Path(path)
+
+    def summary(self) -> str:
+        head = f"parity of {self.backend} ({self.precision}) against {self.reference} on {self.n} items: "
+        return head + ("PASS" if self.passed else "FAIL") + "".join(f"\n  {o.describe()}" for o in self.outputs)
+
+
+def pearson_per_column(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r of each column of ``a`` with the same column of ``b`` (NaN where a column of ``b`` is constant)."""
+    a = a.astype(np.float64) - a.mean(axis=0)
+    b = b.astype(np.float64) - b.mean(axis=0)
+    denom = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (a * b).sum(axis=0) / denom
+    # A constant reference gene has no correlation to speak of; its absolute error is still checked.
+    r[(b * b).sum(axis=0) <= 1e-30] = np.nan
+    return r
+
+
+def output_parity(name: str, actual: np.ndarray, expected: np.ndarray, tolerance: Tolerance) -> OutputParity:
+    """Compare one output: ``actual`` from the backend, ``expected`` from the reference."""
+    if actual.shape != expected.shape:
+        inf = float("inf")
+        return OutputParity(name, tuple(actual.shape), inf, inf, inf, None, None, 0.0, 0.0, tolerance, False)
+    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    ref_max = float(np.abs(expected).max()) if expected.size else 0.0
+    max_abs = float(diff.max()) if diff.size else 0.0
+    if np.isnan(diff).any():
+        max_abs = float("nan")  # np.max already propagates NaN; keep it explicit: NaN never passes
+    max_rel = float((diff / (np.abs(expected) + tolerance.atol)).max()) if diff.size else 0.0
+    r = pearson_per_column(actual, expected) if actual.ndim == 2 and actual.shape[0] > 2 else np.array([np.nan])
+    finite = np.isfinite(r)
+    min_r = float(r[finite].min()) if finite.any() else None
+    worst = int(np.flatnonzero(finite)[np.argmin(r[finite])]) if finite.any() else None
+    limit = tolerance.limit(ref_max)
+    passed = bool(np.isfinite(max_abs) and max_abs <= limit and (min_r is None or min_r >= tolerance.min_pearson))
+    return OutputParity(name, tuple(actual.shape), max_abs, float(diff.mean()), max_rel, min_r, worst, ref_max, limit,
+                        tolerance, passed)
+
+
+def iter_feeds(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of a dict of arrays (all of the same length)."""
+    n = next(iter(inputs.values())).shape[0]
+    for start in range(0, n, batch_size):
+        yield {k: np.ascontiguousarray(v[start : start + batch_size], dtype=np.float32) for k, v in inputs.items()}
+
+
+def compare(
+    reference: Runner,
+    runner: Runner,
+    feeds: Mapping[str, np.ndarray] | Iterable[Mapping[str, np.ndarray]],
+    tolerance: Tolerance | None = None,
+    batch_size: int = 256,
+    reference_transform: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> ParityReport:
+    """Run both runners on the same feeds and report parity per output.
+
+    Both runners are activated for the comparison and deactivated after it, as Polygraphy's comparator does.
+
+    Args:
+        reference: The reference runner.
+        runner: The runner under test.
+        feeds: One dict of arrays (split into batches of ``batch_size``) or an iterable of feed dicts.
+        tolerance: Default: the table's row for the runner's precision.
+        batch_size: Batch size when ``feeds`` is one dict of arrays.
+        reference_transform: Applied to reference outputs first (the scaler, for a graph with a folded scaler).
+    """
+    precision = runner.info.precision if runner.info else "fp32"
+    tolerance = tolerance or tolerance_for(precision)
+    if isinstance(feeds, Mapping):
+        feeds = iter_feeds(feeds, batch_size)
+    got: dict[str, list[np.ndarray]] = {}
+    want: dict[str, list[np.ndarray]] = {}
+    with reference, runner:
+        for feed in feeds:
+            ref_out = reference.infer(feed)
+            out = runner.infer(feed)
+            for name in ref_out:
+                expected = ref_out[name] if reference_transform is None else reference_transform(ref_out[name])
+                want.setdefault(name, []).append(np.asarray(expected, dtype=np.float32))
+                got.setdefault(name, []).append(out.get(name, np.full_like(ref_out[name], np.nan)))
+    outputs = [output_parity(name, np.concatenate(got[name]), np.concatenate(want[name]), tolerance) for name in want]
+    n = int(outputs[0].shape[0]) if outputs else 0
+    return ParityReport(reference.name, runner.name, precision, n, outputs)
+
+
+DEFAULT_BAGS = {"subspot": 9, "neighbors": 6, "spot": 1, "cell": 1}
+
+
+def random_inputs(info, n: int, bag_sizes: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded standard-normal inputs for a model; the last neighbour of the first item is a zero row, as the
+    reference pads short bags (a zero row is a real input, and every backend must treat it as one)."""
+    rng = np.random.default_rng(seed)
+    sizes = {**DEFAULT_BAGS, **(bag_sizes or {})}
+    inputs = {}
+    for name, spec in info.input_specs().items():
+        tiles = 1 if spec.shape[1] == 1 else sizes.get(name, 4)
+        x = rng.standard_normal((n, tiles, info.input_size), dtype=np.float32)
+        if name == "neighbors" and tiles > 1:
+            x[0, -1] = 0.0
+        inputs[name] = x
+    return inputs
+
+
+def check_parity(
+    checkpoint: Any,
+    model: Any,
+    backend: str | None = None,
+    bundle: str | Path | None = None,
+    n_random: int | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    batch_size: int = 256,
+    options: Any = None,
+    allow_fallback: bool = False,
+    seed: int = 0,
+) -> ParityReport:
+    """Parity of ``model`` on ``backend`` against the eager PyTorch model of ``checkpoint``.
+
+    Args:
+        checkpoint: The reference: a checkpoint path or an in-memory model.
+        model: What to test: an ``.onnx`` file, a ``.plan`` or a checkpoint (for ``torch`` variants).
+        backend: Backend for ``model`` (default from its file type).
+        bundle: Compare on a feature bundle's items; else on ``n_random`` seeded random items (default 64).
+        atol: Override the precision's absolute tolerance.
+        rtol: Override the precision's relative tolerance.
+        batch_size: Items per batch.
+        options: :class:`~deepspot.runtime.backends.RunnerOptions` for ``model``'s runner.
+        allow_fallback: Permit another backend (the report then names the one that ran).
+        seed: Seed of the random inputs.
+
+    Raises:
+        ConfigError: The model and the checkpoint are of different families, modes or sizes.
+    """
+    from .backends import RunnerOptions, load_runner
+    from .stream import check_inputs
+    from .torch_runner import TorchRunner
+
+    reference = TorchRunner(checkpoint, name="torch (reference)")
+    ref = reference.info
+    inputs = None
+    options = options or RunnerOptions()
+    options.batch_size = batch_size
+    if bundle is not None:
+        from ..data import load_bundle
+
+        data = load_bundle(bundle)
+        inputs = data.inputs(data.validate(ref.family, ref.mode, input_size=ref.input_size))
+        options.bag_sizes = {k: int(v.shape[1]) for k, v in inputs.items()}
+    runner = load_runner(model, backend, options, allow_fallback)
+    info = runner.info
+    if info is not None:
+        theirs, ours = (info.family, info.mode, info.input_size, info.output_size), (ref.family, ref.mode,
+                                                                                      ref.input_size, ref.output_size)
+        if theirs != ours:
+            raise ConfigError(f"{model} is a {theirs[0]}/{theirs[1]} model (D={theirs[2]}, G={theirs[3]}) but "
+                              f"{checkpoint} is {ours[0]}/{ours[1]} (D={ours[2]}, G={ours[3]})")
+    if inputs is None:
+        inputs = random_inputs(ref, n_random or 64, seed=seed)
+    check_inputs(inputs, ref, source=str(bundle or "random inputs"))
+    transform = ref.scaler.inverse_transform if info is not None and info.fold_scaler and ref.scaler else None
+    report = compare(reference, runner, inputs, tolerance_for(info.precision if info else "fp32", atol, rtol),
+                     batch_size, reference_transform=transform)
+    selection = getattr(runner, "selection", None)
+    if selection is not None and selection.fell_back:
+        report.notes.append(f"requested {selection.requested}, ran {selection.backend} (fallback allowed)")
+    return report

@@ -1,0 +1,183 @@
+"""Streaming batch inference over a memory-mapped feature bundle.
+
+Memory stays flat in the number of items: inputs are memory-mapped and read one batch at a time, a background
+thread prepares the next batch (slice, ``float32``, C order) while the runner works on the current one, and
+predictions go straight into a memory-mapped ``.npy`` beside the output, renamed into place only when the run
+has finished. A failed or interrupted run leaves no output file.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from ..errors import ConfigError, InputError
+from .base import OUTPUT_NAME, ModelInfo, Runner
+
+CHECK_CHUNK_BYTES = 64 << 20  # finiteness is checked this many bytes at a time, whatever the bundle's size
+
+
+def check_inputs(inputs: Mapping[str, np.ndarray], info: ModelInfo, source: str = "input") -> int:
+    """Check model inputs before anything runs; return the number of items.
+
+    Names, ranks and feature sizes against the model's metadata, equal item counts, then finite values, chunk by
+    chunk so that memory stays bounded on a memory-mapped bundle.
+
+    Raises:
+        InputError: The first problem; a non-finite value is reported with its input name and row index.
+    """
+    specs = info.input_specs()
+    missing = [n for n in specs if n not in inputs]
+    if missing:
+        raise InputError(f"{source}: missing input {missing[0]!r}; a {info.family}/{info.mode} model takes {', '.join(specs)}")
+    extra = [n for n in inputs if n not in specs]
+    if extra:
+        raise InputError(f"{source}: unexpected input {extra[0]!r}; a {info.family}/{info.mode} model takes {', '.join(specs)}")
+    n = None
+    for name, spec in specs.items():
+        a = inputs[name]
+        shape = "(N, 1, D)" if spec.shape[1] == 1 else "(N, T, D)"
+        if a.ndim != 3 or (spec.shape[1] == 1 and a.shape[1] != 1):
+            raise InputError(f"{source}: {name!r} must have shape {shape}, got {a.shape}")
+        if a.shape[2] != info.input_size:
+            raise InputError(f"{source}: {name!r} has {a.shape[2]} features, the model expects {info.input_size}")
+        if a.shape[1] == 0:
+            raise InputError(f"{source}: {name!r} has an empty bag axis: {a.shape}")
+        if a.dtype.kind != "f":
+            raise InputError(f"{source}: {name!r} must be floating point, got {a.dtype}")
+        if n is not None and a.shape[0] != n:
+            raise InputError(f"{source}: {name!r} has {a.shape[0]} rows, {next(iter(specs))!r} has {n}")
+        n = a.shape[0]
+    for name in specs:
+        row = first_nonfinite_row(inputs[name])
+        if row is not None:
+            raise InputError(f"{source}: {name!r} holds a non-finite value (NaN or inf) in row {row}")
+    return int(n)
+
+
+def first_nonfinite_row(a: np.ndarray, chunk_bytes: int = CHECK_CHUNK_BYTES) -> int | None:
+    """Index of the first row of ``a`` with a NaN or inf, reading ``chunk_bytes`` at a time; ``None`` if none."""
+    row_bytes = max(1, a[:1].nbytes)
+    step = max(1, chunk_bytes // row_bytes)
+    for start in range(0, a.shape[0], step):
+        bad = ~np.isfinite(a[start : start + step]).reshape(min(step, a.shape[0] - start), -1).all(axis=1)
+        if bad.any():
+            return start + int(np.argmax(bad))
+    return None
+
+
+def batches(inputs: Mapping[str, np.ndarray], batch_size: int, dtypes: Mapping[str, str] | None = None,
+            depth: int = 2) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    """Yield ``(start, stop, feed)`` batches, prepared by a background thread ``depth`` batches ahead.
+
+    The worker slices each input and makes it a C-contiguous array of the graph's dtype (this is where the pages of
+    a memory-mapped bundle are read); NumPy copies without the GIL, so it overlaps with the runner's work.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    n = next(iter(inputs.values())).shape[0]
+    dtypes = dtypes or {}
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for start in range(0, n, batch_size):
+                stop_ = min(start + batch_size, n)
+                # A real copy even where the slice is already contiguous float32: reading the pages of a
+                # memory-mapped bundle is the work this thread exists to take off the runner's path.
+                feed = {k: np.array(v[start:stop_], dtype=dtypes.get(k, "float32"), order="C") for k, v in inputs.items()}
+                if not put((start, stop_, feed)):
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer, which re-raises it in the main thread
+            put(e)
+
+    worker = threading.Thread(target=work, name="deepspot-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the consumer stopped (finished, failed or interrupted): let the worker end
+        worker.join(timeout=5)
+
+
+def predict(runner: Runner, inputs: Mapping[str, np.ndarray], batch_size: int = 256, out: np.ndarray | None = None,
+            inverse_transform: bool = False, progress: bool = False) -> np.ndarray:
+    """Run ``runner`` over every item in batches; write into ``out`` (allocated if ``None``) and return it.
+
+    Inputs are not checked here (see :func:`check_inputs`); the runner checks each batch's names and ranks.
+    """
+    n = next(iter(inputs.values())).shape[0]
+    g = runner.info.output_size if runner.info else None
+    specs = runner.get_input_metadata()
+    dtypes = {k: specs[k].dtype for k in inputs if k in specs}
+    with _progress(progress, n) as bar:
+        for start, stop, feed in batches(inputs, batch_size, dtypes):
+            outputs = runner.infer(feed, check_inputs=start == 0)
+            y = outputs.get(OUTPUT_NAME, next(iter(outputs.values())))
+            if inverse_transform:
+                y = runner.info.inverse_transform(y)
+            if out is None:
+                out = np.empty((n, g or y.shape[1]), dtype=np.float32)
+            out[start:stop] = y
+            bar(stop - start)
+    return out
+
+
+class ItemsPerSecond(ProgressColumn):
+    """A rich progress column: items per second, from rich's own speed estimate."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} items/s", style="progress.data.speed")
+
+
+class _progress:
+    """Context manager yielding ``advance(k)``; a rich bar with items/s when enabled, a no-op otherwise."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda k: None
+        columns = (TextColumn("inference"), BarColumn(), MofNCompleteColumn(), ItemsPerSecond(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
+        self.bar = Progress(*columns, transient=True)
+        self.bar.__enter__()
+        task = self.bar.add_task("inference", total=self.total)
+        return lambda k: self.bar.update(task, advance=k)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)

@@ -1,0 +1,145 @@
+"""The ``torch`` backend: the PyTorch model itself, eager or compiled, on the CPU or CUDA.
+
+It is the reference that parity compares every other backend with, and a backend in its own right (``torch`` on
+the CPU, ``torch-cuda`` on a GPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import BackendUnavailableError, ConfigError
+from .base import OUTPUT_NAME, ModelInfo, Runner, TensorSpec
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+CASTS = ("auto", "autocast", "half")
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def load_model(model_or_path):
+    """A model in eval mode from a model or a checkpoint path (``.safetensors`` or a reference file)."""
+    if isinstance(model_or_path, (str, Path)):
+        from ..checkpoint import load
+
+        return load(model_or_path)
+    return model_or_path.eval()
+
+
+class TorchRunner(Runner):
+    """Runs a :class:`~deepspot.base.DeepSetModel` (or its export-ready module) with PyTorch.
+
+    Args:
+        model: A model or a checkpoint path.
+        device: ``cpu``, ``cuda`` or ``cuda:K``.
+        precision: ``fp32``, ``fp16`` or ``bf16``.
+        cast: How a reduced precision is applied: ``autocast`` (weights stay fp32, matrix products run in the low
+            precision), ``half`` (weights and inputs converted), or ``auto`` (``half`` on CUDA for fp16, else
+            ``autocast``).
+        compile: Wrap the module in ``torch.compile`` (dynamic shapes), compiled on the first call.
+        graph: ``eager`` runs the model as written (the reference); ``export`` runs the exporter's optimised module
+            (fused Phi ensemble, folded Rho), which is what the ONNX graphs compute.
+        name: Runner name in reports.
+    """
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        model,
+        device: str = "cpu",
+        precision: str = "fp32",
+        cast: str = "auto",
+        compile: bool = False,
+        graph: str = "eager",
+        name: str | None = None,
+    ):
+        if precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
+        if cast not in CASTS:
+            raise ConfigError(f"unknown cast {cast!r}; expected one of: {', '.join(CASTS)}")
+        if graph not in ("eager", "export"):
+            raise ConfigError(f"unknown graph {graph!r}; expected eager or export")
+        self.model = load_model(model)
+        source = str(model) if isinstance(model, (str, Path)) else ""
+        super().__init__(ModelInfo.from_model(self.model, source=source, precision=precision), name)
+        self._device = torch.device(device)
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                "the torch-cuda backend needs a CUDA GPU and a CUDA build of PyTorch; torch.cuda.is_available() is False"
+            )
+        self.backend = "torch-cuda" if self._device.type == "cuda" else "torch"
+        self.name = name or self.backend
+        self.precision = precision
+        self.cast = ("half" if self._device.type == "cuda" and precision == "fp16" else "autocast") if cast == "auto" else cast
+        self.compile = compile
+        self.graph = graph
+        self._module = None
+        self._specs = self.info.input_specs()
+        self._pinned: dict[str, torch.Tensor] = {}
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (OUTPUT_NAME,)
+
+    def get_input_metadata(self) -> dict[str, TensorSpec]:
+        return self._specs
+
+    def activate_impl(self) -> None:
+        if self.graph == "export":
+            from ..export import build_export_module
+
+            module = build_export_module(self.model)
+        else:
+            # A copy, so that moving or casting never changes the caller's model.
+            module = copy.deepcopy(self.model)
+        module = module.eval().to(self._device)
+        if self.precision != "fp32" and self.cast == "half":
+            module = module.to(_DTYPES[self.precision])
+        if self.compile:
+            module = torch.compile(module, dynamic=True)
+        self._module = module
+
+    def deactivate_impl(self) -> None:
+        self._module = None
+        self._pinned.clear()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _autocast(self):
+        if self.precision == "fp32" or self.cast != "autocast":
+            return contextlib.nullcontext()
+        return torch.autocast(self._device.type, dtype=_DTYPES[self.precision])
+
+    def _to_device(self, name: str, a: np.ndarray) -> torch.Tensor:
+        with warnings.catch_warnings():
+            # Feeds may be read-only views of a memory-mapped bundle; the model never writes to its inputs.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(a)
+        if self._device.type == "cuda":
+            # Page-locked staging buffer, reused between calls: the copy to the GPU can then run asynchronously.
+            buf = self._pinned.get(name)
+            if buf is None or buf.numel() < t.numel():
+                buf = self._pinned[name] = torch.empty(t.numel(), dtype=t.dtype, pin_memory=True)
+            staged = buf[: t.numel()].view(t.shape)
+            staged.copy_(t)
+            t = staged.to(self._device, non_blocking=True)
+        if self.precision != "fp32" and self.cast == "half":
+            t = t.to(_DTYPES[self.precision])
+        return t
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode(), self._autocast():
+            inputs = {name: self._to_device(name, a) for name, a in feed.items()}
+            y = self._module(**inputs)
+        # .cpu() waits for the GPU, so the pinned buffers are free again when this returns.
+        return {OUTPUT_NAME: y.float().cpu().numpy()}

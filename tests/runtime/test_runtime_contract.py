@@ -1,0 +1,79 @@
+"""The runner contract, run over every backend in the registry (GPU backends skip cleanly without a GPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deepspot.errors import InputError
+from deepspot.runtime import BACKENDS, Runner, RunnerOptions, load_runner
+from deepspot.runtime.parity import tolerance_for
+
+MARKS = {"torch-cuda": pytest.mark.gpu, "ort-cuda": pytest.mark.gpu, "ort-trt": [pytest.mark.gpu, pytest.mark.tensorrt],
+         "tensorrt": [pytest.mark.gpu, pytest.mark.tensorrt]}
+NEEDS = {"torch-cuda": "cuda", "ort-cuda": "ort-cuda", "ort-trt": "ort-trt", "tensorrt": "tensorrt"}
+BACKEND_PARAMS = [pytest.param(name, id=name, marks=MARKS.get(name, ())) for name in BACKENDS]
+
+
+def test_every_backend_is_covered_by_the_contract_test():
+    assert {p.values[0] for p in BACKEND_PARAMS} == set(BACKENDS)
+    assert {"torch", "torch-cuda", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"} <= set(BACKENDS)
+
+
+@pytest.fixture
+def runner_for(artifacts, require, tmp_path):
+    def build(backend: str, family: str = "spot", mode: str = "subspot_neighbors"):
+        if backend in NEEDS:
+            require(NEEDS[backend])
+        a = artifacts(family, mode)
+        source = a.checkpoint if BACKENDS[backend].runs == "model" else a.onnx
+        options = RunnerOptions(batch_size=16, bag_sizes={"subspot": 3, "neighbors": 4}, cache_dir=tmp_path)
+        return a, load_runner(source, backend, options)
+
+    return build
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_runner_contract(runner_for, eager, backend):
+    a, runner = runner_for(backend)
+    assert isinstance(runner, Runner) and not runner.is_active
+    assert runner.selection.backend == backend and not runner.selection.fell_back
+    feed = {k: v[:11] for k, v in a.inputs().items()}
+    with pytest.raises(RuntimeError, match="activate"):
+        runner.infer(feed)
+
+    with runner as active:
+        assert active is runner and runner.is_active
+        assert runner.input_names == a.model.mode.input_names
+        assert runner.output_names == ("expression",)
+        assert runner.device.startswith("cuda" if BACKENDS[backend].device == "cuda" else "cpu")
+        info = runner.info
+        assert (info.family, info.mode, info.input_size, info.output_size) == ("spot", "subspot_neighbors", 16, 5)
+        assert info.genes == a.model.genes and info.scaler is not None
+
+        out = runner.infer(feed)
+        assert set(out) == {"expression"}
+        y = out["expression"]
+        assert isinstance(y, np.ndarray) and y.dtype == np.float32 and y.shape == (11, 5)
+        expected = eager(a.model, feed)
+        tol = tolerance_for(info.precision)
+        assert np.abs(y - expected).max() <= tol.limit(np.abs(expected).max())
+
+        # A different batch size in the same session.
+        assert runner.infer({k: v[:3] for k, v in feed.items()})["expression"].shape == (3, 5)
+        with pytest.raises(InputError, match="missing input 'neighbors'"):
+            runner.infer({k: v for k, v in feed.items() if k != "neighbors"})
+        with pytest.raises(InputError, match="rank"):
+            runner.infer({**feed, "spot": feed["spot"][:, 0]})
+        assert runner.last_inference_time is not None and runner.last_inference_time >= 0
+    assert not runner.is_active
+    runner.deactivate()  # idempotent
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKEND_PARAMS if p.values[0] in ("torch", "ort-cpu")])
+def test_runner_takes_float64_and_non_contiguous_feeds(runner_for, eager, backend):
+    a, runner = runner_for(backend)
+    feed = {k: np.asfortranarray(v[:6].astype(np.float64)) for k, v in a.inputs().items()}
+    with runner:
+        y = runner.infer(feed)["expression"]
+    np.testing.assert_allclose(y, eager(a.model, feed), atol=1e-5)
