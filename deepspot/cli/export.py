@@ -1,0 +1,131 @@
+"""``deepspot export`` and ``deepspot info``: each maps its options onto one library call in :mod:`deepspot.export`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ..errors import ConfigError
+from ..export.exporter import DEFAULT_OPSET
+from .app import app, handle_errors
+
+
+def _untrained_model(
+    family: str,
+    mode: str | None,
+    input_size: int | None,
+    output_size: int | None,
+    phi2rho_size: int | None,
+    n_ensemble: int | None,
+    n_ensemble_phi: int | None,
+    n_ensemble_rho: int | None,
+    random_seed: int,
+    agg_neighbors: str | None,
+):
+    """A freshly initialised model from constructor arguments (for benchmarks: no checkpoint needed)."""
+    from ..factory import create_model
+    from ..modes import DEFAULT_MODE, check_family
+
+    check_family(family)
+    if input_size is None or output_size is None:
+        raise ConfigError("an untrained export needs --input-size and --output-size")
+    kwargs = dict(input_size=input_size, output_size=output_size, random_seed=random_seed)
+    optional = dict(
+        phi2rho_size=phi2rho_size, n_ensemble=n_ensemble, n_ensemble_phi=n_ensemble_phi, n_ensemble_rho=n_ensemble_rho
+    )
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    if agg_neighbors is not None:
+        if family != "cell":
+            raise ConfigError("--agg-neighbors applies to the cell family only")
+        kwargs["agg_neighbors"] = agg_neighbors
+    model = create_model(family, mode or DEFAULT_MODE[family], **kwargs)
+    return model.eval()
+
+
+@app.command("export")
+@handle_errors
+def export_command(
+    checkpoint: Path | None = typer.Argument(
+        None, help="Checkpoint to export (.safetensors, or a reference .pkl/.ckpt). Leave out with --family."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="The .onnx file to write."),
+    mode: str | None = typer.Option(None, "--mode", "-m", help="Forward mode; default and only choice: the model's."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 (weights and compute)."),
+    io: str | None = typer.Option(None, "--io", help="Dtype of inputs and output: fp32 (default) or fp16."),
+    optimize: bool = typer.Option(True, "--optimize/--no-optimize", help="Fuse Phi, fold Rho, drop dropout."),
+    fold_scaler: bool = typer.Option(False, "--fold-scaler", help="Output expression on the original scale."),
+    opset: int = typer.Option(DEFAULT_OPSET, "--opset", help="ONNX opset, 17 to 20."),
+    validate: bool = typer.Option(True, "--validate/--no-validate", help="Check parity in onnxruntime (CPU)."),
+    family: str | None = typer.Option(None, "--family", help="Export an untrained model of this family."),
+    input_size: int | None = typer.Option(None, "--input-size", help="Untrained: features per tile."),
+    output_size: int | None = typer.Option(None, "--output-size", help="Untrained: number of genes."),
+    phi2rho_size: int | None = typer.Option(None, "--phi2rho-size", help="Untrained: Phi embedding width."),
+    n_ensemble: int | None = typer.Option(None, "--n-ensemble", help="Untrained: ensemble size."),
+    n_ensemble_phi: int | None = typer.Option(None, "--n-ensemble-phi", help="Untrained: Phi ensemble size."),
+    n_ensemble_rho: int | None = typer.Option(None, "--n-ensemble-rho", help="Untrained: Rho ensemble size."),
+    random_seed: int = typer.Option(2024, "--random-seed", help="Untrained: seed of the initial weights."),
+    agg_neighbors: str | None = typer.Option(None, "--agg-neighbors", help="Untrained cell: max, mean or sum."),
+) -> None:
+    """Export a model in one forward mode to a validated ONNX file."""
+    from ..export import export_onnx
+
+    if (checkpoint is None) == (family is None):
+        raise ConfigError("give either a CHECKPOINT or --family (with --input-size and --output-size), not both")
+    if checkpoint is not None:
+        source = checkpoint
+    else:
+        source = _untrained_model(
+            family,
+            mode,
+            input_size,
+            output_size,
+            phi2rho_size,
+            n_ensemble,
+            n_ensemble_phi,
+            n_ensemble_rho,
+            random_seed,
+            agg_neighbors,
+        )
+    result = export_onnx(
+        source,
+        output,
+        mode=mode,
+        precision=precision,
+        io_dtype=io,
+        optimize=optimize,
+        fold_scaler=fold_scaler,
+        opset=opset,
+        validate=validate,
+    )
+    typer.echo(result.summary())
+    if result.validation is None:
+        typer.echo("validation: skipped (--no-validate)")
+    else:
+        typer.echo(result.validation.table())
+        typer.echo(result.validation.summary())
+
+
+@app.command("info")
+@handle_errors
+def info_command(
+    model: Path = typer.Argument(..., help="An ONNX file."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
+    """Print an ONNX model's inputs and outputs with their dynamic axes, and its deepspot metadata."""
+    from ..export import model_info
+
+    info = model_info(model)
+    if as_json:
+        payload = {
+            "path": str(info.path),
+            "opset": info.opset,
+            "producer": info.producer,
+            "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in info.inputs],
+            "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in info.outputs],
+            "metadata": info.metadata,
+        }
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        typer.echo(info.format())

@@ -1,0 +1,204 @@
+"""``deepspot export`` and ``deepspot info`` through typer's CliRunner: success, refusals with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deepspot import checkpoint
+from deepspot.cli import app
+from deepspot.export import exporter as exporter_module
+from deepspot.export import read_model_metadata
+
+runner = CliRunner()
+
+
+def _leftovers(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture
+def saved(make_model, tmp_path):
+    """A tiny spot/neighbors checkpoint in its own folder."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    return checkpoint.save(make_model("spot", "neighbors"), folder / "model.safetensors")
+
+
+def test_export_and_info(saved, tmp_path):
+    output = tmp_path / "model.onnx"
+    result = runner.invoke(app, ["export", str(saved), "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "spot/neighbors" in result.output
+    assert "validation on CPUExecutionProvider passed" in result.output
+    meta = read_model_metadata(output)
+    assert meta["mode"] == "neighbors" and meta["source_sha256"] == checkpoint.file_hash(saved)
+
+    info = runner.invoke(app, ["info", str(output)])
+    assert info.exit_code == 0, info.output
+    assert "spot: float32 (batch, 1, 16)  dynamic axes: 0: batch" in info.output
+    assert "neighbors: float32 (batch, n_neighbors, 16)  dynamic axes: 0: batch, 1: n_neighbors" in info.output
+    assert "expression: float32 (batch, 5)" in info.output
+    assert "mode: neighbors" in info.output and "precision: fp32" in info.output
+
+    as_json = runner.invoke(app, ["info", str(output), "--json"])
+    payload = json.loads(as_json.output)
+    assert payload["inputs"][1]["shape"] == ["batch", "n_neighbors", 16]
+    assert payload["metadata"]["family"] == "spot"
+
+
+def test_export_options_reach_the_graph(saved, tmp_path):
+    output = tmp_path / "model.onnx"
+    args = [
+        "export",
+        str(saved),
+        "-o",
+        str(output),
+        "--mode",
+        "spot_neighbors",
+        "--precision",
+        "fp16",
+        "--io",
+        "fp16",
+        "--no-optimize",
+        "--fold-scaler",
+        "--opset",
+        "18",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    meta = read_model_metadata(output)
+    assert (meta["precision"], meta["io_dtype"], meta["optimize"], meta["scaler_folded"], meta["opset"]) == (
+        "fp16",
+        "fp16",
+        False,
+        True,
+        18,
+    )
+
+
+def test_untrained_export_from_constructor_arguments(tmp_path):
+    output = tmp_path / "model.onnx"
+    args = [
+        "export",
+        "--family",
+        "spot",
+        "--mode",
+        "subspot_neighbors",
+        "--input-size",
+        "16",
+        "--output-size",
+        "5",
+        "--phi2rho-size",
+        "8",
+        "--n-ensemble",
+        "3",
+        "--random-seed",
+        "0",
+        "-o",
+        str(output),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    meta = read_model_metadata(output)
+    assert meta["config"]["random_seed"] == 0 and meta["config"]["n_ensemble"] == 3
+    assert meta["mode"] == "subspot_neighbors" and meta["source"] == "in-memory"
+
+
+def test_wrong_mode_is_refused_naming_the_checkpoints_mode(saved, tmp_path):
+    output = tmp_path / "model.onnx"
+    result = runner.invoke(app, ["export", str(saved), "--mode", "subspot", "-o", str(output)])
+    assert result.exit_code == 2
+    assert "mode 'neighbors'" in result.output and "Traceback" not in result.output
+    assert _leftovers(tmp_path) == ["ckpt"]
+
+
+def test_missing_checkpoint(tmp_path):
+    result = runner.invoke(app, ["export", str(tmp_path / "absent.safetensors"), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2
+    assert "no such checkpoint" in result.output
+    assert _leftovers(tmp_path) == []
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(np.random.default_rng(0).bytes(1000))
+    result = runner.invoke(app, ["export", str(bad), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2
+    assert "bad.safetensors" in result.output and "Traceback" not in result.output
+    assert _leftovers(tmp_path) == ["bad.safetensors"]
+
+
+def test_unwritable_output_folder(saved, tmp_path, monkeypatch):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        if os.access(folder, os.W_OK):
+            # Running as root, permissions do not stop writing: make the folder look unwritable to the exporter.
+            real_access = os.access
+            monkeypatch.setattr(
+                exporter_module.os, "access", lambda p, mode: False if str(p) == str(folder) else real_access(p, mode)
+            )
+        result = runner.invoke(app, ["export", str(saved), "-o", str(folder / "m.onnx")])
+        assert result.exit_code == 2
+        assert "not writable" in result.output
+        assert _leftovers(folder) == []
+    finally:
+        folder.chmod(0o700)
+
+
+def test_missing_output_folder(saved, tmp_path):
+    result = runner.invoke(app, ["export", str(saved), "-o", str(tmp_path / "no" / "m.onnx")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--precision", "fp64"], "unknown precision"),
+        (["--mode", "cells"], "unknown spot mode"),
+        (["--family", "spot", "--input-size", "4", "--output-size", "2"], "not both"),
+    ],
+)
+def test_bad_options_exit_2(saved, tmp_path, extra, message):
+    result = runner.invoke(app, ["export", str(saved), "-o", str(tmp_path / "m.onnx"), *extra])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_untrained_export_needs_sizes(tmp_path):
+    result = runner.invoke(app, ["export", "--family", "cell", "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and "--input-size and --output-size" in result.output
+
+
+def test_fold_scaler_without_scaler_exits_2(tmp_path):
+    args = [
+        "export",
+        "--family",
+        "cell",
+        "--input-size",
+        "8",
+        "--output-size",
+        "3",
+        "--phi2rho-size",
+        "4",
+        "--fold-scaler",
+        "-o",
+        str(tmp_path / "m.onnx"),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "no scaler" in result.output
+    assert _leftovers(tmp_path) == []
+
+
+def test_info_on_missing_and_corrupt_files(tmp_path):
+    result = runner.invoke(app, ["info", str(tmp_path / "absent.onnx")])
+    assert result.exit_code == 2 and "no such ONNX file" in result.output
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage" * 100)
+    result = runner.invoke(app, ["info", str(bad)])
+    assert result.exit_code == 2 and "not a readable ONNX model" in result.output
