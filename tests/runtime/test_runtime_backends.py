@@ -1,0 +1,144 @@
+"""Backend registry, selection and the fallback rule, provider options and cache folders: all on the CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from deepspot.errors import BackendUnavailableError, CheckpointError, ConfigError
+from deepspot.runtime import BACKENDS, FallbackWarning, Probe, RunnerOptions, load_runner, select_backend
+from deepspot.runtime.backends import ort_trt_cache_dir, unavailable_reason
+from deepspot.runtime.ort import (
+    CPU,
+    CUDA,
+    TRT,
+    cuda_provider_options,
+    physical_cores,
+    session_from_onnx,
+    trt_provider_options,
+)
+from deepspot.runtime.profiles import derive_profile
+
+CPU_ONLY = Probe(providers=(CPU,), cuda=False, tensorrt=False)
+FULL_GPU = Probe(providers=(TRT, CUDA, CPU), cuda=True, tensorrt=True)
+
+
+def test_every_backend_has_an_install_hint_and_a_fallback_chain_that_ends_on_the_cpu():
+    for name, backend in BACKENDS.items():
+        assert backend.install and backend.needs
+        chain, current = [name], backend.fallback
+        while current is not None:
+            chain.append(current)
+            current = BACKENDS[current].fallback
+        assert BACKENDS[chain[-1]].device == "cpu", chain
+
+
+@pytest.mark.parametrize(
+    ("backend", "hint"),
+    [("ort-cuda", "pip install 'deepspot[gpu]'"), ("ort-trt", "deepspot[gpu,tensorrt]"),
+     ("tensorrt", "pip install 'deepspot[tensorrt]'"), ("torch-cuda", "CUDA build of PyTorch")],
+)
+def test_missing_backend_is_an_error_that_says_what_to_install(backend, hint):
+    with pytest.raises(BackendUnavailableError) as e:
+        select_backend(backend, probe=CPU_ONLY)
+    assert hint in str(e.value) and "--allow-fallback" in str(e.value)
+
+
+def test_no_silent_fallback_but_an_announced_one_when_allowed(caplog):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing may be swallowed quietly: the strict path raises, it does not warn
+        with pytest.raises(BackendUnavailableError):
+            select_backend("ort-cuda", probe=CPU_ONLY)
+    with caplog.at_level("INFO", logger="deepspot.runtime"), pytest.warns(FallbackWarning, match="'ort-cuda' to 'ort-cpu'"):
+        selection = select_backend("ort-cuda", allow_fallback=True, probe=CPU_ONLY)
+    assert selection.backend == "ort-cpu" and selection.fell_back and "CUDAExecutionProvider" in selection.reasons[0]
+    assert "falling back" in caplog.text
+    with pytest.warns(FallbackWarning):
+        assert select_backend("tensorrt", allow_fallback=True, probe=CPU_ONLY).backend == "ort-cpu"
+    with pytest.warns(FallbackWarning):
+        assert select_backend("torch-cuda", allow_fallback=True, probe=CPU_ONLY).backend == "torch"
+
+
+def test_available_backend_is_chosen_as_asked():
+    for name in BACKENDS:
+        assert select_backend(name, probe=FULL_GPU) == select_backend(name, allow_fallback=True, probe=FULL_GPU)
+        assert select_backend(name, probe=FULL_GPU).backend == name
+    assert unavailable_reason("ort-cpu", CPU_ONLY) is None
+    assert "tensorrt package" in unavailable_reason("tensorrt", Probe((TRT, CUDA, CPU), True, False))
+
+
+def test_a_plan_cannot_fall_back():
+    with pytest.raises(BackendUnavailableError, match="tensorrt"):
+        select_backend("tensorrt", allow_fallback=True, probe=CPU_ONLY, kind="plan")
+
+
+def test_on_this_machine_ort_cuda_fails_cleanly_or_falls_back_when_allowed(artifacts):
+    a = artifacts()
+    if CUDA in Probe.detect().providers:
+        pytest.skip("this machine has the CUDA provider")
+    with pytest.raises(BackendUnavailableError, match=r"deepspot\[gpu\]"):
+        load_runner(a.onnx, "ort-cuda")
+    with pytest.warns(FallbackWarning):
+        runner = load_runner(a.onnx, "ort-cuda", allow_fallback=True)
+    assert runner.backend == "ort-cpu" and runner.selection.requested == "ort-cuda"
+    with pytest.raises(BackendUnavailableError, match="CUDAExecutionProvider"):
+        session_from_onnx(a.onnx, [CUDA])
+
+
+def test_load_runner_matches_backend_to_file_type(artifacts, tmp_path):
+    a = artifacts()
+    assert load_runner(a.onnx).backend == "ort-cpu"
+    assert load_runner(a.checkpoint).backend == "torch"
+    assert load_runner(a.model).backend == "torch"
+    with pytest.raises(ConfigError, match="runs a checkpoint"):
+        load_runner(a.onnx, "torch")
+    with pytest.raises(ConfigError, match="runs an ONNX file"):
+        load_runner(a.checkpoint, "ort-cpu")
+    with pytest.raises(ConfigError, match="unknown backend 'onnx'"):
+        load_runner(a.onnx, "onnx")
+    with pytest.raises(CheckpointError, match="unknown model file type"):
+        load_runner(tmp_path / "model.txt")
+    with pytest.raises(ConfigError, match="exported at fp32"):
+        load_runner(a.onnx, "ort-cpu", RunnerOptions(precision="fp16"))
+    (tmp_path / "broken.onnx").write_bytes(b"not a graph")
+    with pytest.raises(CheckpointError, match="not a readable ONNX model"):
+        load_runner(tmp_path / "broken.onnx")
+
+
+def test_provider_options():
+    assert cuda_provider_options(1, cuda_graph=True) == {"device_id": "1", "enable_cuda_graph": "1"}
+    profile = derive_profile(load_specs(), 64, {"subspot": 9, "neighbors": 6})
+    options = trt_provider_options("/cache", profile, fp16=True, device_id=2)
+    assert options["trt_engine_cache_enable"] == "True" and options["trt_engine_cache_path"] == "/cache"
+    assert options["trt_timing_cache_enable"] == "True" and options["trt_timing_cache_path"] == "/cache"
+    assert options["trt_fp16_enable"] == "True" and options["device_id"] == "2"
+    assert options["trt_profile_min_shapes"] == "spot:1x1x16,subspot:1x9x16,neighbors:1x6x16"
+    assert options["trt_profile_max_shapes"] == "spot:64x1x16,subspot:64x9x16,neighbors:64x6x16"
+    assert trt_provider_options("/c")["trt_fp16_enable"] == "False" and "trt_profile_min_shapes" not in trt_provider_options("/c")
+
+
+def load_specs():
+    from deepspot.runtime.base import TensorSpec
+
+    return {"spot": TensorSpec("spot", ("batch", 1, 16)), "subspot": TensorSpec("subspot", ("batch", "n_subspot", 16)),
+            "neighbors": TensorSpec("neighbors", ("batch", "n_neighbors", 16))}
+
+
+def test_ort_trt_cache_folder_depends_on_graph_profile_and_precision(artifacts, tmp_path):
+    a, b = artifacts(), artifacts("cell", "neighbors")
+    specs = load_specs()
+    options = RunnerOptions(batch_size=64, bag_sizes={"subspot": 9, "neighbors": 6}, cache_dir=tmp_path)
+    first = ort_trt_cache_dir(a.onnx, specs, "fp32", options)
+    assert first.is_dir() and first.parent == tmp_path / "ort-trt" and first.name.startswith("model-")
+    assert ort_trt_cache_dir(a.onnx, specs, "fp32", options) == first  # stable
+    assert ort_trt_cache_dir(a.onnx, specs, "fp16", options) != first
+    assert ort_trt_cache_dir(b.onnx, specs, "fp32", options) != first
+    other = RunnerOptions(batch_size=128, bag_sizes=options.bag_sizes, cache_dir=tmp_path)
+    assert ort_trt_cache_dir(a.onnx, specs, "fp32", other) != first
+
+
+def test_physical_cores_and_session_threads(artifacts):
+    assert 1 <= physical_cores() <= (__import__("os").cpu_count() or 1)
+    session = session_from_onnx(artifacts().onnx, [CPU], threads=1)
+    assert session.get_providers() == [CPU]

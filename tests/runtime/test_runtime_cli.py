@@ -1,0 +1,132 @@
+"""``deepspot infer | parity | bench | engine | quickstart`` as a user runs them; mistakes exit 2 with one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deepspot import checkpoint
+from deepspot.cli import app
+
+cli = CliRunner()
+
+
+def run(*args: str):
+    return cli.invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_infer_writes_predictions(artifacts, eager, tmp_path):
+    a = artifacts()
+    result = run("infer", a.onnx, "--input", a.bundle, "--output", tmp_path / "p.npz", "--batch-size", 10, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "37 x 5 predictions on ort-cpu" in result.output and "items/s" in result.output
+    with np.load(tmp_path / "p.npz") as z:
+        np.testing.assert_allclose(z["predictions"], eager(a.model, a.inputs()), atol=1e-5)
+    result = run("infer", a.checkpoint, "-i", a.bundle, "-o", tmp_path / "p.npy", "--inverse-transform")
+    assert result.exit_code == 0 and "on torch" in result.output
+
+
+def test_infer_mistakes_exit_2_with_one_line(artifacts, tmp_path):
+    a = artifacts()
+    one_line_error(run("infer", a.onnx, "-i", tmp_path / "nope.npz", "-o", tmp_path / "p.npy"), "no such bundle")
+    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.csv"), "unknown output type")
+    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "gpu"), "unknown backend")
+    one_line_error(run("infer", tmp_path / "missing.onnx", "-i", a.bundle, "-o", tmp_path / "p.npy"), "missing.onnx")
+    one_line_error(run("infer", a.onnx, "-i", artifacts("cell", "neighbors").bundle, "-o", tmp_path / "p.npy"),
+                   "spot model")
+    if importlib.util.find_spec("tensorrt") is None:
+        one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "tensorrt"),
+                       "pip install 'deepspot[tensorrt]'")
+    assert not (tmp_path / "p.npy").exists()
+
+
+def test_unavailable_gpu_backend_exits_2_or_falls_back_with_a_warning(artifacts, tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has the CUDA provider")
+    a = artifacts()
+    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "ort-cuda"),
+                   "pip install 'deepspot[gpu]'", "--allow-fallback")
+    result = run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "ort-cuda", "--allow-fallback",
+                 "--no-progress")
+    assert result.exit_code == 0
+    assert "Warning: falling back from 'ort-cuda' to 'ort-cpu'" in result.output and "on ort-cpu" in result.output
+
+
+def test_parity_passes_prints_a_table_and_writes_a_report(artifacts, tmp_path):
+    a = artifacts()
+    result = run("parity", a.checkpoint, a.onnx, "--input", a.bundle, "--report", tmp_path / "parity.json")
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output and "max abs err" in result.output
+    report = json.loads((tmp_path / "parity.json").read_text())
+    assert report["passed"] and report["backend"] == "ort-cpu" and report["n"] == 37
+
+
+def test_parity_failure_exits_1(artifacts, make_model, tmp_path):
+    a = artifacts()
+    other = checkpoint.save(make_model("spot", "subspot_neighbors", seed=3), tmp_path / "other.safetensors")
+    result = run("parity", other, a.onnx, "--random", 16, "--report", tmp_path / "parity.json")
+    assert result.exit_code == 1 and "FAIL" in result.output
+    assert json.loads((tmp_path / "parity.json").read_text())["passed"] is False
+    assert run("parity", a.checkpoint, a.onnx, "--atol", 0, "--rtol", 0).exit_code == 1
+    one_line_error(run("parity", a.checkpoint, a.onnx, "--input", a.bundle, "--random", 5), "either --input or --random")
+    one_line_error(run("parity", artifacts("cell", "neighbors").checkpoint, a.onnx), "cell/neighbors")
+
+
+def test_bench_quick_with_json(tmp_path):
+    result = run("bench", "--workload", "visium-uni", "--backends", "torch,ort-cpu", "--quick", "--repeats", 2,
+                 "--warmup", 1, "--json", tmp_path / "bench.json")
+    assert result.exit_code == 0, result.output
+    assert "x torch" in result.output and "GEMM fp32" in result.output
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["backend"] for r in report["results"]] == ["torch", "ort-cpu"]
+    assert all(r["ratio_to_torch"] > 0 for r in report["results"])
+    one_line_error(run("bench", "--workload", "xenium-slide"), "indexed layout")
+    one_line_error(run("bench", "--backends", "torch,nope", "--quick"), "unknown backend 'nope'")
+
+
+def test_engine_build_without_tensorrt_exits_2_with_the_install_hint(artifacts, tmp_path):
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed here")
+    result = run("engine", "build", artifacts().onnx, "-o", tmp_path / "m.plan", "--fp16", "--max-batch", 512)
+    one_line_error(result, "pip install 'deepspot[tensorrt]'")
+    assert not (tmp_path / "m.plan").exists()
+
+
+def test_engine_info_reads_the_header_without_tensorrt(tmp_path):
+    from deepspot.runtime.trt import write_plan
+
+    write_plan(tmp_path / "m.plan", b"x", {"gpu": "NVIDIA H200", "tensorrt_version": "10.3", "profile": {},
+                                             "model": {"family": "spot", "mode": "neighbors", "genes": ["a"]}})
+    result = run("engine", "info", tmp_path / "m.plan")
+    assert result.exit_code == 0
+    info = json.loads(result.output)
+    assert info["gpu"] == "NVIDIA H200" and info["model"] == {"family": "spot", "mode": "neighbors"}
+    one_line_error(run("engine", "info", tmp_path / "none.plan"), "no such engine file")
+
+
+@pytest.mark.slow
+def test_quickstart_runs_the_whole_path(tmp_path):
+    result = run("quickstart", "--workdir", tmp_path / "qs")
+    assert result.exit_code == 0, result.output
+    for step in ("synth", "train", "export", "infer", "parity", "bench"):
+        assert step in result.output
+    assert "FAILED" not in result.output
+    names = {p.name for p in (tmp_path / "qs").iterdir()}
+    assert {"train.npz", "test.npz", "model.safetensors", "model.onnx", "predictions.npz", "parity.json",
+            "bench.json"} <= names
+    assert json.loads((tmp_path / "qs" / "parity.json").read_text())["passed"]

@@ -1,0 +1,104 @@
+"""Parity reports: pass for onnxruntime fp32, fail (with the measured error and the limit) when something is off."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from deepspot import checkpoint
+from deepspot.errors import ConfigError
+from deepspot.runtime import TOLERANCES, check_parity, compare, load_runner
+from deepspot.runtime.parity import Tolerance, output_parity, pearson_per_column, random_inputs, tolerance_for
+
+
+def test_tolerance_table_is_data_for_every_precision():
+    assert set(TOLERANCES) == {"fp32", "fp16", "bf16"}
+    assert TOLERANCES["fp32"].atol < TOLERANCES["fp16"].atol < TOLERANCES["bf16"].atol
+    assert TOLERANCES["fp32"].min_pearson > TOLERANCES["fp16"].min_pearson > TOLERANCES["bf16"].min_pearson
+    assert tolerance_for("fp16", atol=0.5) == Tolerance(0.5, TOLERANCES["fp16"].rtol, TOLERANCES["fp16"].min_pearson)
+    with pytest.raises(ConfigError, match="no tolerance for precision 'int8'"):
+        tolerance_for("int8")
+
+
+@pytest.mark.parametrize(("family", "mode"), [("spot", "subspot_neighbors"), ("cell", "neighbors")])
+def test_ort_cpu_fp32_passes_on_a_bundle_and_on_random_inputs(artifacts, tmp_path, family, mode):
+    a = artifacts(family, mode)
+    report = check_parity(a.checkpoint, a.onnx, "ort-cpu", bundle=a.bundle, batch_size=16)
+    assert report.passed and report.n == 37 and report.precision == "fp32"
+    (o,) = report.outputs
+    assert o.name == "expression" and o.shape == (37, 5)
+    assert 0 <= o.mean_abs <= o.max_abs <= o.limit and o.min_pearson > 0.99999 and o.worst_gene in range(5)
+    report = check_parity(a.checkpoint, a.onnx, n_random=20)
+    assert report.passed and report.n == 20
+    path = report.save(tmp_path / "parity.json")
+    saved = json.loads(path.read_text())
+    assert saved["passed"] is True and saved["outputs"][0]["tolerance"]["atol"] == TOLERANCES["fp32"].atol
+
+
+def test_torch_variants_pass_against_the_reference(artifacts):
+    a = artifacts()
+    assert check_parity(a.checkpoint, a.checkpoint, "torch", n_random=16).passed
+
+
+def test_a_different_checkpoint_fails(artifacts, make_model, tmp_path):
+    a = artifacts()
+    other = checkpoint.save(make_model("spot", "subspot_neighbors", seed=7), tmp_path / "other.safetensors")
+    report = check_parity(other, a.onnx, n_random=16)
+    assert not report.passed
+    (o,) = report.outputs
+    assert o.max_abs > o.limit and "FAIL" in o.describe() and f"limit {o.limit:.3g}" in o.describe()
+
+
+def test_a_corrupted_graph_fails(artifacts, tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    a = artifacts()
+    graph = onnx.load(str(a.onnx))
+    biggest = max(graph.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    values = numpy_helper.to_array(biggest).copy()
+    values.flat[::7] += 0.05  # a few weights nudged, as a bit flip or a wrong conversion would
+    biggest.CopyFrom(numpy_helper.from_array(values, biggest.name))
+    onnx.save(graph, str(tmp_path / "corrupt.onnx"))
+    assert not check_parity(a.checkpoint, tmp_path / "corrupt.onnx", n_random=32).passed
+
+
+def test_too_tight_a_tolerance_fails(artifacts):
+    a = artifacts()
+    report = check_parity(a.checkpoint, a.onnx, n_random=32, atol=0.0, rtol=0.0)
+    assert report.outputs[0].max_abs > 0 and not report.passed
+
+
+def test_a_model_of_another_mode_is_refused(artifacts):
+    with pytest.raises(ConfigError, match="spot/subspot_neighbors .* but .* cell/neighbors"):
+        check_parity(artifacts("cell", "neighbors").checkpoint, artifacts().onnx, n_random=4)
+
+
+def test_nan_never_passes_and_shape_mismatch_fails():
+    ref = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
+    bad = ref.copy()
+    bad[4, 1] = np.nan
+    assert not output_parity("y", bad, ref, TOLERANCES["fp32"]).passed
+    assert not output_parity("y", ref[:, :2], ref, TOLERANCES["fp32"]).passed
+    assert output_parity("y", ref, ref, TOLERANCES["fp32"]).passed
+
+
+def test_pearson_per_gene_matches_numpy():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(50, 4)), rng.normal(size=(50, 4))
+    b[:, 3] = 2.0  # a constant reference gene has no correlation: NaN, not a failure
+    r = pearson_per_column(a, b)
+    for j in range(3):
+        assert r[j] == pytest.approx(np.corrcoef(a[:, j], b[:, j])[0, 1])
+    assert np.isnan(r[3])
+
+
+def test_compare_with_a_list_of_feeds(artifacts):
+    a = artifacts()
+    inputs = random_inputs(load_runner(a.checkpoint).info, 12, {"subspot": 3, "neighbors": 4}, seed=3)
+    assert (inputs["neighbors"][0, -1] == 0).all()  # the reference's zero padding is part of the inputs
+    feeds = [{k: v[:5] for k, v in inputs.items()}, {k: v[5:] for k, v in inputs.items()}]
+    report = compare(load_runner(a.checkpoint), load_runner(a.onnx), feeds)
+    assert report.passed and report.n == 12 and "PASS" in report.summary()

@@ -1,0 +1,175 @@
+"""Streaming batch inference: equal to the model for every mode, input checks, atomic outputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+
+import numpy as np
+import pytest
+
+from deepspot.data import save_bundle
+from deepspot.errors import ConfigError, DeepSpotError, InputError
+from deepspot.modes import MODES
+from deepspot.runtime import check_inputs, infer, load_runner
+from deepspot.runtime.base import ModelInfo
+from deepspot.runtime.stream import batches, first_nonfinite_row, predict
+
+ALL_MODES = [pytest.param(m.family, m.name, id=m.key) for m in MODES]
+
+
+@pytest.mark.parametrize(("family", "mode"), ALL_MODES)
+@pytest.mark.parametrize("backend", ["torch", "ort-cpu"])
+def test_streamed_predictions_equal_the_model_across_batch_boundaries(artifacts, eager, tmp_path, family, mode, backend):
+    a = artifacts(family, mode, n=37)  # 37 = 4 full batches of 8 and a short one
+    model_file = a.checkpoint if backend == "torch" else a.onnx
+    result = infer(model_file, a.bundle, tmp_path / "p.npy", backend, batch_size=8)
+    got = np.load(tmp_path / "p.npy")
+    expected = eager(a.model, a.inputs())
+    assert got.shape == (37, 5) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * (1 + np.abs(expected).max()))
+    assert (result.n, result.genes, result.backend, result.batch_size) == (37, 5, backend, 8)
+    assert result.items_per_s > 0 and not result.inverse_transform
+
+
+def test_inverse_transform_uses_the_model_scaler(artifacts, eager, tmp_path):
+    a = artifacts()
+    infer(a.onnx, a.bundle, tmp_path / "p.npy", inverse_transform=True, batch_size=16)
+    expected = a.model.scaler.inverse_transform(eager(a.model, a.inputs()))
+    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_npz_output_carries_barcodes_and_genes(artifacts, tmp_path):
+    a = artifacts("cell", "neighbors")
+    infer(a.onnx, a.bundle, tmp_path / "p.npz", batch_size=10)
+    with np.load(tmp_path / "p.npz") as z:  # plain np.load, no pickles
+        assert sorted(z.files) == ["barcodes", "genes", "predictions"]
+        assert z["predictions"].shape == (37, 5)
+        assert list(z["barcodes"]) == list(a.arrays["barcode"]) and list(z["genes"]) == a.model.genes
+
+
+@pytest.mark.skipif(importlib.util.find_spec("anndata") is None, reason="needs anndata (pip install 'deepspot[anndata]')")
+def test_h5ad_output(artifacts, tmp_path):
+    import anndata
+
+    a = artifacts()
+    infer(a.checkpoint, a.bundle, tmp_path / "p.h5ad", batch_size=16)
+    adata = anndata.read_h5ad(tmp_path / "p.h5ad")
+    assert adata.shape == (37, 5) and list(adata.var_names) == a.model.genes
+    assert list(adata.obs_names) == list(a.arrays["barcode"])
+
+
+def test_failed_run_leaves_no_output(artifacts, tmp_path, monkeypatch):
+    a = artifacts()
+    from deepspot.runtime.ort import OrtRunner
+
+    calls = {"n": 0}
+    original = OrtRunner.infer_impl
+
+    def fail_on_third_batch(self, feed):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as Ctrl-C would, mid-run
+        return original(self, feed)
+
+    monkeypatch.setattr(OrtRunner, "infer_impl", fail_on_third_batch)
+    for name in ("p.npy", "p.npz"):
+        calls["n"] = 0
+        with pytest.raises(KeyboardInterrupt):
+            infer(a.onnx, a.bundle, tmp_path / name, batch_size=8)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary file
+    (tmp_path / "old.npy").write_bytes(b"previous result")
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        infer(a.onnx, a.bundle, tmp_path / "old.npy", batch_size=8)
+    assert (tmp_path / "old.npy").read_bytes() == b"previous result"  # an earlier file is left as it was
+
+
+def test_input_checks_name_rank_feature_size_and_finite_values(artifacts):
+    a = artifacts()
+    info = ModelInfo.from_model(a.model)
+    good = {k: np.array(v) for k, v in a.inputs().items()}
+    assert check_inputs(good, info) == 37
+    with pytest.raises(InputError, match="missing input 'subspot'"):
+        check_inputs({k: v for k, v in good.items() if k != "subspot"}, info)
+    with pytest.raises(InputError, match="unexpected input 'cell'"):
+        check_inputs({**good, "cell": good["spot"]}, info)
+    with pytest.raises(InputError, match=r"'neighbors' must have shape \(N, T, D\)"):
+        check_inputs({**good, "neighbors": good["neighbors"][:, 0]}, info)
+    with pytest.raises(InputError, match="has 15 features, the model expects 16"):
+        check_inputs({**good, "subspot": good["subspot"][..., :15]}, info)
+    with pytest.raises(InputError, match="has 36 rows"):
+        check_inputs({**good, "subspot": good["subspot"][:36]}, info)
+    bad = good["neighbors"].copy()
+    bad[23, 2, 5] = np.nan
+    with pytest.raises(InputError, match="'neighbors' holds a non-finite value .* in row 23"):
+        check_inputs({**good, "neighbors": bad}, info)
+    bad[23, 2, 5] = 0
+    bad[30, 0, 0] = -np.inf
+    with pytest.raises(InputError, match="row 30"):
+        check_inputs({**good, "neighbors": bad}, info)
+
+
+def test_nonfinite_rows_are_found_chunk_by_chunk():
+    a = np.zeros((1000, 3, 4), dtype=np.float32)
+    assert first_nonfinite_row(a, chunk_bytes=100) is None
+    a[997, 1, 2] = np.inf
+    a[998] = np.nan
+    assert first_nonfinite_row(a, chunk_bytes=100) == 997  # chunks of 2 rows: the last chunk is found
+    assert first_nonfinite_row(a) == 997
+
+
+def test_bad_bundles_are_refused_before_anything_runs(artifacts, tmp_path):
+    a = artifacts()
+    arrays = dict(a.arrays)
+    arrays["subspot"] = arrays["subspot"].copy()
+    arrays["subspot"][11, 0, 0] = np.nan
+    save_bundle(tmp_path / "nan.npz", arrays)
+    with pytest.raises(InputError, match="'subspot' holds a non-finite value .* in row 11"):
+        infer(a.onnx, tmp_path / "nan.npz", tmp_path / "out.npy")
+    save_bundle(tmp_path / "narrow.npz", {**a.arrays, "spot": a.arrays["spot"][:, :8]})
+    with pytest.raises(InputError, match="features, the model expects 16"):
+        infer(a.onnx, tmp_path / "narrow.npz", tmp_path / "out.npy")
+    cell = artifacts("cell", "neighbors")
+    with pytest.raises(InputError, match="holds 'cell' features, but the model is a spot model"):
+        infer(a.onnx, cell.bundle, tmp_path / "out.npy")
+    index = {k: v for k, v in a.arrays.items() if k != "neighbors"}
+    index["neighbor_index"] = np.zeros((37, 4), dtype=np.int64)
+    save_bundle(tmp_path / "indexed.npz", index)
+    with pytest.raises(InputError, match="neighbor_index"):
+        infer(a.onnx, tmp_path / "indexed.npz", tmp_path / "out.npy")
+    with pytest.raises(ConfigError, match="unknown output type"):
+        infer(a.onnx, a.bundle, tmp_path / "out.csv")
+    with pytest.raises(DeepSpotError, match="does not exist"):
+        infer(a.onnx, a.bundle, tmp_path / "missing" / "out.npy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["indexed.npz", "nan.npz", "narrow.npz"]
+
+
+def test_prefetching_batches_in_order_and_errors_reach_the_caller():
+    x = np.arange(23 * 2 * 3, dtype=np.float64).reshape(23, 2, 3)
+    got = list(batches({"x": x}, 5))
+    assert [(s, e) for s, e, _ in got] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
+    assert all(f["x"].dtype == np.float32 and f["x"].flags.c_contiguous for _, _, f in got)
+    np.testing.assert_array_equal(np.concatenate([f["x"] for _, _, f in got]), x.astype(np.float32))
+
+    class Exploding(np.ndarray):
+        def __getitem__(self, item):
+            if isinstance(item, slice) and item.start == 10:
+                raise OSError("disk went away")
+            return super().__getitem__(item)
+
+    with pytest.raises(OSError, match="disk went away"):
+        list(batches({"x": x.view(Exploding)}, 5))
+    before = threading.active_count()
+    for _start, _stop, _feed in batches({"x": np.zeros((10_000, 1, 1))}, 1):
+        break  # the consumer stops early: the worker must end too
+    assert threading.active_count() <= before
+    with pytest.raises(ConfigError, match="batch size"):
+        next(batches({"x": x}, 0))
+
+
+def test_predict_in_memory(artifacts, eager):
+    a = artifacts("spot", "neighbors")
+    with load_runner(a.onnx) as runner:
+        y = predict(runner, a.inputs(), batch_size=6)
+    np.testing.assert_allclose(y, eager(a.model, a.inputs()), atol=1e-5)
