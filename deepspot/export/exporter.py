@@ -10,10 +10,10 @@ turns dynamic shapes into guarded symbolic ones; the TorchScript exporter (``dyn
 shape-agnostic graph robustly, names dynamic axes directly with ``dynamic_axes``, and needs nothing beyond torch,
 so it is chosen deliberately (its deprecation warning is silenced here).
 
-Opset: 17 by default. Every op in the graph (MatMul, Add, Split, Min, Max, Relu, ReduceSum/Max/Mean, Concat,
-Flatten, Cast, Mul) has had its current semantics since opset 13, so the lowest opset the issue allows gives the
-widest reach: onnxruntime >= 1.11 and TensorRT >= 8.5 take it, on CPU, CUDA and TensorRT providers. Opsets up to
-the TorchScript exporter's maximum are accepted.
+Opset: 17 by default. The graph uses MatMul/Gemm, Add, Mul, Split, Min, Max, Relu, ReduceSum/Max/Mean, IsNaN,
+Greater, Where, Concat, Flatten and Cast; none of them changed meaning between opsets 13 and 20 (later versions only
+add types or turn attributes into inputs), so the lowest opset allowed gives the widest reach: onnxruntime >= 1.13
+and TensorRT >= 8.6 read it, on the CPU, CUDA and TensorRT providers. Opsets 18 to 20 are accepted too.
 """
 
 from __future__ import annotations
@@ -306,6 +306,7 @@ def export_onnx(
     try:
         with atomic_path(path) as tmp:
             onnx.save_model(onnx_model, str(tmp))
+            _give_default_permissions(tmp)
             if validate:
                 report = _validate(tmp, path, model, spec, precision, io_dtype, fold_scaler)
                 report.path = str(path)
@@ -341,6 +342,13 @@ def _validate(tmp: Path, path: Path, model, spec, precision, io_dtype, fold_scal
             op=e.op,
             provider=e.provider,
         ) from None
+
+
+def _give_default_permissions(path: Path) -> None:
+    # The temporary file is created private (0600); the model file should get the permissions of any new file.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _check_size(module: nn.Module) -> None:

@@ -64,8 +64,8 @@ class FusedPhi(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, n_members: int):
         super().__init__()
-        self.weight = nn.Parameter(weight.clone(), requires_grad=False)
-        self.bias = nn.Parameter(bias.clone(), requires_grad=False)
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False)
         self.n_members = n_members
         self.width = weight.shape[0] // n_members
 

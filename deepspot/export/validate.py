@@ -44,8 +44,16 @@ class KernelUnavailableError(DeepSpotError):
         self.provider = provider
 
 
-def session_from_onnx(path: str | Path, providers: Sequence[str] = (CPU,)):
-    """Build an onnxruntime session for ``path`` on ``providers``.
+def session_from_onnx(path: str | Path, providers: Sequence[str] = (CPU,), threads: int | None = None):
+    """Build an onnxruntime session for ``path`` on ``providers``, for validation (not for throughput).
+
+    Its threads do not spin while idle: onnxruntime's default spinning would take the cores from the PyTorch
+    reference that runs between two sessions' calls.
+
+    Args:
+        path: The ONNX file.
+        providers: Execution providers, in order of preference.
+        threads: Intra-op threads; onnxruntime's default (one per core) if ``None``.
 
     Raises:
         KernelUnavailableError: A provider lacks a kernel for one of the graph's ops (the message names it).
@@ -53,8 +61,12 @@ def session_from_onnx(path: str | Path, providers: Sequence[str] = (CPU,)):
     """
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads is not None:
+        options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), providers=list(providers))
+        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as e:  # onnxruntime raises its own exception types, which are not importable stably
         text = str(e)
         missing = re.search(r"Could not find an implementation for (\w+)\((\d+)\)", text)

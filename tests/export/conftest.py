@@ -67,10 +67,9 @@ def reference(request, reference_dir):
 
 
 def _run_onnx(path, feed: dict[str, np.ndarray]) -> np.ndarray:
-    import onnxruntime as ort
+    from deepspot.export import session_from_onnx
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(["expression"], feed)[0]
+    return session_from_onnx(path).run(["expression"], feed)[0]
 
 
 @pytest.fixture

@@ -202,3 +202,18 @@ def test_info_on_missing_and_corrupt_files(tmp_path):
     bad.write_bytes(b"\x00garbage" * 100)
     result = runner.invoke(app, ["info", str(bad)])
     assert result.exit_code == 2 and "not a readable ONNX model" in result.output
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pkl"])
+@pytest.mark.parametrize("name", ["spot_subspot_neighbors", "cell_neighbors_max"])
+def test_reference_files_export_with_their_own_mode(reference_dir, run_onnx, tmp_path, name, suffix):
+    pytest.importorskip("deepspot.importer", reason="reference files are imported by deepspot.importer")
+    output = tmp_path / "model.onnx"
+    result = runner.invoke(app, ["export", str(reference_dir / f"{name}{suffix}"), "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    meta = read_model_metadata(output)
+    assert meta["mode_reference"] == name.replace("_max", "") and meta["source"] == f"{name}{suffix}"
+    arrays = np.load(reference_dir / f"{name}.npz")
+    feed = {k: arrays[k] for k in meta["input_names"]}
+    expected = arrays["prediction"]
+    assert np.abs(run_onnx(output, feed) - expected).max() <= 1e-5 * (1 + np.abs(expected).max())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -203,6 +205,15 @@ def test_a_failed_export_keeps_an_existing_file_untouched(make_model, tmp_path, 
         export_onnx(make_model("spot", "spot"), output)
     assert output.read_bytes() == b"previous"
     assert _leftovers(tmp_path) == ["m.onnx"]
+
+
+def test_written_file_gets_default_permissions_not_the_temp_files(make_model, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        result = export_onnx(make_model("spot", "spot"), tmp_path / "m.onnx", validate=False)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(result.path.stat().st_mode) == 0o644
 
 
 def test_export_replaces_an_existing_file(make_model, tmp_path):

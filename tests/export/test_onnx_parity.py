@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from deepspot.export import EXPORT_SPECS, build_export_module, read_model_metadata
+from deepspot.export import EXPORT_SPECS, build_export_module, read_model_metadata, session_from_onnx
 from deepspot.export.median import network_ops
 
 E = 10  # the tiny models' ensemble size (conftest)
@@ -33,11 +33,9 @@ CASES = _cases()
 
 @pytest.mark.parametrize("spec, optimize, kwargs", CASES)
 def test_parity_over_batch_and_bag_sizes(exported, spec, optimize, kwargs):
-    import onnxruntime as ort
-
     model, result = exported(spec.mode.family, spec.mode.name, optimize, **kwargs)
     assert result.validation is not None and result.validation.passed
-    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    session = session_from_onnx(result.path)  # onnxruntime CPU, threads that do not spin between runs
     tolerance = spec.tolerance("fp32")
     for batch in (1, 7, 64):
         for bag_size in (1, 3, 12):
@@ -120,15 +118,13 @@ def test_export_module_matches_the_model_in_torch(make_model, spec, optimize):
 
 
 def test_nan_input_propagates_like_torch(exported):
-    import onnxruntime as ort
-
     spec = EXPORT_SPECS["spot/subspot_neighbors"]
     model, result = exported("spot", "subspot_neighbors", True)
     inputs = spec.example_inputs(model.input_size, 4, 3, seed=2)
     inputs["neighbors"][1, 2, 5] = float("nan")
     with torch.no_grad():
         expected = model(**inputs).numpy()
-    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    session = session_from_onnx(result.path)
     actual = session.run(["expression"], {k: v.numpy() for k, v in inputs.items()})[0]
     np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected))
     assert np.isnan(actual[1]).all() and not np.isnan(np.delete(actual, 1, axis=0)).any()
