@@ -43,8 +43,9 @@ class QuickstartResult:
         return all(step.ok for step in self.steps)
 
 
-def run_quickstart(workdir: str | Path | None = None, seed: int = 0,
-                   log: Callable[[str], None] = lambda line: None) -> QuickstartResult:
+def run_quickstart(
+    workdir: str | Path | None = None, seed: int = 0, log: Callable[[str], None] = lambda line: None
+) -> QuickstartResult:
     """Run the quickstart; with ``workdir=None`` the files live in a temporary folder removed afterwards.
 
     Args:
@@ -87,21 +88,39 @@ def _run(folder: Path, seed: int, log: Callable[[str], None]) -> QuickstartResul
     n = s["n_train"]
     train = {k: v[:n] if k not in ("genes",) else v for k, v in arrays.items()}
     test = {k: v[n:] if k not in ("genes",) else v for k, v in arrays.items()}
-    paths = {k: folder / v for k, v in dict(train="train.npz", test="test.npz", ckpt="model.safetensors",
-                                            onnx="model.onnx", pred="predictions.npz", parity="parity.json",
-                                            bench="bench.json").items()}
+    paths = {
+        k: folder / v
+        for k, v in dict(
+            train="train.npz",
+            test="test.npz",
+            ckpt="model.safetensors",
+            onnx="model.onnx",
+            pred="predictions.npz",
+            parity="parity.json",
+            bench="bench.json",
+        ).items()
+    }
 
     def synth():
         save_bundle(paths["train"], train)
         save_bundle(paths["test"], test)
         return f"{n} + {s['n_test']} spots, {s['input_size']} features, {s['genes']} genes, S=9, N=6", True
 
-    model = create_model(FAMILY, MODE, input_size=s["input_size"], output_size=s["genes"],
-                         phi2rho_size=s["phi2rho_size"], lr=3e-3, p=0.1, random_seed=seed)
+    model = create_model(
+        FAMILY,
+        MODE,
+        input_size=s["input_size"],
+        output_size=s["genes"],
+        phi2rho_size=s["phi2rho_size"],
+        lr=3e-3,
+        p=0.1,
+        random_seed=seed,
+    )
 
     def train_():
-        config = TrainConfig(epochs=s["epochs"], batch_size=s["batch_size"], val_fraction=0.1, normalize=True,
-                             progress=False)
+        config = TrainConfig(
+            epochs=s["epochs"], batch_size=s["batch_size"], val_fraction=0.1, normalize=True, progress=False
+        )
         history = fit(model, {k: train[k] for k in model.mode.input_names}, train["target"], config)
         model.genes = [str(g) for g in arrays["genes"]]
         checkpoint.save(model, paths["ckpt"])
@@ -127,17 +146,35 @@ def _run(folder: Path, seed: int, log: Callable[[str], None]) -> QuickstartResul
         return f"max abs err {o.max_abs:.1e} (limit {o.limit:.1e}), min gene r {o.min_pearson:.6f}", report.passed
 
     def bench():
-        w = Workload("quickstart", FAMILY, MODE, s["input_size"], s["phi2rho_size"], 10, s["genes"],
-                     {"subspot": 9, "neighbors": 6}, 256, 256)
+        w = Workload(
+            "quickstart",
+            FAMILY,
+            MODE,
+            s["input_size"],
+            s["phi2rho_size"],
+            10,
+            s["genes"],
+            {"subspot": 9, "neighbors": 6},
+            256,
+            256,
+        )
         report = run_bench(w, ["torch", "ort-cpu"], repeats=5, warmup=1, model=model, workdir=folder)
         report.save(paths["bench"])
         ort, eager = report.result("ort-cpu"), report.result("torch")
         out.figures["ort_cpu_ratio"] = ort.ratio_to_torch
-        return (f"ort-cpu {ort.items_per_s:,.0f} items/s vs eager torch {eager.items_per_s:,.0f}: "
-                f"{ort.ratio_to_torch:.1f}x (batch 256, 5 repeats)"), ort.ratio_to_torch > 0
+        return (
+            f"ort-cpu {ort.items_per_s:,.0f} items/s vs eager torch {eager.items_per_s:,.0f}: "
+            f"{ort.ratio_to_torch:.1f}x (batch 256, 5 repeats)"
+        ), ort.ratio_to_torch > 0
 
-    for name, fn in (("synth", synth), ("train", train_), ("export", export), ("infer", infer_),
-                     ("parity", parity), ("bench", bench)):
+    for name, fn in (
+        ("synth", synth),
+        ("train", train_),
+        ("export", export),
+        ("infer", infer_),
+        ("parity", parity),
+        ("bench", bench),
+    ):
         step(name, fn)
         if not out.steps[-1].ok:
             break

@@ -45,8 +45,13 @@ def _console():
     return console if console.is_terminal else Console(width=120)
 
 
-def _options(device: int, precision: Optional[str], threads: Optional[int], compile: bool = False,
-             cache_dir: Optional[Path] = None):
+def _options(
+    device: int,
+    precision: Optional[str],
+    threads: Optional[int],
+    compile: bool = False,
+    cache_dir: Optional[Path] = None,
+):
     from ..runtime.backends import RunnerOptions
 
     return RunnerOptions(device=device, precision=precision, threads=threads, compile=compile, cache_dir=cache_dir)
@@ -69,13 +74,21 @@ def _bag_sizes(text: Optional[str]) -> dict[str, int]:
 def infer(
     model: Path = typer.Argument(..., help="An .onnx file, a TensorRT .plan, or a checkpoint (runs on torch)."),
     input: Path = typer.Option(..., "--input", "-i", help="Feature bundle: .npz or a directory of .npy files."),
-    output: Path = typer.Option(..., "--output", "-o", help="Predictions: .npy, .npz (with barcodes and genes) or .h5ad."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="Predictions: .npy, .npz (with barcodes and genes) or .h5ad."
+    ),
     backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
     batch_size: int = typer.Option(256, help="Items per batch."),
     device: int = typer.Option(0, help="GPU index for the GPU backends."),
-    precision: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (torch, ort-trt, tensorrt); default: the model's."),
-    inverse_transform: bool = typer.Option(False, "--inverse-transform", help="Map predictions to the original scale with the model's scaler."),
-    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Run on another backend if this one is unavailable (announced)."),
+    precision: Optional[str] = typer.Option(
+        None, help="fp32, fp16 or bf16 (torch, ort-trt, tensorrt); default: the model's."
+    ),
+    inverse_transform: bool = typer.Option(
+        False, "--inverse-transform", help="Map predictions to the original scale with the model's scaler."
+    ),
+    allow_fallback: bool = typer.Option(
+        False, "--allow-fallback", help="Run on another backend if this one is unavailable (announced)."
+    ),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: physical cores)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (torch backends)."),
     cache_dir: Optional[Path] = typer.Option(None, help="TensorRT engine and timing cache folder."),
@@ -85,10 +98,21 @@ def infer(
     from ..runtime import infer as run_infer
 
     with _announce_fallbacks():
-        result = run_infer(model, input, output, backend, batch_size, _options(device, precision, threads, compile, cache_dir),
-                           inverse_transform, allow_fallback, progress)
-    typer.echo(f"wrote {result.output}: {result.n} x {result.genes} predictions on {result.backend} "
-               f"in {result.seconds:.2f} s ({result.items_per_s:,.0f} items/s)")
+        result = run_infer(
+            model,
+            input,
+            output,
+            backend=backend,
+            batch_size=batch_size,
+            options=_options(device, precision, threads, compile, cache_dir),
+            inverse_transform=inverse_transform,
+            allow_fallback=allow_fallback,
+            progress=progress,
+        )
+    typer.echo(
+        f"wrote {result.output}: {result.n} x {result.genes} predictions on {result.backend} "
+        f"in {result.seconds:.2f} s ({result.items_per_s:,.0f} items/s)"
+    )
 
 
 @app.command()
@@ -100,12 +124,16 @@ def parity(
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="Compare on this bundle's items."),
     random: Optional[int] = typer.Option(None, "--random", help="Compare on N seeded random items (default 64)."),
     atol: Optional[float] = typer.Option(None, help="Absolute tolerance (default: the precision's row of the table)."),
-    rtol: Optional[float] = typer.Option(None, help="Relative tolerance, times max |reference| (default: the table's)."),
+    rtol: Optional[float] = typer.Option(
+        None, help="Relative tolerance, times max |reference| (default: the table's)."
+    ),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the report as JSON here."),
     batch_size: int = typer.Option(256, help="Items per batch."),
     device: int = typer.Option(0, help="GPU index for the GPU backends."),
     precision: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (torch, ort-trt, tensorrt)."),
-    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Run on another backend if this one is unavailable."),
+    allow_fallback: bool = typer.Option(
+        False, "--allow-fallback", help="Run on another backend if this one is unavailable."
+    ),
     seed: int = typer.Option(0, help="Seed of the random inputs."),
 ) -> None:
     """Compare a backend with the eager PyTorch model; exit 1 when parity fails."""
@@ -114,8 +142,19 @@ def parity(
     if input is not None and random is not None:
         fail("give either --input or --random, not both")
     with _announce_fallbacks():
-        result = check_parity(checkpoint, model, backend, input, random, atol, rtol, batch_size,
-                              _options(device, precision, None), allow_fallback, seed)
+        result = check_parity(
+            checkpoint,
+            model,
+            backend=backend,
+            bundle=input,
+            n_random=random,
+            atol=atol,
+            rtol=rtol,
+            batch_size=batch_size,
+            options=_options(device, precision, None),
+            allow_fallback=allow_fallback,
+            seed=seed,
+        )
     _print_parity(result)
     if report is not None:
         result.save(report)
@@ -133,8 +172,16 @@ def _print_parity(result) -> None:
     for o in result.outputs:
         r = "n/a" if o.min_pearson is None else f"{o.min_pearson:.6f}"
         verdict = "[green]PASS[/green]" if o.passed else "[red]FAIL[/red]"
-        table.add_row(o.name, f"{o.max_abs:.3g}", f"{o.limit:.3g}", f"{o.mean_abs:.3g}", f"{o.max_rel:.3g}", r,
-                      f"{o.tolerance.min_pearson}", verdict)
+        table.add_row(
+            o.name,
+            f"{o.max_abs:.3g}",
+            f"{o.limit:.3g}",
+            f"{o.mean_abs:.3g}",
+            f"{o.max_rel:.3g}",
+            r,
+            f"{o.tolerance.min_pearson}",
+            verdict,
+        )
     console = _console()
     console.print(table)
     for note in result.notes:
@@ -153,7 +200,9 @@ def bench(
     device: int = typer.Option(0, help="GPU index for the GPU backends."),
     precision: Optional[str] = typer.Option(None, help="fp32, fp16 or bf16 (torch, ort-trt, tensorrt)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for onnxruntime (default: physical cores)."),
-    allow_fallback: bool = typer.Option(False, "--allow-fallback", help="Run on another backend if one is unavailable."),
+    allow_fallback: bool = typer.Option(
+        False, "--allow-fallback", help="Run on another backend if one is unavailable."
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
 ) -> None:
     """Throughput of each backend against the eager PyTorch model, measured side by side in one process."""
@@ -161,8 +210,16 @@ def bench(
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
     with _announce_fallbacks():
-        report = run_bench(workload, names, batch_size, repeats or (3 if quick else 5), warmup, quick,
-                           options=_options(device, precision, threads), allow_fallback=allow_fallback)
+        report = run_bench(
+            workload,
+            names,
+            batch_size=batch_size,
+            repeats=repeats or (3 if quick else 5),
+            warmup=warmup,
+            quick=quick,
+            options=_options(device, precision, threads),
+            allow_fallback=allow_fallback,
+        )
     print_bench(report)
     if json_out is not None:
         report.save(json_out)
@@ -174,21 +231,46 @@ def print_bench(report) -> None:
     from rich.table import Table
 
     w = report.workload
-    table = Table(title=f"{w['name']}: {w['family']}/{w['mode']}, D={w['input_size']} H={w['phi2rho_size']} "
-                        f"E={w['n_ensemble']} G={w['output_size']}, {report.repeats} repeats")
-    for column in ("backend", "device", "batch", "items/s", "x torch", "p50 ms", "p95 ms", "peak RSS MiB",
-                   "GFLOP/s", "of GEMM", "of bound"):
+    table = Table(
+        title=f"{w['name']}: {w['family']}/{w['mode']}, D={w['input_size']} H={w['phi2rho_size']} "
+        f"E={w['n_ensemble']} G={w['output_size']}, {report.repeats} repeats"
+    )
+    for column in (
+        "backend",
+        "device",
+        "batch",
+        "items/s",
+        "x torch",
+        "p50 ms",
+        "p95 ms",
+        "peak RSS MiB",
+        "GFLOP/s",
+        "of GEMM",
+        "of bound",
+    ):
         table.add_column(column, justify="left" if column in ("backend", "device") else "right")
     for r in report.results:
-        table.add_row(r.backend, r.device, str(r.batch_size), f"{r.items_per_s:,.1f}", f"{r.ratio_to_torch:.2f}",
-                      f"{r.p50_ms:.1f}", f"{r.p95_ms:.1f}", f"{r.peak_rss_mb:,.0f}", f"{r.gflops:.1f}",
-                      f"{r.fraction_of_gemm:.0%}", f"{r.fraction_of_bound:.0%}")
+        table.add_row(
+            r.backend,
+            r.device,
+            str(r.batch_size),
+            f"{r.items_per_s:,.1f}",
+            f"{r.ratio_to_torch:.2f}",
+            f"{r.p50_ms:.1f}",
+            f"{r.p95_ms:.1f}",
+            f"{r.peak_rss_mb:,.0f}",
+            f"{r.gflops:.1f}",
+            f"{r.fraction_of_gemm:.0%}",
+            f"{r.fraction_of_bound:.0%}",
+        )
     console = _console()
     console.print(table)
-    console.print(f"GEMM fp32 (4096x1024 @ 1024x5120): {report.gemm_gflops:.1f} GFLOP/s; "
-                  f"{report.flops_per_item / 1e6:.1f} MFLOP per item as BENCHMARKS.md counts it "
-                  f"({report.flops_per_item_folded / 1e6:.1f} with Rho folded); bound "
-                  f"{report.bound_items_per_s:,.0f} items/s. Peak RSS: {report.peak_rss_scope}.")
+    console.print(
+        f"GEMM fp32 (4096x1024 @ 1024x5120): {report.gemm_gflops:.1f} GFLOP/s; "
+        f"{report.flops_per_item / 1e6:.1f} MFLOP per item as BENCHMARKS.md counts it "
+        f"({report.flops_per_item_folded / 1e6:.1f} with Rho folded); bound "
+        f"{report.bound_items_per_s:,.0f} items/s. Peak RSS: {report.peak_rss_scope}."
+    )
 
 
 @engine_app.command("build")
@@ -199,7 +281,9 @@ def engine_build(
     fp16: bool = typer.Option(False, "--fp16", help="Let TensorRT run layers in fp16."),
     bf16: bool = typer.Option(False, "--bf16", help="Let TensorRT run layers in bf16."),
     max_batch: int = typer.Option(4096, help="Largest (and optimal) batch of the optimisation profile."),
-    bag_sizes: Optional[str] = typer.Option(None, help="Bag sizes to pin, e.g. subspot=9,neighbors=6 (default: 1..64)."),
+    bag_sizes: Optional[str] = typer.Option(
+        None, help="Bag sizes to pin, e.g. subspot=9,neighbors=6 (default: 1..64)."
+    ),
     device: int = typer.Option(0, help="GPU to build for."),
     timing_cache: Optional[Path] = typer.Option(None, help="Timing cache file, reused between builds."),
 ) -> None:
@@ -210,7 +294,9 @@ def engine_build(
     if fp16 and bf16:
         fail("give --fp16 or --bf16, not both")
     precision = "fp16" if fp16 else "bf16" if bf16 else "fp32"
-    path = engine_from_onnx(model, output, precision, max_batch, _bag_sizes(bag_sizes), device, timing_cache=timing_cache)
+    path = engine_from_onnx(
+        model, output, precision, max_batch, _bag_sizes(bag_sizes), device, timing_cache=timing_cache
+    )
     typer.echo(f"wrote {path} ({precision}, batch 1..{max_batch})")
 
 
@@ -230,7 +316,9 @@ def engine_info(plan: Path = typer.Argument(..., help="A .plan written by `deeps
 @app.command()
 @handle_errors
 def quickstart(
-    workdir: Optional[Path] = typer.Option(None, help="Keep the files here (default: a temporary folder, removed after)."),
+    workdir: Optional[Path] = typer.Option(
+        None, help="Keep the files here (default: a temporary folder, removed after)."
+    ),
     seed: int = typer.Option(0, help="Seed of the data, the weights and the inputs."),
 ) -> None:
     """Synthetic data -> train -> export -> infer -> parity -> bench, on the CPU in about a minute."""

@@ -21,23 +21,34 @@ class DeviceIO:
         inputs: The graph's input specs.
         outputs: The graph's output specs.
         device_id: The GPU.
-        cuda_graph: Fixed-address buffers for CUDA graph replay; the first batch fixes every shape.
+        fixed_buffers: Fixed-address buffers, as CUDA graph replay needs; the first batch fixes every shape and shorter
+            batches are zero-padded.
+        device_type: ``cuda``; ``cpu`` runs the same binding logic on the CPU provider (that is how it is tested on
+            machines without a GPU).
     """
 
-    def __init__(self, session, inputs: dict[str, TensorSpec], outputs: dict[str, TensorSpec], device_id: int,
-                 cuda_graph: bool):
+    def __init__(
+        self,
+        session,
+        inputs: dict[str, TensorSpec],
+        outputs: dict[str, TensorSpec],
+        device_id: int,
+        fixed_buffers: bool,
+        device_type: str = "cuda",
+    ):
         self.ort = import_ort()
         self.session = session
         self.inputs, self.outputs = inputs, outputs
         self.device_id = device_id
-        self.cuda_graph = cuda_graph
+        self.fixed_buffers = fixed_buffers
+        self.device_type = device_type
         self.binding = session.io_binding()
         self.pinned = PinnedPool()
         self._fixed_in: dict[str, object] | None = None
         self._fixed_out: dict[str, object] = {}
 
     def _device_value(self, host: np.ndarray):
-        return self.ort.OrtValue.ortvalue_from_numpy(host, "cuda", self.device_id)
+        return self.ort.OrtValue.ortvalue_from_numpy(host, self.device_type, self.device_id)
 
     def _bind_fixed(self, feed: dict[str, np.ndarray]) -> None:
         # The first batch decides the captured shapes. Outputs get fixed buffers before the first run, because
@@ -50,13 +61,14 @@ class DeviceIO:
             if not all(isinstance(d, int) for d in spec.shape[1:]):
                 raise InputError(f"a CUDA graph needs fixed output sizes; {name} has shape {spec.shape}")
             shape = (rows,) + tuple(spec.shape[1:])
-            fixed = self.ort.OrtValue.ortvalue_from_shape_and_type(shape, np.dtype(spec.dtype), "cuda", self.device_id)
+            dtype = np.dtype(spec.dtype)
+            fixed = self.ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device_type, self.device_id)
             self._fixed_out[name] = fixed
             self.binding.bind_ortvalue_output(name, fixed)
 
     def run(self, feed: dict[str, np.ndarray], to_host: bool = True) -> dict:
         n = next(iter(feed.values())).shape[0]
-        if self.cuda_graph:
+        if self.fixed_buffers:
             if self._fixed_in is None:
                 self._bind_fixed(feed)
             rows = next(iter(self._fixed_in.values())).shape()[0]
@@ -73,10 +85,10 @@ class DeviceIO:
             for name, a in feed.items():
                 self.binding.bind_ortvalue_input(name, self._device_value(self.pinned.stage(name, a)))
             for name in self.outputs:
-                self.binding.bind_output(name, "cuda", self.device_id)
+                self.binding.bind_output(name, self.device_type, self.device_id)
             self.session.run_with_iobinding(self.binding)
             values = self.binding.get_outputs()
         if not to_host:
             return dict(zip(self.outputs, values))
-        # One device-to-host copy per output, only the real rows.
-        return {name: np.asarray(v.numpy()[:n], dtype=np.float32) for name, v in zip(self.outputs, values)}
+        # Only the real rows, and always a copy: with fixed buffers the next batch overwrites these.
+        return {name: np.array(v.numpy()[:n], dtype=np.float32) for name, v in zip(self.outputs, values)}

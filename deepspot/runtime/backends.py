@@ -54,15 +54,41 @@ BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("torch", "model", "cpu", "PyTorch", "pip install deepspot"),
-        Backend("torch-cuda", "model", "cuda", "a CUDA build of PyTorch and an NVIDIA GPU",
-                "install a CUDA build of PyTorch", "torch"),
+        Backend(
+            "torch-cuda",
+            "model",
+            "cuda",
+            "a CUDA build of PyTorch and an NVIDIA GPU",
+            "install a CUDA build of PyTorch",
+            "torch",
+        ),
         Backend("ort-cpu", "onnx", "cpu", "onnxruntime", "pip install onnxruntime", None, (CPU,)),
-        Backend("ort-cuda", "onnx", "cuda", "onnxruntime-gpu (CUDA provider) and an NVIDIA GPU", install_hint(CUDA),
-                "ort-cpu", (CUDA, CPU)),
-        Backend("ort-trt", "onnx", "cuda", "onnxruntime-gpu with TensorRT, and an NVIDIA GPU", install_hint(TRT),
-                "ort-cuda", (TRT, CUDA, CPU)),
-        Backend("tensorrt", "onnx", "cuda", "NVIDIA TensorRT 10 and an NVIDIA GPU",
-                "pip install 'deepspot[tensorrt]'", "ort-trt"),
+        Backend(
+            "ort-cuda",
+            "onnx",
+            "cuda",
+            "onnxruntime-gpu (CUDA provider) and an NVIDIA GPU",
+            install_hint(CUDA),
+            "ort-cpu",
+            (CUDA, CPU),
+        ),
+        Backend(
+            "ort-trt",
+            "onnx",
+            "cuda",
+            "onnxruntime-gpu with TensorRT, and an NVIDIA GPU",
+            install_hint(TRT),
+            "ort-cuda",
+            (TRT, CUDA, CPU),
+        ),
+        Backend(
+            "tensorrt",
+            "onnx",
+            "cuda",
+            "NVIDIA TensorRT 10 and an NVIDIA GPU",
+            "pip install 'deepspot[tensorrt]'",
+            "ort-trt",
+        ),
     )
 }
 DEFAULT_BACKEND = {"model": "torch", "onnx": "ort-cpu", "plan": "tensorrt"}
@@ -120,8 +146,9 @@ class Selection:
         return self.backend != self.requested
 
 
-def select_backend(requested: str, allow_fallback: bool = False, probe: Probe | None = None,
-                   kind: str = "onnx") -> Selection:
+def select_backend(
+    requested: str, allow_fallback: bool = False, probe: Probe | None = None, kind: str = "onnx"
+) -> Selection:
     """The backend that will run: ``requested`` if it can, else (with ``allow_fallback``) the first in its chain.
 
     Args:
@@ -185,8 +212,13 @@ class RunnerOptions:
     cache_dir: Path | None = None
 
 
-def load_runner(model: Any, backend: str | None = None, options: RunnerOptions | None = None,
-                allow_fallback: bool = False, probe: Probe | None = None) -> Runner:
+def load_runner(
+    model: Any,
+    backend: str | None = None,
+    options: RunnerOptions | None = None,
+    allow_fallback: bool = False,
+    probe: Probe | None = None,
+) -> Runner:
     """Build (but do not activate) the runner for a model, a checkpoint, an ONNX file or a TensorRT plan.
 
     The runner's ``selection`` attribute records the backend asked for and the one that runs.
@@ -204,7 +236,9 @@ def load_runner(model: Any, backend: str | None = None, options: RunnerOptions |
         raise ConfigError(f"{model}: a TensorRT plan runs on the tensorrt backend only, not {requested!r}")
     if kind != "plan" and b.runs != kind:
         what = "a checkpoint or model" if b.runs == "model" else "an ONNX file (deepspot export)"
-        raise ConfigError(f"backend {requested!r} runs {what}; {model} is {'an ONNX file' if kind == 'onnx' else 'a checkpoint'}")
+        raise ConfigError(
+            f"backend {requested!r} runs {what}; {model} is {'an ONNX file' if kind == 'onnx' else 'a checkpoint'}"
+        )
     selection = select_backend(requested, allow_fallback, probe, kind)
     runner = _build(model, kind, selection.backend, options)
     runner.selection = selection
@@ -239,7 +273,9 @@ def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
         providers = [(CUDA, cuda_provider_options(o.device, cuda_graph)), CPU]
     elif name == "ort-trt":
         cache = ort_trt_cache_dir(model, inputs, precision, o)
-        trt_options = trt_provider_options(cache, _profile(inputs, o), precision == "fp16", o.device, cuda_graph=cuda_graph)
+        trt_options = trt_provider_options(
+            cache, _profile(inputs, o), precision == "fp16", o.device, cuda_graph=cuda_graph
+        )
         providers = [(TRT, trt_options), (CUDA, cuda_provider_options(o.device)), CPU]
     runner = OrtRunner(model, name, info, providers, o.device, o.threads, cuda_graph)
     if info is not None:
@@ -272,13 +308,19 @@ def _tensorrt_from_onnx(onnx_path, info, inputs, precision: str, o: RunnerOption
 
     trt = import_trt()
     sha = file_hash(onnx_path)
-    key = cache_key(onnx=sha, profile=_profile(inputs, o).to_dict(), precision=precision, trt=trt.__version__,
-                    **gpu_identity(o.device))
+    key = cache_key(
+        onnx=sha,
+        profile=_profile(inputs, o).to_dict(),
+        precision=precision,
+        trt=trt.__version__,
+        **gpu_identity(o.device),
+    )
     folder = (o.cache_dir or default_cache_dir()) / "tensorrt"
     folder.mkdir(parents=True, exist_ok=True)
     plan = folder / f"{Path(onnx_path).stem}-{key}.plan"
     if not plan.is_file():
         log.info("building a TensorRT engine for %s into %s", onnx_path, plan)
-        engine_from_onnx(onnx_path, plan, precision, o.batch_size, o.bag_sizes, o.device,
-                         timing_cache=folder / "timing.cache")
+        engine_from_onnx(
+            onnx_path, plan, precision, o.batch_size, o.bag_sizes, o.device, timing_cache=folder / "timing.cache"
+        )
     return TrtRunner(plan, device_id=o.device, onnx_path=onnx_path)

@@ -79,25 +79,52 @@ class Workload:
         from ..factory import create_model
 
         extra = {"agg_neighbors": self.agg_neighbors} if self.family == "cell" else {}
-        return create_model(self.family, self.mode, input_size=self.input_size, output_size=self.output_size,
-                            phi2rho_size=self.phi2rho_size, n_ensemble=self.n_ensemble, random_seed=seed, **extra).eval()
+        return create_model(
+            self.family,
+            self.mode,
+            input_size=self.input_size,
+            output_size=self.output_size,
+            phi2rho_size=self.phi2rho_size,
+            n_ensemble=self.n_ensemble,
+            random_seed=seed,
+            **extra,
+        ).eval()
 
     def inputs(self, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
         """Seeded standard-normal inputs for one batch."""
         from ..modes import get_mode
 
         rng = np.random.default_rng(seed)
-        return {bag.name: rng.standard_normal((batch, 1 if bag.single else self.bags[bag.name], self.input_size),
-                                              dtype=np.float32) for bag in get_mode(self.family, self.mode).bags}
+        return {
+            bag.name: rng.standard_normal(
+                (batch, 1 if bag.single else self.bags[bag.name], self.input_size), dtype=np.float32
+            )
+            for bag in get_mode(self.family, self.mode).bags
+        }
 
     def quick(self) -> "Workload":
         """The same structure at toy sizes, for tests and smoke runs."""
-        return replace(self, name=f"{self.name} (quick)", input_size=64, phi2rho_size=32, output_size=50,
-                       batch_cpu=32, batch_gpu=64)
+        return replace(
+            self,
+            name=f"{self.name} (quick)",
+            input_size=64,
+            phi2rho_size=32,
+            output_size=50,
+            batch_cpu=32,
+            batch_gpu=64,
+        )
 
 
-_SPOT = dict(family="spot", mode="subspot_neighbors", phi2rho_size=512, n_ensemble=10, output_size=5000,
-             bags={"subspot": 9, "neighbors": 6}, batch_cpu=256, batch_gpu=4096)
+_SPOT = dict(
+    family="spot",
+    mode="subspot_neighbors",
+    phi2rho_size=512,
+    n_ensemble=10,
+    output_size=5000,
+    bags={"subspot": 9, "neighbors": 6},
+    batch_cpu=256,
+    batch_gpu=4096,
+)
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in (
@@ -105,8 +132,20 @@ WORKLOADS: dict[str, Workload] = {
         Workload("visium-hoptimus", input_size=1536, **_SPOT),
         Workload("xenium", "cell", "neighbors", 1536, 1024, 10, 500, {"neighbors": 44}, 64, 1024),
         Workload("visium-slide", input_size=1024, layout="indexed", n_items=20_000, **_SPOT),
-        Workload("xenium-slide", "cell", "neighbors", 1536, 1024, 10, 500, {"neighbors": 44}, 64, 1024,
-                 layout="indexed", n_items=100_000),
+        Workload(
+            "xenium-slide",
+            "cell",
+            "neighbors",
+            1536,
+            1024,
+            10,
+            500,
+            {"neighbors": 44},
+            64,
+            1024,
+            layout="indexed",
+            n_items=100_000,
+        ),
     )
 }
 
@@ -116,9 +155,11 @@ def get_workload(name: str) -> Workload:
         raise ConfigError(f"unknown workload {name!r}; expected one of: {', '.join(WORKLOADS)}")
     w = WORKLOADS[name]
     if w.layout != "dense":
-        raise ConfigError(f"workload {name!r} needs the indexed layout (whole-slide inference), which this runtime "
-                          f"does not run yet; the per-item workloads are: "
-                          f"{', '.join(n for n, v in WORKLOADS.items() if v.layout == 'dense')}")
+        raise ConfigError(
+            f"workload {name!r} needs the indexed layout (whole-slide inference), which this runtime "
+            f"does not run yet; the per-item workloads are: "
+            f"{', '.join(n for n, v in WORKLOADS.items() if v.layout == 'dense')}"
+        )
     return w
 
 
@@ -220,8 +261,13 @@ def machine_info() -> dict[str, Any]:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    info: dict[str, Any] = {"cpu": cpu, "physical_cores": physical_cores(), "torch": torch.__version__,
-                            "torch_threads": torch.get_num_threads(), "numpy": np.__version__}
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "physical_cores": physical_cores(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numpy": np.__version__,
+    }
     try:
         import onnxruntime
 
@@ -320,14 +366,33 @@ def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int) ->
         ips = float(np.median(per_repeat[name]))
         # Paired ratio: each repeat's backend run against the eager run next to it, then the median.
         ratio = float(np.median(np.array(per_repeat[name]) / np.array(per_repeat["torch"])))
-        results.append(BackendResult(
-            backend=runner.name, device=runner.device, batch_size=len(next(iter(feed.values()))), items_per_s=ips,
-            ratio_to_torch=ratio, p50_ms=1e3 * float(np.percentile(latencies[name], 50)),
-            p95_ms=1e3 * float(np.percentile(latencies[name], 95)), peak_rss_mb=peaks[name],
-            gflops=ips * flops / 1e9, fraction_of_gemm=ips * flops / (gemm * 1e9),
-            fraction_of_bound=ips * folded / (gemm * 1e9), repeats_items_per_s=per_repeat[name]))
-    return BenchReport(workload={**asdict(w), "flops_definition": "BENCHMARKS.md, per-item layout"},
-                       machine=machine_info(), gemm_gflops=gemm, flops_per_item=flops, flops_per_item_folded=folded,
-                       bound_items_per_s=gemm * 1e9 / folded, repeats=repeats, warmup=warmup, results=results,
-                       peak_rss_scope="per backend (VmHWM reset before each timed run)" if scoped
-                       else "whole process (ru_maxrss; VmHWM could not be reset)")
+        results.append(
+            BackendResult(
+                backend=runner.name,
+                device=runner.device,
+                batch_size=len(next(iter(feed.values()))),
+                items_per_s=ips,
+                ratio_to_torch=ratio,
+                p50_ms=1e3 * float(np.percentile(latencies[name], 50)),
+                p95_ms=1e3 * float(np.percentile(latencies[name], 95)),
+                peak_rss_mb=peaks[name],
+                gflops=ips * flops / 1e9,
+                fraction_of_gemm=ips * flops / (gemm * 1e9),
+                fraction_of_bound=ips * folded / (gemm * 1e9),
+                repeats_items_per_s=per_repeat[name],
+            )
+        )
+    return BenchReport(
+        workload={**asdict(w), "flops_definition": "BENCHMARKS.md, per-item layout"},
+        machine=machine_info(),
+        gemm_gflops=gemm,
+        flops_per_item=flops,
+        flops_per_item_folded=folded,
+        bound_items_per_s=gemm * 1e9 / folded,
+        repeats=repeats,
+        warmup=warmup,
+        results=results,
+        peak_rss_scope="per backend (VmHWM reset before each timed run)"
+        if scoped
+        else "whole process (ru_maxrss; VmHWM could not be reset)",
+    )

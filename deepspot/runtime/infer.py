@@ -120,9 +120,17 @@ def infer(
         predict(runner, inputs, batch_size, out=out, inverse_transform=inverse_transform, progress=progress)
         seconds = time.perf_counter() - start
     selection = getattr(runner, "selection", None)
-    return InferResult(output, n, info.output_size, seconds, n / max(seconds, 1e-9), runner.backend,
-                       selection.requested if selection else runner.backend, batch_size,
-                       inverse_transform or info.fold_scaler)
+    return InferResult(
+        output,
+        n,
+        info.output_size,
+        seconds,
+        n / max(seconds, 1e-9),
+        runner.backend,
+        selection.requested if selection else runner.backend,
+        batch_size,
+        inverse_transform or info.fold_scaler,
+    )
 
 
 def _coords(data) -> dict[str, np.ndarray]:
@@ -131,8 +139,15 @@ def _coords(data) -> dict[str, np.ndarray]:
 
 def _uns(runner) -> dict[str, Any]:
     info = runner.info
-    return {"deepspot": {"backend": runner.backend, "model": info.source, "family": info.family, "mode": info.mode,
-                         "precision": info.precision}}
+    return {
+        "deepspot": {
+            "backend": runner.backend,
+            "model": info.source,
+            "family": info.family,
+            "mode": info.mode,
+            "precision": info.precision,
+        }
+    }
 
 
 @contextlib.contextmanager
@@ -148,9 +163,15 @@ def _temporary_npy(folder: Path, n: int, g: int) -> Iterator[tuple[Path, np.memm
 
 
 @contextlib.contextmanager
-def prediction_file(output: Path, n: int, g: int, barcodes: Sequence[str] | None = None,
-                    genes: Sequence[str] | None = None, coords: dict[str, np.ndarray] | None = None,
-                    uns: dict[str, Any] | None = None) -> Iterator[np.ndarray]:
+def prediction_file(
+    output: Path,
+    n: int,
+    g: int,
+    barcodes: Sequence[str] | None = None,
+    genes: Sequence[str] | None = None,
+    coords: dict[str, np.ndarray] | None = None,
+    uns: dict[str, Any] | None = None,
+) -> Iterator[np.ndarray]:
     """Yield a writable ``(n, g)`` float32 memory map; on a clean exit put the finished file at ``output``."""
     suffix = output.suffix.lower()
     folder = output.parent if str(output.parent) else Path(".")

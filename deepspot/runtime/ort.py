@@ -21,8 +21,12 @@ from .base import ModelInfo, Runner, TensorSpec
 from .profiles import Profile, trt_profile_options
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
-OPTIMIZATION_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
-                       "all": "ORT_ENABLE_ALL"}
+OPTIMIZATION_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
 
 
@@ -129,7 +133,8 @@ def session_from_onnx(
         raise CheckpointError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
     if names[0] not in session.get_providers():
         raise BackendUnavailableError(
-            f"{names[0]} failed to load (onnxruntime fell back to {session.get_providers()[0]}); {install_hint(names[0])}"
+            f"{names[0]} failed to load (onnxruntime fell back to {session.get_providers()[0]}); "
+            f"{install_hint(names[0])}"
         )
     return session
 
@@ -159,11 +164,13 @@ class OrtRunner(Runner):
         path: The ONNX file.
         backend: ``ort-cpu``, ``ort-cuda`` or ``ort-trt``.
         info: Model metadata (read from the file by :func:`deepspot.runtime.load_runner`).
-        providers: Providers with options; default from ``backend`` (see :func:`deepspot.runtime.backends.providers_for`).
+        providers: Providers with options, in priority order (:func:`deepspot.runtime.load_runner` fills them in).
         device_id: GPU index for the GPU backends.
         threads: Intra-op threads (CPU work); default physical cores.
         cuda_graph: Capture a CUDA graph on the first batch and replay it; shorter batches are zero-padded to the
             first batch's shape, because a captured graph has fixed shapes and fixed buffer addresses.
+        io_binding: Bind inputs and outputs to device buffers (default: on the GPU backends only). On ``ort-cpu`` it
+            runs the same binding code on host memory, which is how that code is tested without a GPU.
         name: Runner name in reports.
     """
 
@@ -176,6 +183,7 @@ class OrtRunner(Runner):
         device_id: int = 0,
         threads: int | None = None,
         cuda_graph: bool = False,
+        io_binding: bool | None = None,
         name: str | None = None,
     ):
         super().__init__(info, name or backend)
@@ -186,6 +194,7 @@ class OrtRunner(Runner):
         self.threads = threads
         self.cuda_graph = cuda_graph
         self.on_gpu = backend != "ort-cpu"
+        self.io_binding = self.on_gpu if io_binding is None else io_binding
         self.session = None
         self._inputs: dict[str, TensorSpec] = {}
         self._outputs: dict[str, TensorSpec] = {}
@@ -207,10 +216,11 @@ class OrtRunner(Runner):
     def activate_impl(self) -> None:
         self.session = session_from_onnx(self.path, self.providers, self.threads)
         self._inputs, self._outputs = graph_specs(self.session)
-        if self.on_gpu:
+        if self.io_binding:
             from ._ort_gpu import DeviceIO
 
-            self._io = DeviceIO(self.session, self._inputs, self._outputs, self.device_id, self.cuda_graph)
+            device_type = "cuda" if self.on_gpu else "cpu"
+            self._io = DeviceIO(self.session, self._inputs, self._outputs, self.device_id, self.cuda_graph, device_type)
 
     def deactivate_impl(self) -> None:
         self._io = None
@@ -223,7 +233,10 @@ class OrtRunner(Runner):
         return {name: np.asarray(y, dtype=np.float32) for name, y in zip(self._outputs, outputs)}
 
     def infer_on_device(self, feed: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Run on the GPU and return the outputs as device ``OrtValue``s (for a second graph to consume)."""
+        """Run and return the outputs as device ``OrtValue``s (for a second graph to consume without a host copy).
+
+        Needs IO binding (on by default on the GPU backends). Under a CUDA graph the values keep the padded batch.
+        """
         if not self.is_active or self._io is None:
-            raise InputError(f"{self.name}: outputs stay on the device only on a GPU backend")
+            raise InputError(f"{self.name}: outputs stay on the device only with IO binding (the GPU backends)")
         return self._io.run(feed, to_host=False)

@@ -40,11 +40,13 @@ class Tolerance:
 
 # fp32: only the reordering of sums (fused Phi, folded Rho) separates backend and reference, as in the exporter's
 # validation. fp16 and bf16 round weights, inputs and intermediates (unit roundoff 2^-11 and 2^-8), with a margin.
-TOLERANCES: Mapping[str, Tolerance] = MappingProxyType({
-    "fp32": Tolerance(atol=1e-5, rtol=1e-5, min_pearson=0.99999),
-    "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_pearson=0.999),
-    "bf16": Tolerance(atol=6e-2, rtol=6e-2, min_pearson=0.99),
-})
+TOLERANCES: Mapping[str, Tolerance] = MappingProxyType(
+    {
+        "fp32": Tolerance(atol=1e-5, rtol=1e-5, min_pearson=0.99999),
+        "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_pearson=0.999),
+        "bf16": Tolerance(atol=6e-2, rtol=6e-2, min_pearson=0.99),
+    }
+)
 
 
 def tolerance_for(precision: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:
@@ -74,8 +76,11 @@ class OutputParity:
     def describe(self) -> str:
         r = "n/a" if self.min_pearson is None else f"{self.min_pearson:.6f} (gene {self.worst_gene})"
         verdict = "PASS" if self.passed else "FAIL"
-        return (f"{self.name}: {verdict}: max abs err {self.max_abs:.3g} (limit {self.limit:.3g}), mean abs err "
-                f"{self.mean_abs:.3g}, max rel err {self.max_rel:.3g}, min Pearson r {r} (limit {self.tolerance.min_pearson})")
+        return (
+            f"{self.name}: {verdict}: max abs err {self.max_abs:.3g} (limit {self.limit:.3g}), mean abs err "
+            f"{self.mean_abs:.3g}, max rel err {self.max_rel:.3g}, "
+            f"min Pearson r {r} (limit {self.tolerance.min_pearson})"
+        )
 
 
 @dataclass
@@ -136,8 +141,9 @@ def output_parity(name: str, actual: np.ndarray, expected: np.ndarray, tolerance
     worst = int(np.flatnonzero(finite)[np.argmin(r[finite])]) if finite.any() else None
     limit = tolerance.limit(ref_max)
     passed = bool(np.isfinite(max_abs) and max_abs <= limit and (min_r is None or min_r >= tolerance.min_pearson))
-    return OutputParity(name, tuple(actual.shape), max_abs, float(diff.mean()), max_rel, min_r, worst, ref_max, limit,
-                        tolerance, passed)
+    return OutputParity(
+        name, tuple(actual.shape), max_abs, float(diff.mean()), max_rel, min_r, worst, ref_max, limit, tolerance, passed
+    )
 
 
 def iter_feeds(inputs: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -252,17 +258,27 @@ def check_parity(
     runner = load_runner(model, backend, options, allow_fallback)
     info = runner.info
     if info is not None:
-        theirs, ours = (info.family, info.mode, info.input_size, info.output_size), (ref.family, ref.mode,
-                                                                                      ref.input_size, ref.output_size)
+        theirs, ours = (
+            (info.family, info.mode, info.input_size, info.output_size),
+            (ref.family, ref.mode, ref.input_size, ref.output_size),
+        )
         if theirs != ours:
-            raise ConfigError(f"{model} is a {theirs[0]}/{theirs[1]} model (D={theirs[2]}, G={theirs[3]}) but "
-                              f"{checkpoint} is {ours[0]}/{ours[1]} (D={ours[2]}, G={ours[3]})")
+            raise ConfigError(
+                f"{model} is a {theirs[0]}/{theirs[1]} model (D={theirs[2]}, G={theirs[3]}) but "
+                f"{checkpoint} is {ours[0]}/{ours[1]} (D={ours[2]}, G={ours[3]})"
+            )
     if inputs is None:
         inputs = random_inputs(ref, n_random or 64, seed=seed)
     check_inputs(inputs, ref, source=str(bundle or "random inputs"))
     transform = ref.scaler.inverse_transform if info is not None and info.fold_scaler and ref.scaler else None
-    report = compare(reference, runner, inputs, tolerance_for(info.precision if info else "fp32", atol, rtol),
-                     batch_size, reference_transform=transform)
+    report = compare(
+        reference,
+        runner,
+        inputs,
+        tolerance_for(info.precision if info else "fp32", atol, rtol),
+        batch_size,
+        reference_transform=transform,
+    )
     selection = getattr(runner, "selection", None)
     if selection is not None and selection.fell_back:
         report.notes.append(f"requested {selection.requested}, ran {selection.backend} (fallback allowed)")

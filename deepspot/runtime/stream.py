@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -43,10 +42,14 @@ def check_inputs(inputs: Mapping[str, np.ndarray], info: ModelInfo, source: str 
     specs = info.input_specs()
     missing = [n for n in specs if n not in inputs]
     if missing:
-        raise InputError(f"{source}: missing input {missing[0]!r}; a {info.family}/{info.mode} model takes {', '.join(specs)}")
+        raise InputError(
+            f"{source}: missing input {missing[0]!r}; a {info.family}/{info.mode} model takes {', '.join(specs)}"
+        )
     extra = [n for n in inputs if n not in specs]
     if extra:
-        raise InputError(f"{source}: unexpected input {extra[0]!r}; a {info.family}/{info.mode} model takes {', '.join(specs)}")
+        raise InputError(
+            f"{source}: unexpected input {extra[0]!r}; a {info.family}/{info.mode} model takes {', '.join(specs)}"
+        )
     n = None
     for name, spec in specs.items():
         a = inputs[name]
@@ -80,8 +83,9 @@ def first_nonfinite_row(a: np.ndarray, chunk_bytes: int = CHECK_CHUNK_BYTES) -> 
     return None
 
 
-def batches(inputs: Mapping[str, np.ndarray], batch_size: int, dtypes: Mapping[str, str] | None = None,
-            depth: int = 2) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+def batches(
+    inputs: Mapping[str, np.ndarray], batch_size: int, dtypes: Mapping[str, str] | None = None, depth: int = 2
+) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
     """Yield ``(start, stop, feed)`` batches, prepared by a background thread ``depth`` batches ahead.
 
     The worker slices each input and makes it a C-contiguous array of the graph's dtype (this is where the pages of
@@ -110,7 +114,9 @@ def batches(inputs: Mapping[str, np.ndarray], batch_size: int, dtypes: Mapping[s
                 stop_ = min(start + batch_size, n)
                 # A real copy even where the slice is already contiguous float32: reading the pages of a
                 # memory-mapped bundle is the work this thread exists to take off the runner's path.
-                feed = {k: np.array(v[start:stop_], dtype=dtypes.get(k, "float32"), order="C") for k, v in inputs.items()}
+                feed = {
+                    k: np.array(v[start:stop_], dtype=dtypes.get(k, "float32"), order="C") for k, v in inputs.items()
+                }
                 if not put((start, stop_, feed)):
                     return
             put(done)
@@ -132,8 +138,14 @@ def batches(inputs: Mapping[str, np.ndarray], batch_size: int, dtypes: Mapping[s
         worker.join(timeout=5)
 
 
-def predict(runner: Runner, inputs: Mapping[str, np.ndarray], batch_size: int = 256, out: np.ndarray | None = None,
-            inverse_transform: bool = False, progress: bool = False) -> np.ndarray:
+def predict(
+    runner: Runner,
+    inputs: Mapping[str, np.ndarray],
+    batch_size: int = 256,
+    out: np.ndarray | None = None,
+    inverse_transform: bool = False,
+    progress: bool = False,
+) -> np.ndarray:
     """Run ``runner`` over every item in batches; write into ``out`` (allocated if ``None``) and return it.
 
     Inputs are not checked here (see :func:`check_inputs`); the runner checks each batch's names and ranks.
@@ -171,8 +183,14 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return lambda k: None
-        columns = (TextColumn("inference"), BarColumn(), MofNCompleteColumn(), ItemsPerSecond(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
+        columns = (
+            TextColumn("inference"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            ItemsPerSecond(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         self.bar = Progress(*columns, transient=True)
         self.bar.__enter__()
         task = self.bar.add_task("inference", total=self.total)

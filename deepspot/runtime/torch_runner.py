@@ -71,12 +71,15 @@ class TorchRunner(Runner):
         self._device = torch.device(device)
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError(
-                "the torch-cuda backend needs a CUDA GPU and a CUDA build of PyTorch; torch.cuda.is_available() is False"
+                "the torch-cuda backend needs an NVIDIA GPU and a CUDA build of PyTorch; "
+                "torch.cuda.is_available() is False"
             )
         self.backend = "torch-cuda" if self._device.type == "cuda" else "torch"
         self.name = name or self.backend
         self.precision = precision
-        self.cast = ("half" if self._device.type == "cuda" and precision == "fp16" else "autocast") if cast == "auto" else cast
+        self.cast = (
+            ("half" if self._device.type == "cuda" and precision == "fp16" else "autocast") if cast == "auto" else cast
+        )
         self.compile = compile
         self.graph = graph
         self._module = None

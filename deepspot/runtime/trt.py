@@ -166,8 +166,9 @@ class TrtRunner(Runner):
 
     backend = "tensorrt"
 
-    def __init__(self, plan_path: str | Path, device_id: int = 0, onnx_path: str | Path | None = None,
-                 name: str | None = None):
+    def __init__(
+        self, plan_path: str | Path, device_id: int = 0, onnx_path: str | Path | None = None, name: str | None = None
+    ):
         self.path = Path(plan_path)
         self.header, self._offset = read_plan_header(self.path)
         model = self.header.get("model")

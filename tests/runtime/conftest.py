@@ -18,6 +18,7 @@ from deepspot.scaler import Scaler
 D, H, E, G = 16, 8, 10, 5  # tiny sizes: every test stays fast on 2 cores
 BAGS = {"subspot": 3, "neighbors": 4}
 
+
 def _ort_provider(name: str) -> bool:
     if importlib.util.find_spec("onnxruntime") is None:
         return False
@@ -28,12 +29,18 @@ def _ort_provider(name: str) -> bool:
 
 NEEDS = {
     "cuda": (lambda: torch.cuda.is_available(), "needs an NVIDIA GPU (torch.cuda.is_available() is False)"),
-    "ort-cuda": (lambda: torch.cuda.is_available() and _ort_provider("CUDAExecutionProvider"),
-                 "needs onnxruntime-gpu with the CUDA provider, and a GPU"),
-    "ort-trt": (lambda: torch.cuda.is_available() and _ort_provider("TensorrtExecutionProvider"),
-                "needs onnxruntime-gpu with the TensorRT provider, and a GPU"),
-    "tensorrt": (lambda: torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None,
-                 "needs the tensorrt package and a GPU"),
+    "ort-cuda": (
+        lambda: torch.cuda.is_available() and _ort_provider("CUDAExecutionProvider"),
+        "needs onnxruntime-gpu with the CUDA provider, and a GPU",
+    ),
+    "ort-trt": (
+        lambda: torch.cuda.is_available() and _ort_provider("TensorrtExecutionProvider"),
+        "needs onnxruntime-gpu with the TensorRT provider, and a GPU",
+    ),
+    "tensorrt": (
+        lambda: torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None,
+        "needs the tensorrt package and a GPU",
+    ),
 }
 
 
@@ -61,15 +68,19 @@ class Artifacts:
 
     def inputs(self) -> dict[str, np.ndarray]:
         """The bundle's model inputs, shaped as the runners take them."""
-        return {name: a[:, None, :] if a.ndim == 2 else a for name, a in self.arrays.items()
-                if name in self.model.mode.input_names}
+        return {
+            name: a[:, None, :] if a.ndim == 2 else a
+            for name, a in self.arrays.items()
+            if name in self.model.mode.input_names
+        }
 
 
 def tiny_model(family: str, mode: str, seed: int = 0, scaler: bool = True):
     """A small eval-mode model with a scaler and gene names; larger Phi biases make the median and ReLU matter."""
     extra = {"agg_neighbors": "mean"} if family == "cell" else {}
-    model = create_model(family, mode, input_size=D, output_size=G, phi2rho_size=H, n_ensemble=E, random_seed=seed,
-                         **extra)
+    model = create_model(
+        family, mode, input_size=D, output_size=G, phi2rho_size=H, n_ensemble=E, random_seed=seed, **extra
+    )
     with torch.no_grad():
         for phi in model.phi:
             phi.model[0].bias.normal_(0.0, 0.5)
@@ -97,8 +108,9 @@ def artifacts(tmp_path_factory):
             ckpt = checkpoint.save(model, folder / "model.safetensors")
             onnx = folder / "model.onnx"
             export_onnx(model, onnx)
-            arrays = synth_bundle(family, mode, n, D, G, seed=1, n_subspots=BAGS["subspot"],
-                                  n_neighbors=BAGS["neighbors"])
+            arrays = synth_bundle(
+                family, mode, n, D, G, seed=1, n_subspots=BAGS["subspot"], n_neighbors=BAGS["neighbors"]
+            )
             arrays["genes"] = np.array(model.genes)
             bundle = save_bundle(folder / "bundle.npz", arrays)
             cache[key] = Artifacts(model, ckpt, onnx, bundle, arrays)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 
 from deepspot.errors import BackendUnavailableError, CheckpointError, ConfigError
@@ -36,8 +37,12 @@ def test_every_backend_has_an_install_hint_and_a_fallback_chain_that_ends_on_the
 
 @pytest.mark.parametrize(
     ("backend", "hint"),
-    [("ort-cuda", "pip install 'deepspot[gpu]'"), ("ort-trt", "deepspot[gpu,tensorrt]"),
-     ("tensorrt", "pip install 'deepspot[tensorrt]'"), ("torch-cuda", "CUDA build of PyTorch")],
+    [
+        ("ort-cuda", "pip install 'deepspot[gpu]'"),
+        ("ort-trt", "deepspot[gpu,tensorrt]"),
+        ("tensorrt", "pip install 'deepspot[tensorrt]'"),
+        ("torch-cuda", "CUDA build of PyTorch"),
+    ],
 )
 def test_missing_backend_is_an_error_that_says_what_to_install(backend, hint):
     with pytest.raises(BackendUnavailableError) as e:
@@ -50,7 +55,10 @@ def test_no_silent_fallback_but_an_announced_one_when_allowed(caplog):
         warnings.simplefilter("error")  # nothing may be swallowed quietly: the strict path raises, it does not warn
         with pytest.raises(BackendUnavailableError):
             select_backend("ort-cuda", probe=CPU_ONLY)
-    with caplog.at_level("INFO", logger="deepspot.runtime"), pytest.warns(FallbackWarning, match="'ort-cuda' to 'ort-cpu'"):
+    with (
+        caplog.at_level("INFO", logger="deepspot.runtime"),
+        pytest.warns(FallbackWarning, match="'ort-cuda' to 'ort-cpu'"),
+    ):
         selection = select_backend("ort-cuda", allow_fallback=True, probe=CPU_ONLY)
     assert selection.backend == "ort-cpu" and selection.fell_back and "CUDAExecutionProvider" in selection.reasons[0]
     assert "falling back" in caplog.text
@@ -115,14 +123,19 @@ def test_provider_options():
     assert options["trt_fp16_enable"] == "True" and options["device_id"] == "2"
     assert options["trt_profile_min_shapes"] == "spot:1x1x16,subspot:1x9x16,neighbors:1x6x16"
     assert options["trt_profile_max_shapes"] == "spot:64x1x16,subspot:64x9x16,neighbors:64x6x16"
-    assert trt_provider_options("/c")["trt_fp16_enable"] == "False" and "trt_profile_min_shapes" not in trt_provider_options("/c")
+    assert trt_provider_options("/c")[
+        "trt_fp16_enable"
+    ] == "False" and "trt_profile_min_shapes" not in trt_provider_options("/c")
 
 
 def load_specs():
     from deepspot.runtime.base import TensorSpec
 
-    return {"spot": TensorSpec("spot", ("batch", 1, 16)), "subspot": TensorSpec("subspot", ("batch", "n_subspot", 16)),
-            "neighbors": TensorSpec("neighbors", ("batch", "n_neighbors", 16))}
+    return {
+        "spot": TensorSpec("spot", ("batch", 1, 16)),
+        "subspot": TensorSpec("subspot", ("batch", "n_subspot", 16)),
+        "neighbors": TensorSpec("neighbors", ("batch", "n_neighbors", 16)),
+    }
 
 
 def test_ort_trt_cache_folder_depends_on_graph_profile_and_precision(artifacts, tmp_path):
@@ -142,3 +155,26 @@ def test_physical_cores_and_session_threads(artifacts):
     assert 1 <= physical_cores() <= (__import__("os").cpu_count() or 1)
     session = session_from_onnx(artifacts().onnx, [CPU], threads=1)
     assert session.get_providers() == [CPU]
+
+
+@pytest.mark.parametrize("fixed_buffers", [False, True], ids=["per-batch", "fixed-buffers"])
+def test_io_binding_path_on_the_cpu(artifacts, eager, fixed_buffers):
+    """The GPU binding code (staging, fixed buffers with padding, device-resident outputs) on host memory."""
+    from deepspot.errors import InputError
+    from deepspot.runtime.artifacts import read_onnx
+    from deepspot.runtime.ort import OrtRunner
+
+    a = artifacts()
+    runner = OrtRunner(a.onnx, "ort-cpu", read_onnx(a.onnx)[0], cuda_graph=fixed_buffers, io_binding=True)
+    inputs = a.inputs()
+    with runner:
+        outs = [runner.infer({k: v[s : s + 8] for k, v in inputs.items()}) for s in range(0, 37, 8)]
+        y = np.concatenate([o["expression"] for o in outs])  # outputs are owned copies, not views of a buffer
+        np.testing.assert_allclose(y, eager(a.model, inputs), atol=1e-5)
+        values = runner.infer_on_device({k: v[:8] for k, v in inputs.items()})
+        assert values["expression"].shape() == [8, 5]
+        if fixed_buffers:
+            with pytest.raises(InputError, match="rebuild the runner"):
+                runner.infer({k: v[:16] for k, v in inputs.items()})  # larger than the captured batch
+    with load_runner(a.onnx) as plain, pytest.raises(InputError, match="IO binding"):
+        plain.infer_on_device({k: v[:2] for k, v in inputs.items()})

@@ -13,7 +13,13 @@ from deepspot.runtime.bench import WORKLOADS, get_workload, peak_rss_mb, reset_p
 def test_workloads_follow_benchmarks_md():
     w = WORKLOADS["visium-uni"]
     assert (w.family, w.mode, w.input_size, w.phi2rho_size, w.n_ensemble, w.output_size) == (
-        "spot", "subspot_neighbors", 1024, 512, 10, 5000)
+        "spot",
+        "subspot_neighbors",
+        1024,
+        512,
+        10,
+        5000,
+    )
     assert (w.bags, w.batch_cpu, w.batch_gpu, w.tiles) == ({"subspot": 9, "neighbors": 6}, 256, 4096, 16)
     # Phi: tiles x E x D x H x 2; Rho: E x m*H x G x 2 (the reference's count) or one folded Rho.
     assert w.flops_per_item() == 16 * 10 * 1024 * 512 * 2 + 10 * 3 * 512 * 5000 * 2
@@ -21,7 +27,14 @@ def test_workloads_follow_benchmarks_md():
     assert WORKLOADS["visium-hoptimus"].input_size == 1536
     x = WORKLOADS["xenium"]
     assert (x.family, x.mode, x.input_size, x.phi2rho_size, x.output_size, x.bags, x.batch_cpu) == (
-        "cell", "neighbors", 1536, 1024, 500, {"neighbors": 44}, 64)
+        "cell",
+        "neighbors",
+        1536,
+        1024,
+        500,
+        {"neighbors": 44},
+        64,
+    )
     assert {WORKLOADS["visium-slide"].n_items, WORKLOADS["xenium-slide"].n_items} == {20_000, 100_000}
 
 

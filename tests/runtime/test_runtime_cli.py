@@ -30,7 +30,9 @@ def one_line_error(result, *fragments: str) -> None:
 
 def test_infer_writes_predictions(artifacts, eager, tmp_path):
     a = artifacts()
-    result = run("infer", a.onnx, "--input", a.bundle, "--output", tmp_path / "p.npz", "--batch-size", 10, "--no-progress")
+    result = run(
+        "infer", a.onnx, "--input", a.bundle, "--output", tmp_path / "p.npz", "--batch-size", 10, "--no-progress"
+    )
     assert result.exit_code == 0, result.output
     assert "37 x 5 predictions on ort-cpu" in result.output and "items/s" in result.output
     with np.load(tmp_path / "p.npz") as z:
@@ -43,13 +45,18 @@ def test_infer_mistakes_exit_2_with_one_line(artifacts, tmp_path):
     a = artifacts()
     one_line_error(run("infer", a.onnx, "-i", tmp_path / "nope.npz", "-o", tmp_path / "p.npy"), "no such bundle")
     one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.csv"), "unknown output type")
-    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "gpu"), "unknown backend")
+    one_line_error(
+        run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "gpu"), "unknown backend"
+    )
     one_line_error(run("infer", tmp_path / "missing.onnx", "-i", a.bundle, "-o", tmp_path / "p.npy"), "missing.onnx")
-    one_line_error(run("infer", a.onnx, "-i", artifacts("cell", "neighbors").bundle, "-o", tmp_path / "p.npy"),
-                   "spot model")
+    one_line_error(
+        run("infer", a.onnx, "-i", artifacts("cell", "neighbors").bundle, "-o", tmp_path / "p.npy"), "spot model"
+    )
     if importlib.util.find_spec("tensorrt") is None:
-        one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "tensorrt"),
-                       "pip install 'deepspot[tensorrt]'")
+        one_line_error(
+            run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "tensorrt"),
+            "pip install 'deepspot[tensorrt]'",
+        )
     assert not (tmp_path / "p.npy").exists()
 
 
@@ -59,10 +66,23 @@ def test_unavailable_gpu_backend_exits_2_or_falls_back_with_a_warning(artifacts,
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine has the CUDA provider")
     a = artifacts()
-    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "ort-cuda"),
-                   "pip install 'deepspot[gpu]'", "--allow-fallback")
-    result = run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "ort-cuda", "--allow-fallback",
-                 "--no-progress")
+    one_line_error(
+        run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "ort-cuda"),
+        "pip install 'deepspot[gpu]'",
+        "--allow-fallback",
+    )
+    result = run(
+        "infer",
+        a.onnx,
+        "-i",
+        a.bundle,
+        "-o",
+        tmp_path / "p.npy",
+        "--backend",
+        "ort-cuda",
+        "--allow-fallback",
+        "--no-progress",
+    )
     assert result.exit_code == 0
     assert "Warning: falling back from 'ort-cuda' to 'ort-cpu'" in result.output and "on ort-cpu" in result.output
 
@@ -83,13 +103,27 @@ def test_parity_failure_exits_1(artifacts, make_model, tmp_path):
     assert result.exit_code == 1 and "FAIL" in result.output
     assert json.loads((tmp_path / "parity.json").read_text())["passed"] is False
     assert run("parity", a.checkpoint, a.onnx, "--atol", 0, "--rtol", 0).exit_code == 1
-    one_line_error(run("parity", a.checkpoint, a.onnx, "--input", a.bundle, "--random", 5), "either --input or --random")
+    one_line_error(
+        run("parity", a.checkpoint, a.onnx, "--input", a.bundle, "--random", 5), "either --input or --random"
+    )
     one_line_error(run("parity", artifacts("cell", "neighbors").checkpoint, a.onnx), "cell/neighbors")
 
 
 def test_bench_quick_with_json(tmp_path):
-    result = run("bench", "--workload", "visium-uni", "--backends", "torch,ort-cpu", "--quick", "--repeats", 2,
-                 "--warmup", 1, "--json", tmp_path / "bench.json")
+    result = run(
+        "bench",
+        "--workload",
+        "visium-uni",
+        "--backends",
+        "torch,ort-cpu",
+        "--quick",
+        "--repeats",
+        2,
+        "--warmup",
+        1,
+        "--json",
+        tmp_path / "bench.json",
+    )
     assert result.exit_code == 0, result.output
     assert "x torch" in result.output and "GEMM fp32" in result.output
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -110,8 +144,16 @@ def test_engine_build_without_tensorrt_exits_2_with_the_install_hint(artifacts, 
 def test_engine_info_reads_the_header_without_tensorrt(tmp_path):
     from deepspot.runtime.trt import write_plan
 
-    write_plan(tmp_path / "m.plan", b"x", {"gpu": "NVIDIA H200", "tensorrt_version": "10.3", "profile": {},
-                                             "model": {"family": "spot", "mode": "neighbors", "genes": ["a"]}})
+    write_plan(
+        tmp_path / "m.plan",
+        b"x",
+        {
+            "gpu": "NVIDIA H200",
+            "tensorrt_version": "10.3",
+            "profile": {},
+            "model": {"family": "spot", "mode": "neighbors", "genes": ["a"]},
+        },
+    )
     result = run("engine", "info", tmp_path / "m.plan")
     assert result.exit_code == 0
     info = json.loads(result.output)
@@ -127,6 +169,13 @@ def test_quickstart_runs_the_whole_path(tmp_path):
         assert step in result.output
     assert "FAILED" not in result.output
     names = {p.name for p in (tmp_path / "qs").iterdir()}
-    assert {"train.npz", "test.npz", "model.safetensors", "model.onnx", "predictions.npz", "parity.json",
-            "bench.json"} <= names
+    assert {
+        "train.npz",
+        "test.npz",
+        "model.safetensors",
+        "model.onnx",
+        "predictions.npz",
+        "parity.json",
+        "bench.json",
+    } <= names
     assert json.loads((tmp_path / "qs" / "parity.json").read_text())["passed"]

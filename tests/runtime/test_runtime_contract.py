@@ -9,8 +9,12 @@ from deepspot.errors import InputError
 from deepspot.runtime import BACKENDS, Runner, RunnerOptions, load_runner
 from deepspot.runtime.parity import tolerance_for
 
-MARKS = {"torch-cuda": pytest.mark.gpu, "ort-cuda": pytest.mark.gpu, "ort-trt": [pytest.mark.gpu, pytest.mark.tensorrt],
-         "tensorrt": [pytest.mark.gpu, pytest.mark.tensorrt]}
+MARKS = {
+    "torch-cuda": pytest.mark.gpu,
+    "ort-cuda": pytest.mark.gpu,
+    "ort-trt": [pytest.mark.gpu, pytest.mark.tensorrt],
+    "tensorrt": [pytest.mark.gpu, pytest.mark.tensorrt],
+}
 NEEDS = {"torch-cuda": "cuda", "ort-cuda": "ort-cuda", "ort-trt": "ort-trt", "tensorrt": "tensorrt"}
 BACKEND_PARAMS = [pytest.param(name, id=name, marks=MARKS.get(name, ())) for name in BACKENDS]
 

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.gpu
 def test_torch_cuda_parity(artifacts, require, precision):
     require("cuda")
     a = artifacts()
-    report = check_parity(a.checkpoint, a.checkpoint, "torch-cuda", bundle=a.bundle,
-                          options=RunnerOptions(precision=precision))
+    report = check_parity(
+        a.checkpoint, a.checkpoint, "torch-cuda", bundle=a.bundle, options=RunnerOptions(precision=precision)
+    )
     assert report.passed, report.summary()
     assert report.precision == precision
 
@@ -61,7 +62,9 @@ def test_ort_cuda_io_binding_and_cuda_graphs(artifacts, eager, require, cuda_gra
 def test_ort_trt_parity_and_engine_cache(artifacts, require, tmp_path, precision):
     require("ort-trt")
     a = artifacts()
-    options = RunnerOptions(precision=precision, cache_dir=tmp_path, batch_size=16, bag_sizes={"subspot": 3, "neighbors": 4})
+    options = RunnerOptions(
+        precision=precision, cache_dir=tmp_path, batch_size=16, bag_sizes={"subspot": 3, "neighbors": 4}
+    )
     assert check_parity(a.checkpoint, a.onnx, "ort-trt", bundle=a.bundle, batch_size=16, options=options).passed
     assert any((tmp_path / "ort-trt").rglob("*.engine"))
 

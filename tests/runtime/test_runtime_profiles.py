@@ -35,7 +35,11 @@ def test_profile_from_batch_size_and_the_data_bag_sizes():
 
 def test_profile_ranges_and_defaults():
     p = derive_profile(SPECS, 64, {"neighbors": (8, 44, 60)}, min_batch=16)
-    assert p.min["neighbors"] == (16, 8, 1536) and p.opt["neighbors"] == (64, 44, 1536) and p.max["neighbors"] == (64, 60, 1536)
+    assert (
+        p.min["neighbors"] == (16, 8, 1536)
+        and p.opt["neighbors"] == (64, 44, 1536)
+        and p.max["neighbors"] == (64, 60, 1536)
+    )
     p = derive_profile(SPECS, 64)
     lo, opt, hi = DEFAULT_BAG_RANGE
     assert (p.min["neighbors"][1], p.opt["neighbors"][1], p.max["neighbors"][1]) == (lo, opt, hi)
@@ -74,9 +78,16 @@ def test_cache_key_is_stable_and_sensitive():
 def test_plan_header_round_trip_and_checks(tmp_path):
     info = ModelInfo("cell", "neighbors", 1536, 500, genes=["a"] * 500)
     profile = derive_profile(SPECS, 64, {"neighbors": 44})
-    header = {"onnx_sha256": "f00", "gpu": "NVIDIA H200", "compute_capability": "9.0", "tensorrt_version": "10.3.0",
-              "precision": "fp16", "profile": profile.to_dict(), "model": info.to_dict(),
-              "input_dtypes": {"cell": "float32", "neighbors": "float32"}}
+    header = {
+        "onnx_sha256": "f00",
+        "gpu": "NVIDIA H200",
+        "compute_capability": "9.0",
+        "tensorrt_version": "10.3.0",
+        "precision": "fp16",
+        "profile": profile.to_dict(),
+        "model": info.to_dict(),
+        "input_dtypes": {"cell": "float32", "neighbors": "float32"},
+    }
     path = write_plan(tmp_path / "m.plan", b"ENGINE-BYTES", header)
     assert path.read_bytes().startswith(MAGIC) and path.read_bytes().endswith(b"ENGINE-BYTES")
     read, offset = read_plan_header(path)

@@ -20,7 +20,9 @@ ALL_MODES = [pytest.param(m.family, m.name, id=m.key) for m in MODES]
 
 @pytest.mark.parametrize(("family", "mode"), ALL_MODES)
 @pytest.mark.parametrize("backend", ["torch", "ort-cpu"])
-def test_streamed_predictions_equal_the_model_across_batch_boundaries(artifacts, eager, tmp_path, family, mode, backend):
+def test_streamed_predictions_equal_the_model_across_batch_boundaries(
+    artifacts, eager, tmp_path, family, mode, backend
+):
     a = artifacts(family, mode, n=37)  # 37 = 4 full batches of 8 and a short one
     model_file = a.checkpoint if backend == "torch" else a.onnx
     result = infer(model_file, a.bundle, tmp_path / "p.npy", backend, batch_size=8)
@@ -48,7 +50,9 @@ def test_npz_output_carries_barcodes_and_genes(artifacts, tmp_path):
         assert list(z["barcodes"]) == list(a.arrays["barcode"]) and list(z["genes"]) == a.model.genes
 
 
-@pytest.mark.skipif(importlib.util.find_spec("anndata") is None, reason="needs anndata (pip install 'deepspot[anndata]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("anndata") is None, reason="needs anndata (pip install 'deepspot[anndata]')"
+)
 def test_h5ad_output(artifacts, tmp_path):
     import anndata
 
