@@ -84,3 +84,14 @@ def test_save_is_atomic_and_refuses_missing_folder(tmp_path):
     with pytest.raises(deepspot.DeepSpotError, match="does not exist"):
         deepspot.save(_model(), tmp_path / "no" / "m.safetensors")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_get_default_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = deepspot.save(_model(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # not the private 0600 of the temporary file

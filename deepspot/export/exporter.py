@@ -306,7 +306,6 @@ def export_onnx(
     try:
         with atomic_path(path) as tmp:
             onnx.save_model(onnx_model, str(tmp))
-            _give_default_permissions(tmp)
             if validate:
                 report = _validate(tmp, path, model, spec, precision, io_dtype, fold_scaler)
                 report.path = str(path)
@@ -342,13 +341,6 @@ def _validate(tmp: Path, path: Path, model, spec, precision, io_dtype, fold_scal
             op=e.op,
             provider=e.provider,
         ) from None
-
-
-def _give_default_permissions(path: Path) -> None:
-    # The temporary file is created private (0600); the model file should get the permissions of any new file.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _check_size(module: nn.Module) -> None:

@@ -18,8 +18,8 @@ computation.
 
 from __future__ import annotations
 
-from torch import nn
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 from ..modes import Mode
@@ -234,7 +234,7 @@ def export_indexed(
     ).hexdigest()[:16]
     for name, graph in graphs.items():
         meta = dict(base, layout="indexed", role=name.split(".")[0], pair_id=pair_id, table_dtype=table_dtype,
-                    embedding_size=str(h))  # fmt: skip
+                    embedding_size=str(h), input_names=json.dumps([i.name for i in graph.graph.input]))  # fmt: skip
         set_metadata(graph, meta, dense)
         check_graph(graph)
 
