@@ -19,6 +19,7 @@ from .app import app, fail, handle_errors
 engine_app = typer.Typer(help="Build and inspect native TensorRT engines (.plan).", no_args_is_help=True)
 app.add_typer(engine_app, name="engine")
 
+TORCH_GRAPH_HELP = "torch backends: eager (the model as written) or export (fused Phi, folded Rho, as in the ONNX)."
 BACKEND_HELP = "Backend: torch, torch-cuda, ort-cpu, ort-cuda, ort-trt or tensorrt (default from the model file type)."
 
 
@@ -51,10 +52,18 @@ def _options(
     threads: Optional[int],
     compile: bool = False,
     cache_dir: Optional[Path] = None,
+    torch_graph: str = "eager",
 ):
     from ..runtime.backends import RunnerOptions
 
-    return RunnerOptions(device=device, precision=precision, threads=threads, compile=compile, cache_dir=cache_dir)
+    return RunnerOptions(
+        device=device,
+        precision=precision,
+        threads=threads,
+        compile=compile,
+        cache_dir=cache_dir,
+        torch_graph=torch_graph,
+    )
 
 
 def _bag_sizes(text: Optional[str]) -> dict[str, int]:
@@ -91,6 +100,7 @@ def infer(
     ),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: physical cores)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (torch backends)."),
+    torch_graph: str = typer.Option("eager", help=TORCH_GRAPH_HELP),
     cache_dir: Optional[Path] = typer.Option(None, help="TensorRT engine and timing cache folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with items/s."),
 ) -> None:
@@ -104,7 +114,7 @@ def infer(
             output,
             backend=backend,
             batch_size=batch_size,
-            options=_options(device, precision, threads, compile, cache_dir),
+            options=_options(device, precision, threads, compile, cache_dir, torch_graph),
             inverse_transform=inverse_transform,
             allow_fallback=allow_fallback,
             progress=progress,
@@ -135,6 +145,7 @@ def parity(
         False, "--allow-fallback", help="Run on another backend if this one is unavailable."
     ),
     seed: int = typer.Option(0, help="Seed of the random inputs."),
+    torch_graph: str = typer.Option("eager", help=TORCH_GRAPH_HELP),
 ) -> None:
     """Compare a backend with the eager PyTorch model; exit 1 when parity fails."""
     from ..runtime import check_parity
@@ -151,7 +162,7 @@ def parity(
             atol=atol,
             rtol=rtol,
             batch_size=batch_size,
-            options=_options(device, precision, None),
+            options=_options(device, precision, None, torch_graph=torch_graph),
             allow_fallback=allow_fallback,
             seed=seed,
         )
@@ -203,6 +214,8 @@ def bench(
     allow_fallback: bool = typer.Option(
         False, "--allow-fallback", help="Run on another backend if one is unavailable."
     ),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the torch-cuda backend."),
+    torch_graph: str = typer.Option("eager", help=TORCH_GRAPH_HELP + " The eager baseline is always eager."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
 ) -> None:
     """Throughput of each backend against the eager PyTorch model, measured side by side in one process."""
@@ -217,7 +230,7 @@ def bench(
             repeats=repeats or (3 if quick else 5),
             warmup=warmup,
             quick=quick,
-            options=_options(device, precision, threads),
+            options=_options(device, precision, threads, compile, torch_graph=torch_graph),
             allow_fallback=allow_fallback,
         )
     print_bench(report)

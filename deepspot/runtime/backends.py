@@ -198,6 +198,8 @@ class RunnerOptions:
         bag_sizes: Sizes of the bag axes in the data (TensorRT profiles).
         threads: Intra-op threads on the CPU.
         compile: ``torch.compile`` the torch backend.
+        torch_graph: What the torch backends run: ``eager`` (the model as written, the reference) or ``export``
+            (the exporter's module: fused Phi ensemble, folded Rho; what the ONNX graphs compute).
         cuda_graph: Replay a CUDA graph on the GPU backends of onnxruntime (``None``: on for ``ort-cuda``).
         cache_dir: TensorRT engine and timing caches.
     """
@@ -208,6 +210,7 @@ class RunnerOptions:
     bag_sizes: dict[str, int] = field(default_factory=dict)
     threads: int | None = None
     compile: bool = False
+    torch_graph: str = "eager"
     cuda_graph: bool | None = None
     cache_dir: Path | None = None
 
@@ -250,7 +253,8 @@ def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
         from .torch_runner import TorchRunner
 
         device = f"cuda:{o.device}" if name == "torch-cuda" else "cpu"
-        return TorchRunner(model, device=device, precision=o.precision or "fp32", compile=o.compile)
+        precision = o.precision or "fp32"
+        return TorchRunner(model, device=device, precision=precision, compile=o.compile, graph=o.torch_graph)
     if kind == "plan":
         from .trt import TrtRunner
 

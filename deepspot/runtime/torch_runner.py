@@ -38,9 +38,9 @@ class TorchRunner(Runner):
         model: A model or a checkpoint path.
         device: ``cpu``, ``cuda`` or ``cuda:K``.
         precision: ``fp32``, ``fp16`` or ``bf16``.
-        cast: How a reduced precision is applied: ``autocast`` (weights stay fp32, matrix products run in the low
-            precision), ``half`` (weights and inputs converted), or ``auto`` (``half`` on CUDA for fp16, else
-            ``autocast``).
+        cast: How a reduced precision is applied to the eager model: ``autocast`` (weights stay fp32, matrix products
+            run in the low precision), ``half`` (weights and inputs converted), or ``auto`` (``half`` on CUDA for
+            fp16, else ``autocast``). The ``export`` graph is built at the precision and ignores it.
         compile: Wrap the module in ``torch.compile`` (dynamic shapes), compiled on the first call.
         graph: ``eager`` runs the model as written (the reference); ``export`` runs the exporter's optimised module
             (fused Phi ensemble, folded Rho), which is what the ONNX graphs compute.
@@ -77,9 +77,13 @@ class TorchRunner(Runner):
         self.backend = "torch-cuda" if self._device.type == "cuda" else "torch"
         self.name = name or self.backend
         self.precision = precision
-        self.cast = (
-            ("half" if self._device.type == "cuda" and precision == "fp16" else "autocast") if cast == "auto" else cast
-        )
+        if graph == "export":
+            # The exporter's module casts its weights and compute itself, with fp32 inputs and outputs.
+            self.cast = "module"
+        elif cast == "auto":
+            self.cast = "half" if self._device.type == "cuda" and precision == "fp16" else "autocast"
+        else:
+            self.cast = cast
         self.compile = compile
         self.graph = graph
         self._module = None
@@ -101,7 +105,7 @@ class TorchRunner(Runner):
         if self.graph == "export":
             from ..export import build_export_module
 
-            module = build_export_module(self.model)
+            module = build_export_module(self.model, precision=self.precision)
         else:
             # A copy, so that moving or casting never changes the caller's model.
             module = copy.deepcopy(self.model)

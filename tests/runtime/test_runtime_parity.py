@@ -9,7 +9,7 @@ import pytest
 
 from deepspot import checkpoint
 from deepspot.errors import ConfigError
-from deepspot.runtime import TOLERANCES, check_parity, compare, load_runner
+from deepspot.runtime import TOLERANCES, RunnerOptions, check_parity, compare, load_runner
 from deepspot.runtime.parity import Tolerance, output_parity, pearson_per_column, random_inputs, tolerance_for
 
 
@@ -40,6 +40,11 @@ def test_ort_cpu_fp32_passes_on_a_bundle_and_on_random_inputs(artifacts, tmp_pat
 def test_torch_variants_pass_against_the_reference(artifacts):
     a = artifacts()
     assert check_parity(a.checkpoint, a.checkpoint, "torch", n_random=16).passed
+    fused = check_parity(a.checkpoint, a.checkpoint, "torch", n_random=16, options=RunnerOptions(torch_graph="export"))
+    assert fused.passed and fused.outputs[0].max_abs > 0  # a different summation order, within the fp32 tolerance
+    for options in (RunnerOptions(precision="bf16"), RunnerOptions(precision="bf16", torch_graph="export")):
+        report = check_parity(a.checkpoint, a.checkpoint, "torch", n_random=16, options=options)
+        assert report.passed and report.precision == "bf16"
 
 
 def test_a_different_checkpoint_fails(artifacts, make_model, tmp_path):
