@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.text import Text
 
 from ..errors import ConfigError, InputError
+from ._pages import release_rows
 from .base import OUTPUT_NAME, ModelInfo, Runner
 
 CHECK_CHUNK_BYTES = 64 << 20  # finiteness is checked this many bytes at a time, whatever the bundle's size
@@ -78,6 +79,7 @@ def first_nonfinite_row(a: np.ndarray, chunk_bytes: int = CHECK_CHUNK_BYTES) -> 
     step = max(1, chunk_bytes // row_bytes)
     for start in range(0, a.shape[0], step):
         bad = ~np.isfinite(a[start : start + step]).reshape(min(step, a.shape[0] - start), -1).all(axis=1)
+        release_rows(a, start, start + step)
         if bad.any():
             return start + int(np.argmax(bad))
     return None
@@ -117,6 +119,8 @@ def batches(
                 feed = {
                     k: np.array(v[start:stop_], dtype=dtypes.get(k, "float32"), order="C") for k, v in inputs.items()
                 }
+                for v in inputs.values():
+                    release_rows(v, start, stop_)  # read once: keep the resident set flat in N
                 if not put((start, stop_, feed)):
                     return
             put(done)
@@ -163,6 +167,7 @@ def predict(
             if out is None:
                 out = np.empty((n, g or y.shape[1]), dtype=np.float32)
             out[start:stop] = y
+            release_rows(out, start, stop)  # written pages stay in the file, not in this process
             bar(stop - start)
     return out
 

@@ -177,3 +177,29 @@ def test_predict_in_memory(artifacts, eager):
     with load_runner(a.onnx) as runner:
         y = predict(runner, a.inputs(), batch_size=6)
     np.testing.assert_allclose(y, eager(a.model, a.inputs()), atol=1e-5)
+
+
+def _rss_file_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) / 1024 for line in f if line.startswith("RssFile:")), None)
+    except OSError:
+        return None
+
+
+def test_streamed_pages_are_given_back(tmp_path):
+    """Rows already streamed leave the resident set, so peak memory does not grow with the number of items."""
+    from deepspot.runtime._pages import release_rows
+
+    if _rss_file_mb() is None:
+        pytest.skip("needs Linux /proc/self/status")
+    np.save(tmp_path / "x.npy", np.ones((4096, 4096), dtype=np.float32))  # 64 MiB
+    x = np.load(tmp_path / "x.npy", mmap_mode="r")[:, None, :]  # a view, as Bundle.inputs gives
+    before = _rss_file_mb()
+    assert float(x[:, 0, ::1024].sum()) == 4096 * 4  # touch every page
+    touched = _rss_file_mb()
+    release_rows(x, 0, 4096)
+    after = _rss_file_mb()
+    assert touched - before > 32 and touched - after > 32
+    assert float(np.asarray(x[100:101]).sum()) == 4096  # the data is still there, read back from the file
+    release_rows(np.ones((3, 3)), 0, 3)  # ordinary memory: nothing to do

@@ -1,0 +1,46 @@
+"""Give back the pages of a memory-mapped array once a range of rows has been read or written.
+
+Pages of a file mapping that a process has touched count in its resident set until the kernel needs the memory, so
+streaming through a 10 GB bundle would show a 10 GB resident set although only two batches are ever in use.
+``madvise(MADV_DONTNEED)`` on the rows already done drops them from this process (the file's data stays in the page
+cache and, for the output's shared mapping, in the file), which keeps peak memory flat in the number of items.
+"""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+
+_PAGE = mmap.PAGESIZE
+
+
+def _mapping(a: np.ndarray) -> tuple[mmap.mmap, int] | None:
+    """The ``mmap`` behind ``a`` and that mapping's start address, or ``None`` for ordinary memory."""
+    base = a
+    while base is not None and not isinstance(base, np.memmap):
+        base = base.base if isinstance(base, np.ndarray) else None
+    mm = getattr(base, "_mmap", None) if base is not None else None
+    if mm is None or not hasattr(mm, "madvise"):
+        return None
+    # np.memmap maps from the allocation-granularity boundary below its offset; the array starts inside.
+    start = base.ctypes.data - (int(base.offset) % mmap.ALLOCATIONGRANULARITY)
+    return mm, start
+
+
+def release_rows(a: np.ndarray, start: int, stop: int) -> None:
+    """Drop the pages holding rows ``start:stop`` of a memory-mapped array from this process (no-op otherwise)."""
+    if stop <= start or a.ndim == 0 or a.strides[0] <= 0:
+        return
+    found = _mapping(a)
+    if found is None:
+        return
+    mm, base = found
+    lo = a.ctypes.data + start * a.strides[0] - base
+    hi = a.ctypes.data + stop * a.strides[0] - base
+    lo, hi = max(0, lo - lo % _PAGE), min(len(mm), hi + (-hi) % _PAGE)
+    if hi > lo:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError):  # not supported here: memory is then only reclaimed under pressure
+            pass
