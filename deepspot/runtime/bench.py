@@ -164,19 +164,38 @@ def get_workload(name: str) -> Workload:
 
 
 # -- measurements -------------------------------------------------------------------------------------------------
-def gemm_rate(repeats: int = 5, m: int = 4096, k: int = 1024, n: int = 5120) -> float:
-    """The machine's fp32 matrix-product rate in GFLOP/s: median of ``repeats`` timed ``(m x k) @ (k x n)``."""
-    import torch
+class Gemm:
+    """The machine's fp32 matrix-product rate: timed ``(m x k) @ (k x n)`` products with PyTorch (its BLAS)."""
 
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
-    torch.matmul(a, b)  # warm-up: thread pool, page faults of the output
-    times = []
-    for _ in range(repeats):
+    def __init__(self, m: int = 4096, k: int = 1024, n: int = 5120):
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        self.a, self.b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
+        self.out = torch.matmul(self.a, self.b)  # warm-up: thread pool, page faults of the output
+        self.flops = 2.0 * m * k * n
+        self.gflops: list[float] = []
+
+    def time_once(self) -> float:
+        """One timed product; its rate in GFLOP/s is recorded and returned."""
+        import torch
+
         start = time.perf_counter()
-        torch.matmul(a, b)
-        times.append(time.perf_counter() - start)
-    return 2.0 * m * k * n / float(np.median(times)) / 1e9
+        torch.matmul(self.a, self.b, out=self.out)
+        self.gflops.append(self.flops / (time.perf_counter() - start) / 1e9)
+        return self.gflops[-1]
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.gflops))
+
+
+def gemm_rate(repeats: int = 5) -> float:
+    """The machine's fp32 GEMM rate in GFLOP/s (4096x1024 by 1024x5120), median of ``repeats`` products."""
+    gemm = Gemm()
+    for _ in range(repeats):
+        gemm.time_once()
+    return gemm.median
 
 
 def reset_peak_rss() -> bool:
@@ -350,7 +369,9 @@ def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int) ->
     latencies: dict[str, list[float]] = {name: [] for name in runners}
     peaks: dict[str, float] = {name: 0.0 for name in runners}
     scoped = True
+    gemm_probe = Gemm()
     for _ in range(repeats):
+        gemm_probe.time_once()  # the GEMM rate is sampled between the backends' runs, under the same noise
         for name, (runner, feed) in runners.items():  # alternating: noise hits every backend alike
             scoped = reset_peak_rss() and scoped
             start = time.perf_counter()
@@ -359,7 +380,7 @@ def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int) ->
             peaks[name] = max(peaks[name], peak_rss_mb())
             latencies[name].append(elapsed)
             per_repeat[name].append(len(next(iter(feed.values()))) / elapsed)
-    gemm = gemm_rate()
+    gemm = gemm_probe.median
     flops, folded = w.flops_per_item(), w.flops_per_item(folded=True)
     results = []
     for name, (runner, feed) in runners.items():
