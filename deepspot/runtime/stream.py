@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 from rich.progress import (
@@ -86,12 +86,18 @@ def first_nonfinite_row(a: np.ndarray, chunk_bytes: int = CHECK_CHUNK_BYTES) -> 
 
 
 def batches(
-    inputs: Mapping[str, np.ndarray], batch_size: int, dtypes: Mapping[str, str] | None = None, depth: int = 2
+    inputs: Mapping[str, np.ndarray],
+    batch_size: int,
+    dtypes: Mapping[str, str] | None = None,
+    depth: int = 2,
+    prepare: Callable[[int, int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
 ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
     """Yield ``(start, stop, feed)`` batches, prepared by a background thread ``depth`` batches ahead.
 
     The worker slices each input and makes it a C-contiguous array of the graph's dtype (this is where the pages of
     a memory-mapped bundle are read); NumPy copies without the GIL, so it overlaps with the runner's work.
+    ``prepare(start, stop, feed)``, if given, finishes each feed in the worker too (the indexed layout gathers
+    neighbour embeddings there).
     """
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
@@ -121,6 +127,8 @@ def batches(
                 }
                 for v in inputs.values():
                     release_rows(v, start, stop_)  # read once: keep the resident set flat in N
+                if prepare is not None:
+                    feed = prepare(start, stop_, feed)
                 if not put((start, stop_, feed)):
                     return
             put(done)

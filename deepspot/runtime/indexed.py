@@ -1,0 +1,305 @@
+"""Whole-slide inference in the indexed layout: Phi once per tile, neighbours gathered by index.
+
+Two passes over a bundle that holds ``neighbor_index`` (``(N, K)``, ``-1`` for a zero row) instead of neighbour
+features:
+
+1. the **encoder** runs every item's own tile through the Phi ensemble, batch by batch, into a table of
+   embeddings; row 0 of the table is the embedding of an all-zero tile (computed by the same encoder), which is
+   what index ``-1`` gathers, exactly as the reference's zero padding;
+2. the **head** gathers each batch's neighbour embeddings from the table (in the prefetch thread, overlapping the
+   runner's work), adds the item's own embedding and its sub-spots, and applies the pooling and Rho.
+
+The table (``(N + 1) x H``, fp32 or fp16) is the only thing kept for the whole slide. It lives in memory when it
+takes at most a quarter of the memory available, and otherwise in a memory-mapped temporary file beside the output
+(``table="memory"`` / ``"mmap"`` force either). Everything else streams, so memory does not grow with the slide
+beyond the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError, InputError
+from ..export.indexed import ENCODER_FILE, ENCODER_INPUT, HEAD_EMBEDDING, HEAD_FILE, HEAD_NEIGHBORS, OUTPUT
+from .base import ModelInfo, Runner, TensorSpec
+from .stream import _progress, batches
+from ._pages import release_rows
+
+TABLE_CHOICES = ("auto", "memory", "mmap")
+TABLE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+class ModuleRunner(Runner):
+    """Runs one of the indexed layout's torch modules (encoder or head) behind the runner contract.
+
+    Args:
+        module: The module; called with its inputs as keyword-free positional arguments in ``inputs`` order.
+        inputs: Input specs in call order.
+        output: The output's name.
+        info: Model metadata.
+        device: ``cpu`` or ``cuda[:K]``.
+        backend: Backend name in reports.
+    """
+
+    def __init__(self, module, inputs: dict[str, TensorSpec], output: str, info: ModelInfo, device: str = "cpu",
+                 backend: str = "torch"):  # fmt: skip
+        import torch
+
+        self.backend = backend
+        super().__init__(info, backend)
+        self._module = module
+        self._specs = inputs
+        self._output = output
+        self._device = torch.device(device)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (self._output,)
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    def get_input_metadata(self) -> dict[str, TensorSpec]:
+        return self._specs
+
+    def activate_impl(self) -> None:
+        self._module = self._module.to(self._device).eval()
+
+    def deactivate_impl(self) -> None:
+        pass
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        with torch.inference_mode():
+            args = [torch.from_numpy(feed[name]).to(self._device) for name in self._specs]
+            y = self._module(*args)
+        return {self._output: y.float().cpu().numpy()}
+
+
+@dataclass
+class IndexedPipeline:
+    """An encoder runner and a head runner of one model, and what they share.
+
+    Attributes:
+        encoder: ``tile (B, 1, D) -> embedding (B, H)``.
+        head: ``embedding``, [``subspot``], ``neighbor_embeddings`` -> ``expression``.
+        info: Model metadata (``layout == "indexed"``).
+        embedding_size: ``H``.
+        table_dtype: ``fp32`` or ``fp16``.
+    """
+
+    encoder: Runner
+    head: Runner
+    info: ModelInfo
+    embedding_size: int
+    table_dtype: str = "fp32"
+
+    @property
+    def backend(self) -> str:
+        return self.head.backend
+
+    def __enter__(self) -> "IndexedPipeline":
+        self.encoder.activate()
+        self.head.activate()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.encoder.deactivate()
+        self.head.deactivate()
+
+
+def pipeline_from_model(model, device: str = "cpu", precision: str = "fp32", optimize: bool = True,
+                        table_dtype: str = "fp32") -> IndexedPipeline:  # fmt: skip
+    """The ``torch`` backend of the indexed layout: the exporter's encoder and head modules, from a model or path."""
+    from ..export import build_export_module
+    from ..export.indexed import build_indexed_modules, head_input_names
+    from .torch_runner import load_model
+
+    source = str(model) if isinstance(model, (str, Path)) else ""
+    model = load_model(model)
+    dense = build_export_module(model, precision=precision, optimize=optimize)
+    encoder, head = build_indexed_modules(dense, table_dtype)
+    info = ModelInfo.from_model(model, source=source, precision=precision)
+    info.layout = "indexed"
+    d, h = model.input_size, model.phi2rho_size
+    table = "float16" if table_dtype == "fp16" else "float32"
+    enc_specs = {ENCODER_INPUT: TensorSpec(ENCODER_INPUT, ("batch", 1, d))}
+    head_specs = {}
+    for name in head_input_names(model.mode):
+        shape = {HEAD_EMBEDDING: ("batch", h), "subspot": ("batch", "n_subspot", d),
+                 HEAD_NEIGHBORS: ("batch", "n_neighbors", h)}[name]  # fmt: skip
+        head_specs[name] = TensorSpec(name, shape, "float32" if name == "subspot" else table)
+    backend = "torch-cuda" if device.startswith("cuda") else "torch"
+    return IndexedPipeline(
+        ModuleRunner(encoder, enc_specs, "embedding", info, device, backend),
+        ModuleRunner(head, head_specs, OUTPUT, info, device, backend),
+        info, h, table_dtype,
+    )  # fmt: skip
+
+
+def pipeline_from_folder(folder, backend: str | None = None, options=None, allow_fallback: bool = False):
+    """The indexed layout exported by ``deepspot export --layout indexed``: two ONNX graphs on one backend.
+
+    Raises:
+        CheckpointError: A graph is missing, was not exported in the indexed layout, or the two graphs come from
+            different exports (their ``pair_id`` differs).
+    """
+    from ..export import read_model_metadata
+    from .backends import load_runner
+
+    folder = Path(folder)
+    paths = {role: folder / name for role, name in (("encoder", ENCODER_FILE), ("head", HEAD_FILE))}
+    metas = {}
+    for role, path in paths.items():
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: no {path.name}; an indexed export holds {ENCODER_FILE} and {HEAD_FILE}")
+        meta = read_model_metadata(path)
+        if meta.get("layout") != "indexed" or meta.get("role") != role:
+            raise CheckpointError(f"{path}: not the {role} of an indexed export (deepspot export --layout indexed)")
+        metas[role] = meta
+    if metas["encoder"].get("pair_id") != metas["head"].get("pair_id"):
+        raise CheckpointError(f"{folder}: {ENCODER_FILE} and {HEAD_FILE} come from different exports (pair_id differs)")
+    encoder = load_runner(paths["encoder"], backend, options, allow_fallback)
+    head = load_runner(paths["head"], backend, options, allow_fallback)
+    info = head.info
+    info.layout = "indexed"
+    return IndexedPipeline(encoder, head, info, int(metas["head"]["embedding_size"]),
+                           str(metas["head"].get("table_dtype", "fp32")))  # fmt: skip
+
+
+def is_indexed_folder(model: Any) -> bool:
+    return isinstance(model, (str, Path)) and Path(model).is_dir() and (Path(model) / HEAD_FILE).is_file()
+
+
+def table_location(n: int, h: int, dtype: np.dtype, choice: str = "auto") -> str:
+    """``memory`` or ``mmap``: in memory when the table takes at most a quarter of the available memory."""
+    if choice not in TABLE_CHOICES:
+        raise ConfigError(f"unknown table location {choice!r}; expected one of: {', '.join(TABLE_CHOICES)}")
+    if choice != "auto":
+        return choice
+    return "memory" if (n + 1) * h * np.dtype(dtype).itemsize <= available_memory() // 4 else "mmap"
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (``MemAvailable``), or 4 GiB where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+@contextlib.contextmanager
+def embedding_table(n: int, h: int, dtype: np.dtype, location: str, folder: Path | None) -> Iterator[np.ndarray]:
+    """An ``(n + 1, h)`` table in memory, or in a memory-mapped temporary file in ``folder`` (deleted afterwards)."""
+    if location == "memory":
+        yield np.empty((n + 1, h), dtype=dtype)
+        return
+    fd, name = tempfile.mkstemp(prefix=".deepspot-embeddings.", suffix=".npy", dir=folder)
+    os.close(fd)
+    try:
+        yield np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(n + 1, h))
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+def check_indexed_inputs(arrays: Mapping[str, np.ndarray], info: ModelInfo, source: str = "input") -> int:
+    """Check an indexed bundle's arrays against the model: own tiles, sub-spots, the index; return ``N``."""
+    from ..data import check_neighbor_index
+    from .stream import first_nonfinite_row
+
+    mode = info.mode_spec
+    own = mode.bags[0].name
+    tiles = {own: arrays[own]} | ({"subspot": arrays["subspot"]} if "subspot" in mode.input_names else {})
+    n = tiles[own].shape[0]
+    for name, a in tiles.items():
+        if a.dtype.kind != "f":
+            raise InputError(f"{source}: {name!r} must be floating point, got {a.dtype}")
+        if a.shape[-1] != info.input_size:
+            raise InputError(f"{source}: {name!r} has {a.shape[-1]} features, the model expects {info.input_size}")
+        if a.shape[0] != n:
+            raise InputError(f"{source}: {name!r} has {a.shape[0]} rows, {own!r} has {n}")
+        row = first_nonfinite_row(a)
+        if row is not None:
+            raise InputError(f"{source}: {name!r} holds a non-finite value (NaN or inf) in row {row}")
+    check_neighbor_index(arrays["neighbor_index"], n, source=source)
+    return int(n)
+
+
+def predict_indexed(
+    pipeline: IndexedPipeline,
+    arrays: Mapping[str, np.ndarray],
+    batch_size: int = 256,
+    out: np.ndarray | None = None,
+    inverse_transform: bool = False,
+    progress: bool = False,
+    table: str = "auto",
+    table_folder: Path | None = None,
+) -> tuple[np.ndarray, str]:
+    """Run both passes over a slide; write into ``out`` (allocated if ``None``); return it and the table location.
+
+    Args:
+        pipeline: Encoder and head runners, active.
+        arrays: ``spot``/``cell`` ``(N, D)`` or ``(N, 1, D)``, ``subspot`` where the mode has one, ``neighbor_index``.
+        batch_size: Items per batch in both passes.
+        out: ``(N, G)`` float32 output, e.g. a memory map.
+        inverse_transform: Map predictions to the original scale with the model's scaler.
+        progress: Show progress bars with items/s.
+        table: Where the embedding table lives: ``auto``, ``memory`` or ``mmap``.
+        table_folder: Folder of the memory-mapped table (default: the system's temporary folder).
+    """
+    info = pipeline.info
+    mode = info.mode_spec
+    own_name = mode.bags[0].name
+    own = arrays[own_name]
+    own = own[:, None, :] if own.ndim == 2 else own  # (N, 1, D)
+    index = arrays["neighbor_index"]
+    n, h = own.shape[0], pipeline.embedding_size
+    dtype = TABLE_DTYPES[pipeline.table_dtype]
+    location = table_location(n, h, dtype, table)
+    with embedding_table(n, h, dtype, location, table_folder) as emb:
+        # Pass 1: every tile once. Row 0 is the zero tile's embedding: what index -1 gathers.
+        zero = np.zeros((1, 1, info.input_size), dtype=np.float32)
+        emb[0] = pipeline.encoder.infer({ENCODER_INPUT: zero})["embedding"][0]
+        with _progress(progress, n) as bar:
+            for start, stop, feed in batches({ENCODER_INPUT: own}, batch_size):
+                emb[1 + start : 1 + stop] = pipeline.encoder.infer(feed, check_inputs=start == 0)["embedding"]
+                bar(stop - start)
+
+        # Pass 2: gather neighbours (in the prefetch thread), pool, Rho.
+        inputs = {HEAD_EMBEDDING: emb[1:], "neighbor_index": index}
+        if "subspot" in mode.input_names:
+            inputs["subspot"] = arrays["subspot"]
+        table_type = pipeline.head.get_input_metadata()[HEAD_EMBEDDING].dtype
+        dtypes = {HEAD_EMBEDDING: table_type, "neighbor_index": "int64"}
+
+        def gather(start: int, stop: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            idx = feed.pop("neighbor_index")
+            feed[HEAD_NEIGHBORS] = np.take(emb, idx + 1, axis=0).astype(table_type, copy=False)  # (B, K, H)
+            return feed
+
+        with _progress(progress, n) as bar:
+            for start, stop, feed in batches(inputs, batch_size, dtypes, prepare=gather):
+                y = pipeline.head.infer(feed, check_inputs=start == 0)[OUTPUT]
+                if inverse_transform:
+                    y = info.inverse_transform(y)
+                if out is None:
+                    out = np.empty((n, y.shape[1]), dtype=np.float32)
+                out[start:stop] = y
+                release_rows(out, start, stop)
+                bar(stop - start)
+    return out, location
