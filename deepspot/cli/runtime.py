@@ -103,6 +103,11 @@ def infer(
     torch_graph: str = typer.Option("eager", help=TORCH_GRAPH_HELP),
     cache_dir: Optional[Path] = typer.Option(None, help="TensorRT engine and timing cache folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with items/s."),
+    layout: Optional[str] = typer.Option(
+        None, help="dense or indexed; default: indexed when the bundle has neighbor_index or MODEL is an indexed export."
+    ),
+    table: str = typer.Option("auto", help="Indexed layout: embedding table in memory, mmap, or auto (by size)."),
+    table_dtype: str = typer.Option("fp32", help="Indexed layout from a checkpoint: table dtype, fp32 or fp16."),
 ) -> None:
     """Stream a feature bundle through a model and write the predictions atomically."""
     from ..runtime import infer as run_infer
@@ -118,9 +123,13 @@ def infer(
             inverse_transform=inverse_transform,
             allow_fallback=allow_fallback,
             progress=progress,
+            layout=layout,
+            table=table,
+            table_dtype=table_dtype,
         )
+    where = f", {result.layout} layout" + (f", table in {result.table}" if result.table else "")
     typer.echo(
-        f"wrote {result.output}: {result.n} x {result.genes} predictions on {result.backend} "
+        f"wrote {result.output}: {result.n} x {result.genes} predictions on {result.backend}{where} "
         f"in {result.seconds:.2f} s ({result.items_per_s:,.0f} items/s)"
     )
 

@@ -303,3 +303,57 @@ def predict_indexed(
                 release_rows(out, start, stop)
                 bar(stop - start)
     return out, location
+
+
+def load_pipeline(model, backend: str | None = None, options=None, allow_fallback: bool = False,
+                  batch_size: int = 256, table_dtype: str = "fp32") -> IndexedPipeline:  # fmt: skip
+    """The indexed pipeline of a model: an indexed export folder on an ONNX/TensorRT backend, or a checkpoint (or
+    in-memory model) on ``torch`` / ``torch-cuda``.
+
+    Raises:
+        ConfigError: A per-item ``.onnx`` or ``.plan`` (it has no encoder), or a backend that cannot run the source.
+        BackendUnavailableError: The backend cannot run here (see :func:`~deepspot.runtime.backends.select_backend`).
+    """
+    from .artifacts import artifact_kind
+    from .backends import RunnerOptions, get_backend, select_backend
+
+    options = options or RunnerOptions()
+    options.batch_size = batch_size
+    if is_indexed_folder(model):
+        return pipeline_from_folder(model, backend, options, allow_fallback)
+    if isinstance(model, (str, Path)) and Path(model).is_dir():
+        raise CheckpointError(f"{model}: a folder without {HEAD_FILE}; expected an indexed export or a checkpoint")
+    kind = artifact_kind(model)
+    if kind != "model":
+        raise ConfigError(
+            f"{model}: a per-item graph cannot run the indexed layout (chosen because the bundle holds "
+            "neighbor_index); export with --layout indexed, or pass --layout dense to gather neighbour bags per batch"
+        )
+    requested = backend or "torch"
+    if get_backend(requested).runs != "model":
+        raise ConfigError(f"backend {requested!r} runs ONNX graphs; export the indexed layout for it first")
+    selection = select_backend(requested, allow_fallback, kind="model")
+    device = f"cuda:{options.device}" if selection.backend == "torch-cuda" else "cpu"
+    pipeline = pipeline_from_model(model, device, options.precision or "fp32", table_dtype=table_dtype)
+    pipeline.head.selection = selection
+    return pipeline
+
+
+def dense_from_index(arrays: Mapping[str, np.ndarray], mode) -> tuple[dict[str, np.ndarray], Any]:
+    """Per-item inputs of an indexed bundle for a per-item graph: the own tile and sub-spots as they are, and the
+    neighbour bags gathered from ``neighbor_index`` batch by batch (zeros for ``-1``) in the prefetch thread."""
+    own_name = mode.bags[0].name
+    own = arrays[own_name]
+    flat = own.reshape(own.shape[0], -1)
+    inputs = {own_name: own[:, None, :] if own.ndim == 2 else own, "neighbor_index": arrays["neighbor_index"]}
+    if "subspot" in mode.input_names:
+        inputs["subspot"] = arrays["subspot"]
+
+    def gather(start: int, stop: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        idx = feed.pop("neighbor_index")
+        rows = np.take(flat, np.maximum(idx, 0), axis=0).astype(np.float32, copy=False)  # (B, K, D)
+        rows[idx < 0] = 0.0  # the reference's zero padding
+        feed["neighbors"] = rows
+        return feed
+
+    return inputs, gather

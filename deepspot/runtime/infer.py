@@ -42,6 +42,8 @@ class InferResult:
         requested: The backend asked for (differs only after an allowed fallback).
         batch_size: Items per batch.
         inverse_transform: Whether predictions are on the original scale.
+        layout: ``dense`` or ``indexed``.
+        table: Indexed layout: where the embedding table lived (``memory`` or ``mmap``).
     """
 
     output: Path
@@ -53,6 +55,8 @@ class InferResult:
     requested: str
     batch_size: int
     inverse_transform: bool
+    layout: str = "dense"
+    table: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "output": str(self.output)}
@@ -79,6 +83,9 @@ def infer(
     inverse_transform: bool = False,
     allow_fallback: bool = False,
     progress: bool = False,
+    layout: str | None = None,
+    table: str = "auto",
+    table_dtype: str = "fp32",
 ) -> InferResult:
     """Predict every item of a bundle and write the predictions.
 
@@ -93,6 +100,11 @@ def infer(
         inverse_transform: Map predictions to the original scale with the model's scaler.
         allow_fallback: Permit another backend when ``backend`` cannot run here (announced with a warning).
         progress: Show a progress bar with items/s.
+        layout: ``indexed`` (an encoder pass, then a head that gathers neighbours by index) or ``dense`` (one graph
+            per item). Default: ``indexed`` when the bundle holds ``neighbor_index``, else ``dense``. A dense graph
+            also runs an indexed bundle: each batch's neighbour bags are gathered from the index.
+        table: Indexed layout: where the embedding table lives, ``auto``, ``memory`` or ``mmap``.
+        table_dtype: Indexed layout from a checkpoint: ``fp32`` or ``fp16`` table (an export fixes its own).
 
     Raises:
         DeepSpotError: Bad input (reported before anything runs), unavailable backend, unwritable output.
@@ -101,6 +113,10 @@ def infer(
 
     output = check_output_path(output)
     data = load_bundle(bundle, mmap=True)
+    layout = resolve_layout(layout, data, model)
+    if layout == "indexed":
+        return _infer_indexed(model, data, output, backend, batch_size, options, inverse_transform, allow_fallback,
+                              progress, table, table_dtype)  # fmt: skip
     options = options or RunnerOptions()
     options.batch_size = batch_size
     options.bag_sizes = {k: int(data[k].shape[1]) for k in ("subspot", "neighbors") if k in data and data[k].ndim == 3}
@@ -108,16 +124,25 @@ def infer(
     info = runner.info
     if info is None:
         raise ConfigError(f"{model}: not exported by deepspot (no model metadata); cannot match it to the bundle")
-    mode = data.validate(info.family, info.mode, input_size=info.input_size)
-    inputs = data.inputs(mode)
-    n = check_inputs(inputs, info, source=str(bundle))
+    mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
+    prepare = None
+    if data.layout == "indexed" and mode.has_neighbors:
+        # A per-item graph on an indexed bundle: gather each batch's neighbour bags from the index.
+        from .indexed import check_indexed_inputs, dense_from_index
+
+        n = check_indexed_inputs(data.arrays, info, source=str(bundle))
+        inputs, prepare = dense_from_index(data.arrays, mode)
+    else:
+        inputs = data.inputs(mode)
+        n = check_inputs(inputs, info, source=str(bundle))
     if inverse_transform and info.scaler is None and not info.fold_scaler:
         raise ConfigError(f"{model}: the model has no scaler, so there is no original scale to map back to")
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
 
     with runner, prediction_file(output, n, info.output_size, data.barcodes, genes, _coords(data), _uns(runner)) as out:
         start = time.perf_counter()
-        predict(runner, inputs, batch_size, out=out, inverse_transform=inverse_transform, progress=progress)
+        predict(runner, inputs, batch_size, out=out, inverse_transform=inverse_transform, progress=progress,
+                prepare=prepare)  # fmt: skip
         seconds = time.perf_counter() - start
     selection = getattr(runner, "selection", None)
     return InferResult(
@@ -130,7 +155,62 @@ def infer(
         selection.requested if selection else runner.backend,
         batch_size,
         inverse_transform or info.fold_scaler,
+        layout,
     )
+
+
+LAYOUTS = ("dense", "indexed")
+
+
+def resolve_layout(layout: str | None, data, model: Any) -> str:
+    """The layout to run: as asked, else ``indexed`` for an indexed export or a bundle with ``neighbor_index``.
+
+    Raises:
+        ConfigError: Unknown layout, or an indexed run asked of a bundle without ``neighbor_index``.
+    """
+    from .indexed import is_indexed_folder
+
+    if layout is not None and layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}; expected one of: {', '.join(LAYOUTS)}")
+    if layout is None:
+        layout = "indexed" if data.layout == "indexed" or is_indexed_folder(model) else "dense"
+    if layout == "indexed" and "neighbor_index" not in data:
+        raise ConfigError(
+            f"{data.path}: the indexed layout needs 'neighbor_index' in the bundle (deepspot bundle --index); "
+            "this bundle holds neighbour features, so run it with --layout dense"
+        )
+    if layout == "dense" and is_indexed_folder(model):
+        raise ConfigError(f"{model}: an indexed export (encoder + head) runs the indexed layout only")
+    return layout
+
+
+def _infer_indexed(model, data, output, backend, batch_size, options, inverse_transform, allow_fallback, progress,
+                   table, table_dtype) -> InferResult:  # fmt: skip
+    from .indexed import check_indexed_inputs, load_pipeline, predict_indexed
+
+    pipeline = load_pipeline(model, backend, options, allow_fallback, batch_size, table_dtype)
+    info = pipeline.info
+    mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
+    if not mode.has_neighbors:
+        raise ConfigError(f"mode {mode.name!r} has no neighbours, so it has no indexed layout; use --layout dense")
+    n = check_indexed_inputs(data.arrays, info, source=str(data.path))
+    if inverse_transform and info.scaler is None and not info.fold_scaler:
+        raise ConfigError(f"{model}: the model has no scaler, so there is no original scale to map back to")
+    genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
+    uns = {"deepspot": {"backend": pipeline.backend, "model": info.source, "family": info.family, "mode": info.mode,
+                        "precision": info.precision, "layout": "indexed"}}  # fmt: skip
+    folder = output.parent if str(output.parent) else Path(".")
+    with pipeline, prediction_file(output, n, info.output_size, data.barcodes, genes, _coords(data), uns) as out:
+        start = time.perf_counter()
+        _, location = predict_indexed(pipeline, data.arrays, batch_size, out, inverse_transform, progress, table,
+                                      table_folder=folder)  # fmt: skip
+        seconds = time.perf_counter() - start
+    selection = getattr(pipeline.head, "selection", None)
+    return InferResult(
+        output, n, info.output_size, seconds, n / max(seconds, 1e-9), pipeline.backend,
+        selection.requested if selection else pipeline.backend, batch_size, inverse_transform or info.fold_scaler,
+        "indexed", location,
+    )  # fmt: skip
 
 
 def _coords(data) -> dict[str, np.ndarray]:

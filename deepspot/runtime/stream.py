@@ -157,17 +157,20 @@ def predict(
     out: np.ndarray | None = None,
     inverse_transform: bool = False,
     progress: bool = False,
+    prepare: Callable[[int, int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
 ) -> np.ndarray:
     """Run ``runner`` over every item in batches; write into ``out`` (allocated if ``None``) and return it.
 
     Inputs are not checked here (see :func:`check_inputs`); the runner checks each batch's names and ranks.
+    ``prepare`` finishes each feed in the prefetch thread (see :func:`batches`); inputs the graph does not take
+    (such as ``neighbor_index``) keep their own dtype.
     """
     n = next(iter(inputs.values())).shape[0]
     g = runner.info.output_size if runner.info else None
     specs = runner.get_input_metadata()
-    dtypes = {k: specs[k].dtype for k in inputs if k in specs}
+    dtypes = {k: specs[k].dtype if k in specs else inputs[k].dtype for k in inputs}
     with _progress(progress, n) as bar:
-        for start, stop, feed in batches(inputs, batch_size, dtypes):
+        for start, stop, feed in batches(inputs, batch_size, dtypes, prepare=prepare):
             outputs = runner.infer(feed, check_inputs=start == 0)
             y = outputs.get(OUTPUT_NAME, next(iter(outputs.values())))
             if inverse_transform:
