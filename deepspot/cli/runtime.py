@@ -155,6 +155,9 @@ def parity(
     ),
     seed: int = typer.Option(0, help="Seed of the random inputs."),
     torch_graph: str = typer.Option("eager", help=TORCH_GRAPH_HELP),
+    layout: Optional[str] = typer.Option(
+        None, help="dense or indexed (compare the indexed layout with the per-item model); default from MODEL/bundle."
+    ),
 ) -> None:
     """Compare a backend with the eager PyTorch model; exit 1 when parity fails."""
     from ..runtime import check_parity
@@ -174,6 +177,7 @@ def parity(
             options=_options(device, precision, None, torch_graph=torch_graph),
             allow_fallback=allow_fallback,
             seed=seed,
+            layout=layout,
         )
     _print_parity(result)
     if report is not None:
@@ -211,7 +215,10 @@ def _print_parity(result) -> None:
 @app.command()
 @handle_errors
 def bench(
-    workload: str = typer.Option("visium-uni", help="visium-uni, visium-hoptimus or xenium (BENCHMARKS.md)."),
+    workload: str = typer.Option(
+        "visium-uni",
+        help="visium-uni, visium-hoptimus, xenium, or the whole-slide visium-slide and xenium-slide (BENCHMARKS.md).",
+    ),
     backends: str = typer.Option("torch,ort-cpu", help="Comma-separated backends; eager torch is always measured."),
     batch_size: Optional[int] = typer.Option(None, help="Items per batch (default: the workload's CPU / GPU batch)."),
     repeats: Optional[int] = typer.Option(None, help="Timed repeats per backend (default 5; 3 with --quick)."),
@@ -226,8 +233,12 @@ def bench(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the torch-cuda backend."),
     torch_graph: str = typer.Option("eager", help=TORCH_GRAPH_HELP + " The eager baseline is always eager."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
+    items: Optional[int] = typer.Option(None, help="Whole-slide workloads: items on the slide (default: the workload's)."),
 ) -> None:
-    """Throughput of each backend against the eager PyTorch model, measured side by side in one process."""
+    """Throughput of each backend against the eager PyTorch model, measured side by side in one process.
+
+    Whole-slide workloads run each backend in the indexed layout over the slide and compare it with the eager model in
+    the per-item layout."""
     from ..runtime.bench import run_bench
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
@@ -241,6 +252,7 @@ def bench(
             quick=quick,
             options=_options(device, precision, threads, compile, torch_graph=torch_graph),
             allow_fallback=allow_fallback,
+            n_items=items,
         )
     print_bench(report)
     if json_out is not None:
@@ -255,7 +267,9 @@ def print_bench(report) -> None:
     w = report.workload
     table = Table(
         title=f"{w['name']}: {w['family']}/{w['mode']}, D={w['input_size']} H={w['phi2rho_size']} "
-        f"E={w['n_ensemble']} G={w['output_size']}, {report.repeats} repeats"
+        f"E={w['n_ensemble']} G={w['output_size']}"
+        + (f", {w['n_items']:,} items by index" if w.get("layout") == "indexed" else "")
+        + f", {report.repeats} repeats"
     )
     for column in (
         "backend",
@@ -290,7 +304,8 @@ def print_bench(report) -> None:
     console.print(
         f"GEMM fp32 (4096x1024 @ 1024x5120): {report.gemm_gflops:.1f} GFLOP/s; "
         f"{report.flops_per_item / 1e6:.1f} MFLOP per item as BENCHMARKS.md counts it "
-        f"({report.flops_per_item_folded / 1e6:.1f} with Rho folded); bound "
+        f"({report.flops_per_item_folded / 1e6:.1f} with Rho folded"
+        f"{', in the indexed layout' if w.get('layout') == 'indexed' else ''}); bound "
         f"{report.bound_items_per_s:,.0f} items/s. Peak RSS: {report.peak_rss_scope}."
     )
 

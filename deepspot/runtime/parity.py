@@ -192,6 +192,12 @@ def compare(
     return ParityReport(reference.name, runner.name, precision, n, outputs)
 
 
+def _has_index(bundle) -> bool:
+    from ..data import load_bundle
+
+    return "neighbor_index" in load_bundle(bundle)
+
+
 DEFAULT_BAGS = {"subspot": 9, "neighbors": 6, "spot": 1, "cell": 1}
 
 
@@ -222,6 +228,7 @@ def check_parity(
     options: Any = None,
     allow_fallback: bool = False,
     seed: int = 0,
+    layout: str | None = None,
 ) -> ParityReport:
     """Parity of ``model`` on ``backend`` against the eager PyTorch model of ``checkpoint``.
 
@@ -236,11 +243,27 @@ def check_parity(
         options: :class:`~deepspot.runtime.backends.RunnerOptions` for ``model``'s runner.
         allow_fallback: Permit another backend (the report then names the one that ran).
         seed: Seed of the random inputs.
+        layout: ``indexed`` compares the indexed layout (encoder + head, neighbours by index) with the per-item
+            model on the equivalent dense bags; default: ``indexed`` for an indexed export folder, or for a bundle
+            with ``neighbor_index`` and a checkpoint.
 
     Raises:
         ConfigError: The model and the checkpoint are of different families, modes or sizes.
     """
     from .backends import RunnerOptions, load_runner
+    from .indexed import check_parity_indexed, is_indexed_folder
+    from .infer import LAYOUTS
+
+    if layout is not None and layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}; expected one of: {', '.join(LAYOUTS)}")
+    if layout is None:
+        indexed_bundle = bundle is not None and _has_index(bundle)
+        from .artifacts import artifact_kind
+
+        layout = "indexed" if is_indexed_folder(model) or (indexed_bundle and artifact_kind(model) == "model") else "dense"
+    if layout == "indexed":
+        return check_parity_indexed(checkpoint, model, backend, bundle, n_random, atol, rtol, batch_size, options,
+                                    allow_fallback, seed)  # fmt: skip
     from .stream import check_inputs
     from .torch_runner import TorchRunner
 
@@ -253,7 +276,15 @@ def check_parity(
         from ..data import load_bundle
 
         data = load_bundle(bundle)
-        inputs = data.inputs(data.validate(ref.family, ref.mode, input_size=ref.input_size))
+        mode = data.validate(ref.family, ref.mode, input_size=ref.input_size, allow_index=True)
+        if data.layout == "indexed" and mode.has_neighbors:
+            from ..data import check_neighbor_index, densify
+
+            # The per-item graph on an indexed bundle: its neighbour bags, materialised (parity runs on samples).
+            own = data[mode.bags[0].name]
+            check_neighbor_index(data["neighbor_index"], own.shape[0], source=str(bundle))
+            data.arrays["neighbors"] = densify(np.asarray(own), data["neighbor_index"])
+        inputs = data.inputs(mode)
         options.bag_sizes = {k: int(v.shape[1]) for k, v in inputs.items()}
     runner = load_runner(model, backend, options, allow_fallback)
     info = runner.info

@@ -140,8 +140,13 @@ def test_bad_bundles_are_refused_before_anything_runs(artifacts, tmp_path):
     index = {k: v for k, v in a.arrays.items() if k != "neighbors"}
     index["neighbor_index"] = np.zeros((37, 4), dtype=np.int64)
     save_bundle(tmp_path / "indexed.npz", index)
-    with pytest.raises(InputError, match="neighbor_index"):
+    # A per-item graph does not silently take an indexed bundle: it says how to run it.
+    with pytest.raises(ConfigError, match="cannot run the indexed layout .* --layout dense"):
         infer(a.onnx, tmp_path / "indexed.npz", tmp_path / "out.npy")
+    index["neighbor_index"][3, 1] = 37  # out of range, reported by row even on the dense path
+    save_bundle(tmp_path / "indexed.npz", index)
+    with pytest.raises(InputError, match="'neighbor_index' row 3 holds 37, out of range"):
+        infer(a.onnx, tmp_path / "indexed.npz", tmp_path / "out.npy", layout="dense")
     with pytest.raises(ConfigError, match="unknown output type"):
         infer(a.onnx, a.bundle, tmp_path / "out.csv")
     with pytest.raises(DeepSpotError, match="does not exist"):

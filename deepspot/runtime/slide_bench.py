@@ -1,0 +1,152 @@
+"""Whole-slide benchmarks (``visium-slide``, ``xenium-slide``): the indexed layout against the eager per-item model.
+
+The baseline is what users run today: the eager PyTorch model in the per-item layout, every item carrying copies of
+its neighbours' tiles. Its throughput does not depend on the slide's size, so it is timed on one batch of the
+slide's items (their neighbour bags gathered from the index). Each indexed backend runs both passes over the whole
+slide per repeat. Runs alternate, baseline first, and the ratio is the median of the paired per-repeat ratios, as
+``BENCHMARKS.md`` asks.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from .bench import BackendResult, BenchReport, Gemm, Workload, machine_info, peak_rss_mb, reset_peak_rss
+
+
+def indexed_flops_per_item(w: Workload) -> float:
+    """Phi on the item's own tile and its sub-spots (neighbours are gathered), plus one folded Rho."""
+    tiles = 1 + w.bags.get("subspot", 0)
+    return float(tiles * w.n_ensemble * w.input_size * w.phi2rho_size * 2 + w.multiplier * w.phi2rho_size *
+                 w.output_size * 2)  # fmt: skip
+
+
+def run_slide_bench(
+    w: Workload,
+    backends,
+    batch_size: int | None,
+    repeats: int,
+    warmup: int,
+    seed: int = 0,
+    options: Any = None,
+    allow_fallback: bool = False,
+    model: Any = None,
+    workdir: str | Path | None = None,
+    n_items: int | None = None,
+) -> BenchReport:
+    """Benchmark the indexed layout on a synthetic slide; see the module doc. Backends: ``torch`` (the exporter's
+    encoder and head modules) and the ONNX backends (an indexed export)."""
+    import torch
+
+    from ..data import synth_slide
+    from ..export.indexed import export_indexed
+    from .backends import BACKENDS, RunnerOptions, get_backend
+    from .indexed import dense_from_index, pipeline_from_folder, pipeline_from_model, predict_indexed
+    from .ort import physical_cores
+    from .stream import batches
+    from .torch_runner import TorchRunner
+
+    n = n_items or w.n_items
+    if n is None or n < 2:
+        raise ConfigError(f"a whole-slide benchmark needs at least 2 items, got {n}")
+    names = list(dict.fromkeys(backends))
+    for name in names:
+        get_backend(name)
+    torch.set_num_threads(physical_cores())
+    model = model if model is not None else w.build_model(seed)
+    k = w.bags["neighbors"]
+    slide = synth_slide(w.family, n, w.input_size, k, seed=seed, n_subspots=w.bags.get("subspot", 9))
+    batch = batch_size or w.batch_cpu
+
+    # The baseline's batch: the slide's first items, with their neighbour bags gathered as the per-item layout has.
+    inputs, gather = dense_from_index(slide, model.mode)
+    _, _, dense_feed = next(batches(inputs, min(batch, n), {k_: v.dtype for k_, v in inputs.items()}, prepare=gather))
+    baseline = TorchRunner(model, name="torch (eager, per-item)").activate()
+
+    pipelines: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="deepspot-slide-bench-", dir=workdir) as tmp:
+        try:
+            for name in names:
+                if BACKENDS[name].runs == "model":
+                    device = "cuda" if BACKENDS[name].device == "cuda" else "cpu"
+                    pipelines[name] = pipeline_from_model(model, device)
+                else:
+                    folder = Path(tmp) / f"indexed-{name}"
+                    if not folder.exists():
+                        export_indexed(model, folder, validate=False)
+                    o = replace(options or RunnerOptions(), batch_size=batch, bag_sizes={"neighbors": k})
+                    pipelines[name] = pipeline_from_folder(folder, name, o, allow_fallback)
+                pipelines[name].__enter__()
+            warm = {key: v[: min(n, 2 * batch)] for key, v in slide.items() if key != "neighbor_index"}
+            warm["neighbor_index"] = np.minimum(slide["neighbor_index"][: min(n, 2 * batch)], min(n, 2 * batch) - 1)
+            for _ in range(warmup):
+                baseline.infer(dense_feed)
+                for p in pipelines.values():
+                    predict_indexed(p, warm, batch)
+            per_repeat: dict[str, list[float]] = {"baseline": [], **{name: [] for name in names}}
+            latency: dict[str, list[float]] = {key: [] for key in per_repeat}
+            peaks = {key: 0.0 for key in per_repeat}
+            locations: dict[str, str] = {}
+            gemm = Gemm()
+            for _ in range(repeats):
+                gemm.time_once()
+                reset_peak_rss()
+                t0 = time.perf_counter()
+                baseline.infer(dense_feed, check_inputs=False)
+                elapsed = time.perf_counter() - t0
+                per_repeat["baseline"].append(len(dense_feed["neighbors"]) / elapsed)
+                latency["baseline"].append(elapsed)
+                peaks["baseline"] = max(peaks["baseline"], peak_rss_mb())
+                for name, p in pipelines.items():
+                    reset_peak_rss()
+                    t0 = time.perf_counter()
+                    _, locations[name] = predict_indexed(p, slide, batch)
+                    elapsed = time.perf_counter() - t0
+                    per_repeat[name].append(n / elapsed)
+                    latency[name].append(elapsed)
+                    peaks[name] = max(peaks[name], peak_rss_mb())
+        finally:
+            baseline.deactivate()
+            for p in pipelines.values():
+                p.__exit__(None, None, None)
+
+    rate = gemm.median
+    dense_flops, folded = w.flops_per_item(), w.flops_per_item(folded=True)
+    indexed_flops = indexed_flops_per_item(w)
+    base = np.array(per_repeat["baseline"])
+    results = [_result("torch (eager, per-item)", "cpu", len(dense_feed["neighbors"]), per_repeat["baseline"], base,
+                       latency["baseline"], peaks["baseline"], dense_flops, folded, rate)]  # fmt: skip
+    for name, p in pipelines.items():
+        r = _result(f"{p.backend} (indexed, table in {locations[name]})", p.head.device, batch, per_repeat[name], base,
+                    latency[name], peaks[name], indexed_flops, indexed_flops, rate)  # fmt: skip
+        results.append(r)
+    return BenchReport(
+        workload={**asdict(w), "n_items": n, "flops_definition": "per-item: BENCHMARKS.md; indexed: own tile and "
+                  "sub-spots through Phi, one folded Rho", "latency": "per-item: one batch; indexed: whole slide"},
+        machine=machine_info(),
+        gemm_gflops=rate,
+        flops_per_item=dense_flops,
+        flops_per_item_folded=indexed_flops,
+        bound_items_per_s=rate * 1e9 / indexed_flops,
+        repeats=repeats,
+        warmup=warmup,
+        results=results,
+    )  # fmt: skip
+
+
+def _result(name, device, batch, ips, base, latency, peak, flops, bound_flops, rate) -> BackendResult:
+    ips_median = float(np.median(ips))
+    return BackendResult(
+        backend=name, device=device, batch_size=batch, items_per_s=ips_median,
+        ratio_to_torch=float(np.median(np.array(ips) / base)), p50_ms=1e3 * float(np.percentile(latency, 50)),
+        p95_ms=1e3 * float(np.percentile(latency, 95)), peak_rss_mb=peak, gflops=ips_median * flops / 1e9,
+        fraction_of_gemm=ips_median * flops / (rate * 1e9), fraction_of_bound=ips_median * bound_flops / (rate * 1e9),
+        repeats_items_per_s=list(ips),
+    )  # fmt: skip

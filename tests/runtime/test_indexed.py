@@ -1,0 +1,206 @@
+"""The indexed (whole-slide) layout: parity with the per-item layout, the CLI path, and bad indices."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from deepspot import create_model, save
+from deepspot.cli import app
+from deepspot.data import check_neighbor_index, densify, save_bundle, synth_slide
+from deepspot.errors import CheckpointError, ConfigError, DeepSpotError, InputError
+from deepspot.export.indexed import export_indexed
+from deepspot.modes import MODES
+from deepspot.runtime.indexed import load_pipeline, predict_indexed
+
+D, H, G = 12, 6, 4
+NEIGHBOR_MODES = [m for m in MODES if m.has_neighbors]
+runner = CliRunner()
+
+
+def _model(mode, agg="max", seed=0):
+    extra = {"agg_neighbors": agg} if mode.family == "cell" else {}
+    return create_model(mode.family, mode.name, input_size=D, output_size=G, phi2rho_size=H, n_ensemble=5,
+                        random_seed=seed, **extra).eval()  # fmt: skip
+
+
+def _graph(mode, n=37, k=5, seed=0):
+    """A random slide with every awkward case: padding, repeats, self-loops, an isolated item, and neighbours that
+    lie in other batches (batch size 8 below, items up to n apart)."""
+    rng = np.random.default_rng(seed)
+    arrays = {mode.bags[0].name: rng.standard_normal((n, D), dtype=np.float32)}
+    if "subspot" in mode.input_names:
+        arrays["subspot"] = rng.standard_normal((n, 3, D), dtype=np.float32)
+    index = rng.integers(-1, n, size=(n, k))
+    index[0] = -1  # no neighbours at all
+    index[1, :3] = 1  # its own neighbour, three times
+    index[2] = [2, 2, 5, 5, -1]  # repeated neighbours and padding
+    index[3] = [36, 35, 0, 20, 9]  # neighbours in other batches, both directions
+    arrays["neighbor_index"] = index
+    return arrays
+
+
+def _dense_reference(model, arrays):
+    own_name = model.mode.bags[0].name
+    own = arrays[own_name]
+    bags = {own_name: own[:, None, :], "neighbors": densify(own, arrays["neighbor_index"])}
+    if "subspot" in arrays:
+        bags["subspot"] = arrays["subspot"]
+    with torch.no_grad():
+        return model(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in bags.items()}).numpy()
+
+
+CASES = [
+    pytest.param(mode, agg, id=f"{mode.key}-{agg}")
+    for mode in NEIGHBOR_MODES
+    for agg in (("max", "mean", "sum") if mode.family == "cell" else ("max",))
+]
+
+
+@pytest.mark.parametrize("mode, agg", CASES)
+@pytest.mark.parametrize("backend", ["torch", "ort-cpu"])
+def test_indexed_equals_dense(tmp_path, mode, agg, backend):
+    model = _model(mode, agg)
+    arrays = _graph(mode)
+    expected = _dense_reference(model, arrays)
+    source = model
+    if backend == "ort-cpu":
+        source = export_indexed(model, tmp_path / "indexed")
+    with load_pipeline(source, backend, batch_size=8) as pipeline:
+        got, location = predict_indexed(pipeline, arrays, batch_size=8)
+    assert location == "memory"
+    tol = 1e-5 * (1 + np.abs(expected).max())
+    np.testing.assert_allclose(got, expected, rtol=0, atol=tol)
+    # The isolated item is not the same as an item whose neighbours are real: padding is a real zero row.
+    assert not np.allclose(got[0], got[4])
+
+
+def test_memory_mapped_and_fp16_tables(tmp_path):
+    mode = NEIGHBOR_MODES[-1]
+    model = _model(mode)
+    arrays = _graph(mode)
+    expected = _dense_reference(model, arrays)
+    with load_pipeline(model, batch_size=8) as p:
+        mapped, location = predict_indexed(p, arrays, batch_size=8, table="mmap", table_folder=tmp_path)
+    assert location == "mmap" and list(tmp_path.iterdir()) == []  # the table file is gone afterwards
+    np.testing.assert_allclose(mapped, expected, rtol=0, atol=1e-5 * (1 + np.abs(expected).max()))
+    with load_pipeline(model, batch_size=8, table_dtype="fp16") as p:
+        half, _ = predict_indexed(p, arrays, batch_size=8)
+    err = np.abs(half - expected).max()
+    assert 0 < err <= 5e-3 * (1 + np.abs(expected).max())  # rounded, but within the fp16 tolerance
+
+
+def _files(tmp_path, mode, n=50):
+    model = _model(mode)
+    model.genes = [f"g{i}" for i in range(G)]
+    ckpt = save(model, tmp_path / "m.safetensors")
+    slide = synth_slide(mode.family, n, D, 6, seed=3, n_subspots=3)
+    slide = {k: v for k, v in slide.items() if k == "neighbor_index" or k in mode.input_names}
+    bundle = save_bundle(tmp_path / "slide.npz", slide)
+    return model, ckpt, slide, bundle
+
+
+def test_cli_takes_the_indexed_path_by_itself(tmp_path):
+    mode = NEIGHBOR_MODES[0]
+    model, ckpt, slide, bundle = _files(tmp_path, mode)
+    folder = tmp_path / "indexed"
+    result = runner.invoke(app, ["export", str(ckpt), "--layout", "indexed", "-o", str(folder)])
+    assert result.exit_code == 0, result.output
+    expected = _dense_reference(model, slide)
+    for source, name in ((ckpt, "torch.npy"), (folder, "ort.npy")):
+        result = runner.invoke(app, ["infer", str(source), "-i", str(bundle), "-o", str(tmp_path / name),
+                                     "--batch-size", "16", "--no-progress"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "indexed layout" in result.output
+        np.testing.assert_allclose(np.load(tmp_path / name), expected, rtol=0, atol=2e-5)
+    # --layout dense runs the per-item model on the same bundle, gathering the neighbour bags per batch.
+    result = runner.invoke(app, ["infer", str(ckpt), "-i", str(bundle), "-o", str(tmp_path / "dense.npz"),
+                                 "--layout", "dense", "--no-progress"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with np.load(tmp_path / "dense.npz") as z:
+        np.testing.assert_allclose(z["predictions"], expected, rtol=0, atol=2e-5)
+        assert list(z["genes"]) == model.genes
+    report = tmp_path / "parity.json"
+    result = runner.invoke(app, ["parity", str(ckpt), str(folder), "--input", str(bundle), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["passed"] is True
+
+
+def test_parity_fails_against_another_model(tmp_path):
+    mode = NEIGHBOR_MODES[-1]
+    _, ckpt, _, _ = _files(tmp_path, mode)
+    other = export_indexed(_model(mode, seed=1), tmp_path / "other")
+    result = runner.invoke(app, ["parity", str(ckpt), str(other), "--random", "20"])
+    assert result.exit_code == 1 and "FAIL" in result.output
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda i: i.__setitem__((7, 2), 50), "'neighbor_index' row 7 holds 50, out of range"),
+        (lambda i: i.__setitem__((9, 0), -2), "'neighbor_index' row 9 holds -2, below -1"),
+    ],
+)
+def test_bad_indices_name_the_first_offending_row(tmp_path, edit, message):
+    mode = NEIGHBOR_MODES[-1]
+    _, ckpt, slide, _ = _files(tmp_path, mode)
+    edit(slide["neighbor_index"])
+    bundle = save_bundle(tmp_path / "bad.npz", slide)
+    out = tmp_path / "out.npy"
+    result = runner.invoke(app, ["infer", str(ckpt), "-i", str(bundle), "-o", str(out), "--no-progress"])
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz", "m.safetensors", "slide.npz"]
+
+
+def test_index_checks():
+    index = np.zeros((4, 3), dtype=np.int64)
+    assert check_neighbor_index(index, 4, k=3).dtype == np.int64
+    with pytest.raises(InputError, match=r"must be an integer array, got float64 \(row 2 is not integral\)"):
+        bad = index.astype(np.float64)
+        bad[2, 1] = 0.5
+        check_neighbor_index(bad, 4)
+    with pytest.raises(InputError, match="has 3 rows, the bundle has 4 items"):
+        check_neighbor_index(index[:3], 4)
+    with pytest.raises(InputError, match="K=3 neighbours, the model expects 6"):
+        check_neighbor_index(index, 4, k=6)
+    with pytest.raises(InputError, match=r"must have shape \(N, K\)"):
+        check_neighbor_index(index[:, 0], 4)
+
+
+def test_layouts_that_cannot_run(tmp_path):
+    spot_only = create_model("spot", "subspot", input_size=D, output_size=G, phi2rho_size=H, n_ensemble=3)
+    with pytest.raises(ConfigError, match="has no neighbours, so it has no indexed layout"):
+        export_indexed(spot_only, tmp_path / "x")
+    mode = NEIGHBOR_MODES[-1]
+    a = export_indexed(_model(mode), tmp_path / "a")
+    b = export_indexed(_model(mode, seed=2), tmp_path / "b")
+    (a / "head.onnx").write_bytes((b / "head.onnx").read_bytes())
+    with pytest.raises(CheckpointError, match="come from different exports"):
+        load_pipeline(a)
+    with pytest.raises(DeepSpotError, match="already exists"):
+        export_indexed(_model(mode), tmp_path / "b")
+
+
+def test_slide_generators():
+    spots = synth_slide("spot", 60, 4, 6, seed=0)
+    index = spots["neighbor_index"]
+    degree = (index >= 0).sum(axis=1)
+    assert degree.max() == 6 and degree.min() >= 2  # hexagonal: 6 inside, fewer at the border (padded with -1)
+    pairs = {(i, j) for i in range(60) for j in index[i] if j >= 0}
+    assert all((j, i) in pairs for i, j in pairs)  # adjacency is symmetric
+    cells = synth_slide("cell", 100, 4, 44, seed=0)["neighbor_index"]
+    assert cells.shape == (100, 44) and not (cells == np.arange(100)[:, None]).any()  # the cell itself excluded
+
+
+def test_quick_slide_benchmark_reports_ratios():
+    from deepspot.runtime.bench import run_bench
+
+    report = run_bench("xenium-slide", ["torch", "ort-cpu"], repeats=1, warmup=0, quick=True, n_items=300)
+    names = [r.backend for r in report.results]
+    assert names[0] == "torch (eager, per-item)" and any("indexed" in n for n in names[1:])
+    assert all(r.items_per_s > 0 and r.ratio_to_torch > 0 for r in report.results)
+    assert report.workload["n_items"] == 300
