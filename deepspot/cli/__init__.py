@@ -1,15 +1,7 @@
 """The ``deepspot`` command line. Nothing in the package imports this module."""
 
-from importlib import import_module
-
+# Each module registers its commands on `app`, in the order `deepspot --help` lists them: the path a model takes.
+from . import train, importer, export, runtime  # noqa: F401, I001
 from .app import app, main
-
-# Each module registers its commands on `app`; a module that is not there yet is simply absent.
-for _name in ("train", "export", "runtime", "importer"):
-    try:
-        import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as _e:
-        if _e.name != f"{__name__}.{_name}":
-            raise
 
 __all__ = ["app", "main"]

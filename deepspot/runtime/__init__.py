@@ -12,12 +12,15 @@ Public API:
 - :func:`infer`: stream a bundle through a runner into ``.npy`` / ``.npz`` / ``.h5ad``, atomically.
 - :func:`compare` / :func:`check_parity`: a :class:`ParityReport` per output; :data:`TOLERANCES` per precision.
 - :func:`~deepspot.runtime.bench.run_bench`: the workloads of BENCHMARKS.md, side by side with eager PyTorch.
+- :func:`load_pipeline` / :func:`predict_indexed`: the indexed (whole-slide) layout, an encoder pass into a table of
+  embeddings and a head that gathers neighbours by index.
 
 ``onnxruntime`` and ``tensorrt`` are imported only when a session or an engine is built.
 """
 
 from .backends import BACKENDS, FallbackWarning, Probe, RunnerOptions, Selection, load_runner, select_backend
 from .base import ModelInfo, Runner, TensorSpec
+from .indexed import IndexedPipeline, load_pipeline, predict_indexed
 from .infer import InferResult, infer
 from .ort import OrtRunner, session_from_onnx
 from .parity import TOLERANCES, OutputParity, ParityReport, Tolerance, check_parity, compare
@@ -27,6 +30,7 @@ from .torch_runner import TorchRunner
 __all__ = [
     "BACKENDS",
     "FallbackWarning",
+    "IndexedPipeline",
     "InferResult",
     "ModelInfo",
     "OrtRunner",
@@ -44,8 +48,10 @@ __all__ = [
     "check_parity",
     "compare",
     "infer",
+    "load_pipeline",
     "load_runner",
     "predict",
+    "predict_indexed",
     "select_backend",
     "session_from_onnx",
 ]
