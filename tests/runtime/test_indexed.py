@@ -79,6 +79,22 @@ def test_indexed_equals_dense(tmp_path, mode, agg, backend):
     assert not np.allclose(got[0], got[4])
 
 
+@pytest.mark.parametrize("mode", NEIGHBOR_MODES, ids=lambda m: m.key)
+def test_gathering_on_the_device_equals_gathering_on_the_host(mode):
+    # The GPU path (table on the device, index in the feed) run on the CPU, where it can be tested.
+    from deepspot.runtime.indexed import DeviceGatherHeadRunner, pipeline_from_model
+
+    model = _model(mode)
+    arrays = _graph(mode)
+    with pipeline_from_model(model, device_gather=True) as pipeline:
+        assert isinstance(pipeline.head, DeviceGatherHeadRunner)
+        assert "neighbor_index" in pipeline.head.input_names
+        got, _ = predict_indexed(pipeline, arrays, batch_size=8)
+    with pipeline_from_model(model) as pipeline:
+        expected, _ = predict_indexed(pipeline, arrays, batch_size=8)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_memory_mapped_and_fp16_tables(tmp_path):
     mode = NEIGHBOR_MODES[-1]
     model = _model(mode)
@@ -204,3 +220,15 @@ def test_quick_slide_benchmark_reports_ratios():
     assert names[0] == "torch (eager, per-item)" and any("indexed" in n for n in names[1:])
     assert all(r.items_per_s > 0 and r.ratio_to_torch > 0 for r in report.results)
     assert report.workload["n_items"] == 300
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", NEIGHBOR_MODES, ids=lambda m: m.key)
+def test_indexed_on_cuda_equals_dense(require, mode):
+    require("cuda")
+    model = _model(mode)
+    arrays = _graph(mode)
+    expected = _dense_reference(model, arrays)
+    with load_pipeline(model, "torch-cuda", batch_size=8) as pipeline:
+        got, _ = predict_indexed(pipeline, arrays, batch_size=8)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * (1 + np.abs(expected).max()))
