@@ -129,7 +129,7 @@ def test_bench_quick_with_json(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     assert [r["backend"] for r in report["results"]] == ["torch", "ort-cpu"]
     assert all(r["ratio_to_torch"] > 0 for r in report["results"])
-    one_line_error(run("bench", "--workload", "xenium-slide"), "indexed layout")
+    one_line_error(run("bench", "--workload", "xenium-slide", "--items", 1), "needs at least 2 items")
     one_line_error(run("bench", "--backends", "torch,nope", "--quick"), "unknown backend 'nope'")
 
 
