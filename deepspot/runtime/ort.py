@@ -67,6 +67,11 @@ def session_options(threads: int | None = None, optimization: str = "all"):
     so.intra_op_num_threads = threads or physical_cores()
     so.inter_op_num_threads = 1  # one chain of large matrix products: parallel branches only steal cores
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle threads sleep instead of spinning: spinning buys nothing for these large products, and spinning threads
+    # would take the cores from whatever runs next in the process (PyTorch, the prefetch thread, a benchmark's
+    # eager baseline, which would then look slower than it is).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return so
 
 
