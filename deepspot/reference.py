@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import collections
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -151,10 +150,13 @@ def safe_torch_load(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    if path.suffix.lower() == ".safetensors":
+        # torch.load hands .safetensors files to safetensors; ours are deepspot checkpoints and need no import.
+        raise CheckpointError(f"{path}: a .safetensors file is not a reference file; deepspot.load reads it directly")
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PickleModule)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, KeyError, OSError) as e:
+    except Exception as e:  # noqa: BLE001  any failure to parse the user's file is the file's problem, said in one line
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: not a readable torch file ({msg})") from None

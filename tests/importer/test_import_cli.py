@@ -157,3 +157,15 @@ def test_bundle_bad_input_exits_2_and_writes_nothing(tmp_path):
     result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(csv), "-o", str(out),
                                  "--family", "tile"])  # fmt: skip
     assert result.exit_code == 2 and "unknown family" in _error_line(result)
+
+
+def test_files_that_are_not_reference_files(tmp_path):
+    """A deepspot checkpoint and random bytes given to ``import`` are one-line errors, never tracebacks."""
+    ckpt = deepspot.save(deepspot.create_model("cell", "cell", input_size=4, output_size=2, n_ensemble=2,
+                                               phi2rho_size=3), tmp_path / "m.safetensors")  # fmt: skip
+    (tmp_path / "noise.pkl").write_bytes(bytes(range(256)) * 3)
+    for source, message in ((ckpt, "is not a reference file"), (tmp_path / "noise.pkl", "not a readable torch file")):
+        out = tmp_path / "out.safetensors"
+        result = runner.invoke(app, ["import", str(source), "-o", str(out)])
+        assert result.exit_code == 2 and message in _error_line(result)
+        assert "Traceback" not in result.output and not out.exists()
