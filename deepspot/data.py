@@ -107,7 +107,10 @@ class Bundle:
         for bag in m.bags:
             if bag.name == "neighbors" and "neighbors" not in self.arrays and "neighbor_index" in self.arrays:
                 if not allow_index:
-                    raise InputError(f"{src}: neighbours are given as 'neighbor_index'; use the indexed layout")
+                    raise InputError(
+                        f"{src}: neighbours are given as 'neighbor_index', which only whole-slide inference reads; "
+                        "this step needs neighbour features ('neighbors')"
+                    )
                 continue
             if bag.name not in self.arrays:
                 raise InputError(f"{src}: missing {bag.name!r}, which mode {m.reference!r} needs")

@@ -44,6 +44,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except DeepSpotError as e:
             fail(str(e))
+        except OSError as e:
+            # The file system refused (no such folder, no permission, disk full): the user's to fix, in one line.
+            where = f"{e.filename}: " if e.filename else ""
+            fail(f"{where}{e.strerror or e}")
         except KeyboardInterrupt:
             typer.echo("Interrupted.", err=True)
             raise typer.Exit(130) from None

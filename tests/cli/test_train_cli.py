@@ -66,3 +66,12 @@ def test_missing_bundle(tmp_path):
     result = runner.invoke(app, ["train", "--data", str(tmp_path / "x.npz"), "--family", "spot", "--out",
                                  str(tmp_path / "run")])  # fmt: skip
     assert result.exit_code == 2 and "no such bundle" in result.output
+
+
+def test_file_system_errors_are_one_line(tmp_path):
+    # A folder that cannot be created: the OS's reason, in one line, exit 2.
+    target = tmp_path / "file"
+    target.write_text("not a folder")
+    result = runner.invoke(app, ["quickstart", "--workdir", str(target / "sub")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith("Error: ") and "file/sub" in result.output
