@@ -45,13 +45,24 @@ def main() -> None:
         w = get_workload(name)
         model = w.build_model(0)
         entry = {"parity": {}, "throughput": {}}
-        for precision, table in (("fp32", "fp32"), ("fp16", "fp16")):
+        for precision in ("fp32", "fp16"):
             t0 = time.perf_counter()
-            report = check_parity_indexed(model, model, "torch-cuda", n_random=args.parity_items,
-                                          options=RunnerOptions(precision=precision), batch_size=w.batch_gpu)
+            report = check_parity_indexed(
+                model,
+                model,
+                "torch-cuda",
+                n_random=args.parity_items,
+                options=RunnerOptions(precision=precision),
+                batch_size=w.batch_gpu,
+            )
             out = report.outputs[0]
-            entry["parity"][precision] = {"max_abs": out.max_abs, "limit": out.limit, "min_pearson": out.min_pearson,
-                                          "passed": report.passed, "seconds": time.perf_counter() - t0}
+            entry["parity"][precision] = {
+                "max_abs": out.max_abs,
+                "limit": out.limit,
+                "min_pearson": out.min_pearson,
+                "passed": report.passed,
+                "seconds": time.perf_counter() - t0,
+            }
             print(name, precision, entry["parity"][precision], flush=True)
         n = args.slide_items or w.n_items
         k = w.bags["neighbors"]

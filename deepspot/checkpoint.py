@@ -110,7 +110,9 @@ def from_parts(meta: dict[str, Any], state_dict: dict[str, torch.Tensor], source
     if model.genes is not None and len(model.genes) != model.output_size:
         raise CheckpointError(f"{source}: {len(model.genes)} gene names for {model.output_size} outputs")
     if model.scaler is not None and model.scaler.n_features not in (None, model.output_size):
-        raise CheckpointError(f"{source}: the scaler has {model.scaler.n_features} genes, the model {model.output_size}")
+        raise CheckpointError(
+            f"{source}: the scaler has {model.scaler.n_features} genes, the model {model.output_size}"
+        )
     model.eval()
     return model
 

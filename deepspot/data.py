@@ -204,8 +204,8 @@ def _read_npz(path: Path, mmap: bool) -> dict[str, np.ndarray]:
                 start += int.from_bytes(header[28:30], "little")
                 raw.seek(start)
                 version = np.lib.format.read_magic(raw)
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else (
-                    np.lib.format.read_array_header_2_0
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else (np.lib.format.read_array_header_2_0)
                 )
                 shape, fortran, dtype = read_header(raw)
                 if dtype.hasobject:

@@ -172,7 +172,7 @@ def _read(path: Path) -> dict[str, Any]:
             "scaler": obj.__dict__.get("scaler", (hparams or {}).get("scaler")),
             "history": _history(obj),
             # The bound forward function is what the reference really runs, whatever the hyperparameters say.
-            "context": forward.name[len("_forward_"):] if isinstance(forward, BoundMethod) else None,
+            "context": forward.name[len("_forward_") :] if isinstance(forward, BoundMethod) else None,
         }
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):  # a Lightning checkpoint
         hparams = obj.get("hyper_parameters")

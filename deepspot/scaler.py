@@ -59,7 +59,7 @@ class Scaler:
         if isinstance(obj, dict):
             return cls.from_dict(obj)
         if hasattr(obj, "center_"):
-            return cls("robust", getattr(obj, "center_"), getattr(obj, "scale_", None))
+            return cls("robust", obj.center_, getattr(obj, "scale_", None))
         if hasattr(obj, "mean_") or hasattr(obj, "scale_"):
             return cls("standard", getattr(obj, "mean_", None), getattr(obj, "scale_", None))
         raise ConfigError(f"cannot use {type(obj).__name__} as a scaler: it has no mean_/center_ or scale_")

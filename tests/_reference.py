@@ -29,5 +29,3 @@ def reference_model(family: str):
 def reference_data(family: str) -> dict[str, np.ndarray]:
     with np.load(REFERENCE_DIR / f"{FIXTURES[family]}.npz") as z:
         return {k: z[k] for k in z.files}
-
-

@@ -17,7 +17,9 @@ from deepspot.scaler import Scaler
 
 
 def _model():
-    m = create_model("cell", "neighbors", input_size=6, output_size=3, phi2rho_size=4, n_ensemble=3, agg_neighbors="sum")
+    m = create_model(
+        "cell", "neighbors", input_size=6, output_size=3, phi2rho_size=4, n_ensemble=3, agg_neighbors="sum"
+    )
     m.scaler = Scaler("standard", [1.0, 2.0, 3.0], [0.5, 1.5, 2.5])
     m.genes = ["A", "B", "C"]
     m.history = {"train_loss": [1.0, 0.5]}

@@ -50,11 +50,15 @@ def export_command(
     checkpoint: Path | None = typer.Argument(
         None, help="Checkpoint to export (.safetensors, or a reference .pkl/.ckpt). Leave out with --family."
     ),
-    output: Path = typer.Option(..., "--output", "-o", help="The .onnx file to write (a new folder for --layout indexed)."),
+    output: Path = typer.Option(
+        ..., "--output", "-o", help="The .onnx file to write (a new folder for --layout indexed)."
+    ),
     layout: str = typer.Option(
         "dense", "--layout", help="dense: one graph per item; indexed: encoder.onnx + head.onnx for whole slides."
     ),
-    table_dtype: str = typer.Option("fp32", "--table-dtype", help="Indexed: dtype of the embedding table, fp32 or fp16."),
+    table_dtype: str = typer.Option(
+        "fp32", "--table-dtype", help="Indexed: dtype of the embedding table, fp32 or fp16."
+    ),
     mode: str | None = typer.Option(None, "--mode", "-m", help="Forward mode; default and only choice: the model's."),
     precision: str = typer.Option("fp32", "--precision", help="fp32, fp16 or bf16 (weights and compute)."),
     io: str | None = typer.Option(None, "--io", help="Dtype of inputs and output: fp32 (default) or fp16."),
@@ -105,7 +109,9 @@ def export_command(
             source, output, precision=precision, io_dtype=io, optimize=optimize, fold_scaler=fold_scaler,
             table_dtype=table_dtype, opset=opset, validate=validate,
         )  # fmt: skip
-        typer.echo(f"wrote {folder}/encoder.onnx and {folder}/head.onnx (indexed layout, {precision}, table {table_dtype})")
+        typer.echo(
+            f"wrote {folder}/encoder.onnx and {folder}/head.onnx (indexed layout, {precision}, table {table_dtype})"
+        )
         return
     if layout != "dense":
         raise ConfigError(f"unknown layout {layout!r}; expected dense or indexed")

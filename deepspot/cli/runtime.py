@@ -104,7 +104,8 @@ def infer(
     cache_dir: Optional[Path] = typer.Option(None, help="TensorRT engine and timing cache folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with items/s."),
     layout: Optional[str] = typer.Option(
-        None, help="dense or indexed; default: indexed when the bundle has neighbor_index or MODEL is an indexed export."
+        None,
+        help="dense or indexed; default: indexed when the bundle has neighbor_index or MODEL is an indexed export.",
     ),
     table: str = typer.Option("auto", help="Indexed layout: embedding table in memory, mmap, or auto (by size)."),
     table_dtype: str = typer.Option("fp32", help="Indexed layout from a checkpoint: table dtype, fp32 or fp16."),
@@ -233,7 +234,9 @@ def bench(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the torch-cuda backend."),
     torch_graph: str = typer.Option("eager", help=TORCH_GRAPH_HELP + " The eager baseline is always eager."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here."),
-    items: Optional[int] = typer.Option(None, help="Whole-slide workloads: items on the slide (default: the workload's)."),
+    items: Optional[int] = typer.Option(
+        None, help="Whole-slide workloads: items on the slide (default: the workload's)."
+    ),
 ) -> None:
     """Throughput of each backend against the eager PyTorch model, measured side by side in one process.
 

@@ -16,7 +16,9 @@ from .app import app, handle_errors
 def synth(
     out: Path = typer.Argument(..., help="Output bundle: a .npz file, or a directory of .npy files."),
     family: str = typer.Option("spot", help="Model family: spot or cell."),
-    mode: Optional[str] = typer.Option(None, help="Forward mode; decides which bags are written. Default: the family's full mode."),
+    mode: Optional[str] = typer.Option(
+        None, help="Forward mode; decides which bags are written. Default: the family's full mode."
+    ),
     n: int = typer.Option(1000, "--n", help="Number of spots or cells."),
     input_size: int = typer.Option(64, help="Features per tile (D)."),
     genes: int = typer.Option(32, help="Number of genes (G)."),
@@ -39,10 +41,14 @@ def synth(
 def train(
     data: Path = typer.Option(..., "--data", help="Training bundle (.npz or directory of .npy) with a 'target' array."),
     family: str = typer.Option(..., help="Model family: spot or cell."),
-    mode: Optional[str] = typer.Option(None, help="Forward mode (short or reference name). Default: the family's full mode."),
+    mode: Optional[str] = typer.Option(
+        None, help="Forward mode (short or reference name). Default: the family's full mode."
+    ),
     out: Path = typer.Option(..., "--out", help="Output directory for model.safetensors, history.json and loss.png."),
     val_data: Optional[Path] = typer.Option(None, help="Separate validation bundle (instead of --val-fraction)."),
-    loss_func: str = typer.Option("mse", help="Loss: mse, cos, mse_cos, pearson, mse_pearson, poisson (cell also l1, huber, l1_cos, huber_cos)."),
+    loss_func: str = typer.Option(
+        "mse", help="Loss: mse, cos, mse_cos, pearson, mse_pearson, poisson (cell also l1, huber, l1_cos, huber_cos)."
+    ),
     lr: float = typer.Option(1e-4, help="AdamW learning rate."),
     p: Optional[float] = typer.Option(None, help="Dropout of Phi and Rho (default 0.3 for spot, 0.2 for cell)."),
     p_phi: Optional[float] = typer.Option(None, help="Dropout of Phi; default --p."),
@@ -50,17 +56,25 @@ def train(
     n_ensemble: int = typer.Option(10, help="Ensemble size of Phi and Rho."),
     n_ensemble_phi: Optional[int] = typer.Option(None, help="Number of Phi networks; default --n-ensemble."),
     n_ensemble_rho: Optional[int] = typer.Option(None, help="Number of Rho networks; default --n-ensemble."),
-    phi2rho_size: Optional[int] = typer.Option(None, help="Width of a Phi embedding (default 512 for spot, 1024 for cell)."),
+    phi2rho_size: Optional[int] = typer.Option(
+        None, help="Width of a Phi embedding (default 512 for spot, 1024 for cell)."
+    ),
     emb_size: int = typer.Option(1024, help="Cell only; unused by the model, kept for compatibility."),
     weight_decay: float = typer.Option(1e-6, help="AdamW weight decay."),
-    random_seed: int = typer.Option(2024, help="Seed for initial weights, dropout, shuffling and the validation split."),
+    random_seed: int = typer.Option(
+        2024, help="Seed for initial weights, dropout, shuffling and the validation split."
+    ),
     agg_neighbors: str = typer.Option("max", help="Cell only: pooling over neighbours (max, mean or sum)."),
     epochs: int = typer.Option(10, help="Maximum number of epochs."),
     batch_size: int = typer.Option(1024, help="Items per optimisation step."),
     shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="Shuffle the training items every epoch."),
     val_fraction: float = typer.Option(0.1, help="Fraction held out for validation (0 for none)."),
-    normalize: bool = typer.Option(True, "--normalize/--no-normalize", help="Standardise targets; the scaler is stored with the model."),
-    early_stopping: bool = typer.Option(False, "--early-stopping/--no-early-stopping", help="Stop when the monitored loss stops improving."),
+    normalize: bool = typer.Option(
+        True, "--normalize/--no-normalize", help="Standardise targets; the scaler is stored with the model."
+    ),
+    early_stopping: bool = typer.Option(
+        False, "--early-stopping/--no-early-stopping", help="Stop when the monitored loss stops improving."
+    ),
     monitor: str = typer.Option("val_loss", help="Loss watched by early stopping: val_loss or train_loss."),
     patience: int = typer.Option(3, help="Epochs without improvement before early stopping."),
     min_delta: float = typer.Option(0.0, help="Smallest decrease that counts as an improvement."),
@@ -78,8 +92,15 @@ def train(
     check_family(family)
     mode = mode or DEFAULT_MODE[family]
     kwargs = dict(
-        loss_func=loss_func, lr=lr, p_phi=p_phi, p_rho=p_rho, n_ensemble=n_ensemble, n_ensemble_phi=n_ensemble_phi,
-        n_ensemble_rho=n_ensemble_rho, weight_decay=weight_decay, random_seed=random_seed,
+        loss_func=loss_func,
+        lr=lr,
+        p_phi=p_phi,
+        p_rho=p_rho,
+        n_ensemble=n_ensemble,
+        n_ensemble_phi=n_ensemble_phi,
+        n_ensemble_rho=n_ensemble_rho,
+        weight_decay=weight_decay,
+        random_seed=random_seed,
     )
     if p is not None:
         kwargs["p"] = p
@@ -88,8 +109,15 @@ def train(
     if family == "cell":
         kwargs.update(emb_size=emb_size, agg_neighbors=agg_neighbors)
     config = TrainConfig(
-        epochs=epochs, batch_size=batch_size, shuffle=shuffle, val_fraction=0.0 if val_data else val_fraction,
-        normalize=normalize, early_stopping=early_stopping, monitor=monitor, patience=patience, min_delta=min_delta,
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        val_fraction=0.0 if val_data else val_fraction,
+        normalize=normalize,
+        early_stopping=early_stopping,
+        monitor=monitor,
+        patience=patience,
+        min_delta=min_delta,
         progress=progress,
     )
     bundle = load_bundle(data)
@@ -107,8 +135,12 @@ def train(
     model = create_model(family, m.name, input_size=input_size, output_size=output_size, **kwargs)
     model.genes = bundle.genes
     history = fit(
-        model, bundle.inputs(m), bundle["target"], config,
-        val_inputs=None if val is None else val.inputs(m), val_target=None if val is None else val["target"],
+        model,
+        bundle.inputs(m),
+        bundle["target"],
+        config,
+        val_inputs=None if val is None else val.inputs(m),
+        val_target=None if val is None else val["target"],
     )
     out.mkdir(parents=True, exist_ok=True)
     save(model, out / "model.safetensors")

@@ -260,7 +260,9 @@ def check_parity(
         indexed_bundle = bundle is not None and _has_index(bundle)
         from .artifacts import artifact_kind
 
-        layout = "indexed" if is_indexed_folder(model) or (indexed_bundle and artifact_kind(model) == "model") else "dense"
+        layout = (
+            "indexed" if is_indexed_folder(model) or (indexed_bundle and artifact_kind(model) == "model") else "dense"
+        )
     if layout == "indexed":
         return check_parity_indexed(checkpoint, model, backend, bundle, n_random, atol, rtol, batch_size, options,
                                     allow_fallback, seed)  # fmt: skip

@@ -20,8 +20,12 @@ def test_h5ad_carries_names_values_and_metadata(reference_dir, tmp_path):
     pred = np.random.default_rng(0).standard_normal((4, 11))  # float64 in, float32 out
     barcodes = ["AAAC-1", "AAAG-1", "AACC-1", "AAGG-1"]
     genes = [f"GENE{j}" for j in range(11)]
-    coords = {"x_array": np.arange(4), "y_array": np.arange(4) * 2, "x_pixel": np.arange(4) * 10.0,
-              "y_pixel": np.arange(4) * 20.0}
+    coords = {
+        "x_array": np.arange(4),
+        "y_array": np.arange(4) * 2,
+        "x_pixel": np.arange(4) * 10.0,
+        "y_pixel": np.arange(4) * 20.0,
+    }
     uns = model_uns(model, inverse_transformed=True, note=None, mixed=[1, "a", None])
     path = write_anndata(tmp_path / "pred.h5ad", pred, barcodes, genes, coords, uns)
     adata = ad.read_h5ad(path)

@@ -41,8 +41,9 @@ def reference_spot_neighbors(barcodes, x, y, radius):
     """The reference's rule, spelled out: other spots with |dx| <= r and |dy| <= r, in obs order."""
     out = []
     for i, b in enumerate(barcodes):
-        out.append([j for j, c in enumerate(barcodes) if abs(x[j] - x[i]) <= radius and abs(y[j] - y[i]) <= radius
-                    and c != b])
+        out.append(
+            [j for j, c in enumerate(barcodes) if abs(x[j] - x[i]) <= radius and abs(y[j] - y[i]) <= radius and c != b]
+        )
     return out
 
 
@@ -155,7 +156,7 @@ def test_cell_bundle_from_an_h5ad(tmp_path):
     n = 30
     barcodes = [f"cell{i}" for i in range(n)]
     feats = write_features(tmp_path / "features", barcodes[: n // 2], rows=None, d=5, rng=rng)  # (D,) files
-    feats.update(write_features(tmp_path / "features", barcodes[n // 2:], rows=1, d=5, rng=rng))  # (1, D) files
+    feats.update(write_features(tmp_path / "features", barcodes[n // 2 :], rows=1, d=5, rng=rng))  # (1, D) files
     pix = rng.uniform(0, 500, size=(n, 2))
     obs = pd.DataFrame({"x_pixel": pix[:, 0], "y_pixel": pix[:, 1]}, index=barcodes)
     ad.AnnData(X=np.zeros((n, 2), np.float32), obs=obs).write_h5ad(tmp_path / "sample.h5ad")
