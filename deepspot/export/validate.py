@@ -59,7 +59,13 @@ def session_from_onnx(path: str | Path, providers: Sequence[str] = (CPU,), threa
         KernelUnavailableError: A provider lacks a kernel for one of the graph's ops (the message names it).
         DeepSpotError: onnxruntime cannot load the file.
     """
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise DeepSpotError(
+            "validating an export needs onnxruntime: pip install 'deepspot[cpu]' (or 'deepspot[gpu]'), "
+            "or export with --no-validate"
+        ) from None
 
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

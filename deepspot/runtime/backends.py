@@ -62,7 +62,7 @@ BACKENDS: dict[str, Backend] = {
             "install a CUDA build of PyTorch",
             "torch",
         ),
-        Backend("ort-cpu", "onnx", "cpu", "onnxruntime", "pip install onnxruntime", None, (CPU,)),
+        Backend("ort-cpu", "onnx", "cpu", "onnxruntime", "pip install 'deepspot[cpu]'", None, (CPU,)),
         Backend(
             "ort-cuda",
             "onnx",

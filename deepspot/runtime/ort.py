@@ -35,7 +35,9 @@ def import_ort():
     try:
         import onnxruntime
     except ImportError:
-        raise BackendUnavailableError("onnxruntime is not installed: pip install onnxruntime") from None
+        raise BackendUnavailableError(
+            "onnxruntime is not installed: pip install 'deepspot[cpu]' (or 'deepspot[gpu]' on a GPU server)"
+        ) from None
     return onnxruntime
 
 
@@ -148,8 +150,8 @@ def install_hint(provider: str) -> str:
     if provider == TRT:
         return "install onnxruntime-gpu with TensorRT: pip install 'deepspot[gpu,tensorrt]'"
     if provider == CUDA:
-        return "install onnxruntime-gpu (uninstall onnxruntime first): pip install 'deepspot[gpu]'"
-    return "pip install onnxruntime"
+        return "install onnxruntime-gpu instead of onnxruntime: pip uninstall -y onnxruntime && pip install 'deepspot[gpu]'"
+    return "pip install 'deepspot[cpu]'"
 
 
 def graph_specs(session) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
