@@ -362,6 +362,45 @@ def run_bench(
                 runner.deactivate()
 
 
+def backend_result(
+    name: str,
+    device: str,
+    batch: int,
+    items_per_s: list[float],
+    baseline_items_per_s: list[float],
+    latencies: list[float],
+    peak_mb: float,
+    flops: float,
+    bound_flops: float,
+    gemm_gflops: float,
+) -> BackendResult:
+    """One backend's figures from its per-repeat rates; the ratio is paired: each repeat against the baseline run
+    next to it, then the median."""
+    ips = float(np.median(items_per_s))
+    return BackendResult(
+        backend=name,
+        device=device,
+        batch_size=batch,
+        items_per_s=ips,
+        ratio_to_torch=float(np.median(np.array(items_per_s) / np.array(baseline_items_per_s))),
+        p50_ms=1e3 * float(np.percentile(latencies, 50)),
+        p95_ms=1e3 * float(np.percentile(latencies, 95)),
+        peak_rss_mb=peak_mb,
+        gflops=ips * flops / 1e9,
+        fraction_of_gemm=ips * flops / (gemm_gflops * 1e9),
+        fraction_of_bound=ips * bound_flops / (gemm_gflops * 1e9),
+        repeats_items_per_s=list(items_per_s),
+    )
+
+
+def peak_rss_scope(scoped: bool) -> str:
+    return (
+        "per backend (VmHWM reset before each timed run)"
+        if scoped
+        else "whole process (ru_maxrss; VmHWM could not be reset)"
+    )
+
+
 def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int) -> BenchReport:
     for runner, feed in runners.values():
         for _ in range(warmup):
@@ -383,27 +422,12 @@ def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int) ->
             per_repeat[name].append(len(next(iter(feed.values()))) / elapsed)
     gemm = gemm_probe.median
     flops, folded = w.flops_per_item(), w.flops_per_item(folded=True)
-    results = []
-    for name, (runner, feed) in runners.items():
-        ips = float(np.median(per_repeat[name]))
-        # Paired ratio: each repeat's backend run against the eager run next to it, then the median.
-        ratio = float(np.median(np.array(per_repeat[name]) / np.array(per_repeat["torch"])))
-        results.append(
-            BackendResult(
-                backend=runner.name,
-                device=runner.device,
-                batch_size=len(next(iter(feed.values()))),
-                items_per_s=ips,
-                ratio_to_torch=ratio,
-                p50_ms=1e3 * float(np.percentile(latencies[name], 50)),
-                p95_ms=1e3 * float(np.percentile(latencies[name], 95)),
-                peak_rss_mb=peaks[name],
-                gflops=ips * flops / 1e9,
-                fraction_of_gemm=ips * flops / (gemm * 1e9),
-                fraction_of_bound=ips * folded / (gemm * 1e9),
-                repeats_items_per_s=per_repeat[name],
-            )
-        )
+    base = per_repeat["torch"]
+    results = [
+        backend_result(runner.name, runner.device, len(next(iter(feed.values()))), per_repeat[name], base,
+                       latencies[name], peaks[name], flops, folded, gemm)
+        for name, (runner, feed) in runners.items()
+    ]  # fmt: skip
     return BenchReport(
         workload={**asdict(w), "flops_definition": "BENCHMARKS.md, per-item layout"},
         machine=machine_info(),
@@ -414,7 +438,5 @@ def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int) ->
         repeats=repeats,
         warmup=warmup,
         results=results,
-        peak_rss_scope="per backend (VmHWM reset before each timed run)"
-        if scoped
-        else "whole process (ru_maxrss; VmHWM could not be reset)",
+        peak_rss_scope=peak_rss_scope(scoped),
     )

@@ -18,7 +18,16 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from .bench import BackendResult, BenchReport, Gemm, Workload, machine_info, peak_rss_mb, reset_peak_rss
+from .bench import (
+    BenchReport,
+    Gemm,
+    Workload,
+    backend_result,
+    machine_info,
+    peak_rss_mb,
+    peak_rss_scope,
+    reset_peak_rss,
+)
 
 
 def indexed_flops_per_item(w: Workload) -> float:
@@ -98,9 +107,10 @@ def run_slide_bench(
             peaks = {key: 0.0 for key in per_repeat}
             locations: dict[str, str] = {}
             gemm = Gemm()
+            scoped = True
             for _ in range(repeats):
                 gemm.time_once()
-                reset_peak_rss()
+                scoped = reset_peak_rss() and scoped
                 t0 = time.perf_counter()
                 baseline.infer(dense_feed, check_inputs=False)
                 elapsed = time.perf_counter() - t0
@@ -108,7 +118,7 @@ def run_slide_bench(
                 latency["baseline"].append(elapsed)
                 peaks["baseline"] = max(peaks["baseline"], peak_rss_mb())
                 for name, p in pipelines.items():
-                    reset_peak_rss()
+                    scoped = reset_peak_rss() and scoped
                     t0 = time.perf_counter()
                     _, locations[name] = predict_indexed(p, slide, batch)
                     elapsed = time.perf_counter() - t0
@@ -123,11 +133,11 @@ def run_slide_bench(
     rate = gemm.median
     dense_flops, folded = w.flops_per_item(), w.flops_per_item(folded=True)
     indexed_flops = indexed_flops_per_item(w)
-    base = np.array(per_repeat["baseline"])
-    results = [_result("torch (eager, per-item)", "cpu", len(dense_feed["neighbors"]), per_repeat["baseline"], base,
+    base = per_repeat["baseline"]
+    results = [backend_result("torch (eager, per-item)", "cpu", len(dense_feed["neighbors"]), per_repeat["baseline"], base,
                        latency["baseline"], peaks["baseline"], dense_flops, folded, rate)]  # fmt: skip
     for name, p in pipelines.items():
-        r = _result(f"{p.backend} (indexed, table in {locations[name]})", p.head.device, batch, per_repeat[name], base,
+        r = backend_result(f"{p.backend} (indexed, table in {locations[name]})", p.head.device, batch, per_repeat[name], base,
                     latency[name], peaks[name], indexed_flops, indexed_flops, rate)  # fmt: skip
         results.append(r)
     return BenchReport(
@@ -141,15 +151,5 @@ def run_slide_bench(
         repeats=repeats,
         warmup=warmup,
         results=results,
-    )  # fmt: skip
-
-
-def _result(name, device, batch, ips, base, latency, peak, flops, bound_flops, rate) -> BackendResult:
-    ips_median = float(np.median(ips))
-    return BackendResult(
-        backend=name, device=device, batch_size=batch, items_per_s=ips_median,
-        ratio_to_torch=float(np.median(np.array(ips) / base)), p50_ms=1e3 * float(np.percentile(latency, 50)),
-        p95_ms=1e3 * float(np.percentile(latency, 95)), peak_rss_mb=peak, gflops=ips_median * flops / 1e9,
-        fraction_of_gemm=ips_median * flops / (rate * 1e9), fraction_of_bound=ips_median * bound_flops / (rate * 1e9),
-        repeats_items_per_s=list(ips),
+        peak_rss_scope=peak_rss_scope(scoped),
     )  # fmt: skip
