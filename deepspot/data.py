@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, UnusedInputWarning
 from .fileio import atomic_path
 from .modes import Mode, get_mode
 
@@ -152,6 +153,15 @@ class Bundle:
             width = self.arrays["target"].shape[1] if "target" in self.arrays else output_size
             if width is not None and g.shape[0] != width:
                 raise InputError(f"{src}: 'genes' has {g.shape[0]} names for {width} genes")
+        taken = {bag.name for bag in m.bags} | ({"neighbor_index"} if m.has_neighbors and allow_index else set())
+        unused = [k for k in (*FEATURE_KEYS, "neighbor_index") if k in self.arrays and k not in taken]
+        if unused:
+            warnings.warn(
+                f"{src}: ignoring {', '.join(map(repr, unused))}: a {m.family}/{m.name} model does not take "
+                f"{'it' if len(unused) == 1 else 'them'} (it takes {', '.join(b.name for b in m.bags)})",
+                UnusedInputWarning,
+                stacklevel=2,
+            )
         return m
 
 

@@ -26,3 +26,11 @@ class CheckpointError(DeepSpotError):
 
 class BackendUnavailableError(DeepSpotError):
     """A requested backend needs a package or hardware that is not there."""
+
+
+class DeepSpotWarning(UserWarning):
+    """Something in the user's input deepspot goes on without, said once (the CLI prints it as one line)."""
+
+
+class UnusedInputWarning(DeepSpotWarning):
+    """A bundle holds an array the model does not take."""

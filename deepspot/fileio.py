@@ -42,3 +42,29 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+
+
+def check_output_folder(path: str | Path, what: str = "output") -> Path:
+    """Refuse, before any work, an output whose folder does not exist or is not writable.
+
+    One rule for every command: deepspot creates its output (a file, or the folder ``train`` and ``quickstart`` write
+    into) but never missing parent folders, so a typo in a path fails at once instead of after the work.
+
+    Raises:
+        DeepSpotError: The folder is missing or not writable, or ``path`` names an existing directory.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise DeepSpotError(f"{path}: {what} folder {folder} does not exist (deepspot does not create parent folders)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DeepSpotError(f"{path}: {what} folder {folder} is not writable")
+    return path
+
+
+def check_output_file(path: str | Path, what: str = "output") -> Path:
+    """:func:`check_output_folder`, and ``path`` must not be an existing directory."""
+    path = check_output_folder(path, what)
+    if path.is_dir():
+        raise DeepSpotError(f"{path}: is a directory; give a file name")
+    return path

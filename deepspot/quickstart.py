@@ -1,4 +1,4 @@
-"""``deepspot quickstart``: the whole path on embedded synthetic data, in about a minute on a 2-core CPU.
+"""``deepspot quickstart``: the whole path on embedded synthetic data, in about 15 seconds on a 2-core CPU.
 
 synth -> train -> export -> infer -> parity -> bench, each step through the same library call the matching command
 uses, with the files left in a work folder. The data and model are small on purpose (64 features, 32 genes); the
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .errors import DeepSpotError
 
 FAMILY, MODE = "spot", "subspot_neighbors"
 SIZES = dict(input_size=64, genes=32, phi2rho_size=64, n_train=1600, n_test=400, epochs=6, batch_size=128)
@@ -49,15 +51,20 @@ def run_quickstart(
     """Run the quickstart; with ``workdir=None`` the files live in a temporary folder removed afterwards.
 
     Args:
-        workdir: Folder for the bundle, checkpoint, ONNX file, predictions and reports (created if missing).
+        workdir: Folder for the bundle, checkpoint, ONNX file, predictions and reports (created if missing; its parent must exist).
         seed: Seed of the synthetic data, the initial weights and the random inputs.
         log: Called with a line as each step starts.
     """
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="deepspot-quickstart-") as tmp:
             return _run(Path(tmp), seed, log)
+    from .fileio import check_output_folder
+
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.exists() and not workdir.is_dir():
+        raise DeepSpotError(f"{workdir}: exists and is not a directory")
+    check_output_folder(workdir, "workdir")
+    workdir.mkdir(exist_ok=True)
     return _run(workdir, seed, log)
 
 

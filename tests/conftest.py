@@ -28,3 +28,9 @@ def _torch_threads():
     # The CI machine has 2 cores; keep torch from oversubscribing them when tests run alongside onnxruntime.
     torch.set_num_threads(2)
     yield
+
+
+def pytest_report_header(config):
+    from _reference import trajectory_reference
+
+    return f"training trajectory reference: {trajectory_reference().describe()}"

@@ -14,17 +14,62 @@ from deepspot.modes import get_mode
 from deepspot.spot import DeepSpot
 from deepspot.train import TrainConfig, fit, loss_curves, plot_loss, smooth_curve
 
+from _reference import TRAJECTORY_FILES, TrajectoryReference, cpu_vendor, trajectory_reference
+
 QUIET = dict(progress=False)
 
 
 def test_follows_the_reference_trajectory_exactly(reference_dir):
-    traj = np.load(reference_dir / "trajectory_spot_subspot_neighbors_seed2024.npz")
+    # Bit for bit against the run made on this machine's CPU family; within a few ulps on any other CPU.
+    ref = trajectory_reference()
+    traj = ref.load()
     model = DeepSpot(input_size=12, output_size=5, phi2rho_size=8, random_seed=2024)
     inputs = {k: traj[k] for k in ("spot", "subspot", "neighbors")}
     history = fit(model, inputs, traj["target"], TrainConfig(epochs=3, batch_size=16, shuffle=False, **QUIET))
-    np.testing.assert_array_equal(np.asarray(history["train_loss"]), traj["training_loss"])
+    ref.assert_matches(history["train_loss"], traj["training_loss"], "per-step training losses")
     for key, value in model.state_dict().items():
-        np.testing.assert_array_equal(value.numpy(), traj[f"final/{key}"], err_msg=key)
+        ref.assert_matches(value.numpy(), traj[f"final/{key}"], f"final {key}")
+
+
+def test_trajectory_fixture_follows_the_cpu_family(tmp_path, reference_dir):
+    intel = TrajectoryReference("GenuineIntel")
+    assert intel.exact and intel.path == reference_dir / TRAJECTORY_FILES["GenuineIntel"]
+    assert "GenuineIntel" in str(intel.load()["made_on"]) and "bit for bit" in intel.describe()
+    amd = TrajectoryReference("AuthenticAMD")
+    assert amd.exact and amd.path.name == "trajectory_spot_subspot_neighbors_seed2024.npz"
+    for other in ("ARM", None):
+        ref = TrajectoryReference(other)
+        assert not ref.exact and ref.path == amd.path and "ulps" in ref.describe()
+    # vendor_id comes from /proc/cpuinfo's first processor entry.
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon\n\nvendor_id\t: Other\n")
+    assert cpu_vendor(cpuinfo) == "GenuineIntel"
+    cpuinfo.write_text("processor\t: 0\nCPU implementer\t: 0x41\n")
+    assert cpu_vendor(cpuinfo) is None
+    assert cpu_vendor(tmp_path / "missing") is None
+
+
+def test_trajectory_check_is_exact_on_its_family_and_ulps_elsewhere(reference_dir):
+    amd = TrajectoryReference("AuthenticAMD").load()["training_loss"]
+    intel = TrajectoryReference("GenuineIntel").load()["training_loss"]
+    assert not np.array_equal(amd, intel)  # the two runs differ in the last bits, so the choice matters
+    # The Intel machine's own losses pass the Intel check bit for bit, and fail the AMD one.
+    TrajectoryReference("GenuineIntel").assert_matches(intel, intel, "losses")
+    with pytest.raises(AssertionError, match="seed2024.npz"):
+        TrajectoryReference("AuthenticAMD").assert_matches(intel, amd, "losses")
+    # On another CPU, a few ulps pass and more do not.
+    other = TrajectoryReference("ARM")
+    other.assert_matches(intel, amd, "losses")
+    with pytest.raises(AssertionError, match="ulps"):
+        other.assert_matches(amd + 1e-6, amd, "losses")
+
+
+def test_the_trajectory_check_on_an_intel_cpu_uses_the_intel_fixture(monkeypatch, reference_dir):
+    import _reference
+
+    monkeypatch.setattr(_reference, "cpu_vendor", lambda *a: "GenuineIntel")
+    ref = _reference.trajectory_reference()
+    assert ref.exact and ref.path.name.endswith("_intel.npz")
 
 
 def _small(family="spot", mode="subspot_neighbors", n=200, seed=3):

@@ -7,15 +7,17 @@ exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, Optional
 
 import typer
 
 from .._version import __version__
-from ..errors import DeepSpotError
+from ..errors import DeepSpotError, DeepSpotWarning
 
 app = typer.Typer(
     name="deepspot",
@@ -35,13 +37,32 @@ def fail(message: str, code: int = USER_ERROR) -> None:
     raise typer.Exit(code)
 
 
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Print deepspot's own warnings (about the user's input) as ``Warning: message``, without a source line."""
+    show = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DeepSpotWarning):
+            typer.echo(f"Warning: {message}", err=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = showwarning
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a user's mistake into one line and exit code 2; Ctrl-C into exit code 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with _one_line_warnings():
+                return fn(*args, **kwargs)
         except DeepSpotError as e:
             fail(str(e))
         except OSError as e:

@@ -165,6 +165,10 @@ def parity(
 
     if input is not None and random is not None:
         fail("give either --input or --random, not both")
+    if report is not None:
+        from ..fileio import check_output_file
+
+        check_output_file(report, "--report")  # before the comparison, not after it
     with _announce_fallbacks():
         result = check_parity(
             checkpoint,
@@ -192,7 +196,7 @@ def _print_parity(result) -> None:
     from rich.table import Table
 
     table = Table(title=f"parity: {result.backend} ({result.precision}) vs {result.reference}, {result.n} items")
-    for column in ("output", "max abs err", "limit", "mean abs err", "max rel err", "min gene r", "r limit", "result"):
+    for column in ("output", "max abs err", "abs limit", "mean abs err", "max rel err", "min gene r", "r limit", "result"):
         table.add_column(column, justify="left" if column in ("output", "result") else "right")
     for o in result.outputs:
         r = "n/a" if o.min_pearson is None else f"{o.min_pearson:.6f}"
@@ -209,6 +213,7 @@ def _print_parity(result) -> None:
         )
     console = _console()
     console.print(table)
+    console.print("abs limit bounds max abs err (atol + rtol x max |reference|); r limit bounds min gene r")
     for note in result.notes:
         console.print(f"note: {note}")
 
@@ -245,6 +250,10 @@ def bench(
     from ..runtime.bench import run_bench
 
     names = [b.strip() for b in backends.split(",") if b.strip()]
+    if json_out is not None:
+        from ..fileio import check_output_file
+
+        check_output_file(json_out, "--json")  # before the benchmark, not after it
     with _announce_fallbacks():
         report = run_bench(
             workload,
@@ -308,7 +317,8 @@ def print_bench(report) -> None:
         f"GEMM fp32 (4096x1024 @ 1024x5120): {report.gemm_gflops:.1f} GFLOP/s; "
         f"{report.flops_per_item / 1e6:.1f} MFLOP per item as BENCHMARKS.md counts it "
         f"({report.flops_per_item_folded / 1e6:.1f} with Rho folded"
-        f"{', in the indexed layout' if w.get('layout') == 'indexed' else ''}); bound "
+        f"{', in the indexed layout' if w.get('layout') == 'indexed' else ''}; GFLOP/s and 'of GEMM' count what each "
+        f"backend computes, 'of bound' the folded figure); bound "
         f"{report.bound_items_per_s:,.0f} items/s. Peak RSS: {report.peak_rss_scope}."
     )
 
@@ -361,7 +371,7 @@ def quickstart(
     ),
     seed: int = typer.Option(0, help="Seed of the data, the weights and the inputs."),
 ) -> None:
-    """Synthetic data -> train -> export -> infer -> parity -> bench, on the CPU in about a minute."""
+    """Synthetic data -> train -> export -> infer -> parity -> bench, on the CPU in about 15 seconds."""
     from ..quickstart import print_quickstart, run_quickstart
 
     console = _console()

@@ -8,13 +8,14 @@ from typing import Optional
 
 import typer
 
-from .app import app, handle_errors
+from .app import app, fail, handle_errors
 
 
 @app.command()
 @handle_errors
 def synth(
-    out: Path = typer.Argument(..., help="Output bundle: a .npz file, or a directory of .npy files."),
+    out: Optional[Path] = typer.Argument(None, help="Output bundle: a .npz file, or a directory of .npy files."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="The output bundle, as an option (or OUT)."),
     family: str = typer.Option("spot", help="Model family: spot or cell."),
     mode: Optional[str] = typer.Option(
         None, help="Forward mode; decides which bags are written. Default: the family's full mode."
@@ -30,6 +31,9 @@ def synth(
     from ..data import save_bundle, synth_bundle
     from ..modes import DEFAULT_MODE, check_family
 
+    if (out is None) == (output is None):
+        fail("give the output bundle once: as OUT or as -o/--output")
+    out = out or output
     check_family(family)
     arrays = synth_bundle(family, mode or DEFAULT_MODE[family], n, input_size, genes, seed, subspots, neighbors)
     save_bundle(out, arrays)
@@ -44,7 +48,10 @@ def train(
     mode: Optional[str] = typer.Option(
         None, help="Forward mode (short or reference name). Default: the family's full mode."
     ),
-    out: Path = typer.Option(..., "--out", help="Output directory for model.safetensors, history.json and loss.png."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output directory for model.safetensors, history.json and loss.png (created; its "
+        "parent must exist)."
+    ),
     val_data: Optional[Path] = typer.Option(None, help="Separate validation bundle (instead of --val-fraction)."),
     loss_func: str = typer.Option(
         "mse", help="Loss: mse, cos, mse_cos, pearson, mse_pearson, poisson (cell also l1, huber, l1_cos, huber_cos)."
@@ -85,7 +92,7 @@ def train(
     from ..data import load_bundle
     from ..errors import InputError
     from ..factory import create_model
-    from ..fileio import atomic_path
+    from ..fileio import atomic_path, check_output_folder
     from ..modes import DEFAULT_MODE, check_family
     from ..train import TrainConfig, fit, plot_loss
 
@@ -132,6 +139,7 @@ def train(
         val = vb
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
+    check_output_folder(out, "--out")
     model = create_model(family, m.name, input_size=input_size, output_size=output_size, **kwargs)
     model.genes = bundle.genes
     history = fit(
@@ -142,13 +150,14 @@ def train(
         val_inputs=None if val is None else val.inputs(m),
         val_target=None if val is None else val["target"],
     )
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(exist_ok=True)
     save(model, out / "model.safetensors")
     with atomic_path(out / "history.json") as tmp:
         tmp.write_text(json.dumps(history, indent=2))
     plot_loss(history, out / "loss.png")
     last_val = history["epoch_val_loss"][-1] if history["epoch_val_loss"] else None
-    msg = f"trained {history['epochs']} epochs, last train loss {history['epoch_train_loss'][-1]:.4f}"
+    epochs = history["epochs"]
+    msg = f"trained {epochs} epoch{'' if epochs == 1 else 's'}, last train loss {history['epoch_train_loss'][-1]:.4f}"
     if last_val is not None:
         msg += f", last val loss {last_val:.4f}"
     typer.echo(f"{msg}; wrote {out / 'model.safetensors'}, history.json, loss.png")

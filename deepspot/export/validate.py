@@ -166,13 +166,17 @@ class ValidationReport:
         """A plain-text table of every case and output."""
         lines = [
             f"{'output':<12} {'batch':>5} {'bag':>4} {'max abs':>10} {'mean abs':>10} {'max rel':>10} "
-            f"{'limit':>10}  result"
+            f"{'abs limit':>10}  result"
         ]
         for r in self.results:
             lines.append(
                 f"{r.name:<12} {r.batch:>5} {r.bag_size:>4} {r.max_abs_err:>10.3g} {r.mean_abs_err:>10.3g} "
                 f"{r.max_rel_err:>10.3g} {r.limit:>10.3g}  {'pass' if r.passed else 'FAIL'}"
             )
+        lines.append(
+            "limit bounds max abs (atol + rtol x max |reference|); max rel (error / |reference|, large where the "
+            "reference is near 0) is for information"
+        )
         return "\n".join(lines)
 
     def raise_for_failures(self, note: str = "") -> None:

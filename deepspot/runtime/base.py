@@ -162,6 +162,34 @@ def check_feed(feed: Mapping[str, np.ndarray], specs: Mapping[str, TensorSpec], 
     return int(batch or 0)
 
 
+def conform_feed(feed: Mapping[str, np.ndarray], specs: Mapping[str, TensorSpec], where: str = "runner") -> dict:
+    """Accept what a bundle accepts: a single tile as ``(N, D)`` (made ``(N, 1, D)``, a view), and floating-point
+    arrays of another precision, cast to the graph's dtype with a check that no value becomes inf on the way.
+
+    Raises:
+        InputError: A non-floating-point input, or a value the graph's dtype cannot represent.
+    """
+    out = dict(feed)
+    for name, spec in specs.items():
+        if name not in out:
+            continue
+        a = np.asarray(out[name])
+        if a.ndim == 2 and spec.rank == 3 and spec.shape[1] == 1:
+            a = a[:, None, :]
+        if a.dtype != np.dtype(spec.dtype) and np.dtype(spec.dtype).kind == "f":
+            if a.dtype.kind != "f":
+                raise InputError(f"{where}: input {name!r} must be floating point, got {a.dtype}")
+            with np.errstate(over="ignore", invalid="ignore"):
+                cast = a.astype(spec.dtype)
+            overflow = ~np.isfinite(cast) & np.isfinite(a)
+            if overflow.any():
+                row = int(np.argmax(overflow.reshape(len(a), -1).any(axis=1)))
+                raise InputError(f"{where}: input {name!r} holds a value beyond {spec.dtype}'s range in row {row}")
+            a = cast
+        out[name] = a
+    return out
+
+
 class Runner(abc.ABC):
     """One graph on one backend: ``activate()``, ``infer(feed) -> outputs``, ``deactivate()``.
 
@@ -222,7 +250,9 @@ class Runner(abc.ABC):
         """Run the graph on one batch.
 
         Args:
-            feed: Input arrays by name; C-contiguous arrays of the graph's input dtype avoid a copy.
+            feed: Input arrays by name; C-contiguous arrays of the graph's input dtype avoid a copy. As in a bundle, a
+                single tile may be ``(N, D)``, and float64 is cast to the graph's dtype (refused where a value
+                would overflow it).
             check_inputs: Check names, ranks and fixed axes first (cheap; the streaming path checks once up front).
 
         Returns:
@@ -232,6 +262,7 @@ class Runner(abc.ABC):
             raise RuntimeError(f"{self.name}: activate() the runner (or use it as a context manager) before infer()")
         specs = self.get_input_metadata()
         if check_inputs:
+            feed = conform_feed(feed, specs, where=self.name)
             check_feed(feed, specs, where=self.name)
         start = time.perf_counter()
         # Graphs exported with fp16 I/O take float16; everything else float32. No copy when it already fits.

@@ -69,16 +69,24 @@ def check_inputs(inputs: Mapping[str, np.ndarray], info: ModelInfo, source: str 
     for name in specs:
         row = first_nonfinite_row(inputs[name])
         if row is not None:
-            raise InputError(f"{source}: {name!r} holds a non-finite value (NaN or inf) in row {row}")
+            raise InputError(
+                f"{source}: {name!r} holds a non-finite value (NaN, inf, or beyond float32's range) in row {row}"
+            )
     return int(n)
 
 
 def first_nonfinite_row(a: np.ndarray, chunk_bytes: int = CHECK_CHUNK_BYTES) -> int | None:
-    """Index of the first row of ``a`` with a NaN or inf, reading ``chunk_bytes`` at a time; ``None`` if none."""
+    """Index of the first row of ``a`` with a NaN or inf (in float32, the graphs' input type), reading ``chunk_bytes``
+    at a time; ``None`` if none."""
     row_bytes = max(1, a[:1].nbytes)
     step = max(1, chunk_bytes // row_bytes)
     for start in range(0, a.shape[0], step):
-        bad = ~np.isfinite(a[start : start + step]).reshape(min(step, a.shape[0] - start), -1).all(axis=1)
+        chunk = a[start : start + step]
+        if chunk.dtype.kind == "f" and chunk.dtype.itemsize > 4:
+            # float64 inputs are cast to float32 for the graph: a value beyond float32's range would become inf.
+            with np.errstate(over="ignore"):
+                chunk = chunk.astype(np.float32)
+        bad = ~np.isfinite(chunk).reshape(min(step, a.shape[0] - start), -1).all(axis=1)
         release_rows(a, start, start + step)
         if bad.any():
             return start + int(np.argmax(bad))
