@@ -51,7 +51,8 @@ def run_quickstart(
     """Run the quickstart; with ``workdir=None`` the files live in a temporary folder removed afterwards.
 
     Args:
-        workdir: Folder for the bundle, checkpoint, ONNX file, predictions and reports (created if missing; its parent must exist).
+        workdir: Folder for the bundle, checkpoint, ONNX file, predictions and reports (created if missing; its
+            parent must exist).
         seed: Seed of the synthetic data, the initial weights and the random inputs.
         log: Called with a line as each step starts.
     """

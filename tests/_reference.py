@@ -39,7 +39,7 @@ TRAJECTORY_ULPS = 4  # the AMD and Intel runs differ by at most 2 float32 ulps; 
 
 
 def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
-    """The first ``vendor_id`` in ``/proc/cpuinfo`` (``AuthenticAMD``, ``GenuineIntel``), or None where there is none."""
+    """The first ``vendor_id`` in ``/proc/cpuinfo`` (``AuthenticAMD``, ``GenuineIntel``); None where there is none."""
     try:
         text = cpuinfo.read_text(errors="replace")
     except OSError:

@@ -196,7 +196,8 @@ def _print_parity(result) -> None:
     from rich.table import Table
 
     table = Table(title=f"parity: {result.backend} ({result.precision}) vs {result.reference}, {result.n} items")
-    for column in ("output", "max abs err", "abs limit", "mean abs err", "max rel err", "min gene r", "r limit", "result"):
+    columns = ("output", "max abs err", "abs limit", "mean abs err", "max rel err", "min gene r", "r limit", "result")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("output", "result") else "right")
     for o in result.outputs:
         r = "n/a" if o.min_pearson is None else f"{o.min_pearson:.6f}"
@@ -242,6 +243,9 @@ def bench(
     items: Optional[int] = typer.Option(
         None, help="Whole-slide workloads: items on the slide (default: the workload's)."
     ),
+    cli: bool = typer.Option(
+        False, "--cli", help="Whole-slide workloads: also time `deepspot infer` end to end (start-up included)."
+    ),
 ) -> None:
     """Throughput of each backend against the eager PyTorch model, measured side by side in one process.
 
@@ -265,6 +269,7 @@ def bench(
             options=_options(device, precision, threads, compile, torch_graph=torch_graph),
             allow_fallback=allow_fallback,
             n_items=items,
+            cli=cli,
         )
     print_bench(report)
     if json_out is not None:
@@ -321,6 +326,15 @@ def print_bench(report) -> None:
         f"backend computes, 'of bound' the folded figure); bound "
         f"{report.bound_items_per_s:,.0f} items/s. Peak RSS: {report.peak_rss_scope}."
     )
+    for r in report.results:
+        if "(CLI:" in r.backend:
+            backend = r.backend.split(" (")[0]
+            inside = next((x for x in report.results if x.backend.startswith(f"{backend} (indexed")), None)
+            if inside is not None and inside.items_per_s > 0:
+                console.print(
+                    f"{backend}: `deepspot infer` end to end (a subprocess, start-up and output file included) runs "
+                    f"at {r.items_per_s / inside.items_per_s:.0%} of the in-process rate"
+                )
 
 
 @engine_app.command("build")

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..modes import Mode
-from .graph import ExportModule, pool_bag
+from .graph import ExportModule, _cast, pool_bag
 
 ENCODER_INPUT = "tile"
 ENCODER_OUTPUT = "embedding"
@@ -85,12 +85,12 @@ class IndexedHead(nn.Module):
     def forward(self, embedding: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         if self.has_subspot:
             subspot, neighbors = rest
-            sub = pool_bag(self.phi(subspot.to(self.compute)), "sum")  # (B, H)
-            parts = [embedding.to(self.compute), sub]
+            sub = pool_bag(self.phi(_cast(subspot, self.compute)), "sum")  # (B, H)
+            parts = [_cast(embedding, self.compute), sub]
         else:
             (neighbors,) = rest
-            parts = [embedding.to(self.compute)]
-        parts.append(pool_bag(neighbors.to(self.compute), self.neighbor_pool))  # (B, K, H) -> (B, H)
+            parts = [_cast(embedding, self.compute)]
+        parts.append(pool_bag(_cast(neighbors, self.compute), self.neighbor_pool))  # (B, K, H) -> (B, H)
         y = self.rho(torch.cat(parts, dim=1)).to(self.io)  # (B, m*H) -> (B, G)
         return y if self.scale_out is None else self.scale_out(y)
 

@@ -306,6 +306,7 @@ def run_bench(
     model: Any = None,
     workdir: str | Path | None = None,
     n_items: int | None = None,
+    cli: bool = False,
 ) -> BenchReport:
     """Benchmark ``backends`` on a workload, alternating with the eager PyTorch model in the same process.
 
@@ -322,6 +323,8 @@ def run_bench(
         model: Benchmark this model instead of the workload's random weights (its sizes must match).
         workdir: Where the temporary ONNX export goes (default: the system's temporary folder).
         n_items: Whole-slide workloads: items on the slide (default: the workload's; quick: 2,000).
+        cli: Whole-slide workloads: also time ``deepspot infer`` end to end in a subprocess, start-up included, for
+            each ONNX backend (a row beside the in-process one).
     """
     import torch
 
@@ -338,7 +341,9 @@ def run_bench(
         from .slide_bench import run_slide_bench
 
         return run_slide_bench(w, backends, batch_size, repeats, warmup, seed, options, allow_fallback, model,
-                               workdir, n_items=n_items)  # fmt: skip
+                               workdir, n_items=n_items, cli=cli)  # fmt: skip
+    if cli:
+        raise ConfigError("--cli times `deepspot infer` on a whole slide: use it with visium-slide or xenium-slide")
     names = ["torch"] + [b for b in dict.fromkeys(backends) if b != "torch"]
     for name in names:
         get_backend(name)

@@ -285,7 +285,9 @@ def check_indexed_inputs(arrays: Mapping[str, np.ndarray], info: ModelInfo, sour
             raise InputError(f"{source}: {name!r} has {a.shape[0]} rows, {own!r} has {n}")
         row = first_nonfinite_row(a)
         if row is not None:
-            raise InputError(f"{source}: {name!r} holds a non-finite value (NaN, inf, or beyond float32's range) in row {row}")
+            raise InputError(
+                f"{source}: {name!r} holds a non-finite value (NaN, inf, or beyond float32's range) in row {row}"
+            )
     check_neighbor_index(arrays["neighbor_index"], n, source=source)
     return int(n)
 

@@ -9,6 +9,9 @@ slide per repeat. Runs alternate, baseline first, and the ratio is the median of
 
 from __future__ import annotations
 
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -49,9 +52,14 @@ def run_slide_bench(
     model: Any = None,
     workdir: str | Path | None = None,
     n_items: int | None = None,
+    cli: bool = False,
 ) -> BenchReport:
     """Benchmark the indexed layout on a synthetic slide; see the module doc. Backends: ``torch`` (the exporter's
-    encoder and head modules) and the ONNX backends (an indexed export)."""
+    encoder and head modules) and the ONNX backends (an indexed export).
+
+    With ``cli``, each ONNX backend also runs end to end as a user runs it: ``deepspot infer`` on the indexed export
+    and the slide saved as a bundle, in a subprocess, timed from its start (interpreter, imports, sessions, input
+    checks) to its exit (the predictions written), in the same repeats as the in-process runs."""
     import torch
 
     from ..data import synth_slide
@@ -96,6 +104,15 @@ def run_slide_bench(
                     o = replace(options or RunnerOptions(), batch_size=batch, bag_sizes={"neighbors": k})
                     pipelines[name] = pipeline_from_folder(folder, name, o, allow_fallback)
                 pipelines[name].__enter__()
+            cli_runs: dict[str, list[str]] = {}
+            if cli:
+                from ..data import save_bundle
+
+                bundle = save_bundle(Path(tmp) / "slide", slide)
+                for name in names:
+                    if BACKENDS[name].runs != "model":
+                        cli_runs[name] = cli_command(Path(tmp) / f"indexed-{name}", bundle, Path(tmp) / "cli.npy",
+                                                     name, batch, getattr(options, "threads", None))  # fmt: skip
             warm = {key: v[: min(n, 2 * batch)] for key, v in slide.items() if key != "neighbor_index"}
             warm["neighbor_index"] = np.minimum(slide["neighbor_index"][: min(n, 2 * batch)], min(n, 2 * batch) - 1)
             for _ in range(warmup):
@@ -103,6 +120,7 @@ def run_slide_bench(
                 for p in pipelines.values():
                     predict_indexed(p, warm, batch)
             per_repeat: dict[str, list[float]] = {"baseline": [], **{name: [] for name in names}}
+            per_repeat.update({f"cli:{name}": [] for name in cli_runs})
             latency: dict[str, list[float]] = {key: [] for key in per_repeat}
             peaks = {key: 0.0 for key in per_repeat}
             locations: dict[str, str] = {}
@@ -125,6 +143,12 @@ def run_slide_bench(
                     per_repeat[name].append(n / elapsed)
                     latency[name].append(elapsed)
                     peaks[name] = max(peaks[name], peak_rss_mb())
+                for name, command in cli_runs.items():
+                    elapsed = run_cli(command)
+                    per_repeat[f"cli:{name}"].append(n / elapsed)
+                    latency[f"cli:{name}"].append(elapsed)
+                    # The children's high-water mark: not reset between runs, so the largest CLI run's.
+                    peaks[f"cli:{name}"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         finally:
             baseline.deactivate()
             for p in pipelines.values():
@@ -140,6 +164,11 @@ def run_slide_bench(
         r = backend_result(f"{p.backend} (indexed, table in {locations[name]})", p.head.device, batch, per_repeat[name], base,
                     latency[name], peaks[name], indexed_flops, indexed_flops, rate)  # fmt: skip
         results.append(r)
+        if name in cli_runs:
+            key = f"cli:{name}"
+            results.append(backend_result(f"{p.backend} (CLI: deepspot infer, start-up included)", p.head.device, batch,
+                                          per_repeat[key], base, latency[key], peaks[key], indexed_flops,
+                                          indexed_flops, rate))  # fmt: skip
     return BenchReport(
         workload={**asdict(w), "n_items": n, "flops_definition": "per-item: BENCHMARKS.md; indexed: own tile and "
                   "sub-spots through Phi, one folded Rho", "latency": "per-item: one batch; indexed: whole slide"},
@@ -153,3 +182,20 @@ def run_slide_bench(
         results=results,
         peak_rss_scope=peak_rss_scope(scoped),
     )  # fmt: skip
+
+
+def cli_command(model: Path, bundle: Path, output: Path, backend: str, batch: int, threads: int | None) -> list[str]:
+    """``deepspot infer`` as a user types it, run by this interpreter (what the ``deepspot`` script does)."""
+    command = [sys.executable, "-c", "from deepspot.cli import main; main()", "infer", str(model), "-i", str(bundle),
+               "-o", str(output), "--backend", backend, "--batch-size", str(batch), "--no-progress"]  # fmt: skip
+    return command + (["--threads", str(threads)] if threads else [])
+
+
+def run_cli(command: list[str]) -> float:
+    """Seconds from starting ``command`` to its exit; its output is shown only if it fails."""
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"the benchmark's CLI run failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return elapsed

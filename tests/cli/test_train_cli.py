@@ -75,3 +75,48 @@ def test_file_system_errors_are_one_line(tmp_path):
     result = runner.invoke(app, ["quickstart", "--workdir", str(target / "sub")])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.startswith("Error: ") and "file/sub" in result.output
+
+
+def test_synth_takes_its_output_as_o_too(tmp_path):
+    args = ["synth", "--n", "20", "--input-size", "4", "--genes", "2", "-o", str(tmp_path / "b.npz")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "b.npz").is_file()
+    result = runner.invoke(app, ["synth", "--n", "20", str(tmp_path / "c.npz"), "-o", str(tmp_path / "d.npz")])
+    assert result.exit_code == 2 and "give the output bundle once" in result.output
+    result = runner.invoke(app, ["synth", "--n", "20"])
+    assert result.exit_code == 2 and "give the output bundle once" in result.output
+    assert not (tmp_path / "c.npz").exists() and not (tmp_path / "d.npz").exists()
+
+
+def test_no_command_creates_missing_parent_folders(tmp_path):
+    # One rule: the output itself is created, a missing parent folder is refused before any work.
+    bundle = tmp_path / "b.npz"
+    runner.invoke(app, ["synth", "--n", "40", "--input-size", "4", "--genes", "2", str(bundle)])
+    missing = tmp_path / "missing"
+    cases = [
+        ["synth", "--n", "20", "-o", str(missing / "b.npz")],
+        ["train", "--data", str(bundle), "--family", "spot", "-o", str(missing / "run"), "--no-progress"],
+        ["quickstart", "--workdir", str(missing / "work")],
+    ]
+    for args in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "does not exist" in result.output and "Traceback" not in result.output, result.output
+        assert result.output.strip().count("\n") == 0, result.output
+    assert not missing.exists()
+
+
+def test_train_says_epoch_for_one_epoch(tmp_path):
+    bundle = tmp_path / "b.npz"
+    runner.invoke(app, ["synth", "--n", "40", "--input-size", "4", "--genes", "2", str(bundle)])
+    args = ["train", "--data", str(bundle), "--family", "spot", "-o", str(tmp_path / "run"), "--no-progress",
+            "--epochs", "1", "--phi2rho-size", "4", "--n-ensemble", "2"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("trained 1 epoch, "), result.output
+
+
+def test_quickstart_help_gives_the_time_it_takes():
+    result = runner.invoke(app, ["quickstart", "--help"])
+    assert result.exit_code == 0 and "about 15 seconds" in result.output and "minute" not in result.output

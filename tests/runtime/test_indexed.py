@@ -232,3 +232,30 @@ def test_indexed_on_cuda_equals_dense(require, mode):
     with load_pipeline(model, "torch-cuda", batch_size=8) as pipeline:
         got, _ = predict_indexed(pipeline, arrays, batch_size=8)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * (1 + np.abs(expected).max()))
+
+
+def test_slide_benchmark_times_the_cli_beside_the_in_process_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from deepspot.cli import app
+    from deepspot.errors import ConfigError
+    from deepspot.runtime.bench import run_bench
+
+    report = run_bench("xenium-slide", ["ort-cpu"], repeats=1, warmup=0, quick=True, n_items=300, cli=True)
+    names = [r.backend for r in report.results]
+    assert names[1].startswith("ort-cpu (indexed") and names[2] == "ort-cpu (CLI: deepspot infer, start-up included)"
+    cli_row, inside = report.results[2], report.results[1]
+    assert 0 < cli_row.items_per_s and len(cli_row.repeats_items_per_s) == 1 and cli_row.peak_rss_mb > 0
+    assert cli_row.p50_ms > 0 and cli_row.flops_per_item == inside.flops_per_item
+    with pytest.raises(ConfigError, match="whole slide"):
+        run_bench("xenium", ["ort-cpu"], quick=True, cli=True)
+    # Per-item workloads: "of GEMM" counts what each backend computes (eager: every Rho; ONNX: the folded graph).
+    per_item = run_bench("xenium", ["ort-cpu"], repeats=1, warmup=0, quick=True)
+    assert per_item.result("torch").flops_per_item == per_item.flops_per_item
+    assert per_item.result("ort-cpu").flops_per_item == per_item.flops_per_item_folded
+    ort = per_item.result("ort-cpu")
+    assert ort.fraction_of_gemm == pytest.approx(ort.fraction_of_bound)
+    result = CliRunner().invoke(app, ["bench", "--workload", "xenium-slide", "--quick", "--items", "200", "--repeats",
+                                      "1", "--warmup", "0", "--backends", "ort-cpu", "--cli"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "end to end" in result.output and "of the in-process rate" in result.output

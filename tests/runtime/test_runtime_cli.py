@@ -179,3 +179,37 @@ def test_quickstart_runs_the_whole_path(tmp_path):
         "bench.json",
     } <= names
     assert json.loads((tmp_path / "qs" / "parity.json").read_text())["passed"]
+
+
+@pytest.mark.parametrize("command", ["parity", "bench"])
+def test_report_into_a_missing_folder_fails_before_the_work(artifacts, tmp_path, monkeypatch, command):
+    import deepspot.runtime
+    import deepspot.runtime.bench
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the comparison ran before the output path was checked")
+
+    monkeypatch.setattr(deepspot.runtime, "check_parity", no_work)
+    monkeypatch.setattr(deepspot.runtime.bench, "run_bench", no_work)
+    a = artifacts()
+    target = tmp_path / "missing" / "r.json"
+    if command == "parity":
+        result = run("parity", a.checkpoint, a.onnx, "--report", target)
+    else:
+        result = run("bench", "--quick", "--json", target)
+    one_line_error(result, "missing", "does not exist")
+    one_line_error(run(command, *(["--quick"] if command == "bench" else [a.checkpoint, a.onnx]),
+                       "--json" if command == "bench" else "--report", tmp_path), "is a directory")  # fmt: skip
+
+
+def test_a_bundle_array_the_model_does_not_take_is_named_in_a_warning(artifacts, make_model, tmp_path):
+    from deepspot.export import export_onnx
+
+    a = artifacts()  # spot/subspot_neighbors: the bundle holds 'subspot'
+    model = make_model("spot", "neighbors")
+    onnx = export_onnx(model, tmp_path / "neighbors.onnx").path
+    result = run("infer", onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--no-progress")
+    assert result.exit_code == 0, result.output
+    warnings_ = [line for line in result.output.splitlines() if line.startswith("Warning: ")]
+    assert len(warnings_) == 1 and "'subspot'" in warnings_[0] and "does not take" in warnings_[0], result.output
+    assert "warnings.warn" not in result.output

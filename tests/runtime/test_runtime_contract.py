@@ -81,3 +81,37 @@ def test_runner_takes_float64_and_non_contiguous_feeds(runner_for, eager, backen
     with runner:
         y = runner.infer(feed)["expression"]
     np.testing.assert_allclose(y, eager(a.model, feed), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort-cpu"])
+def test_infer_takes_what_a_bundle_takes(runner_for, backend):
+    # A single tile as (N, D), and float64 cast to the graph's float32 with a check: as `deepspot infer` on a bundle.
+    a, runner = runner_for(backend)
+    arrays = {k: v[:8] for k, v in a.arrays.items() if k in ("spot", "subspot", "neighbors")}
+    canonical = {
+        k: np.ascontiguousarray(v[:, None, :] if v.ndim == 2 else v, dtype=np.float32) for k, v in arrays.items()
+    }
+    assert arrays["spot"].ndim == 2
+    with runner:
+        want = runner.infer(canonical)["expression"]
+        got = runner.infer({k: v.astype(np.float64) for k, v in arrays.items()})["expression"]
+        np.testing.assert_array_equal(got, want)
+        huge = {k: v.astype(np.float64) for k, v in arrays.items()}
+        huge["subspot"][5, 0, 0] = 1e300  # finite in float64, inf in float32
+        with pytest.raises(InputError, match="'subspot' holds a value beyond float32's range in row 5"):
+            runner.infer(huge)
+        with pytest.raises(InputError, match="'spot' must be floating point"):
+            runner.infer({**canonical, "spot": canonical["spot"].astype(np.int32)})
+
+
+def test_a_bundle_refuses_float64_beyond_float32s_range(artifacts, tmp_path):
+    from deepspot.data import save_bundle
+    from deepspot.runtime import infer
+
+    a = artifacts()
+    arrays = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in a.arrays.items()}
+    arrays["neighbors"][7, 1, 2] = -1e300
+    bundle = save_bundle(tmp_path / "b64.npz", arrays)
+    with pytest.raises(InputError, match="'neighbors' holds a non-finite value .*float32's range.* in row 7"):
+        infer(a.onnx, bundle, tmp_path / "p.npy")
+    assert not (tmp_path / "p.npy").exists()
