@@ -22,6 +22,7 @@ import torch
 
 from .errors import CheckpointError, DeepSpotError
 from .factory import model_class
+from .metacheck import check_genes, check_scaler
 from .scaler import Scaler
 
 #: Longest string a constructor argument may be (a loss, a mode or a pooling name).
@@ -72,32 +73,6 @@ def check_config(cls: type, config: Any, source: str) -> dict[str, Any]:
     return out
 
 
-def _check_genes(genes: Any, source: str) -> list[str] | None:
-    if genes is None:
-        return None
-    if not isinstance(genes, list) or not all(isinstance(g, str) for g in genes):
-        raise CheckpointError(f"{source}: the gene names are not a list of strings")
-    return genes
-
-
-def _check_scaler(scaler: Any, source: str) -> Scaler | None:
-    if scaler is None or isinstance(scaler, Scaler):
-        return scaler
-    if not isinstance(scaler, Mapping) or not isinstance(scaler.get("kind"), str):
-        raise CheckpointError(f"{source}: the scaler is not a mapping with a kind")
-    for key in ("offset", "scale"):
-        values = scaler.get(key)
-        if values is not None and not (
-            isinstance(values, list)
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-        ):
-            raise CheckpointError(f"{source}: the scaler's {key} is not a list of finite numbers")
-    try:
-        return Scaler.from_dict(dict(scaler))
-    except (DeepSpotError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{source}: unusable scaler ({e})") from None
-
-
 def _shape(value: Any) -> tuple[int, ...]:
     return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
 
@@ -146,7 +121,7 @@ def check_metadata(meta: Any, source: str) -> tuple[str, dict[str, Any], Scaler 
     if family not in ("spot", "cell"):
         raise CheckpointError(f"{source}: unknown model family {str(family)[:_MAX_TEXT]!r} (spot or cell)")
     config = check_config(model_class(family), meta.get("config"), source)
-    return family, config, _check_scaler(meta.get("scaler"), source), _check_genes(meta.get("genes"), source)
+    return family, config, check_scaler(meta.get("scaler"), source), check_genes(meta.get("genes"), source)
 
 
 def shapes_of(meta: Any, shapes: Mapping[str, Any], source: str = "checkpoint") -> None:

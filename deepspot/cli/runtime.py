@@ -347,10 +347,8 @@ def engine_info(plan: Path = typer.Argument(..., help="A .plan written by `deeps
     from ..runtime.trt import read_plan_header
 
     header, _ = read_plan_header(plan)
-    model = header.pop("model", None) or {}
-    for key in ("scaler", "genes", "config"):
-        model.pop(key, None)
-    typer.echo(json.dumps({**header, "model": model}, indent=2))
+    model = {k: v for k, v in (header.pop("model", None) or {}).items() if k not in ("scaler", "genes", "config")}
+    typer.echo(json.dumps({**header, "model": model}, indent=2, default=str))
 
 
 @app.command()
