@@ -41,13 +41,14 @@ def model_metadata(model) -> dict[str, Any]:
     }
 
 
-def save(model, path: str | Path) -> Path:
-    """Write ``model`` to ``path`` (``.safetensors``) atomically and return the path."""
+def save(model, path: str | Path, no_clobber: bool = False) -> Path:
+    """Write ``model`` to ``path`` (``.safetensors``) atomically and return the path; with ``no_clobber`` an
+    existing file is an error instead of being replaced."""
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # One metadata key: safetensors stores the metadata map in no fixed order, and equal models must give equal bytes.
     meta = {"deepspot": json.dumps(model_metadata(model))}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, no_clobber=no_clobber) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
 

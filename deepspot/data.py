@@ -11,6 +11,7 @@ A bundle is a ``.npz`` file or a directory of ``.npy`` files (memory-mapped when
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import zipfile
@@ -25,6 +26,9 @@ from .fileio import atomic_path
 from .modes import Mode, get_mode
 
 FEATURE_KEYS = ("spot", "cell", "subspot", "neighbors")
+#: Largest bag (sub-spots or neighbours per item) accepted by default: real data has 6-9 (Visium) or 44-45
+#: (Xenium), and a bag of 200,000 neighbours for 17 items took 7 GB. ``--max-bag`` raises it.
+MAX_BAG = 1024
 KNOWN_KEYS = FEATURE_KEYS + ("neighbor_index", "target", "barcode", "genes", "x_array", "y_array", "x_pixel", "y_pixel")
 
 
@@ -210,7 +214,14 @@ def _read_npz(path: Path, mmap: bool) -> dict[str, np.ndarray]:
                 shape, fortran, dtype = read_header(raw)
                 if dtype.hasobject:
                     raise InputError(f"{path}: array {key!r} holds Python objects, which bundles never do")
-                if int(np.prod(shape)) == 0:
+                # The header's shape must be what the member stores: a larger one would map the next member's bytes.
+                stored = info.file_size - (raw.tell() - start)
+                claimed = math.prod(shape) * dtype.itemsize
+                if claimed != stored:
+                    raise InputError(
+                        f"{path}: array {key!r} claims shape {shape} ({claimed} bytes) but its member stores {stored}"
+                    )
+                if claimed == 0:
                     arrays[key] = np.zeros(shape, dtype=dtype)
                 else:
                     order = "F" if fortran else "C"
@@ -304,7 +315,9 @@ def synth_bundle(
     return arrays
 
 
-def check_neighbor_index(index: np.ndarray, n: int, k: int | None = None, source: str = "bundle") -> np.ndarray:
+def check_neighbor_index(
+    index: np.ndarray, n: int, k: int | None = None, source: str = "bundle", max_bag: int = MAX_BAG
+) -> np.ndarray:
     """Check a ``neighbor_index`` array and return it as int64.
 
     Each row lists positions of the item's neighbours in the same bundle, ``-1`` meaning a zero row. Errors name the
@@ -335,6 +348,7 @@ def check_neighbor_index(index: np.ndarray, n: int, k: int | None = None, source
         raise InputError(f"{source}: 'neighbor_index' has K={index.shape[1]} neighbours, the model expects {k}")
     if index.shape[1] == 0:
         raise InputError(f"{source}: 'neighbor_index' has no columns; use -1 for items without neighbours")
+    check_bag_size("neighbor_index", index.shape[1], source, max_bag)
     # Row by chunk, so a slide-sized index never needs a second full-size temporary.
     for start in range(0, n, 1 << 16):
         chunk = np.asarray(index[start : start + (1 << 16)])
@@ -345,6 +359,15 @@ def check_neighbor_index(index: np.ndarray, n: int, k: int | None = None, source
                 value = int(np.asarray(index[row])[bad[rows[0]]][0])
                 raise InputError(f"{source}: 'neighbor_index' row {row} holds {value}, {what}")
     return index.astype(np.int64, copy=False)
+
+
+def check_bag_size(name: str, size: int, source: str, max_bag: int = MAX_BAG) -> None:
+    """Refuse a bag larger than ``max_bag`` (memory grows with it: Phi runs on every tile of every bag)."""
+    if size > max_bag:
+        raise InputError(
+            f"{source}: {name!r} has bags of {size} tiles, more than the limit of {max_bag}; "
+            "raise it with --max-bag if this is intended"
+        )
 
 
 def densify(own: np.ndarray, index: np.ndarray) -> np.ndarray:

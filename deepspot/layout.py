@@ -62,6 +62,10 @@ def read_features(folder: str | Path, barcodes: Sequence[str], family: str = "sp
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: no such features folder")
+    # A barcode names a file inside the folder, never a path: "../x", "/etc/x" or "a/b" would read elsewhere.
+    unsafe = [b for b in barcodes if b in ("", ".", "..") or "/" in b or "\\" in b or "\0" in b]
+    if unsafe:
+        raise InputError(f"{folder}: barcode {unsafe[0][:80]!r} is a path, not a file name inside the folder")
     files = [folder / f"{b}.npy" for b in barcodes]
     missing = [b for b, f in zip(barcodes, files) if not f.is_file()]
     if missing:

@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 
 USER_ERROR = 2
+#: Every command that writes a file replaces an existing one (atomically) unless told not to.
+NO_CLOBBER_HELP = "Refuse to replace an existing output (by default an existing file is replaced)."
 
 
 def fail(message: str, code: int = USER_ERROR) -> None:

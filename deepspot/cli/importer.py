@@ -7,14 +7,15 @@ from typing import Optional
 
 import typer
 
-from .app import app, handle_errors
+from .app import NO_CLOBBER_HELP, app, handle_errors
 
 
 @app.command("import")
 @handle_errors
 def import_weights(
     weights: Path = typer.Argument(..., help="Reference weights: final_model.pkl, a Lightning .ckpt or a state dict."),
-    out: Path = typer.Option(..., "-o", "--output", help="Output checkpoint (.safetensors)."),
+    out: Path = typer.Option(..., "-o", "--output", help="Output checkpoint (.safetensors); replaced if it exists."),
+    no_clobber: bool = typer.Option(False, "--no-clobber", help=NO_CLOBBER_HELP),
     hparams: Optional[Path] = typer.Option(
         None,
         "--hparams",
@@ -27,12 +28,14 @@ def import_weights(
     """Import a DeepSpot or DeepCell trained by the reference code into a .safetensors checkpoint, executing nothing."""
     from ..checkpoint import save
     from ..errors import InputError
+    from ..fileio import check_clobber
     from ..importer import import_reference
 
     if out.suffix != ".safetensors":
         raise InputError(f"{out}: the output checkpoint must end in .safetensors")
+    check_clobber(out, no_clobber)
     model = import_reference(weights, hparams, genes)
-    save(model, out)
+    save(model, out, no_clobber=no_clobber)
     scaler = "no scaler" if model.scaler is None else f"{model.scaler.kind} scaler"
     typer.echo(
         f"imported {weights}: {model.family} model, mode {model.mode.name}, {model.input_size} features -> "

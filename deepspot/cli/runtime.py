@@ -14,7 +14,8 @@ from typing import Optional
 
 import typer
 
-from .app import app, fail, handle_errors
+from ..data import MAX_BAG
+from .app import NO_CLOBBER_HELP, app, fail, handle_errors
 
 engine_app = typer.Typer(help="Build and inspect native TensorRT engines (.plan).", no_args_is_help=True)
 app.add_typer(engine_app, name="engine")
@@ -84,10 +85,15 @@ def infer(
     model: Path = typer.Argument(..., help="An .onnx file, a TensorRT .plan, or a checkpoint (runs on torch)."),
     input: Path = typer.Option(..., "--input", "-i", help="Feature bundle: .npz or a directory of .npy files."),
     output: Path = typer.Option(
-        ..., "--output", "-o", help="Predictions: .npy, .npz (with barcodes and genes) or .h5ad."
+        ...,
+        "--output",
+        "-o",
+        help="Predictions: .npy, .npz (with barcodes and genes) or .h5ad; replaced if it exists, never an input.",
     ),
+    no_clobber: bool = typer.Option(False, "--no-clobber", help=NO_CLOBBER_HELP),
     backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
     batch_size: int = typer.Option(256, help="Items per batch."),
+    max_bag: int = typer.Option(MAX_BAG, help="Largest bag (sub-spots or neighbours per item) accepted."),
     device: int = typer.Option(0, help="GPU index for the GPU backends."),
     precision: Optional[str] = typer.Option(
         None, help="fp32, fp16 or bf16 (torch, ort-trt, tensorrt); default: the model's."
@@ -127,6 +133,8 @@ def infer(
             layout=layout,
             table=table,
             table_dtype=table_dtype,
+            max_bag=max_bag,
+            no_clobber=no_clobber,
         )
     where = f", {result.layout} layout" + (f", table in {result.table}" if result.table else "")
     typer.echo(

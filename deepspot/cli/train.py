@@ -8,13 +8,17 @@ from typing import Optional
 
 import typer
 
-from .app import app, handle_errors
+from .app import NO_CLOBBER_HELP, app, handle_errors
 
 
 @app.command()
 @handle_errors
 def synth(
-    out: Path = typer.Argument(..., help="Output bundle: a .npz file, or a directory of .npy files."),
+    out_arg: Optional[Path] = typer.Argument(
+        None, metavar="[OUT]", help="Output bundle: a .npz file (replaced if it exists), or a new directory of .npy files."
+    ),
+    out_opt: Optional[Path] = typer.Option(None, "--output", "-o", help="Output bundle, as OUT."),
+    no_clobber: bool = typer.Option(False, "--no-clobber", help=NO_CLOBBER_HELP),
     family: str = typer.Option("spot", help="Model family: spot or cell."),
     mode: Optional[str] = typer.Option(
         None, help="Forward mode; decides which bags are written. Default: the family's full mode."
@@ -28,8 +32,14 @@ def synth(
 ) -> None:
     """Write a seeded synthetic feature bundle whose targets depend non-linearly on the features."""
     from ..data import save_bundle, synth_bundle
+    from ..errors import ConfigError
+    from ..fileio import check_clobber
     from ..modes import DEFAULT_MODE, check_family
 
+    if (out_arg is None) == (out_opt is None):
+        raise ConfigError("give the output bundle once: as OUT or as -o/--output")
+    out = out_arg or out_opt
+    check_clobber(out, no_clobber)
     check_family(family)
     arrays = synth_bundle(family, mode or DEFAULT_MODE[family], n, input_size, genes, seed, subspots, neighbors)
     save_bundle(out, arrays)
@@ -44,7 +54,10 @@ def train(
     mode: Optional[str] = typer.Option(
         None, help="Forward mode (short or reference name). Default: the family's full mode."
     ),
-    out: Path = typer.Option(..., "--out", help="Output directory for model.safetensors, history.json and loss.png."),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output directory for model.safetensors, history.json and loss.png (replaced if there)."
+    ),
+    no_clobber: bool = typer.Option(False, "--no-clobber", help=NO_CLOBBER_HELP + " Checks DIR/model.safetensors."),
     val_data: Optional[Path] = typer.Option(None, help="Separate validation bundle (instead of --val-fraction)."),
     loss_func: str = typer.Option(
         "mse", help="Loss: mse, cos, mse_cos, pearson, mse_pearson, poisson (cell also l1, huber, l1_cos, huber_cos)."
@@ -85,11 +98,12 @@ def train(
     from ..data import load_bundle
     from ..errors import InputError
     from ..factory import create_model
-    from ..fileio import atomic_path
+    from ..fileio import atomic_path, check_clobber
     from ..modes import DEFAULT_MODE, check_family
     from ..train import TrainConfig, fit, plot_loss
 
     check_family(family)
+    check_clobber(out / "model.safetensors", no_clobber)
     mode = mode or DEFAULT_MODE[family]
     kwargs = dict(
         loss_func=loss_func,
@@ -143,7 +157,7 @@ def train(
         val_target=None if val is None else val["target"],
     )
     out.mkdir(parents=True, exist_ok=True)
-    save(model, out / "model.safetensors")
+    save(model, out / "model.safetensors", no_clobber=no_clobber)
     with atomic_path(out / "history.json") as tmp:
         tmp.write_text(json.dumps(history, indent=2))
     plot_loss(history, out / "loss.png")

@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from ..data import MAX_BAG
 from ..errors import CheckpointError, ConfigError, InputError
+from ..fileio import ensure_free_space, preallocate
 from ..export.indexed import ENCODER_FILE, ENCODER_INPUT, ENCODER_OUTPUT, HEAD_EMBEDDING, HEAD_FILE, HEAD_NEIGHBORS, OUTPUT
 from .base import ModelInfo, Runner, TensorSpec
 from .stream import _progress, batches
@@ -272,19 +274,24 @@ def embedding_table(n: int, h: int, dtype: np.dtype, location: str, folder: Path
     if location == "memory":
         yield np.empty((n + 1, h), dtype=dtype)
         return
+    ensure_free_space(folder or ".", (n + 1) * h * np.dtype(dtype).itemsize, "the embedding table")
     fd, name = tempfile.mkstemp(prefix=".deepspot-embeddings.", suffix=".npy", dir=folder)
     os.close(fd)
     try:
-        yield np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(n + 1, h))
+        table = np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(n + 1, h))
+        preallocate(name)  # a full disk is an error now, not a SIGBUS while the table is written
+        yield table
     finally:
         with contextlib.suppress(OSError):
             os.unlink(name)
 
 
-def check_indexed_inputs(arrays: Mapping[str, np.ndarray], info: ModelInfo, source: str = "input") -> int:
+def check_indexed_inputs(
+    arrays: Mapping[str, np.ndarray], info: ModelInfo, source: str = "input", max_bag: int = MAX_BAG
+) -> int:
     """Check an indexed bundle's arrays against the model: own tiles, sub-spots, the index; return ``N``."""
-    from ..data import check_neighbor_index
-    from .stream import first_nonfinite_row
+    from ..data import check_bag_size, check_neighbor_index
+    from .stream import report_nonfinite
 
     mode = info.mode_spec
     own = mode.bags[0].name
@@ -297,10 +304,10 @@ def check_indexed_inputs(arrays: Mapping[str, np.ndarray], info: ModelInfo, sour
             raise InputError(f"{source}: {name!r} has {a.shape[-1]} features, the model expects {info.input_size}")
         if a.shape[0] != n:
             raise InputError(f"{source}: {name!r} has {a.shape[0]} rows, {own!r} has {n}")
-        row = first_nonfinite_row(a)
-        if row is not None:
-            raise InputError(f"{source}: {name!r} holds a non-finite value (NaN or inf) in row {row}")
-    check_neighbor_index(arrays["neighbor_index"], n, source=source)
+        if a.ndim == 3 and name == "subspot":
+            check_bag_size(name, a.shape[1], source, max_bag)
+        report_nonfinite(a, name, source)
+    check_neighbor_index(arrays["neighbor_index"], n, source=source, max_bag=max_bag)
     return int(n)
 
 

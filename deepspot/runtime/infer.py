@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ..data import MAX_BAG
 from ..errors import ConfigError, DeepSpotError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, check_clobber, ensure_free_space, preallocate
 from .backends import RunnerOptions, load_runner
 from .stream import check_inputs, predict
 
@@ -62,14 +63,24 @@ class InferResult:
         return {**asdict(self), "output": str(self.output)}
 
 
-def check_output_path(output: str | Path) -> Path:
-    """Refuse an unknown output type or a missing folder before any work."""
+def check_output_path(output: str | Path, inputs: Sequence[Any] = (), no_clobber: bool = False) -> Path:
+    """Refuse, before any work, an unknown output type, a missing folder, an output that is one of the run's
+    ``inputs`` (or lies inside an input folder), and with ``no_clobber`` an output that exists."""
     output = Path(output)
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ConfigError(f"{output}: unknown output type; expected one of {', '.join(OUTPUT_SUFFIXES)}")
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise DeepSpotError(f"{output}: output folder {folder} does not exist")
+    target = output.resolve()
+    for source in inputs:
+        if not isinstance(source, (str, os.PathLike)) or not Path(source).exists():
+            continue
+        source = Path(source)
+        same = target == source.resolve() or (output.exists() and os.path.samefile(output, source))
+        if same or (source.is_dir() and target.is_relative_to(source.resolve())):
+            raise DeepSpotError(f"{output}: is an input of this run ({source}); write the predictions elsewhere")
+    check_clobber(output, no_clobber)
     return output
 
 
@@ -86,6 +97,8 @@ def infer(
     layout: str | None = None,
     table: str = "auto",
     table_dtype: str = "fp32",
+    max_bag: int = MAX_BAG,
+    no_clobber: bool = False,
 ) -> InferResult:
     """Predict every item of a bundle and write the predictions.
 
@@ -105,18 +118,20 @@ def infer(
             also runs an indexed bundle: each batch's neighbour bags are gathered from the index.
         table: Indexed layout: where the embedding table lives, ``auto``, ``memory`` or ``mmap``.
         table_dtype: Indexed layout from a checkpoint: ``fp32`` or ``fp16`` table (an export fixes its own).
+        max_bag: Largest bag (sub-spots or neighbours per item) accepted.
+        no_clobber: Refuse to replace an existing output (by default it is replaced, atomically).
 
     Raises:
         DeepSpotError: Bad input (reported before anything runs), unavailable backend, unwritable output.
     """
     from ..data import load_bundle
 
-    output = check_output_path(output)
+    output = check_output_path(output, (bundle, model), no_clobber)
     data = load_bundle(bundle, mmap=True)
     layout = resolve_layout(layout, data, model)
     if layout == "indexed":
         return _infer_indexed(model, data, output, backend, batch_size, options, inverse_transform, allow_fallback,
-                              progress, table, table_dtype)  # fmt: skip
+                              progress, table, table_dtype, max_bag, no_clobber)  # fmt: skip
     options = options or RunnerOptions()
     options.batch_size = batch_size
     options.bag_sizes = {k: int(data[k].shape[1]) for k in ("subspot", "neighbors") if k in data and data[k].ndim == 3}
@@ -130,16 +145,17 @@ def infer(
         # A per-item graph on an indexed bundle: gather each batch's neighbour bags from the index.
         from .indexed import check_indexed_inputs, dense_from_index
 
-        n = check_indexed_inputs(data.arrays, info, source=str(bundle))
+        n = check_indexed_inputs(data.arrays, info, source=str(bundle), max_bag=max_bag)
         inputs, prepare = dense_from_index(data.arrays, mode)
     else:
         inputs = data.inputs(mode)
-        n = check_inputs(inputs, info, source=str(bundle))
+        n = check_inputs(inputs, info, source=str(bundle), max_bag=max_bag)
     if inverse_transform and info.scaler is None and not info.fold_scaler:
         raise ConfigError(f"{model}: the model has no scaler, so there is no original scale to map back to")
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
 
-    with runner, prediction_file(output, n, info.output_size, data.barcodes, genes, _coords(data), _uns(runner)) as out:
+    meta = (data.barcodes, genes, _coords(data), _uns(runner))
+    with runner, prediction_file(output, n, info.output_size, *meta, no_clobber=no_clobber) as out:
         start = time.perf_counter()
         predict(runner, inputs, batch_size, out=out, inverse_transform=inverse_transform, progress=progress,
                 prepare=prepare)  # fmt: skip
@@ -185,7 +201,7 @@ def resolve_layout(layout: str | None, data, model: Any) -> str:
 
 
 def _infer_indexed(model, data, output, backend, batch_size, options, inverse_transform, allow_fallback, progress,
-                   table, table_dtype) -> InferResult:  # fmt: skip
+                   table, table_dtype, max_bag, no_clobber) -> InferResult:  # fmt: skip
     from .indexed import check_indexed_inputs, load_pipeline, predict_indexed
 
     pipeline = load_pipeline(model, backend, options, allow_fallback, batch_size, table_dtype)
@@ -193,14 +209,15 @@ def _infer_indexed(model, data, output, backend, batch_size, options, inverse_tr
     mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
     if not mode.has_neighbors:
         raise ConfigError(f"mode {mode.name!r} has no neighbours, so it has no indexed layout; use --layout dense")
-    n = check_indexed_inputs(data.arrays, info, source=str(data.path))
+    n = check_indexed_inputs(data.arrays, info, source=str(data.path), max_bag=max_bag)
     if inverse_transform and info.scaler is None and not info.fold_scaler:
         raise ConfigError(f"{model}: the model has no scaler, so there is no original scale to map back to")
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
     uns = {"deepspot": {"backend": pipeline.backend, "model": info.source, "family": info.family, "mode": info.mode,
                         "precision": info.precision, "layout": "indexed"}}  # fmt: skip
     folder = output.parent if str(output.parent) else Path(".")
-    with pipeline, prediction_file(output, n, info.output_size, data.barcodes, genes, _coords(data), uns) as out:
+    meta = (data.barcodes, genes, _coords(data), uns)
+    with pipeline, prediction_file(output, n, info.output_size, *meta, no_clobber=no_clobber) as out:
         start = time.perf_counter()
         _, location = predict_indexed(pipeline, data.arrays, batch_size, out, inverse_transform, progress, table,
                                       table_folder=folder)  # fmt: skip
@@ -236,10 +253,18 @@ def _temporary_npy(folder: Path, n: int, g: int) -> Iterator[tuple[Path, np.memm
     os.close(fd)
     path = Path(name)
     try:
-        yield path, np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, g))
+        yield path, _memmap_npy(path, n, g)
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def _memmap_npy(path: Path, n: int, g: int) -> np.memmap:
+    """An ``(n, g)`` float32 ``.npy`` memory map whose blocks are reserved on disk (a full disk is then an error
+    here, not a SIGBUS later)."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, g))
+    preallocate(path)
+    return out
 
 
 @contextlib.contextmanager
@@ -251,13 +276,19 @@ def prediction_file(
     genes: Sequence[str] | None = None,
     coords: dict[str, np.ndarray] | None = None,
     uns: dict[str, Any] | None = None,
+    no_clobber: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Yield a writable ``(n, g)`` float32 memory map; on a clean exit put the finished file at ``output``."""
+    """Yield a writable ``(n, g)`` float32 memory map; on a clean exit put the finished file at ``output``.
+
+    The free space for it is checked first: the predictions, and for ``.npz`` / ``.h5ad`` their temporary ``.npy``
+    as well.
+    """
     suffix = output.suffix.lower()
     folder = output.parent if str(output.parent) else Path(".")
+    ensure_free_space(folder, n * g * 4 * (1 if suffix == ".npy" else 2), f"{n} x {g} predictions")
     if suffix == ".npy":
-        with atomic_path(output) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, g))
+        with atomic_path(output, no_clobber=no_clobber) as tmp:
+            out = _memmap_npy(tmp, n, g)
             yield out
             out.flush()
             del out
@@ -268,7 +299,10 @@ def prediction_file(
         yield out
         out.flush()
         if suffix == ".npz":
-            with atomic_path(output) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with (
+                atomic_path(output, no_clobber=no_clobber) as tmp,
+                zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf,
+            ):
                 zf.write(tmp_npy, "predictions.npy")  # copied in chunks: memory stays flat
                 for key, values in (("barcodes", barcodes), ("genes", genes)):
                     with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
@@ -276,5 +310,5 @@ def prediction_file(
         else:
             from ..anndata_io import write_anndata
 
-            write_anndata(output, out, barcodes=barcodes, genes=genes, obs_coords=coords, uns=uns)
+            write_anndata(output, out, barcodes=barcodes, genes=genes, obs_coords=coords, uns=uns, no_clobber=no_clobber)
         del out

@@ -24,6 +24,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from ..data import MAX_BAG, check_bag_size
 from ..errors import ConfigError, InputError
 from ._pages import release_rows
 from .base import OUTPUT_NAME, ModelInfo, Runner
@@ -31,11 +32,13 @@ from .base import OUTPUT_NAME, ModelInfo, Runner
 CHECK_CHUNK_BYTES = 64 << 20  # finiteness is checked this many bytes at a time, whatever the bundle's size
 
 
-def check_inputs(inputs: Mapping[str, np.ndarray], info: ModelInfo, source: str = "input") -> int:
+def check_inputs(
+    inputs: Mapping[str, np.ndarray], info: ModelInfo, source: str = "input", max_bag: int = MAX_BAG
+) -> int:
     """Check model inputs before anything runs; return the number of items.
 
-    Names, ranks and feature sizes against the model's metadata, equal item counts, then finite values, chunk by
-    chunk so that memory stays bounded on a memory-mapped bundle.
+    Names, ranks and feature sizes against the model's metadata, equal item counts, bag sizes up to ``max_bag``,
+    then finite values, chunk by chunk so that memory stays bounded on a memory-mapped bundle.
 
     Raises:
         InputError: The first problem; a non-finite value is reported with its input name and row index.
@@ -61,24 +64,41 @@ def check_inputs(inputs: Mapping[str, np.ndarray], info: ModelInfo, source: str 
             raise InputError(f"{source}: {name!r} has {a.shape[2]} features, the model expects {info.input_size}")
         if a.shape[1] == 0:
             raise InputError(f"{source}: {name!r} has an empty bag axis: {a.shape}")
+        check_bag_size(name, a.shape[1], source, max_bag)
         if a.dtype.kind != "f":
             raise InputError(f"{source}: {name!r} must be floating point, got {a.dtype}")
         if n is not None and a.shape[0] != n:
             raise InputError(f"{source}: {name!r} has {a.shape[0]} rows, {next(iter(specs))!r} has {n}")
         n = a.shape[0]
     for name in specs:
-        row = first_nonfinite_row(inputs[name])
-        if row is not None:
-            raise InputError(f"{source}: {name!r} holds a non-finite value (NaN or inf) in row {row}")
+        report_nonfinite(inputs[name], name, source)
     return int(n)
 
 
+def report_nonfinite(a: np.ndarray, name: str, source: str) -> None:
+    """Raise :class:`InputError` naming the first row of ``a`` that is not finite once cast to float32."""
+    row = first_nonfinite_row(a)
+    if row is not None:
+        what = "a non-finite value (NaN or inf)"
+        if np.isfinite(np.asarray(a[row], dtype=np.float64)).all():
+            what = "a value beyond float32's range (it would become inf)"
+        raise InputError(f"{source}: {name!r} holds {what} in row {row}")
+
+
 def first_nonfinite_row(a: np.ndarray, chunk_bytes: int = CHECK_CHUNK_BYTES) -> int | None:
-    """Index of the first row of ``a`` with a NaN or inf, reading ``chunk_bytes`` at a time; ``None`` if none."""
+    """Index of the first row of ``a`` with a NaN or inf, reading ``chunk_bytes`` at a time; ``None`` if none.
+
+    Values of a wider type than float32 count as infinite where they lie beyond float32's range: the graphs take
+    float32, and the cast would turn them into inf.
+    """
     row_bytes = max(1, a[:1].nbytes)
     step = max(1, chunk_bytes // row_bytes)
+    wide = a.dtype.kind == "f" and a.dtype.itemsize > 4
+    limit = float(np.finfo(np.float32).max)
     for start in range(0, a.shape[0], step):
-        bad = ~np.isfinite(a[start : start + step]).reshape(min(step, a.shape[0] - start), -1).all(axis=1)
+        chunk = a[start : start + step]
+        ok = np.isfinite(chunk) if not wide else np.abs(chunk) <= limit  # NaN compares False: caught too
+        bad = ~ok.reshape(min(step, a.shape[0] - start), -1).all(axis=1)
         release_rows(a, start, start + step)
         if bad.any():
             return start + int(np.argmax(bad))
