@@ -348,6 +348,19 @@ def engine_build(
     typer.echo(f"wrote {path} ({precision}, batch 1..{max_batch})")
 
 
+@app.command()
+@handle_errors
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
+    """Show what this machine can run: each backend (or why not), the GPU, driver, CUDA and cuDNN, versions."""
+    from ..runtime.doctor import diagnose, render
+
+    report = diagnose()
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        render(report, _console())
+
+
 @engine_app.command("info")
 @handle_errors
 def engine_info(plan: Path = typer.Argument(..., help="A .plan written by `deepspot engine build`.")) -> None:
