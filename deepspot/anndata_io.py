@@ -120,6 +120,7 @@ def write_anndata(
     genes: Sequence[str] | None = None,
     obs_coords: Mapping[str, np.ndarray] | None = None,
     uns: Mapping[str, Any] | None = None,
+    no_clobber: bool = False,
 ) -> Path:
     """Write predictions as an ``.h5ad`` that scanpy and squidpy read as it is, atomically.
 
@@ -133,6 +134,7 @@ def write_anndata(
             (their ``x_pixel`` is the image row).
         uns: Metadata (the model's, for instance). ``None`` values are dropped and values h5ad cannot hold are stored
             as JSON text, since an ``.h5ad`` stores neither ``None`` nor mixed lists.
+        no_clobber: Refuse to replace an existing file.
 
     Raises:
         InputError: Names or coordinates whose length disagrees with the predictions.
@@ -162,7 +164,7 @@ def write_anndata(
     adata = ad.AnnData(X=x, obs=obs, var=var, uns=_h5ad_safe(dict(uns or {})))
     if "x_pixel" in obs.columns and "y_pixel" in obs.columns:
         adata.obsm["spatial"] = np.column_stack([obs["y_pixel"].to_numpy(), obs["x_pixel"].to_numpy()])
-    with atomic_path(path) as tmp:
+    with atomic_path(path, no_clobber=no_clobber) as tmp:
         adata.write_h5ad(tmp)
     return path
 

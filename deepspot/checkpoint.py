@@ -7,7 +7,6 @@ training history. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ._version import __version__
+from .assemble import from_parts, shapes_of
 from .errors import CheckpointError
-from .fileio import atomic_path
-from .scaler import Scaler
+from .fileio import atomic_path, file_sha256
 
 FORMAT = "deepspot-checkpoint"
 FORMAT_VERSION = 1
@@ -41,13 +40,14 @@ def model_metadata(model) -> dict[str, Any]:
     }
 
 
-def save(model, path: str | Path) -> Path:
-    """Write ``model`` to ``path`` (``.safetensors``) atomically and return the path."""
+def save(model, path: str | Path, no_clobber: bool = False) -> Path:
+    """Write ``model`` to ``path`` (``.safetensors``) atomically and return the path; with ``no_clobber`` an
+    existing file is an error instead of being replaced."""
     path = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # One metadata key: safetensors stores the metadata map in no fixed order, and equal models must give equal bytes.
     meta = {"deepspot": json.dumps(model_metadata(model))}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, no_clobber=no_clobber) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
 
@@ -59,69 +59,48 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def _open(path: Path, with_tensors: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The metadata, and the tensors once their shapes have been checked against it (before any is read)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
+            meta = _parse_metadata(path, raw)
+            if not with_tensors:
+                return meta, {}
+            shapes_of(meta, {k: f.get_slice(k).get_shape() for k in f.keys()}, source=str(path))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a readable .safetensors checkpoint ({str(e).splitlines()[0]})") from None
+    return meta, tensors
+
+
+def _parse_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
     if "deepspot" not in raw:
         raise CheckpointError(f"{path}: a .safetensors file, but not a deepspot checkpoint (no deepspot metadata)")
     try:
         meta = json.loads(raw["deepspot"])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupt deepspot metadata ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise CheckpointError(f"{path}: corrupt deepspot metadata ({reason})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: a .safetensors file, but not a deepspot checkpoint (unknown format)")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CheckpointError(f"{path}: corrupt deepspot metadata (format_version {str(version)[:32]!r})")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: checkpoint format {meta['format_version']} is newer than this deepspot supports ({FORMAT_VERSION})"
+            f"{path}: checkpoint format {version} is newer than this deepspot supports ({FORMAT_VERSION})"
         )
-    return meta, tensors
-
-
-def from_parts(meta: dict[str, Any], state_dict: dict[str, torch.Tensor], source: str = "checkpoint"):
-    """Rebuild a model from its metadata and state dict, checking that every shape agrees."""
-    from .factory import model_class
-
-    try:
-        config = dict(meta["config"])
-        family = meta["family"]
-        cls = model_class(family)
-        model = cls(**config, scaler=None if meta.get("scaler") is None else Scaler.from_dict(meta["scaler"]))
-    except (KeyError, TypeError) as e:
-        raise CheckpointError(f"{source}: incomplete hyperparameters ({type(e).__name__}: {e})") from None
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise CheckpointError(f"{source}: state dict does not match the hyperparameters: {what}")
-    for k, v in expected.items():
-        if tuple(state_dict[k].shape) != tuple(v.shape):
-            raise CheckpointError(
-                f"{source}: {k} has shape {tuple(state_dict[k].shape)}, the hyperparameters give {tuple(v.shape)}"
-            )
-    model.load_state_dict({k: t.to(torch.float32) for k, t in state_dict.items()})
-    model.genes = meta.get("genes")
-    model.history = meta.get("history")
-    if model.genes is not None and len(model.genes) != model.output_size:
-        raise CheckpointError(f"{source}: {len(model.genes)} gene names for {model.output_size} outputs")
-    if model.scaler is not None and model.scaler.n_features not in (None, model.output_size):
-        raise CheckpointError(
-            f"{source}: the scaler has {model.scaler.n_features} genes, the model {model.output_size}"
-        )
-    model.eval()
-    return model
+    return meta
 
 
 def load(path: str | Path):
     """Load a model, in eval mode, from a deepspot checkpoint or a reference file.
 
     ``.safetensors`` files are deepspot checkpoints. Reference files (``.pkl``, ``.ckpt``, ``.pt``) are imported on
-    the fly with :func:`deepspot.importer.import_reference` (safely: nothing in them is executed).
+    the fly with :func:`deepspot.importer.import_reference` (safely: nothing in them is executed). Either way every
+    claim of the file is checked before memory is allocated for it (:mod:`deepspot.assemble`).
 
     Raises:
         CheckpointError: The file is missing, truncated, foreign, or does not match its hyperparameters.
@@ -137,8 +116,4 @@ def load(path: str | Path):
 
 def file_hash(path: str | Path) -> str:
     """SHA-256 of a file's bytes, as hex."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)

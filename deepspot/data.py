@@ -11,6 +11,7 @@ A bundle is a ``.npz`` file or a directory of ``.npy`` files (memory-mapped when
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import warnings
@@ -26,6 +27,9 @@ from .fileio import atomic_path
 from .modes import Mode, get_mode
 
 FEATURE_KEYS = ("spot", "cell", "subspot", "neighbors")
+#: Largest bag (sub-spots or neighbours per item) accepted by default: real data has 6-9 (Visium) or 44-45
+#: (Xenium), and a bag of 200,000 neighbours for 17 items took 7 GB. ``--max-bag`` raises it.
+MAX_BAG = 1024
 KNOWN_KEYS = FEATURE_KEYS + ("neighbor_index", "target", "barcode", "genes", "x_array", "y_array", "x_pixel", "y_pixel")
 
 
@@ -220,7 +224,14 @@ def _read_npz(path: Path, mmap: bool) -> dict[str, np.ndarray]:
                 shape, fortran, dtype = read_header(raw)
                 if dtype.hasobject:
                     raise InputError(f"{path}: array {key!r} holds Python objects, which bundles never do")
-                if int(np.prod(shape)) == 0:
+                # The header's shape must be what the member stores: a larger one would map the next member's bytes.
+                stored = info.file_size - (raw.tell() - start)
+                claimed = math.prod(shape) * dtype.itemsize
+                if claimed != stored:
+                    raise InputError(
+                        f"{path}: array {key!r} claims shape {shape} ({claimed} bytes) but its member stores {stored}"
+                    )
+                if claimed == 0:
                     arrays[key] = np.zeros(shape, dtype=dtype)
                 else:
                     order = "F" if fortran else "C"
@@ -229,6 +240,29 @@ def _read_npz(path: Path, mmap: bool) -> dict[str, np.ndarray]:
                 with zf.open(info) as f:
                     arrays[key] = np.lib.format.read_array(f, allow_pickle=False)
     return arrays
+
+
+#: Dtypes a bundle's features may be stored in (``--dtype``). fp16 halves the bytes read from disk and sent to a
+#: GPU; graphs exported with ``--io fp16`` take them as they are, fp32 graphs cast each batch.
+FEATURE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def cast_features(arrays: Mapping[str, np.ndarray], dtype: str = "fp32") -> dict[str, np.ndarray]:
+    """The arrays with the feature arrays (``spot``, ``cell``, ``subspot``, ``neighbors``) in ``dtype``.
+
+    Raises:
+        InputError: An unknown dtype, or a feature beyond float16's range (it would become inf).
+    """
+    if dtype not in FEATURE_DTYPES:
+        raise InputError(f"unknown feature dtype {dtype!r}; expected one of: {', '.join(FEATURE_DTYPES)}")
+    out = dict(arrays)
+    for key in FEATURE_KEYS:
+        if key in out and out[key].dtype != FEATURE_DTYPES[dtype]:
+            a = np.asarray(out[key])
+            if dtype == "fp16" and a.size and np.abs(a).max() > np.finfo(np.float16).max:
+                raise InputError(f"{key!r} holds values beyond float16's range ({np.finfo(np.float16).max:g}); keep fp32")
+            out[key] = a.astype(FEATURE_DTYPES[dtype])
+    return out
 
 
 def save_bundle(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
@@ -314,7 +348,9 @@ def synth_bundle(
     return arrays
 
 
-def check_neighbor_index(index: np.ndarray, n: int, k: int | None = None, source: str = "bundle") -> np.ndarray:
+def check_neighbor_index(
+    index: np.ndarray, n: int, k: int | None = None, source: str = "bundle", max_bag: int = MAX_BAG
+) -> np.ndarray:
     """Check a ``neighbor_index`` array and return it as int64.
 
     Each row lists positions of the item's neighbours in the same bundle, ``-1`` meaning a zero row. Errors name the
@@ -345,6 +381,7 @@ def check_neighbor_index(index: np.ndarray, n: int, k: int | None = None, source
         raise InputError(f"{source}: 'neighbor_index' has K={index.shape[1]} neighbours, the model expects {k}")
     if index.shape[1] == 0:
         raise InputError(f"{source}: 'neighbor_index' has no columns; use -1 for items without neighbours")
+    check_bag_size("neighbor_index", index.shape[1], source, max_bag)
     # Row by chunk, so a slide-sized index never needs a second full-size temporary.
     for start in range(0, n, 1 << 16):
         chunk = np.asarray(index[start : start + (1 << 16)])
@@ -355,6 +392,15 @@ def check_neighbor_index(index: np.ndarray, n: int, k: int | None = None, source
                 value = int(np.asarray(index[row])[bad[rows[0]]][0])
                 raise InputError(f"{source}: 'neighbor_index' row {row} holds {value}, {what}")
     return index.astype(np.int64, copy=False)
+
+
+def check_bag_size(name: str, size: int, source: str, max_bag: int = MAX_BAG) -> None:
+    """Refuse a bag larger than ``max_bag`` (memory grows with it: Phi runs on every tile of every bag)."""
+    if size > max_bag:
+        raise InputError(
+            f"{source}: {name!r} has bags of {size} tiles, more than the limit of {max_bag}; "
+            "raise it with --max-bag if this is intended"
+        )
 
 
 def densify(own: np.ndarray, index: np.ndarray) -> np.ndarray:

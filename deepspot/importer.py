@@ -24,9 +24,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from .checkpoint import from_parts
+from .assemble import from_parts
 from .errors import CheckpointError, ConfigError, DeepSpotError
 from .factory import model_class
 from .modes import get_mode
@@ -113,33 +114,45 @@ def read_genes(source: str | Path | Sequence[str]) -> list[str]:
 
 
 # -- reading the file ---------------------------------------------------------------------------------------------
-def _module_state_dict(record: Record, prefix: str = "") -> dict[str, torch.Tensor]:
+#: Deepest module tree a reference model may have (the real ones are 5 deep).
+MAX_DEPTH = 32
+
+
+def _module_state_dict(record: Record, source: str, prefix: str = "", depth: int = 0) -> dict[str, torch.Tensor]:
     """Flatten a pickled module tree into a state dict, as ``nn.Module.state_dict`` would."""
+    if depth > MAX_DEPTH:
+        raise CheckpointError(f"{source}: the module tree is nested more than {MAX_DEPTH} levels deep")
     state = record.__dict__
     out: dict[str, torch.Tensor] = {}
-    for name, value in (state.get("_parameters") or {}).items():
-        if value is not None:
-            out[prefix + name] = value
+    groups = {key: state.get(key) or {} for key in ("_parameters", "_buffers", "_modules")}
+    if not all(isinstance(g, Mapping) for g in groups.values()):
+        raise CheckpointError(f"{source}: a module's parameters, buffers or children are not a mapping")
     skip = state.get("_non_persistent_buffers_set") or set()
-    for name, value in (state.get("_buffers") or {}).items():
-        if value is not None and name not in skip:
-            out[prefix + name] = value
-    for name, child in (state.get("_modules") or {}).items():
+    for group in ("_parameters", "_buffers"):
+        for name, value in groups[group].items():
+            if value is not None and not (group == "_buffers" and isinstance(skip, set) and name in skip):
+                out[f"{prefix}{name}"] = value
+    for name, child in groups["_modules"].items():
         if isinstance(child, Record):
-            out.update(_module_state_dict(child, f"{prefix}{name}."))
+            out.update(_module_state_dict(child, source, f"{prefix}{name}.", depth + 1))
     return out
 
 
-def _history(record: Record) -> dict[str, Any] | None:
-    train = record.__dict__.get("training_loss")
-    val = record.__dict__.get("validation_loss")
+def _losses(values: Any, source: str) -> list[float]:
+    if values is None or (isinstance(values, (list, tuple)) and not values):
+        return []
+    try:
+        return [float(x) for x in np.asarray(values, dtype=np.float64).reshape(-1)]
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{source}: the stored loss history is not a list of numbers") from None
+
+
+def _history(record: Record, source: str) -> dict[str, Any] | None:
+    train = _losses(record.__dict__.get("training_loss"), source)
+    val = _losses(record.__dict__.get("validation_loss"), source)
     if not train and not val:
         return None
-    return {
-        "train_loss": [float(x) for x in train or []],
-        "val_loss": [float(x) for x in val or []],
-        "source": "reference",
-    }
+    return {"train_loss": train, "val_loss": val, "source": "reference"}
 
 
 def _family_from_keys(state_dict: Mapping[str, Any], source: str) -> str:
@@ -156,23 +169,24 @@ def _read(path: Path) -> dict[str, Any]:
     """Read a reference file into its parts: family, state dict, hyperparameters, scaler, history, context."""
     obj = safe_torch_load(path)
     if isinstance(obj, Record):
-        family = MODEL_CLASSES.get(obj.qualname)
+        qualname = type(obj).qualname
+        family = MODEL_CLASSES.get(qualname)
         if family is None:
             raise CheckpointError(
-                f"{path}: holds an unknown model class {obj.qualname}; expected one of: {', '.join(MODEL_CLASSES)}"
+                f"{path}: holds an unknown model class {qualname}; expected one of: {', '.join(MODEL_CLASSES)}"
             )
         hparams = obj.__dict__.get("_hparams")
         hparams = dict(hparams) if isinstance(hparams, Mapping) else None
         forward = obj.__dict__.get("_forward_fn")
         return {
             "family": family,
-            "state_dict": _module_state_dict(obj),
+            "state_dict": _module_state_dict(obj, str(path)),
             "hparams": hparams,
             # The model's own scaler is the one its inverse_transform uses; the hyperparameters hold the same object.
             "scaler": obj.__dict__.get("scaler", (hparams or {}).get("scaler")),
-            "history": _history(obj),
+            "history": _history(obj, str(path)),
             # The bound forward function is what the reference really runs, whatever the hyperparameters say.
-            "context": forward.name[len("_forward_") :] if isinstance(forward, BoundMethod) else None,
+            "context": forward.name[len("_forward_") :][:64] if isinstance(forward, BoundMethod) else None,
         }
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):  # a Lightning checkpoint
         hparams = obj.get("hyper_parameters")
@@ -184,9 +198,9 @@ def _read(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: holds a {type(obj).__name__}, not a reference model, a Lightning checkpoint or a state dict"
         )
-    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path}: state dict entry {bad[0]!r} is not a tensor")
+        raise CheckpointError(f"{path}: state dict entry {str(bad[0])[:64]!r} is not a named tensor")
     return {
         "family": _family_from_keys(state_dict, str(path)),
         "state_dict": state_dict,
@@ -212,7 +226,8 @@ def scaler_from_reference(obj: Any, source: str = "file") -> Scaler | None:
     if obj is None or isinstance(obj, str):
         return None
     if isinstance(obj, Record):
-        name = obj.qualname.rsplit(".", 1)[-1]
+        qualname = type(obj).qualname
+        name = qualname.rsplit(".", 1)[-1]
         state = obj.__dict__
         if name == "StandardScaler":
             offset = state.get("mean_") if state.get("with_mean", True) else None
@@ -223,13 +238,18 @@ def scaler_from_reference(obj: Any, source: str = "file") -> Scaler | None:
             scale = state.get("scale_") if state.get("with_scaling", True) else None
             kind = "robust"
         else:
-            raise CheckpointError(f"{source}: unsupported scaler {obj.qualname} (StandardScaler or RobustScaler)")
+            raise CheckpointError(f"{source}: unsupported scaler {qualname} (StandardScaler or RobustScaler)")
         if offset is None and scale is None and "n_features_in_" not in state:
             raise CheckpointError(f"{source}: the {name} was never fitted (it has no mean_/center_ or scale_)")
+        for what, values in (("offset", offset), ("scale", scale)):
+            if values is not None and not (
+                isinstance(values, np.ndarray) and values.dtype.kind in "iuf" and np.isfinite(values).all()
+            ):
+                raise CheckpointError(f"{source}: the {name}'s {what} is not an array of finite numbers")
         return Scaler(kind, offset, scale)
     try:
         return Scaler.from_object(obj)
-    except ConfigError as e:
+    except (ConfigError, TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{source}: {e}") from None
 
 
@@ -251,7 +271,7 @@ def model_config(family: str, hparams: Mapping[str, Any], context: str | None, s
             f"{source}: missing hyperparameters {', '.join(missing)}; pass the reference's YAML with --hparams"
         )
     for key in _OR_DEFAULT:
-        if key in config and config[key] is not None and not config[key]:
+        if isinstance(config.get(key), (int, float)) and not config[key]:
             config[key] = None
     if context is not None:
         config[f"{family}_context"] = context

@@ -62,6 +62,10 @@ def read_features(folder: str | Path, barcodes: Sequence[str], family: str = "sp
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: no such features folder")
+    # A barcode names a file inside the folder, never a path: "../x", "/etc/x" or "a/b" would read elsewhere.
+    unsafe = [b for b in barcodes if b in ("", ".", "..") or "/" in b or "\\" in b or "\0" in b]
+    if unsafe:
+        raise InputError(f"{folder}: barcode {unsafe[0][:80]!r} is a path, not a file name inside the folder")
     files = [folder / f"{b}.npy" for b in barcodes]
     missing = [b for b, f in zip(barcodes, files) if not f.is_file()]
     if missing:
@@ -289,14 +293,18 @@ def write_bundle(
     k: int = DEFAULT_K,
     index: bool = False,
     max_neighbors: int | None = None,
+    dtype: str = "fp32",
 ) -> dict[str, np.ndarray]:
     """Read coordinates from ``obs`` (``.h5ad`` or ``.csv``), build the bundle and write it to ``out`` atomically.
 
-    Everything is checked before anything is written. Returns the arrays written.
+    Everything is checked before anything is written; features are stored as ``dtype`` (``fp32`` or ``fp16``).
+    Returns the arrays written.
     """
     from .anndata_io import read_obs
+    from .data import cast_features
 
     barcodes, coords = read_obs(obs)
     arrays = build_bundle(features, barcodes, coords, family, radius, k, index, max_neighbors, source=str(obs))
+    arrays = cast_features(arrays, dtype)
     save_bundle(out, arrays)
     return arrays

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from _reference import REFERENCE_DIR
+from _reference import REFERENCE_DIR, cpu_vendor, trajectory_fixture
+
+
+def pytest_report_header(config):
+    # Which reference run the exact-training test compares with, and how (see tests/_reference.py).
+    return f"reference training trajectory: {trajectory_fixture(cpu_vendor())[2]}"
 
 
 @pytest.fixture(scope="session")
@@ -28,9 +33,3 @@ def _torch_threads():
     # The CI machine has 2 cores; keep torch from oversubscribing them when tests run alongside onnxruntime.
     torch.set_num_threads(2)
     yield
-
-
-def pytest_report_header(config):
-    from _reference import trajectory_reference
-
-    return f"training trajectory reference: {trajectory_reference().describe()}"

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import ConfigError
 from ..export.exporter import DEFAULT_OPSET
-from .app import app, handle_errors
+from .core import NO_CLOBBER_HELP, app, handle_errors
 
 
 def _untrained_model(
@@ -51,8 +51,9 @@ def export_command(
         None, help="Checkpoint to export (.safetensors, or a reference .pkl/.ckpt). Leave out with --family."
     ),
     output: Path = typer.Option(
-        ..., "--output", "-o", help="The .onnx file to write (a new folder for --layout indexed)."
+        ..., "--output", "-o", help="The .onnx file to write, replaced if it exists (a new folder for --layout indexed)."
     ),
+    no_clobber: bool = typer.Option(False, "--no-clobber", help=NO_CLOBBER_HELP),
     layout: str = typer.Option(
         "dense", "--layout", help="dense: one graph per item; indexed: encoder.onnx + head.onnx for whole slides."
     ),
@@ -79,8 +80,11 @@ def export_command(
     """Export a model in one forward mode to a validated ONNX file."""
     from ..export import export_onnx
 
+    from ..fileio import check_clobber
+
     if (checkpoint is None) == (family is None):
         raise ConfigError("give either a CHECKPOINT or --family (with --input-size and --output-size), not both")
+    check_clobber(output, no_clobber)
     if checkpoint is not None:
         source = checkpoint
     else:

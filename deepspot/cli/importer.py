@@ -7,14 +7,15 @@ from typing import Optional
 
 import typer
 
-from .app import app, handle_errors
+from .core import NO_CLOBBER_HELP, app, handle_errors
 
 
 @app.command("import")
 @handle_errors
 def import_weights(
     weights: Path = typer.Argument(..., help="Reference weights: final_model.pkl, a Lightning .ckpt or a state dict."),
-    out: Path = typer.Option(..., "-o", "--output", help="Output checkpoint (.safetensors)."),
+    out: Path = typer.Option(..., "-o", "--output", help="Output checkpoint (.safetensors); replaced if it exists."),
+    no_clobber: bool = typer.Option(False, "--no-clobber", help=NO_CLOBBER_HELP),
     hparams: Optional[Path] = typer.Option(
         None,
         "--hparams",
@@ -27,12 +28,14 @@ def import_weights(
     """Import a DeepSpot or DeepCell trained by the reference code into a .safetensors checkpoint, executing nothing."""
     from ..checkpoint import save
     from ..errors import InputError
+    from ..fileio import check_clobber
     from ..importer import import_reference
 
     if out.suffix != ".safetensors":
         raise InputError(f"{out}: the output checkpoint must end in .safetensors")
+    check_clobber(out, no_clobber)
     model = import_reference(weights, hparams, genes)
-    save(model, out)
+    save(model, out, no_clobber=no_clobber)
     scaler = "no scaler" if model.scaler is None else f"{model.scaler.kind} scaler"
     typer.echo(
         f"imported {weights}: {model.family} model, mode {model.mode.name}, {model.input_size} features -> "
@@ -55,11 +58,12 @@ def bundle(
     max_neighbors: Optional[int] = typer.Option(
         None, "--max-neighbors", help="Pad bags to this many rows (the reference's data-set-wide largest bag)."
     ),
+    dtype: str = typer.Option("fp32", "--dtype", help="Feature dtype: fp32, or fp16 (half the bytes to read and send)."),
 ) -> None:
     """Build a feature bundle from the reference's layout, with neighbours chosen the reference's way."""
     from ..layout import write_bundle
 
-    arrays = write_bundle(out, features, obs, family, radius, k, index, max_neighbors)
+    arrays = write_bundle(out, features, obs, family, radius, k, index, max_neighbors, dtype)
     own = "spot" if family == "spot" else "cell"
     n, d = arrays[own].shape[0], arrays[own].shape[-1]
     nb = arrays["neighbor_index"] if index else arrays["neighbors"]

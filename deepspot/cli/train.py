@@ -8,14 +8,17 @@ from typing import Optional
 
 import typer
 
-from .app import app, fail, handle_errors
+from .core import NO_CLOBBER_HELP, app, handle_errors
 
 
 @app.command()
 @handle_errors
 def synth(
-    out: Optional[Path] = typer.Argument(None, help="Output bundle: a .npz file, or a directory of .npy files."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="The output bundle, as an option (or OUT)."),
+    out_arg: Optional[Path] = typer.Argument(
+        None, metavar="[OUT]", help="Output bundle: a .npz file (replaced if it exists), or a new directory of .npy files."
+    ),
+    out_opt: Optional[Path] = typer.Option(None, "--output", "-o", help="Output bundle, as OUT."),
+    no_clobber: bool = typer.Option(False, "--no-clobber", help=NO_CLOBBER_HELP),
     family: str = typer.Option("spot", help="Model family: spot or cell."),
     mode: Optional[str] = typer.Option(
         None, help="Forward mode; decides which bags are written. Default: the family's full mode."
@@ -26,17 +29,21 @@ def synth(
     subspots: int = typer.Option(9, help="Sub-spots per spot (S)."),
     neighbors: Optional[int] = typer.Option(None, help="Neighbours per item (K); default 6 for spots, 8 for cells."),
     seed: int = typer.Option(0, help="Seed of the generator."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Feature dtype: fp32, or fp16 (half the bytes to read and send)."),
 ) -> None:
     """Write a seeded synthetic feature bundle whose targets depend non-linearly on the features."""
-    from ..data import save_bundle, synth_bundle
+    from ..data import cast_features, save_bundle, synth_bundle
+    from ..errors import ConfigError
+    from ..fileio import check_clobber
     from ..modes import DEFAULT_MODE, check_family
 
-    if (out is None) == (output is None):
-        fail("give the output bundle once: as OUT or as -o/--output")
-    out = out or output
+    if (out_arg is None) == (out_opt is None):
+        raise ConfigError("give the output bundle once: as OUT or as -o/--output")
+    out = out_arg or out_opt
+    check_clobber(out, no_clobber)
     check_family(family)
     arrays = synth_bundle(family, mode or DEFAULT_MODE[family], n, input_size, genes, seed, subspots, neighbors)
-    save_bundle(out, arrays)
+    save_bundle(out, cast_features(arrays, dtype))
     typer.echo(f"wrote {out}: {n} {family}s, {input_size} features, {genes} genes")
 
 
@@ -49,9 +56,10 @@ def train(
         None, help="Forward mode (short or reference name). Default: the family's full mode."
     ),
     out: Path = typer.Option(
-        ..., "--out", "-o", help="Output directory for model.safetensors, history.json and loss.png (created; its "
-        "parent must exist)."
+        ..., "--out", "-o", help="Output directory for model.safetensors, history.json and loss.png (replaced if there; "
+        "created, but its parent folder must exist)."
     ),
+    no_clobber: bool = typer.Option(False, "--no-clobber", help=NO_CLOBBER_HELP + " Checks DIR/model.safetensors."),
     val_data: Optional[Path] = typer.Option(None, help="Separate validation bundle (instead of --val-fraction)."),
     loss_func: str = typer.Option(
         "mse", help="Loss: mse, cos, mse_cos, pearson, mse_pearson, poisson (cell also l1, huber, l1_cos, huber_cos)."
@@ -92,11 +100,12 @@ def train(
     from ..data import load_bundle
     from ..errors import InputError
     from ..factory import create_model
-    from ..fileio import atomic_path, check_output_folder
+    from ..fileio import atomic_path, check_clobber, check_output_folder
     from ..modes import DEFAULT_MODE, check_family
     from ..train import TrainConfig, fit, plot_loss
 
     check_family(family)
+    check_clobber(out / "model.safetensors", no_clobber)
     mode = mode or DEFAULT_MODE[family]
     kwargs = dict(
         loss_func=loss_func,
@@ -151,7 +160,7 @@ def train(
         val_target=None if val is None else val["target"],
     )
     out.mkdir(exist_ok=True)
-    save(model, out / "model.safetensors")
+    save(model, out / "model.safetensors", no_clobber=no_clobber)
     with atomic_path(out / "history.json") as tmp:
         tmp.write_text(json.dumps(history, indent=2))
     plot_loss(history, out / "loss.png")

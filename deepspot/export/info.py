@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import CheckpointError
 from .exporter import METADATA_FORMAT, metadata_value
 
@@ -135,13 +137,31 @@ def _tensor_info(value_info) -> TensorInfo:
     return TensorInfo(value_info.name, _ELEM_TYPES.get(t.elem_type, str(t.elem_type)), dims)
 
 
-def model_info(path: str | os.PathLike) -> ModelInfo:
+def check_finite_initializers(graph, source: str) -> None:
+    """Raise if a floating-point weight of an ONNX graph holds NaN or infinity (every prediction would be NaN)."""
+    from onnx import TensorProto, numpy_helper
+
+    floating = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+    for init in graph.initializer:
+        if init.data_type in floating and init.data_location != TensorProto.EXTERNAL:
+            values = numpy_helper.to_array(init)
+            if not np.isfinite(values.astype(np.float32, copy=False)).all():
+                raise CheckpointError(f"{source}: weight {init.name[:80]!r} holds NaN or infinite values")
+
+
+def model_info(path: str | os.PathLike, check_weights: bool = False) -> ModelInfo:
     """Read an ONNX file's inputs, outputs (with dynamic axes), opset and metadata.
 
+    Args:
+        path: The ONNX file.
+        check_weights: Also refuse a graph whose floating-point weights hold NaN or infinity.
+
     Raises:
-        CheckpointError: The file is missing or not an ONNX model.
+        CheckpointError: The file is missing or not an ONNX model (or holds non-finite weights).
     """
     onnx_model = _load(path)
+    if check_weights:
+        check_finite_initializers(onnx_model.graph, str(path))
     initializers = {init.name for init in onnx_model.graph.initializer}
     opset = next((o.version for o in onnx_model.opset_import if o.domain in ("", "ai.onnx")), None)
     producer = f"{onnx_model.producer_name} {onnx_model.producer_version}".strip()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
-from ..scaler import Scaler
+from ..errors import CheckpointError, ConfigError
+from ..metacheck import check_genes, check_scaler, check_size
 from .base import ModelInfo, TensorSpec
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pkl", ".ckpt", ".pt", ".pth", ".bin")
@@ -33,28 +34,52 @@ def artifact_kind(model: Any) -> str:
     raise CheckpointError(f"{model}: unknown model file type {suffix or '(none)'}; expected one of {known}")
 
 
+def checked_info(fields: Any, source: str = "") -> ModelInfo:
+    """:class:`ModelInfo` from untrusted fields (an ONNX graph's metadata, a plan's header), each one checked.
+
+    Raises:
+        CheckpointError: A missing field, a wrong type, an unknown family or mode, or an absurd size, named.
+    """
+    from ..modes import get_mode
+
+    if not isinstance(fields, Mapping):
+        raise CheckpointError(f"{source}: the model metadata is a {type(fields).__name__}, not a mapping")
+    config = fields.get("config")
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{source}: incomplete deepspot metadata (no config)")
+    family, mode = fields.get("family"), fields.get("mode")
+    if not isinstance(family, str) or not isinstance(mode, str):
+        raise CheckpointError(f"{source}: incomplete deepspot metadata (family and mode must be names)")
+    try:
+        mode = get_mode(family, mode).name
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+    # ONNX metadata holds the sizes in the config; a plan's header (ModelInfo.to_dict) beside it as well.
+    input_size = check_size(config.get("input_size", fields.get("input_size")), "input_size", source)
+    output_size = check_size(config.get("output_size", fields.get("output_size")), "output_size", source)
+    precision, layout = fields.get("precision", "fp32"), fields.get("layout", "dense")
+    if precision not in ("fp32", "fp16", "bf16") or layout not in ("dense", "indexed"):
+        raise CheckpointError(f"{source}: unknown precision {str(precision)[:16]!r} or layout {str(layout)[:16]!r}")
+    return ModelInfo(
+        family=family,
+        mode=mode,
+        input_size=input_size,
+        output_size=output_size,
+        genes=check_genes(fields.get("genes"), source, output_size),
+        scaler=check_scaler(fields.get("scaler"), source, output_size),
+        fold_scaler=bool(fields.get("scaler_folded", fields.get("fold_scaler", False))),
+        precision=precision,
+        config=dict(config),
+        source=source,
+        layout=layout,
+    )
+
+
 def info_from_onnx_metadata(meta: dict[str, Any], source: str = "") -> ModelInfo | None:
     """:class:`ModelInfo` from the decoded ``metadata_props`` of a deepspot export (``None`` for a foreign graph)."""
     if meta.get("format") != "deepspot-onnx":
         return None
-    try:
-        config = dict(meta["config"])
-        scaler = meta.get("scaler")
-        return ModelInfo(
-            family=meta["family"],
-            mode=meta["mode"],
-            input_size=int(config["input_size"]),
-            output_size=int(config["output_size"]),
-            genes=meta.get("genes"),
-            scaler=None if not scaler else Scaler.from_dict(scaler),
-            fold_scaler=bool(meta.get("scaler_folded", False)),
-            precision=str(meta.get("precision", "fp32")),
-            config=config,
-            source=source,
-            layout=str(meta.get("layout", "dense")),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{source}: incomplete deepspot metadata ({type(e).__name__}: {e})") from None
+    return checked_info(meta, source)
 
 
 def read_onnx(path: str | Path) -> tuple[ModelInfo | None, dict[str, TensorSpec]]:
@@ -65,6 +90,6 @@ def read_onnx(path: str | Path) -> tuple[ModelInfo | None, dict[str, TensorSpec]
     """
     from ..export import model_info
 
-    graph = model_info(path)
+    graph = model_info(path, check_weights=True)
     inputs = {t.name: TensorSpec(t.name, tuple(t.shape), t.dtype) for t in graph.inputs}
     return info_from_onnx_metadata(graph.metadata, source=str(path)), inputs

@@ -109,9 +109,12 @@ class Probe:
             import onnxruntime
 
             providers = tuple(onnxruntime.get_available_providers())
-        import torch
+        cuda = False
+        if importlib.util.find_spec("torch") is not None:
+            import torch
 
-        return cls(providers, torch.cuda.is_available(), importlib.util.find_spec("tensorrt") is not None)
+            cuda = torch.cuda.is_available()
+        return cls(providers, cuda, importlib.util.find_spec("tensorrt") is not None)
 
 
 def unavailable_reason(name: str, probe: Probe) -> str | None:

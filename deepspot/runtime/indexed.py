@@ -27,8 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from ..data import MAX_BAG
 from ..errors import CheckpointError, ConfigError, InputError
-from ..export.indexed import ENCODER_FILE, ENCODER_INPUT, HEAD_EMBEDDING, HEAD_FILE, HEAD_NEIGHBORS, OUTPUT
+from ..fileio import ensure_free_space, preallocate, temp_prefix
+from ..export.indexed import ENCODER_FILE, ENCODER_INPUT, ENCODER_OUTPUT, HEAD_EMBEDDING, HEAD_FILE, HEAD_NEIGHBORS, OUTPUT
 from .base import ModelInfo, Runner, TensorSpec
 from .stream import _progress, batches
 from ._pages import release_rows
@@ -204,7 +206,8 @@ def pipeline_from_folder(folder, backend: str | None = None, options=None, allow
         CheckpointError: A graph is missing, was not exported in the indexed layout, or the two graphs come from
             different exports (their ``pair_id`` differs).
     """
-    from ..export import read_model_metadata
+    from ..export import model_info, read_model_metadata
+    from ..metacheck import check_size
     from .backends import load_runner
 
     folder = Path(folder)
@@ -217,14 +220,27 @@ def pipeline_from_folder(folder, backend: str | None = None, options=None, allow
         if meta.get("layout") != "indexed" or meta.get("role") != role:
             raise CheckpointError(f"{path}: not the {role} of an indexed export (deepspot export --layout indexed)")
         metas[role] = meta
-    if metas["encoder"].get("pair_id") != metas["head"].get("pair_id"):
+    pairs = [metas[role].get("pair_id") for role in ("encoder", "head")]
+    if not all(isinstance(p, str) and p for p in pairs):
+        raise CheckpointError(f"{folder}: a graph has no pair_id, so nothing shows that the two come from one export")
+    if pairs[0] != pairs[1]:
         raise CheckpointError(f"{folder}: {ENCODER_FILE} and {HEAD_FILE} come from different exports (pair_id differs)")
+    table_dtype = metas["head"].get("table_dtype", "fp32")
+    if table_dtype not in TABLE_DTYPES:
+        raise CheckpointError(f"{folder}: unknown table_dtype {str(table_dtype)[:16]!r} (fp32 or fp16)")
+    h = check_size(metas["head"].get("embedding_size"), "embedding_size", str(paths["head"]))
     encoder = load_runner(paths["encoder"], backend, options, allow_fallback)
     head = load_runner(paths["head"], backend, options, allow_fallback)
+    encoder_out = {t.name: t.shape for t in model_info(paths["encoder"]).outputs}.get(ENCODER_OUTPUT)
+    head_in = {t.name: t.shape for t in model_info(paths["head"]).inputs}.get(HEAD_EMBEDDING)
+    widths = {"encoder output": encoder_out, "head input": head_in}
+    for what, shape in widths.items():
+        width = None if not shape else shape[-1]
+        if isinstance(width, int) and width != h:
+            raise CheckpointError(f"{folder}: the {what} is {width} wide, the metadata says embedding_size={h}")
     info = head.info
     info.layout = "indexed"
-    return IndexedPipeline(encoder, head, info, int(metas["head"]["embedding_size"]),
-                           str(metas["head"].get("table_dtype", "fp32")))  # fmt: skip
+    return IndexedPipeline(encoder, head, info, h, table_dtype)
 
 
 def is_indexed_folder(model: Any) -> bool:
@@ -258,19 +274,24 @@ def embedding_table(n: int, h: int, dtype: np.dtype, location: str, folder: Path
     if location == "memory":
         yield np.empty((n + 1, h), dtype=dtype)
         return
-    fd, name = tempfile.mkstemp(prefix=".deepspot-embeddings.", suffix=".npy", dir=folder)
+    ensure_free_space(folder or ".", (n + 1) * h * np.dtype(dtype).itemsize, "the embedding table")
+    fd, name = tempfile.mkstemp(prefix=temp_prefix("deepspot-embeddings"), suffix=".tmp.npy", dir=folder)
     os.close(fd)
     try:
-        yield np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(n + 1, h))
+        table = np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(n + 1, h))
+        preallocate(name)  # a full disk is an error now, not a SIGBUS while the table is written
+        yield table
     finally:
         with contextlib.suppress(OSError):
             os.unlink(name)
 
 
-def check_indexed_inputs(arrays: Mapping[str, np.ndarray], info: ModelInfo, source: str = "input") -> int:
+def check_indexed_inputs(
+    arrays: Mapping[str, np.ndarray], info: ModelInfo, source: str = "input", max_bag: int = MAX_BAG
+) -> int:
     """Check an indexed bundle's arrays against the model: own tiles, sub-spots, the index; return ``N``."""
-    from ..data import check_neighbor_index
-    from .stream import first_nonfinite_row
+    from ..data import check_bag_size, check_neighbor_index
+    from .stream import report_nonfinite
 
     mode = info.mode_spec
     own = mode.bags[0].name
@@ -283,12 +304,10 @@ def check_indexed_inputs(arrays: Mapping[str, np.ndarray], info: ModelInfo, sour
             raise InputError(f"{source}: {name!r} has {a.shape[-1]} features, the model expects {info.input_size}")
         if a.shape[0] != n:
             raise InputError(f"{source}: {name!r} has {a.shape[0]} rows, {own!r} has {n}")
-        row = first_nonfinite_row(a)
-        if row is not None:
-            raise InputError(
-                f"{source}: {name!r} holds a non-finite value (NaN, inf, or beyond float32's range) in row {row}"
-            )
-    check_neighbor_index(arrays["neighbor_index"], n, source=source)
+        if a.ndim == 3 and name == "subspot":
+            check_bag_size(name, a.shape[1], source, max_bag)
+        report_nonfinite(a, name, source)
+    check_neighbor_index(arrays["neighbor_index"], n, source=source, max_bag=max_bag)
     return int(n)
 
 

@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from ..data import MAX_BAG
 from ..errors import ConfigError, DeepSpotError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, check_clobber, ensure_free_space, preallocate, remove_leftovers, temp_prefix
 from .backends import RunnerOptions, load_runner
 from .stream import check_inputs, predict
 
@@ -62,15 +63,97 @@ class InferResult:
         return {**asdict(self), "output": str(self.output)}
 
 
-def check_output_path(output: str | Path) -> Path:
-    """Refuse an unknown output type or a missing folder before any work."""
+def check_output_path(output: str | Path, inputs: Sequence[Any] = (), no_clobber: bool = False) -> Path:
+    """Refuse, before any work, an unknown output type, a missing folder, an output that is one of the run's
+    ``inputs`` (or lies inside an input folder), and with ``no_clobber`` an output that exists."""
     output = Path(output)
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ConfigError(f"{output}: unknown output type; expected one of {', '.join(OUTPUT_SUFFIXES)}")
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise DeepSpotError(f"{output}: output folder {folder} does not exist")
+    target = output.resolve()
+    for source in inputs:
+        if not isinstance(source, (str, os.PathLike)) or not Path(source).exists():
+            continue
+        source = Path(source)
+        same = target == source.resolve() or (output.exists() and os.path.samefile(output, source))
+        if same or (source.is_dir() and target.is_relative_to(source.resolve())):
+            raise DeepSpotError(f"{output}: is an input of this run ({source}); write the predictions elsewhere")
+    check_clobber(output, no_clobber)
+    remove_leftovers(folder)  # what an earlier run here left when it was killed (SIGKILL runs no clean-up)
     return output
+
+
+class ModelSession:
+    """A model loaded once per process: its runner (dense layout) and its pipeline (indexed layout) are built on first
+    use and stay active until :meth:`close`, so a cohort of slides pays for loading and building once.
+
+    Args: as :func:`infer`'s.
+    """
+
+    def __init__(self, model: Any, backend: str | None = None, options: RunnerOptions | None = None,
+                 allow_fallback: bool = False, table_dtype: str = "fp32"):  # fmt: skip
+        self.model, self.backend, self.allow_fallback, self.table_dtype = model, backend, allow_fallback, table_dtype
+        self.options = options or RunnerOptions()
+        self._runner = None
+        self._pipeline = None
+        self._hash: str | None = None
+
+    @property
+    def model_hash(self) -> str | None:
+        """SHA-256 of the model file (of both graphs for an indexed export); ``None`` for an in-memory model."""
+        if self._hash is None and isinstance(self.model, (str, os.PathLike)):
+            self._hash = model_fingerprint(self.model)
+        return self._hash
+
+    def dense(self, batch_size: int, bag_sizes: dict[str, int]):
+        if self._runner is None:
+            self.options.batch_size = batch_size
+            self.options.bag_sizes = bag_sizes
+            runner = load_runner(self.model, self.backend, self.options, self.allow_fallback)
+            if runner.info is None:
+                raise ConfigError(f"{self.model}: not exported by deepspot (no model metadata); cannot match it to the bundle")
+            self._runner = runner.activate()
+        return self._runner
+
+    def indexed(self, batch_size: int):
+        from .indexed import load_pipeline
+
+        if self._pipeline is None:
+            pipeline = load_pipeline(self.model, self.backend, self.options, self.allow_fallback, batch_size,
+                                     self.table_dtype)  # fmt: skip
+            self._pipeline = pipeline.__enter__()
+        return self._pipeline
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.deactivate()
+        if self._pipeline is not None:
+            self._pipeline.__exit__(None, None, None)
+        self._runner = self._pipeline = None
+
+    def __enter__(self) -> "ModelSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def model_fingerprint(model: str | os.PathLike) -> str:
+    """SHA-256 of a model file, or of an indexed export's two graphs together."""
+    import hashlib
+
+    from ..fileio import file_sha256
+    from .indexed import is_indexed_folder
+
+    path = Path(model)
+    if is_indexed_folder(path):
+        from ..export.indexed import ENCODER_FILE, HEAD_FILE
+
+        joined = "".join(file_sha256(path / name) for name in (ENCODER_FILE, HEAD_FILE))
+        return hashlib.sha256(joined.encode()).hexdigest()
+    return file_sha256(path)
 
 
 def infer(
@@ -78,7 +161,7 @@ def infer(
     bundle: str | Path,
     output: str | Path,
     backend: str | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     options: RunnerOptions | None = None,
     inverse_transform: bool = False,
     allow_fallback: bool = False,
@@ -86,6 +169,9 @@ def infer(
     layout: str | None = None,
     table: str = "auto",
     table_dtype: str = "fp32",
+    max_bag: int = MAX_BAG,
+    no_clobber: bool = False,
+    session: ModelSession | None = None,
 ) -> InferResult:
     """Predict every item of a bundle and write the predictions.
 
@@ -94,7 +180,7 @@ def infer(
         bundle: A feature bundle (``.npz`` or a directory of ``.npy``), memory-mapped.
         output: ``.npy`` (predictions), ``.npz`` (``predictions``, ``barcodes``, ``genes``) or ``.h5ad``.
         backend: Backend name; default ``torch`` for a checkpoint, ``ort-cpu`` for ONNX, ``tensorrt`` for a plan.
-        batch_size: Items per batch.
+        batch_size: Items per batch; default :func:`default_batch_size` (large on a GPU).
         options: Runner options (device, precision, threads, ...); ``batch_size`` and the data's bag sizes are
             filled in here.
         inverse_transform: Map predictions to the original scale with the model's scaler.
@@ -105,58 +191,81 @@ def infer(
             also runs an indexed bundle: each batch's neighbour bags are gathered from the index.
         table: Indexed layout: where the embedding table lives, ``auto``, ``memory`` or ``mmap``.
         table_dtype: Indexed layout from a checkpoint: ``fp32`` or ``fp16`` table (an export fixes its own).
+        max_bag: Largest bag (sub-spots or neighbours per item) accepted.
+        no_clobber: Refuse to replace an existing output (by default it is replaced, atomically).
+        session: A :class:`ModelSession` to reuse (a cohort's); by default one is made for this call and closed.
 
     Raises:
         DeepSpotError: Bad input (reported before anything runs), unavailable backend, unwritable output.
     """
     from ..data import load_bundle
 
-    output = check_output_path(output)
+    output = check_output_path(output, (bundle, model), no_clobber)
     data = load_bundle(bundle, mmap=True)
     layout = resolve_layout(layout, data, model)
-    if layout == "indexed":
-        return _infer_indexed(model, data, output, backend, batch_size, options, inverse_transform, allow_fallback,
-                              progress, table, table_dtype)  # fmt: skip
-    options = options or RunnerOptions()
-    options.batch_size = batch_size
-    options.bag_sizes = {k: int(data[k].shape[1]) for k in ("subspot", "neighbors") if k in data and data[k].ndim == 3}
-    runner = load_runner(model, backend, options, allow_fallback)
+    batch_size = batch_size or default_batch_size(model, backend, data)
+    owned = session is None
+    session = session or ModelSession(model, backend, options, allow_fallback, table_dtype)
+    try:
+        if layout == "indexed":
+            return _infer_indexed(session, data, output, batch_size, inverse_transform, progress, table, max_bag,
+                                  no_clobber)  # fmt: skip
+        return _infer_dense(session, data, output, batch_size, inverse_transform, progress, max_bag, no_clobber)
+    finally:
+        if owned:
+            session.close()
+
+
+def _infer_dense(session, data, output, batch_size, inverse_transform, progress, max_bag, no_clobber) -> InferResult:
+    bag_sizes = {k: int(data[k].shape[1]) for k in ("subspot", "neighbors") if k in data and data[k].ndim == 3}
+    runner = session.dense(batch_size, bag_sizes)
     info = runner.info
-    if info is None:
-        raise ConfigError(f"{model}: not exported by deepspot (no model metadata); cannot match it to the bundle")
     mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
     prepare = None
     if data.layout == "indexed" and mode.has_neighbors:
         # A per-item graph on an indexed bundle: gather each batch's neighbour bags from the index.
         from .indexed import check_indexed_inputs, dense_from_index
 
-        n = check_indexed_inputs(data.arrays, info, source=str(bundle))
+        n = check_indexed_inputs(data.arrays, info, source=str(data.path), max_bag=max_bag)
         inputs, prepare = dense_from_index(data.arrays, mode)
     else:
         inputs = data.inputs(mode)
-        n = check_inputs(inputs, info, source=str(bundle))
+        n = check_inputs(inputs, info, source=str(data.path), max_bag=max_bag)
     if inverse_transform and info.scaler is None and not info.fold_scaler:
-        raise ConfigError(f"{model}: the model has no scaler, so there is no original scale to map back to")
+        raise ConfigError(f"{session.model}: the model has no scaler, so there is no original scale to map back to")
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
 
-    with runner, prediction_file(output, n, info.output_size, data.barcodes, genes, _coords(data), _uns(runner)) as out:
+    uns = _uns(runner.backend, info, "dense", session.model_hash, inverse_transform)
+    meta = (data.barcodes, genes, _coords(data), uns)
+    with prediction_file(output, n, info.output_size, *meta, no_clobber=no_clobber) as out:
         start = time.perf_counter()
         predict(runner, inputs, batch_size, out=out, inverse_transform=inverse_transform, progress=progress,
                 prepare=prepare)  # fmt: skip
         seconds = time.perf_counter() - start
     selection = getattr(runner, "selection", None)
     return InferResult(
-        output,
-        n,
-        info.output_size,
-        seconds,
-        n / max(seconds, 1e-9),
-        runner.backend,
-        selection.requested if selection else runner.backend,
-        batch_size,
-        inverse_transform or info.fold_scaler,
-        layout,
-    )
+        output, n, info.output_size, seconds, n / max(seconds, 1e-9), runner.backend,
+        selection.requested if selection else runner.backend, batch_size, inverse_transform or info.fold_scaler,
+        "dense",
+    )  # fmt: skip
+
+
+#: Items per batch by default: on the CPU, and on a GPU by family (the workloads' GPU batches in BENCHMARKS.md: a GPU
+#: needs large batches to be busy, and the copies of large batches run at the bus's full speed).
+CPU_BATCH = 256
+GPU_BATCH = {"spot": 4096, "cell": 1024}
+
+
+def default_batch_size(model: Any, backend: str | None, data) -> int:
+    """:data:`CPU_BATCH` on the CPU backends, :data:`GPU_BATCH` of the bundle's family on the GPU ones."""
+    from .artifacts import artifact_kind
+    from .backends import DEFAULT_BACKEND, get_backend
+    from .indexed import is_indexed_folder
+
+    kind = "onnx" if is_indexed_folder(model) else artifact_kind(model)
+    if get_backend(backend or DEFAULT_BACKEND[kind]).device != "cuda":
+        return CPU_BATCH
+    return GPU_BATCH["cell" if "cell" in data else "spot"]
 
 
 LAYOUTS = ("dense", "indexed")
@@ -184,23 +293,23 @@ def resolve_layout(layout: str | None, data, model: Any) -> str:
     return layout
 
 
-def _infer_indexed(model, data, output, backend, batch_size, options, inverse_transform, allow_fallback, progress,
-                   table, table_dtype) -> InferResult:  # fmt: skip
-    from .indexed import check_indexed_inputs, load_pipeline, predict_indexed
+def _infer_indexed(session, data, output, batch_size, inverse_transform, progress, table, max_bag,
+                   no_clobber) -> InferResult:  # fmt: skip
+    from .indexed import check_indexed_inputs, predict_indexed
 
-    pipeline = load_pipeline(model, backend, options, allow_fallback, batch_size, table_dtype)
+    pipeline = session.indexed(batch_size)
     info = pipeline.info
     mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
     if not mode.has_neighbors:
         raise ConfigError(f"mode {mode.name!r} has no neighbours, so it has no indexed layout; use --layout dense")
-    n = check_indexed_inputs(data.arrays, info, source=str(data.path))
+    n = check_indexed_inputs(data.arrays, info, source=str(data.path), max_bag=max_bag)
     if inverse_transform and info.scaler is None and not info.fold_scaler:
-        raise ConfigError(f"{model}: the model has no scaler, so there is no original scale to map back to")
+        raise ConfigError(f"{session.model}: the model has no scaler, so there is no original scale to map back to")
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
-    uns = {"deepspot": {"backend": pipeline.backend, "model": info.source, "family": info.family, "mode": info.mode,
-                        "precision": info.precision, "layout": "indexed"}}  # fmt: skip
+    uns = _uns(pipeline.backend, info, "indexed", session.model_hash, inverse_transform)
     folder = output.parent if str(output.parent) else Path(".")
-    with pipeline, prediction_file(output, n, info.output_size, data.barcodes, genes, _coords(data), uns) as out:
+    meta = (data.barcodes, genes, _coords(data), uns)
+    with prediction_file(output, n, info.output_size, *meta, no_clobber=no_clobber) as out:
         start = time.perf_counter()
         _, location = predict_indexed(pipeline, data.arrays, batch_size, out, inverse_transform, progress, table,
                                       table_folder=folder)  # fmt: skip
@@ -217,29 +326,42 @@ def _coords(data) -> dict[str, np.ndarray]:
     return {k: np.asarray(data[k]) for k in COORD_KEYS if k in data}
 
 
-def _uns(runner) -> dict[str, Any]:
-    info = runner.info
+def _uns(backend: str, info, layout: str, model_hash: str | None, inverse_transform: bool) -> dict[str, Any]:
+    from .._version import __version__
+
     return {
         "deepspot": {
-            "backend": runner.backend,
+            "backend": backend,
             "model": info.source,
+            "model_sha256": model_hash,
+            "deepspot_version": __version__,
             "family": info.family,
             "mode": info.mode,
             "precision": info.precision,
+            "layout": layout,
+            "inverse_transform": bool(inverse_transform or info.fold_scaler),
         }
     }
 
 
 @contextlib.contextmanager
 def _temporary_npy(folder: Path, n: int, g: int) -> Iterator[tuple[Path, np.memmap]]:
-    fd, name = tempfile.mkstemp(prefix=".predictions.", suffix=".tmp.npy", dir=folder)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix("predictions"), suffix=".tmp.npy", dir=folder)
     os.close(fd)
     path = Path(name)
     try:
-        yield path, np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, g))
+        yield path, _memmap_npy(path, n, g)
     finally:
         with contextlib.suppress(OSError):
             path.unlink()
+
+
+def _memmap_npy(path: Path, n: int, g: int) -> np.memmap:
+    """An ``(n, g)`` float32 ``.npy`` memory map whose blocks are reserved on disk (a full disk is then an error
+    here, not a SIGBUS later)."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, g))
+    preallocate(path)
+    return out
 
 
 @contextlib.contextmanager
@@ -251,13 +373,19 @@ def prediction_file(
     genes: Sequence[str] | None = None,
     coords: dict[str, np.ndarray] | None = None,
     uns: dict[str, Any] | None = None,
+    no_clobber: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Yield a writable ``(n, g)`` float32 memory map; on a clean exit put the finished file at ``output``."""
+    """Yield a writable ``(n, g)`` float32 memory map; on a clean exit put the finished file at ``output``.
+
+    The free space for it is checked first: the predictions, and for ``.npz`` / ``.h5ad`` their temporary ``.npy``
+    as well.
+    """
     suffix = output.suffix.lower()
     folder = output.parent if str(output.parent) else Path(".")
+    ensure_free_space(folder, n * g * 4 * (1 if suffix == ".npy" else 2), f"{n} x {g} predictions")
     if suffix == ".npy":
-        with atomic_path(output) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, g))
+        with atomic_path(output, no_clobber=no_clobber) as tmp:
+            out = _memmap_npy(tmp, n, g)
             yield out
             out.flush()
             del out
@@ -268,7 +396,10 @@ def prediction_file(
         yield out
         out.flush()
         if suffix == ".npz":
-            with atomic_path(output) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with (
+                atomic_path(output, no_clobber=no_clobber) as tmp,
+                zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf,
+            ):
                 zf.write(tmp_npy, "predictions.npy")  # copied in chunks: memory stays flat
                 for key, values in (("barcodes", barcodes), ("genes", genes)):
                     with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
@@ -276,5 +407,5 @@ def prediction_file(
         else:
             from ..anndata_io import write_anndata
 
-            write_anndata(output, out, barcodes=barcodes, genes=genes, obs_coords=coords, uns=uns)
+            write_anndata(output, out, barcodes=barcodes, genes=genes, obs_coords=coords, uns=uns, no_clobber=no_clobber)
         del out

@@ -24,6 +24,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from ..data import MAX_BAG, check_bag_size
 from ..errors import ConfigError, InputError
 from ._pages import release_rows
 from .base import OUTPUT_NAME, ModelInfo, Runner
@@ -31,11 +32,13 @@ from .base import OUTPUT_NAME, ModelInfo, Runner
 CHECK_CHUNK_BYTES = 64 << 20  # finiteness is checked this many bytes at a time, whatever the bundle's size
 
 
-def check_inputs(inputs: Mapping[str, np.ndarray], info: ModelInfo, source: str = "input") -> int:
+def check_inputs(
+    inputs: Mapping[str, np.ndarray], info: ModelInfo, source: str = "input", max_bag: int = MAX_BAG
+) -> int:
     """Check model inputs before anything runs; return the number of items.
 
-    Names, ranks and feature sizes against the model's metadata, equal item counts, then finite values, chunk by
-    chunk so that memory stays bounded on a memory-mapped bundle.
+    Names, ranks and feature sizes against the model's metadata, equal item counts, bag sizes up to ``max_bag``,
+    then finite values, chunk by chunk so that memory stays bounded on a memory-mapped bundle.
 
     Raises:
         InputError: The first problem; a non-finite value is reported with its input name and row index.
@@ -61,32 +64,41 @@ def check_inputs(inputs: Mapping[str, np.ndarray], info: ModelInfo, source: str 
             raise InputError(f"{source}: {name!r} has {a.shape[2]} features, the model expects {info.input_size}")
         if a.shape[1] == 0:
             raise InputError(f"{source}: {name!r} has an empty bag axis: {a.shape}")
+        check_bag_size(name, a.shape[1], source, max_bag)
         if a.dtype.kind != "f":
             raise InputError(f"{source}: {name!r} must be floating point, got {a.dtype}")
         if n is not None and a.shape[0] != n:
             raise InputError(f"{source}: {name!r} has {a.shape[0]} rows, {next(iter(specs))!r} has {n}")
         n = a.shape[0]
     for name in specs:
-        row = first_nonfinite_row(inputs[name])
-        if row is not None:
-            raise InputError(
-                f"{source}: {name!r} holds a non-finite value (NaN, inf, or beyond float32's range) in row {row}"
-            )
+        report_nonfinite(inputs[name], name, source)
     return int(n)
 
 
+def report_nonfinite(a: np.ndarray, name: str, source: str) -> None:
+    """Raise :class:`InputError` naming the first row of ``a`` that is not finite once cast to float32."""
+    row = first_nonfinite_row(a)
+    if row is not None:
+        what = "a non-finite value (NaN or inf)"
+        if np.isfinite(np.asarray(a[row], dtype=np.float64)).all():
+            what = "a value beyond float32's range (it would become inf)"
+        raise InputError(f"{source}: {name!r} holds {what} in row {row}")
+
+
 def first_nonfinite_row(a: np.ndarray, chunk_bytes: int = CHECK_CHUNK_BYTES) -> int | None:
-    """Index of the first row of ``a`` with a NaN or inf (in float32, the graphs' input type), reading ``chunk_bytes``
-    at a time; ``None`` if none."""
+    """Index of the first row of ``a`` with a NaN or inf, reading ``chunk_bytes`` at a time; ``None`` if none.
+
+    Values of a wider type than float32 count as infinite where they lie beyond float32's range: the graphs take
+    float32, and the cast would turn them into inf.
+    """
     row_bytes = max(1, a[:1].nbytes)
     step = max(1, chunk_bytes // row_bytes)
+    wide = a.dtype.kind == "f" and a.dtype.itemsize > 4
+    limit = float(np.finfo(np.float32).max)
     for start in range(0, a.shape[0], step):
         chunk = a[start : start + step]
-        if chunk.dtype.kind == "f" and chunk.dtype.itemsize > 4:
-            # float64 inputs are cast to float32 for the graph: a value beyond float32's range would become inf.
-            with np.errstate(over="ignore"):
-                chunk = chunk.astype(np.float32)
-        bad = ~np.isfinite(chunk).reshape(min(step, a.shape[0] - start), -1).all(axis=1)
+        ok = np.isfinite(chunk) if not wide else np.abs(chunk) <= limit  # NaN compares False: caught too
+        bad = ~ok.reshape(min(step, a.shape[0] - start), -1).all(axis=1)
         release_rows(a, start, start + step)
         if bad.any():
             return start + int(np.argmax(bad))
@@ -166,17 +178,34 @@ def predict(
     inverse_transform: bool = False,
     progress: bool = False,
     prepare: Callable[[int, int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    pipelined: bool | None = None,
+    fixed_batch: bool = False,
 ) -> np.ndarray:
     """Run ``runner`` over every item in batches; write into ``out`` (allocated if ``None``) and return it.
 
     Inputs are not checked here (see :func:`check_inputs`); the runner checks each batch's names and ranks.
     ``prepare`` finishes each feed in the prefetch thread (see :func:`batches`); inputs the graph does not take
     (such as ``neighbor_index``) keep their own dtype.
+
+    On a GPU runner that offers one (``torch-cuda``, ``ort-cuda``), batches go through the overlapping device
+    pipeline of :mod:`deepspot.runtime.pipeline` (``pipelined=None``, the default); ``pipelined=False`` turns it
+    off, and ``pipelined=True`` runs the pipeline's ring on the host for runners without one (tests, comparisons).
+    ``fixed_batch`` pads the last batch to ``batch_size`` rows (CUDA graph replay).
     """
     n = next(iter(inputs.values())).shape[0]
     g = runner.info.output_size if runner.info else None
     specs = runner.get_input_metadata()
     dtypes = {k: specs[k].dtype if k in specs else inputs[k].dtype for k in inputs}
+    pipeline = runner.pipeline_adapter(batch_size) if pipelined is not False else None
+    if pipeline is None and pipelined:
+        from .pipeline import HostAdapter
+
+        g_out = (g,) if g else None
+        pipeline = HostAdapter(lambda feed: runner.infer(feed, check_inputs=False),
+                               {OUTPUT_NAME: (g_out, np.dtype(np.float32))}), None  # fmt: skip
+    if pipeline is not None:
+        return _predict_pipelined(runner, inputs, batch_size, out, inverse_transform, progress, prepare, pipeline,
+                                  dtypes, fixed_batch)  # fmt: skip
     with _progress(progress, n) as bar:
         for start, stop, feed in batches(inputs, batch_size, dtypes, prepare=prepare):
             outputs = runner.infer(feed, check_inputs=start == 0)
@@ -187,6 +216,31 @@ def predict(
                 out = np.empty((n, g or y.shape[1]), dtype=np.float32)
             out[start:stop] = y
             release_rows(out, start, stop)  # written pages stay in the file, not in this process
+            bar(stop - start)
+    return out
+
+
+def _predict_pipelined(runner, inputs, batch_size, out, inverse_transform, progress, prepare, pipeline, dtypes,
+                       fixed_batch):  # fmt: skip
+    from .pipeline import run_pipeline
+
+    adapter, allocate = pipeline
+    n = next(iter(inputs.values())).shape[0]
+    if out is None:
+        out = np.empty((n, runner.info.output_size), dtype=np.float32)
+    # Inputs the graph does not take (neighbor_index) are only for ``prepare``: they are not staged.
+    staged = {k: v for k, v in dtypes.items()}
+    kwargs = {"allocate": allocate} if allocate is not None else {}
+    with _progress(progress, n) as bar:
+        for start, stop, outputs in run_pipeline(inputs, adapter, batch_size, dtypes=staged, fixed_batch=fixed_batch,
+                                                 prepare=prepare, **kwargs):  # fmt: skip
+            y = outputs.get(OUTPUT_NAME, next(iter(outputs.values())))
+            if inverse_transform:
+                y = runner.info.inverse_transform(y)
+            out[start:stop] = y
+            for v in inputs.values():
+                release_rows(v, start, stop)
+            release_rows(out, start, stop)
             bar(stop - start)
     return out
 

@@ -20,7 +20,8 @@ import numpy as np
 from ..errors import BackendUnavailableError, CheckpointError, ConfigError
 from ..fileio import atomic_path
 from ._cuda import PinnedPool
-from .base import OUTPUT_NAME, ModelInfo, Runner, TensorSpec
+from .artifacts import checked_info
+from .base import OUTPUT_NAME, Runner, TensorSpec
 from .profiles import Profile, derive_profile
 
 MAGIC = b"DEEPSPOT-TRT-PLAN\n"
@@ -57,24 +58,52 @@ def write_plan(path: str | Path, engine: bytes, header: Mapping[str, Any]) -> Pa
     return Path(path)
 
 
+#: Largest plan header read (real ones are a few kilobytes).
+MAX_HEADER_BYTES = 1 << 20
+
+
 def read_plan_header(path: str | Path) -> tuple[dict[str, Any], int]:
     """The header of a ``.plan`` and the offset where the engine starts.
 
     Raises:
-        CheckpointError: Missing file, or not a plan written by deepspot.
+        CheckpointError: Missing file, not a plan written by deepspot, or a truncated or malformed header.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such engine file")
+    size = path.stat().st_size
     with open(path, "rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
             raise CheckpointError(f"{path}: not a deepspot TensorRT plan; build one with `deepspot engine build`")
-        (size,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(8)
+        length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if not 0 < length <= min(MAX_HEADER_BYTES, size - len(MAGIC) - 8):
+            raise CheckpointError(f"{path}: corrupt plan header (truncated, or a length the file does not hold)")
         try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: corrupt plan header") from None
-    return header, len(MAGIC) + 8 + size
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise CheckpointError(f"{path}: corrupt plan header (not JSON)") from None
+    if not isinstance(header, dict) or not isinstance(header.get("profile"), dict):
+        raise CheckpointError(f"{path}: corrupt plan header (not a mapping with a profile)")
+    if header.get("format_version") != PLAN_VERSION:
+        raise CheckpointError(f"{path}: plan format {str(header.get('format_version'))[:16]!r} is not {PLAN_VERSION}")
+    model = header.get("model")
+    if model is not None:
+        checked_info(model, str(path))
+    _profile(header, path)
+    return header, len(MAGIC) + 8 + length
+
+
+def _profile(header: Mapping[str, Any], path: Path) -> Profile:
+    """The optimisation profile of a header: ``min``/``opt``/``max`` shapes by input name, checked."""
+    try:
+        shapes = {key: {str(n): tuple(int(d) for d in s) for n, s in header["profile"][key].items()}
+                  for key in ("min", "opt", "max")}  # fmt: skip
+        if not all(set(v) == set(shapes["min"]) for v in shapes.values()):
+            raise ValueError("inputs differ")
+        return Profile(**shapes)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CheckpointError(f"{path}: corrupt plan header (malformed optimisation profile)") from None
 
 
 def plan_mismatches(header: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
@@ -172,10 +201,10 @@ class TrtRunner(Runner):
         self.path = Path(plan_path)
         self.header, self._offset = read_plan_header(self.path)
         model = self.header.get("model")
-        super().__init__(ModelInfo.from_dict(model) if model else None, name)
+        super().__init__(checked_info(model, str(self.path)) if model else None, name)
         self.device_id = device_id
         self.onnx_path = onnx_path
-        self.profile = Profile(**{k: {n: tuple(s) for n, s in v.items()} for k, v in self.header["profile"].items()})
+        self.profile = _profile(self.header, self.path)
         self._inputs: dict[str, TensorSpec] = {}
         self._outputs: list[str] = []
         self._buffers: dict[str, Any] = {}

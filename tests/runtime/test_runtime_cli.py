@@ -150,8 +150,8 @@ def test_engine_info_reads_the_header_without_tensorrt(tmp_path):
         {
             "gpu": "NVIDIA H200",
             "tensorrt_version": "10.3",
-            "profile": {},
-            "model": {"family": "spot", "mode": "neighbors", "genes": ["a"]},
+            "profile": {key: {"spot": [1, 1, 4], "neighbors": [1, 6, 4]} for key in ("min", "opt", "max")},
+            "model": {"family": "spot", "mode": "neighbors", "genes": ["a"], "config": {"input_size": 4, "output_size": 1}},
         },
     )
     result = run("engine", "info", tmp_path / "m.plan")

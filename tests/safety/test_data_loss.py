@@ -1,0 +1,314 @@
+"""Untrusted or mistaken inputs never destroy data nor give silent wrong answers; each is one line, exit code 2.
+
+Covers: an output that is an input, ``--no-clobber`` on every writing command, a full disk, a ``.npz`` member that
+claims more rows than it stores, float64 values beyond float32's range, non-finite ONNX weights, crafted ONNX and
+indexed-export metadata, unpaired indexed graphs, barcodes that are paths, huge bags and crafted plan headers.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+import deepspot
+from deepspot.cli import app
+from deepspot.data import save_bundle, synth_bundle
+
+runner = CliRunner()
+D, G = 6, 3
+
+
+def run(*args) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line(result, *needles: str) -> str:
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A cell/neighbors model: checkpoint, dense ONNX export and indexed export."""
+    root = tmp_path_factory.mktemp("models")
+    model = deepspot.create_model("cell", "neighbors", input_size=D, output_size=G, phi2rho_size=4, n_ensemble=2)
+    ckpt = deepspot.save(model, root / "model.safetensors")
+    assert run("export", ckpt, "-o", root / "model.onnx").exit_code == 0
+    assert run("export", ckpt, "--layout", "indexed", "-o", root / "indexed").exit_code == 0
+    return {"ckpt": ckpt, "onnx": root / "model.onnx", "indexed": root / "indexed"}
+
+
+@pytest.fixture()
+def bundle(tmp_path) -> Path:
+    return save_bundle(tmp_path / "cells.npz", synth_bundle("cell", "neighbors", 10, D, G, n_neighbors=4))
+
+
+# -- an output that is an input, and --no-clobber --------------------------------------------------------------
+def test_an_output_that_is_an_input_is_refused(tmp_path, models, bundle):
+    before = bundle.read_bytes()
+    one_line(run("infer", models["onnx"], "-i", bundle, "-o", bundle), "is an input of this run")
+    assert bundle.read_bytes() == before
+    os.link(bundle, tmp_path / "alias.npz")  # the same file under another name
+    one_line(run("infer", models["onnx"], "-i", bundle, "-o", tmp_path / "alias.npz"), "is an input of this run")
+    folder = save_bundle(tmp_path / "folder", synth_bundle("cell", "neighbors", 10, D, G, n_neighbors=4))
+    one_line(run("infer", models["onnx"], "-i", folder, "-o", folder / "cell.npy"), "is an input of this run")
+    assert np.load(folder / "cell.npy").shape == (10, D)
+    assert bundle.read_bytes() == before and leftovers(tmp_path) == []
+
+
+def test_no_clobber_on_every_command_that_writes(tmp_path, models, bundle, reference_ckpt):
+    cases = {
+        "infer": (tmp_path / "p.npy", ["infer", models["onnx"], "-i", bundle, "-o"]),
+        "import": (tmp_path / "m.safetensors", ["import", reference_ckpt, "-o"]),
+        "export": (tmp_path / "m.onnx", ["export", models["ckpt"], "-o"]),
+        "synth": (tmp_path / "s.npz", ["synth", "--family", "cell", "--n", "8", "-o"]),
+        "train": (tmp_path / "run", ["train", "--data", bundle, "--family", "cell", "--mode", "neighbors",
+                                     "--epochs", "1", "--no-progress", "--n-ensemble", "2", "--out"]),
+    }  # fmt: skip
+    for name, (out, args) in cases.items():
+        target = out / "model.safetensors" if name == "train" else out
+        target.parent.mkdir(exist_ok=True)
+        target.write_bytes(b"precious")
+        one_line(run(*args, out, "--no-clobber"), "already exists", "--no-clobber")
+        assert target.read_bytes() == b"precious", name
+        result = run(*args, out)  # the default: replaced, as the help says
+        assert result.exit_code == 0, (name, result.output)
+        assert target.read_bytes() != b"precious", name
+        assert "replace" in run(args[0], "--help").output, name
+    assert leftovers(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def reference_ckpt():
+    return Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" / "reference" / "cell_neighbors_max.ckpt"
+
+
+# -- a full disk --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_not_enough_free_space_is_said_before_the_work(tmp_path, models, bundle, monkeypatch, suffix):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 100))
+    out = tmp_path / f"p{suffix}"
+    one_line(run("infer", models["onnx"], "-i", bundle, "-o", out), "not enough free space", "MiB free")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("layout", ["dense", "indexed"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, models, monkeypatch, layout):
+    # A disk that fills up after the free-space check: the reserved blocks run out before anything is mapped.
+    data = synth_bundle("cell", "neighbors", 10, D, G, n_neighbors=4)
+    if layout == "indexed":
+        data.pop("neighbors")
+        data["neighbor_index"] = np.tile(np.arange(4), (10, 1))
+    bundle = save_bundle(tmp_path / "b.npz", data)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    model = models["indexed"] if layout == "indexed" else models["onnx"]
+    args = ["--table", "mmap"] if layout == "indexed" else []
+    one_line(run("infer", model, "-i", bundle, "-o", tmp_path / "p.npz", *args), "No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.npz"]
+
+
+# -- bundles that lie ---------------------------------------------------------------------------------------------
+def test_a_npz_member_claiming_more_rows_than_it_stores(tmp_path, models):
+    cells = np.ones((4, 1, D), np.float32)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (8, 1, D)})
+    path = tmp_path / "lying.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("cell.npy", header.getvalue() + cells.tobytes())  # 8 rows claimed, 4 stored
+        z.writestr("neighbors.npy", _npy(np.full((8, 4, D), 7.0, np.float32)))
+    one_line(run("infer", models["onnx"], "-i", path, "-o", tmp_path / "p.npy"),
+             "'cell' claims shape (8, 1, 6)", "its member stores 96")  # fmt: skip
+    assert not (tmp_path / "p.npy").exists()
+
+
+def _npy(a: np.ndarray) -> bytes:
+    f = io.BytesIO()
+    np.save(f, a)
+    return f.getvalue()
+
+
+def test_float64_beyond_float32_range_is_named(tmp_path, models):
+    data = synth_bundle("cell", "neighbors", 10, D, G, n_neighbors=4)
+    data["neighbors"] = data["neighbors"].astype(np.float64)
+    data["neighbors"][7, 2, 1] = 1e300  # finite in float64, inf once cast
+    path = save_bundle(tmp_path / "wide.npz", data)
+    one_line(run("infer", models["onnx"], "-i", path, "-o", tmp_path / "p.npy"),
+             "'neighbors' holds a value beyond float32's range", "row 7")  # fmt: skip
+
+
+def test_bags_are_capped_with_a_flag_to_raise_the_cap(tmp_path, models):
+    path = save_bundle(tmp_path / "wide.npz", synth_bundle("cell", "neighbors", 3, D, G, n_neighbors=2000))
+    one_line(run("infer", models["onnx"], "-i", path, "-o", tmp_path / "p.npy"), "bags of 2000 tiles", "--max-bag")
+    assert run("infer", models["onnx"], "-i", path, "-o", tmp_path / "p.npy", "--max-bag", "2000").exit_code == 0
+
+
+def test_barcodes_that_are_paths_are_refused(tmp_path):
+    folder = tmp_path / "features"
+    folder.mkdir()
+    np.save(tmp_path / "outside.npy", np.ones((1, D), np.float32))
+    for barcode in ("../outside", str(tmp_path / "outside")):
+        csv = tmp_path / "obs.csv"
+        csv.write_text(f"barcode,x_pixel,y_pixel\n{barcode},0,0\n")
+        one_line(run("bundle", "--features", folder, "--obs", csv, "--family", "cell", "--k", "1", "-o",
+                     tmp_path / "b.npz"), "is a path, not a file name")  # fmt: skip
+    assert not (tmp_path / "b.npz").exists()
+
+
+# -- model files that lie -----------------------------------------------------------------------------------------
+def _edit_onnx(src: Path, dst: Path, edit) -> Path:
+    model = onnx.load(str(src))
+    edit(model)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def _set_meta(key: str, value: str):
+    def edit(model):
+        for prop in model.metadata_props:
+            if prop.key == key:
+                prop.value = value
+                return
+        model.metadata_props.add(key=key, value=value)
+
+    return edit
+
+
+def test_a_nan_weight_in_an_onnx_file_is_named(tmp_path, models, bundle):
+    def poison(model):
+        init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+        values = onnx.numpy_helper.to_array(init).copy()
+        values.flat[0] = np.nan
+        init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
+
+    bad = _edit_onnx(models["onnx"], tmp_path / "nan.onnx", poison)
+    one_line(run("infer", bad, "-i", bundle, "-o", tmp_path / "p.npy"), "holds NaN or infinite values")
+    assert not (tmp_path / "p.npy").exists()
+
+
+@pytest.mark.parametrize(
+    "key, value, needle",
+    [
+        ("genes", json.dumps([1, 2, 3]), "gene names are not a list of strings"),
+        ("genes", json.dumps(["a"]), "1 gene names for 3 outputs"),
+        ("config", None, "output_size must be an integer from 1 to 1048576, got 1000000000000"),
+        ("config", "[1, 2]", "incomplete deepspot metadata (no config)"),
+        ("family", "tissue", "unknown family 'tissue'"),
+        ("scaler", json.dumps({"kind": "standard", "offset": ["x"]}), "scaler's offset is not a list of finite numbers"),
+        ("precision", "fp8", "unknown precision"),
+    ],
+)
+def test_crafted_onnx_metadata_is_one_line(tmp_path, models, bundle, key, value, needle):
+    if value is None:  # a huge output_size in an otherwise valid config
+        config = json.loads(next(p.value for p in onnx.load(str(models["onnx"])).metadata_props if p.key == "config"))
+        value = json.dumps({**config, "output_size": 10**12})
+    bad = _edit_onnx(models["onnx"], tmp_path / "bad.onnx", _set_meta(key, value))
+    one_line(run("infer", bad, "-i", bundle, "-o", tmp_path / "p.npy"), needle)
+    assert not (tmp_path / "p.npy").exists()
+
+
+def _indexed_copy(models, tmp_path: Path, edit) -> Path:
+    folder = tmp_path / "indexed"
+    folder.mkdir()
+    for name in ("encoder.onnx", "head.onnx"):
+        _edit_onnx(models["indexed"] / name, folder / name, edit if name == "head.onnx" or edit is _no_pair else _same)
+    return folder
+
+
+def _same(model):
+    pass
+
+
+def _no_pair(model):
+    kept = [p for p in model.metadata_props if p.key != "pair_id"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (_no_pair, "has no pair_id"),
+        (_set_meta("table_dtype", "int8"), "unknown table_dtype 'int8'"),
+        (_set_meta("embedding_size", "16"), "metadata says embedding_size=16"),
+        (_set_meta("embedding_size", "many"), "embedding_size must be an integer"),
+    ],
+)
+def test_crafted_indexed_exports_are_one_line(tmp_path, models, edit, needle):
+    data = synth_bundle("cell", "neighbors", 10, D, G, n_neighbors=4)
+    data.pop("neighbors")
+    data["neighbor_index"] = np.tile(np.arange(4), (10, 1))
+    bundle = save_bundle(tmp_path / "b.npz", data)
+    folder = _indexed_copy(models, tmp_path, edit)
+    one_line(run("infer", folder, "-i", bundle, "-o", tmp_path / "p.npy"), needle)
+    assert not (tmp_path / "p.npy").exists()
+
+
+# -- crafted TensorRT plan headers ----------------------------------------------------------------------------------
+MAGIC = b"DEEPSPOT-TRT-PLAN\n"
+PROFILE = {key: {"cell": [1, 1, D]} for key in ("min", "opt", "max")}
+MODEL = {"family": "cell", "mode": "cell", "config": {"input_size": D, "output_size": G}}
+
+
+def _plan(header: bytes, length: int | None = None, tail: bytes = b"ENGINE") -> bytes:
+    return MAGIC + struct.pack("<Q", len(header) if length is None else length) + header + tail
+
+
+def _json(**fields) -> bytes:
+    return json.dumps({"format_version": 1, "profile": PROFILE, "model": MODEL, **fields}).encode()
+
+
+PLANS = {
+    "empty after magic": MAGIC,
+    "short length": MAGIC + b"\x01\x02",
+    "length past the end": _plan(b"{}", length=10**6),
+    "huge length": _plan(b"{}", length=2**63),
+    "not json": _plan(b"\xff\xfe not json"),
+    "a list": _plan(b"[1, 2, 3]"),
+    "no profile": _plan(json.dumps({"format_version": 1}).encode()),
+    "profile of strings": _plan(_json(profile={"min": "x", "opt": "y", "max": "z"})),
+    "profile inputs differ": _plan(_json(profile={"min": {"a": [1]}, "opt": {"b": [1]}, "max": {"a": [1]}})),
+    "model of wrong types": _plan(_json(model={"family": 3, "mode": [], "config": "x"})),
+    "model with huge sizes": _plan(_json(model={**MODEL, "config": {"input_size": 10**15, "output_size": 3}})),
+    "model genes not strings": _plan(_json(model={**MODEL, "genes": [1, 2, 3]})),
+    "wrong format version": _plan(_json(format_version="one")),
+    "deep nesting": _plan(b"[" * 100_000 + b"]" * 100_000),
+}
+
+
+@pytest.mark.parametrize("case", list(PLANS))
+def test_engine_info_on_crafted_plan_headers(tmp_path, case):
+    path = tmp_path / "m.plan"
+    path.write_bytes(PLANS[case])
+    line = one_line(run("engine", "info", path))
+    assert "m.plan" in line
+
+
+def test_engine_info_on_a_well_formed_header(tmp_path):
+    path = tmp_path / "m.plan"
+    path.write_bytes(_plan(_json(gpu="NVIDIA H200")))
+    result = run("engine", "info", path)
+    assert result.exit_code == 0 and json.loads(result.output)["gpu"] == "NVIDIA H200"
