@@ -67,8 +67,8 @@ def test_runner_contract(runner_for, eager, backend):
         assert runner.infer({k: v[:3] for k, v in feed.items()})["expression"].shape == (3, 5)
         with pytest.raises(InputError, match="missing input 'neighbors'"):
             runner.infer({k: v for k, v in feed.items() if k != "neighbors"})
-        with pytest.raises(InputError, match="rank"):
-            runner.infer({**feed, "spot": feed["spot"][:, 0]})
+        with pytest.raises(InputError, match="rank"):  # (N, D) is a single tile, as in a bundle; (N,) is not
+            runner.infer({**feed, "spot": feed["spot"][:, 0, 0]})
         assert runner.last_inference_time is not None and runner.last_inference_time >= 0
     assert not runner.is_active
     runner.deactivate()  # idempotent
@@ -98,20 +98,8 @@ def test_infer_takes_what_a_bundle_takes(runner_for, backend):
         np.testing.assert_array_equal(got, want)
         huge = {k: v.astype(np.float64) for k, v in arrays.items()}
         huge["subspot"][5, 0, 0] = 1e300  # finite in float64, inf in float32
-        with pytest.raises(InputError, match="'subspot' holds a value beyond float32's range in row 5"):
+        with pytest.raises(InputError, match=r"'subspot' holds a value beyond float32's range \(it would become inf\) in row 5"):
             runner.infer(huge)
         with pytest.raises(InputError, match="'spot' must be floating point"):
             runner.infer({**canonical, "spot": canonical["spot"].astype(np.int32)})
 
-
-def test_a_bundle_refuses_float64_beyond_float32s_range(artifacts, tmp_path):
-    from deepspot.data import save_bundle
-    from deepspot.runtime import infer
-
-    a = artifacts()
-    arrays = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in a.arrays.items()}
-    arrays["neighbors"][7, 1, 2] = -1e300
-    bundle = save_bundle(tmp_path / "b64.npz", arrays)
-    with pytest.raises(InputError, match="'neighbors' holds a non-finite value .*float32's range.* in row 7"):
-        infer(a.onnx, bundle, tmp_path / "p.npy")
-    assert not (tmp_path / "p.npy").exists()
