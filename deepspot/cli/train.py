@@ -56,8 +56,11 @@ def train(
         None, help="Forward mode (short or reference name). Default: the family's full mode."
     ),
     out: Path = typer.Option(
-        ..., "--out", "-o", help="Output directory for model.safetensors, history.json and loss.png (replaced if there; "
-        "created, but its parent folder must exist)."
+        ...,
+        "--out",
+        "-o",
+        help="Output directory for model.safetensors, history.json and loss.png (replaced if there; created, but its "
+        "parent folder must exist).",
     ),
     no_clobber: bool = typer.Option(False, "--no-clobber", help=NO_CLOBBER_HELP + " Checks DIR/model.safetensors."),
     val_data: Optional[Path] = typer.Option(None, help="Separate validation bundle (instead of --val-fraction)."),

@@ -184,7 +184,9 @@ def conform_feed(feed: Mapping[str, np.ndarray], specs: Mapping[str, TensorSpec]
             overflow = ~np.isfinite(cast) & np.isfinite(a)
             if overflow.any():
                 row = int(np.argmax(overflow.reshape(len(a), -1).any(axis=1)))
-                raise InputError(f"{where}: {name!r} holds a value beyond {spec.dtype}'s range (it would become inf) in row {row}")
+                raise InputError(
+                    f"{where}: {name!r} holds a value beyond {spec.dtype}'s range (it would become inf) in row {row}"
+                )
             a = cast
         out[name] = a
     return out

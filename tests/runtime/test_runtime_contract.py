@@ -98,7 +98,7 @@ def test_infer_takes_what_a_bundle_takes(runner_for, backend):
         np.testing.assert_array_equal(got, want)
         huge = {k: v.astype(np.float64) for k, v in arrays.items()}
         huge["subspot"][5, 0, 0] = 1e300  # finite in float64, inf in float32
-        with pytest.raises(InputError, match=r"'subspot' holds a value beyond float32's range \(it would become inf\) in row 5"):
+        with pytest.raises(InputError, match=r"'subspot' holds a value beyond float32's range \(it would .* row 5"):
             runner.infer(huge)
         with pytest.raises(InputError, match="'spot' must be floating point"):
             runner.infer({**canonical, "spot": canonical["spot"].astype(np.int32)})
