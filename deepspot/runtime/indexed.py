@@ -358,9 +358,20 @@ def predict_indexed(
         table_type = pipeline.head.get_input_metadata()[HEAD_EMBEDDING].dtype
         dtypes = {HEAD_EMBEDDING: table_type, "neighbor_index": "int64"}
 
+        pool_while_gathering = neighbor_pool(info) == "max"
+
         def gather(start: int, stop: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            idx = feed.pop("neighbor_index")
-            feed[HEAD_NEIGHBORS] = np.take(emb, idx + 1, axis=0).astype(table_type, copy=False)  # (B, K, H)
+            idx = feed.pop("neighbor_index") + 1
+            if pool_while_gathering and idx.shape[1] > 1:
+                # Max-pool as the rows are gathered, one neighbour column at a time (B x H stays in cache), instead
+                # of writing the (B, K, H) bag for the head to read back: the head gets a bag of one, and pooling a
+                # bag of one is the identity. np.maximum propagates NaN as torch.amax does, so the result is exact.
+                pooled = np.take(emb, idx[:, 0], axis=0)
+                for k in range(1, idx.shape[1]):
+                    np.maximum(pooled, np.take(emb, idx[:, k], axis=0), out=pooled)
+                feed[HEAD_NEIGHBORS] = pooled[:, None, :].astype(table_type, copy=False)  # (B, 1, H)
+            else:
+                feed[HEAD_NEIGHBORS] = np.take(emb, idx, axis=0).astype(table_type, copy=False)  # (B, K, H)
             return feed
 
         device_gather = hasattr(pipeline.head, "load_table")
@@ -377,6 +388,12 @@ def predict_indexed(
                 release_rows(out, start, stop)
                 bar(stop - start)
     return out, location
+
+
+def neighbor_pool(info: ModelInfo) -> str:
+    """How the model pools its neighbours' embeddings: ``max``, ``mean`` or ``sum`` (``agg`` resolved)."""
+    bag = next(b for b in info.mode_spec.bags if b.name == "neighbors")
+    return str(info.config.get("agg_neighbors", "max")) if bag.pool == "agg" else bag.pool
 
 
 def load_pipeline(model, backend: str | None = None, options=None, allow_fallback: bool = False,

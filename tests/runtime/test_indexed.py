@@ -14,7 +14,7 @@ from deepspot.cli import app
 from deepspot.data import check_neighbor_index, densify, save_bundle, synth_slide
 from deepspot.errors import CheckpointError, ConfigError, DeepSpotError, InputError
 from deepspot.export.indexed import export_indexed
-from deepspot.modes import MODES
+from deepspot.modes import MODES, get_mode
 from deepspot.runtime.indexed import load_pipeline, predict_indexed
 
 D, H, G = 12, 6, 4
@@ -259,3 +259,21 @@ def test_slide_benchmark_times_the_cli_beside_the_in_process_run(tmp_path):
                                       "1", "--warmup", "0", "--backends", "ort-cpu", "--cli"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "end to end" in result.output and "of the in-process rate" in result.output
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort-cpu"])
+def test_max_pooling_while_gathering_keeps_nan_like_torch(tmp_path, backend):
+    # The host gather max-pools the neighbours itself (np.maximum, which propagates NaN as torch.amax does).
+    mode = get_mode("cell", "neighbors")
+    model = _model(mode, "max")
+    arrays = _graph(mode)
+    arrays["cell"][5, 2] = np.nan  # item 5's embedding is NaN: every item with 5 among its neighbours predicts NaN
+    expected = _dense_reference(model, arrays)
+    source = export_indexed(model, tmp_path / "indexed") if backend == "ort-cpu" else model
+    with load_pipeline(source, backend, batch_size=8) as pipeline:
+        got, _ = predict_indexed(pipeline, arrays, batch_size=8)
+    hit = (arrays["neighbor_index"] == 5).any(axis=1)
+    assert hit.sum() >= 2 and np.isnan(expected[hit]).all()
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    finite = ~np.isnan(expected)
+    np.testing.assert_allclose(got[finite], expected[finite], rtol=0, atol=1e-5 * (1 + np.abs(expected[finite]).max()))
