@@ -35,6 +35,8 @@ def test_export_and_info(saved, tmp_path):
     assert result.exit_code == 0, result.output
     assert "wrote" in result.output and "spot/neighbors" in result.output
     assert "validation on CPUExecutionProvider passed" in result.output
+    # The table says which error its limit bounds: the absolute one, not the relative one printed beside it.
+    assert "abs limit" in result.output and "limit bounds max abs" in result.output
     meta = read_model_metadata(output)
     assert meta["mode"] == "neighbors" and meta["source_sha256"] == checkpoint.file_hash(saved)
 
