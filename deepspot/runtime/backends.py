@@ -53,7 +53,7 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("torch", "model", "cpu", "PyTorch", "pip install deepspot"),
+        Backend("torch", "model", "cpu", "PyTorch", "pip install 'deepspot[torch]'"),
         Backend(
             "torch-cuda",
             "model",
@@ -96,11 +96,12 @@ DEFAULT_BACKEND = {"model": "torch", "onnx": "ort-cpu", "plan": "tensorrt"}
 
 @dataclass(frozen=True)
 class Probe:
-    """What this machine offers: onnxruntime's providers, a CUDA GPU for PyTorch, the TensorRT package."""
+    """What this machine offers: onnxruntime's providers, PyTorch and a CUDA GPU for it, the TensorRT package."""
 
     providers: tuple[str, ...] = ()
     cuda: bool = False
     tensorrt: bool = False
+    torch: bool = True
 
     @classmethod
     def detect(cls) -> "Probe":
@@ -109,9 +110,12 @@ class Probe:
             import onnxruntime
 
             providers = tuple(onnxruntime.get_available_providers())
+        has_trt = importlib.util.find_spec("tensorrt") is not None
+        if importlib.util.find_spec("torch") is None:  # a serving install: the ONNX backends need no PyTorch
+            return cls(providers, False, has_trt, torch=False)
         import torch
 
-        return cls(providers, torch.cuda.is_available(), importlib.util.find_spec("tensorrt") is not None)
+        return cls(providers, torch.cuda.is_available(), has_trt)
 
 
 def unavailable_reason(name: str, probe: Probe) -> str | None:
@@ -120,6 +124,8 @@ def unavailable_reason(name: str, probe: Probe) -> str | None:
     missing = [p for p in b.providers if p not in probe.providers]
     if missing:
         return f"backend {name!r} needs {b.needs}: onnxruntime here has no {missing[0]}; {b.install}"
+    if b.runs == "model" and not probe.torch:
+        return f"backend {name!r} needs PyTorch, which is not installed: {get_backend('torch').install}"
     if name == "tensorrt" and not probe.tensorrt:
         return f"backend {name!r} needs {b.needs}: the tensorrt package is not installed; {b.install}"
     if b.device == "cuda" and not probe.cuda and not b.providers:
