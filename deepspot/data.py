@@ -232,6 +232,29 @@ def _read_npz(path: Path, mmap: bool) -> dict[str, np.ndarray]:
     return arrays
 
 
+#: Dtypes a bundle's features may be stored in (``--dtype``). fp16 halves the bytes read from disk and sent to a
+#: GPU; graphs exported with ``--io fp16`` take them as they are, fp32 graphs cast each batch.
+FEATURE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+def cast_features(arrays: Mapping[str, np.ndarray], dtype: str = "fp32") -> dict[str, np.ndarray]:
+    """The arrays with the feature arrays (``spot``, ``cell``, ``subspot``, ``neighbors``) in ``dtype``.
+
+    Raises:
+        InputError: An unknown dtype, or a feature beyond float16's range (it would become inf).
+    """
+    if dtype not in FEATURE_DTYPES:
+        raise InputError(f"unknown feature dtype {dtype!r}; expected one of: {', '.join(FEATURE_DTYPES)}")
+    out = dict(arrays)
+    for key in FEATURE_KEYS:
+        if key in out and out[key].dtype != FEATURE_DTYPES[dtype]:
+            a = np.asarray(out[key])
+            if dtype == "fp16" and a.size and np.abs(a).max() > np.finfo(np.float16).max:
+                raise InputError(f"{key!r} holds values beyond float16's range ({np.finfo(np.float16).max:g}); keep fp32")
+            out[key] = a.astype(FEATURE_DTYPES[dtype])
+    return out
+
+
 def save_bundle(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
     """Write arrays as a bundle, atomically: ``.npz`` for a path ending in ``.npz``, else a directory of ``.npy``."""
     path = Path(path)

@@ -293,14 +293,18 @@ def write_bundle(
     k: int = DEFAULT_K,
     index: bool = False,
     max_neighbors: int | None = None,
+    dtype: str = "fp32",
 ) -> dict[str, np.ndarray]:
     """Read coordinates from ``obs`` (``.h5ad`` or ``.csv``), build the bundle and write it to ``out`` atomically.
 
-    Everything is checked before anything is written. Returns the arrays written.
+    Everything is checked before anything is written; features are stored as ``dtype`` (``fp32`` or ``fp16``).
+    Returns the arrays written.
     """
     from .anndata_io import read_obs
+    from .data import cast_features
 
     barcodes, coords = read_obs(obs)
     arrays = build_bundle(features, barcodes, coords, family, radius, k, index, max_neighbors, source=str(obs))
+    arrays = cast_features(arrays, dtype)
     save_bundle(out, arrays)
     return arrays

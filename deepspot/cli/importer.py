@@ -58,11 +58,12 @@ def bundle(
     max_neighbors: Optional[int] = typer.Option(
         None, "--max-neighbors", help="Pad bags to this many rows (the reference's data-set-wide largest bag)."
     ),
+    dtype: str = typer.Option("fp32", "--dtype", help="Feature dtype: fp32, or fp16 (half the bytes to read and send)."),
 ) -> None:
     """Build a feature bundle from the reference's layout, with neighbours chosen the reference's way."""
     from ..layout import write_bundle
 
-    arrays = write_bundle(out, features, obs, family, radius, k, index, max_neighbors)
+    arrays = write_bundle(out, features, obs, family, radius, k, index, max_neighbors, dtype)
     own = "spot" if family == "spot" else "cell"
     n, d = arrays[own].shape[0], arrays[own].shape[-1]
     nb = arrays["neighbor_index"] if index else arrays["neighbors"]

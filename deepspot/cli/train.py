@@ -29,9 +29,10 @@ def synth(
     subspots: int = typer.Option(9, help="Sub-spots per spot (S)."),
     neighbors: Optional[int] = typer.Option(None, help="Neighbours per item (K); default 6 for spots, 8 for cells."),
     seed: int = typer.Option(0, help="Seed of the generator."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Feature dtype: fp32, or fp16 (half the bytes to read and send)."),
 ) -> None:
     """Write a seeded synthetic feature bundle whose targets depend non-linearly on the features."""
-    from ..data import save_bundle, synth_bundle
+    from ..data import cast_features, save_bundle, synth_bundle
     from ..errors import ConfigError
     from ..fileio import check_clobber
     from ..modes import DEFAULT_MODE, check_family
@@ -42,7 +43,7 @@ def synth(
     check_clobber(out, no_clobber)
     check_family(family)
     arrays = synth_bundle(family, mode or DEFAULT_MODE[family], n, input_size, genes, seed, subspots, neighbors)
-    save_bundle(out, arrays)
+    save_bundle(out, cast_features(arrays, dtype))
     typer.echo(f"wrote {out}: {n} {family}s, {input_size} features, {genes} genes")
 
 

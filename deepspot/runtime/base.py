@@ -244,6 +244,11 @@ class Runner(abc.ABC):
     def get_input_metadata(self) -> dict[str, TensorSpec]:
         """Specs of the graph's inputs, in the graph's order (cheap: runners cache them)."""
 
+    def pipeline_adapter(self, batch_size: int):
+        """A :class:`~deepspot.runtime.pipeline.DeviceAdapter` that overlaps copies and compute on a GPU, with the
+        host buffer allocator to pair with it, or ``None`` where the runner has none (the CPU backends)."""
+        return None
+
     @abc.abstractmethod
     def activate_impl(self) -> None: ...
 

@@ -89,7 +89,7 @@ def infer(
     bundle: str | Path,
     output: str | Path,
     backend: str | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     options: RunnerOptions | None = None,
     inverse_transform: bool = False,
     allow_fallback: bool = False,
@@ -107,7 +107,7 @@ def infer(
         bundle: A feature bundle (``.npz`` or a directory of ``.npy``), memory-mapped.
         output: ``.npy`` (predictions), ``.npz`` (``predictions``, ``barcodes``, ``genes``) or ``.h5ad``.
         backend: Backend name; default ``torch`` for a checkpoint, ``ort-cpu`` for ONNX, ``tensorrt`` for a plan.
-        batch_size: Items per batch.
+        batch_size: Items per batch; default :func:`default_batch_size` (large on a GPU).
         options: Runner options (device, precision, threads, ...); ``batch_size`` and the data's bag sizes are
             filled in here.
         inverse_transform: Map predictions to the original scale with the model's scaler.
@@ -129,6 +129,7 @@ def infer(
     output = check_output_path(output, (bundle, model), no_clobber)
     data = load_bundle(bundle, mmap=True)
     layout = resolve_layout(layout, data, model)
+    batch_size = batch_size or default_batch_size(model, backend, data)
     if layout == "indexed":
         return _infer_indexed(model, data, output, backend, batch_size, options, inverse_transform, allow_fallback,
                               progress, table, table_dtype, max_bag, no_clobber)  # fmt: skip
@@ -173,6 +174,24 @@ def infer(
         inverse_transform or info.fold_scaler,
         layout,
     )
+
+
+#: Items per batch by default: on the CPU, and on a GPU by family (the workloads' GPU batches in BENCHMARKS.md: a GPU
+#: needs large batches to be busy, and the copies of large batches run at the bus's full speed).
+CPU_BATCH = 256
+GPU_BATCH = {"spot": 4096, "cell": 1024}
+
+
+def default_batch_size(model: Any, backend: str | None, data) -> int:
+    """:data:`CPU_BATCH` on the CPU backends, :data:`GPU_BATCH` of the bundle's family on the GPU ones."""
+    from .artifacts import artifact_kind
+    from .backends import DEFAULT_BACKEND, get_backend
+    from .indexed import is_indexed_folder
+
+    kind = "onnx" if is_indexed_folder(model) else artifact_kind(model)
+    if get_backend(backend or DEFAULT_BACKEND[kind]).device != "cuda":
+        return CPU_BATCH
+    return GPU_BATCH["cell" if "cell" in data else "spot"]
 
 
 LAYOUTS = ("dense", "indexed")

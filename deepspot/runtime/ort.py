@@ -123,14 +123,22 @@ def session_from_onnx(
         raise BackendUnavailableError(f"onnxruntime has no {missing[0]} here; {install_hint(missing[0])}")
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: no such ONNX file")
+    if names[0] != CPU:
+        from .cuda_libs import preload_cuda_libraries
+
+        preload_cuda_libraries()  # before the first CUDA session: CUDA 13 wheels' libraries included
     try:
         options = session_options(threads, optimization)
         session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as e:  # onnxruntime's exception classes are not a stable import
         raise CheckpointError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
     if names[0] not in session.get_providers():
+        # onnxruntime lists a GPU provider as available even when loading it fails, then runs on the CPU.
+        from .cuda_libs import provider_load_error
+
+        why = provider_load_error(names[0]) or "see onnxruntime's log above"
         raise BackendUnavailableError(
-            f"{names[0]} failed to load (onnxruntime fell back to {session.get_providers()[0]}); "
+            f"{names[0]} failed to load ({why}); onnxruntime fell back to {session.get_providers()[0]}. "
             f"{install_hint(names[0])}"
         )
     return session
@@ -211,7 +219,10 @@ class OrtRunner(Runner):
         return self._inputs
 
     def activate_impl(self) -> None:
-        self.session = session_from_onnx(self.path, self.providers, self.threads)
+        providers = self.providers
+        if self.on_gpu and self.backend == "ort-cuda" and self.io_binding:
+            providers = self._with_compute_stream(providers)
+        self.session = session_from_onnx(self.path, providers, self.threads)
         self._inputs, self._outputs = graph_specs(self.session)
         if self.io_binding:
             from ._ort_gpu import DeviceIO
@@ -219,9 +230,36 @@ class OrtRunner(Runner):
             device_type = "cuda" if self.on_gpu else "cpu"
             self._io = DeviceIO(self.session, self._inputs, self._outputs, self.device_id, self.cuda_graph, device_type)
 
+    def _with_compute_stream(self, providers):
+        """The CUDA provider's options with a compute stream of ours, so that the pipeline can order its copies
+        around onnxruntime's work with events. Without a loadable CUDA runtime the runner works as before, without
+        the overlapping pipeline (``deepspot doctor`` says why)."""
+        from .cuda_libs import CudaError, CudaRuntime
+
+        try:
+            self._cuda = CudaRuntime(self.device_id)
+            self._compute_stream = self._cuda.stream()
+        except (CudaError, OSError, AttributeError):
+            self._cuda = None
+            return providers
+        stream = {"user_compute_stream": str(self._compute_stream), "has_user_compute_stream": "1"}
+        return [(p[0], {**p[1], **stream}) if not isinstance(p, str) and p[0] == CUDA else p for p in providers]
+
+    def pipeline_adapter(self, batch_size: int):
+        if not self.is_active or getattr(self, "_cuda", None) is None:
+            return None
+        from ._ort_gpu import OrtCudaAdapter, pinned_allocator
+
+        self._pinned_ptrs = getattr(self, "_pinned_ptrs", [])
+        return OrtCudaAdapter(self, self._cuda, self._compute_stream), pinned_allocator(self._cuda, self._pinned_ptrs)
+
     def deactivate_impl(self) -> None:
         self._io = None
         self.session = None
+        cuda = getattr(self, "_cuda", None)
+        for ptr in getattr(self, "_pinned_ptrs", []):
+            cuda.free_host(ptr)
+        self._pinned_ptrs = []
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._io is not None:

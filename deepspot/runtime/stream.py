@@ -178,17 +178,34 @@ def predict(
     inverse_transform: bool = False,
     progress: bool = False,
     prepare: Callable[[int, int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    pipelined: bool | None = None,
+    fixed_batch: bool = False,
 ) -> np.ndarray:
     """Run ``runner`` over every item in batches; write into ``out`` (allocated if ``None``) and return it.
 
     Inputs are not checked here (see :func:`check_inputs`); the runner checks each batch's names and ranks.
     ``prepare`` finishes each feed in the prefetch thread (see :func:`batches`); inputs the graph does not take
     (such as ``neighbor_index``) keep their own dtype.
+
+    On a GPU runner that offers one (``torch-cuda``, ``ort-cuda``), batches go through the overlapping device
+    pipeline of :mod:`deepspot.runtime.pipeline` (``pipelined=None``, the default); ``pipelined=False`` turns it
+    off, and ``pipelined=True`` runs the pipeline's ring on the host for runners without one (tests, comparisons).
+    ``fixed_batch`` pads the last batch to ``batch_size`` rows (CUDA graph replay).
     """
     n = next(iter(inputs.values())).shape[0]
     g = runner.info.output_size if runner.info else None
     specs = runner.get_input_metadata()
     dtypes = {k: specs[k].dtype if k in specs else inputs[k].dtype for k in inputs}
+    pipeline = runner.pipeline_adapter(batch_size) if pipelined is not False else None
+    if pipeline is None and pipelined:
+        from .pipeline import HostAdapter
+
+        g_out = (g,) if g else None
+        pipeline = HostAdapter(lambda feed: runner.infer(feed, check_inputs=False),
+                               {OUTPUT_NAME: (g_out, np.dtype(np.float32))}), None  # fmt: skip
+    if pipeline is not None:
+        return _predict_pipelined(runner, inputs, batch_size, out, inverse_transform, progress, prepare, pipeline,
+                                  dtypes, fixed_batch)  # fmt: skip
     with _progress(progress, n) as bar:
         for start, stop, feed in batches(inputs, batch_size, dtypes, prepare=prepare):
             outputs = runner.infer(feed, check_inputs=start == 0)
@@ -199,6 +216,31 @@ def predict(
                 out = np.empty((n, g or y.shape[1]), dtype=np.float32)
             out[start:stop] = y
             release_rows(out, start, stop)  # written pages stay in the file, not in this process
+            bar(stop - start)
+    return out
+
+
+def _predict_pipelined(runner, inputs, batch_size, out, inverse_transform, progress, prepare, pipeline, dtypes,
+                       fixed_batch):  # fmt: skip
+    from .pipeline import run_pipeline
+
+    adapter, allocate = pipeline
+    n = next(iter(inputs.values())).shape[0]
+    if out is None:
+        out = np.empty((n, runner.info.output_size), dtype=np.float32)
+    # Inputs the graph does not take (neighbor_index) are only for ``prepare``: they are not staged.
+    staged = {k: v for k, v in dtypes.items()}
+    kwargs = {"allocate": allocate} if allocate is not None else {}
+    with _progress(progress, n) as bar:
+        for start, stop, outputs in run_pipeline(inputs, adapter, batch_size, dtypes=staged, fixed_batch=fixed_batch,
+                                                 prepare=prepare, **kwargs):  # fmt: skip
+            y = outputs.get(OUTPUT_NAME, next(iter(outputs.values())))
+            if inverse_transform:
+                y = runner.info.inverse_transform(y)
+            out[start:stop] = y
+            for v in inputs.values():
+                release_rows(v, start, stop)
+            release_rows(out, start, stop)
             bar(stop - start)
     return out
 

@@ -144,9 +144,59 @@ class TorchRunner(Runner):
             t = t.to(_DTYPES[self.precision])
         return t
 
+    def pipeline_adapter(self, batch_size: int):
+        if self._device.type != "cuda" or not self.is_active:
+            return None
+        return TorchCudaAdapter(self), _pinned_allocate
+
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode(), self._autocast():
             inputs = {name: self._to_device(name, a) for name, a in feed.items()}
             y = self._module(**inputs)
         # .cpu() waits for the GPU, so the pinned buffers are free again when this returns.
         return {OUTPUT_NAME: y.float().cpu().numpy()}
+
+
+def _pinned_allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """A page-locked host buffer (a copy from it to the GPU is one asynchronous DMA)."""
+    return torch.empty(shape, dtype=getattr(torch, np.dtype(dtype).name), pin_memory=True).numpy()
+
+
+class TorchCudaAdapter:
+    """The ``torch-cuda`` side of :func:`~deepspot.runtime.pipeline.run_pipeline`: the copy of a batch to the GPU
+    on a copy stream, the model on a compute stream that waits for it (on the GPU, not the host), the copy back
+    into the slot's page-locked output buffer on a third stream, so that the three overlap across batches."""
+
+    def __init__(self, runner: TorchRunner):
+        self.runner = runner
+        device = runner._device
+        self.upload, self.compute, self.download = (torch.cuda.Stream(device) for _ in range(3))
+
+    def output_specs(self):
+        return {OUTPUT_NAME: ((self.runner.info.output_size,), np.dtype(np.float32))}
+
+    def submit(self, slot):
+        r = self.runner
+        with torch.cuda.stream(self.upload):
+            inputs = {k: torch.from_numpy(v).to(r._device, non_blocking=True) for k, v in slot.feed.items()}
+            uploaded = torch.cuda.Event()
+            uploaded.record(self.upload)
+        with torch.cuda.stream(self.compute), torch.inference_mode(), r._autocast():
+            self.compute.wait_event(uploaded)
+            for t in inputs.values():
+                t.record_stream(self.compute)  # allocated on the upload stream, used here
+            if r.precision != "fp32" and r.cast == "half":
+                inputs = {k: t.to(_DTYPES[r.precision]) for k, t in inputs.items()}
+            y = r._module(**inputs).float()
+            computed = torch.cuda.Event()
+            computed.record(self.compute)
+        with torch.cuda.stream(self.download):
+            self.download.wait_event(computed)
+            y.record_stream(self.download)
+            torch.from_numpy(slot.result[OUTPUT_NAME]).copy_(y[: slot.result[OUTPUT_NAME].shape[0]], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.download)
+        return done
+
+    def wait(self, handle) -> None:
+        handle.synchronize()

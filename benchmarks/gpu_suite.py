@@ -1,0 +1,338 @@
+"""The GPU suite: everything issue 9 asks of a GPU, in one command that fits a short device lease.
+
+    python benchmarks/gpu_suite.py --out DIR [--budget 360] [--smoke]
+
+Steps, each written to ``DIR/gpu_suite.json`` and ``DIR/gpu_suite.md`` as soon as it ends (a time-out keeps what was
+done; a step that fails records its error and the suite goes on):
+
+1. ``doctor``: versions, GPU, driver, CUDA and cuDNN libraries, and which backends run;
+2. ``bandwidth``: host-to-device copies from page-locked and from pageable memory (256 MiB, median of 5);
+3. ``parity``: ``ort-cuda`` (fp32, fp16) and ``torch-cuda`` (fp32, fp16, bf16) against the eager fp32 model on the
+   CPU, every forward mode of both families (at reduced sizes), and the indexed layout;
+4. ``throughput``: ``visium-uni`` on ``ort-cuda`` (with and without CUDA graphs), ``torch-cuda`` (the exporter's
+   graph) and eager PyTorch on the GPU, with fp32 and fp16 features, through the overlapping pipeline, each with
+   ``fraction_of_limit`` = items/s / (pinned bandwidth / input bytes per item);
+5. ``slides``: the whole-slide workloads (``xenium-slide`` at 100,000 cells, ``visium-slide``) in the indexed
+   layout on ``ort-cuda`` and ``torch-cuda``, with the same fraction (only each item's own tiles cross the bus).
+
+``--smoke`` runs the same plumbing on the CPU at toy sizes (GPU steps are recorded as skipped, with the reason), so
+the suite is tested where there is no GPU. Written without a GPU at hand: the first run on one is its test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODES = {"spot": ("spot", "subspot", "neighbors", "subspot_neighbors"), "cell": ("cell", "neighbors")}
+
+
+class Suite:
+    """Runs steps within a time budget and writes the results after each one."""
+
+    def __init__(self, out: Path, budget: float, smoke: bool):
+        self.out, self.budget, self.smoke = out, budget, smoke
+        self.start = time.perf_counter()
+        self.results: dict[str, Any] = {
+            "suite": "deepspot gpu_suite",
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "smoke": smoke,
+            "host": platform.node(),
+            "steps": {},
+        }
+        out.mkdir(parents=True, exist_ok=True)
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - self.start)
+
+    def step(self, name: str, fn, *args) -> Any:
+        if self.left() <= 0:
+            self.results["steps"][name] = {"status": "skipped", "reason": "time budget spent"}
+        else:
+            t0 = time.perf_counter()
+            try:
+                value = fn(*args)
+                self.results["steps"][name] = {"status": "ok", "seconds": time.perf_counter() - t0, "result": value}
+            except Exception as e:  # noqa: BLE001  one failing step must not lose the others
+                self.results["steps"][name] = {
+                    "status": "failed",
+                    "seconds": time.perf_counter() - t0,
+                    "error": f"{type(e).__name__}: {e}",
+                    "traceback": traceback.format_exc(limit=6),
+                }
+        self.write()
+        return self.results["steps"][name].get("result")
+
+    def write(self) -> None:
+        (self.out / "gpu_suite.json").write_text(json.dumps(self.results, indent=1, default=str))
+        (self.out / "gpu_suite.md").write_text(markdown(self.results))
+
+
+def cuda_available() -> tuple[bool, str]:
+    try:
+        import torch
+    except ImportError:
+        return False, "PyTorch is not installed"
+    if not torch.cuda.is_available():
+        return False, "torch.cuda.is_available() is False"
+    return True, torch.cuda.get_device_name(0)
+
+
+# -- steps ------------------------------------------------------------------------------------------------------------
+def doctor() -> dict:
+    from deepspot.runtime.doctor import diagnose
+
+    return diagnose().to_dict()
+
+
+def bandwidth(smoke: bool) -> dict:
+    ok, why = cuda_available()
+    if not ok:
+        return {"skipped": why}
+    import torch
+
+    nbytes = (16 if smoke else 256) << 20
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    out = {}
+    for kind, pinned in (("pinned", True), ("pageable", False)):
+        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        host.fill_(1)
+        times = []
+        for _ in range(6):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            device.copy_(host, non_blocking=pinned)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        out[f"{kind}_gb_per_s"] = nbytes / statistics.median(times[1:]) / 1e9
+    return out
+
+
+def _model(family: str, mode: str, smoke: bool, seed: int = 0):
+    import deepspot
+
+    size = dict(input_size=16, output_size=8, phi2rho_size=8) if smoke else dict(input_size=256, output_size=500, phi2rho_size=128)
+    extra = {"agg_neighbors": "max"} if family == "cell" else {}
+    return deepspot.create_model(family, mode, n_ensemble=10, random_seed=seed, **size, **extra)
+
+
+def parity(smoke: bool, work: Path) -> dict:
+    import deepspot
+    from deepspot.export import export_onnx
+    from deepspot.export.indexed import export_indexed
+    from deepspot.runtime import RunnerOptions, check_parity
+    from deepspot.runtime.indexed import check_parity_indexed
+
+    ok, why = cuda_available()
+    cases = {}
+    for family, modes in MODES.items():
+        for mode in modes[-1:] if smoke else modes:  # smoke: the full mode of each family
+            model = _model(family, mode, smoke)
+            ckpt = deepspot.save(model, work / f"{family}-{mode}.safetensors")
+            runs = [("torch-cuda", p, ckpt) for p in ("fp32", "fp16", "bf16")]
+            for precision in ("fp32", "fp16"):
+                path = work / f"{family}-{mode}-{precision}.onnx"
+                export_onnx(model, path, precision=precision, validate=False)
+                runs.append(("ort-cuda", precision, path))
+            if smoke:  # the same calls on the CPU backends
+                runs = [("torch", "fp32", ckpt), ("ort-cpu", "fp32", work / f"{family}-{mode}-fp32.onnx")]
+            elif not ok:
+                cases[f"{family}/{mode}"] = {"skipped": why}
+                continue
+            for backend, precision, target in runs:
+                options = RunnerOptions(precision=precision) if backend.startswith("torch") else None
+                report = check_parity(ckpt, target, backend, n_random=64 if smoke else 512, options=options)
+                cases[f"{family}/{mode} {backend} {precision}"] = _parity_row(report)
+            if "neighbors" in mode:
+                folder = work / f"{family}-{mode}-indexed"
+                export_indexed(model, folder, validate=False)
+                backends = ("ort-cpu", "torch") if smoke else ("ort-cuda", "torch-cuda")
+                for backend in backends:
+                    target = folder if backend.startswith("ort") else ckpt
+                    report = check_parity_indexed(ckpt, target, backend, n_random=64 if smoke else 2048)
+                    cases[f"{family}/{mode} indexed {backend}"] = _parity_row(report)
+    return cases
+
+
+def _parity_row(report) -> dict:
+    d = report.to_dict()
+    outputs = d.get("outputs") or []
+    worst = max((o.get("max_abs", 0.0) for o in outputs), default=None) if outputs else None
+    return {"passed": report.passed, "max_abs": worst, "summary": report.summary()}
+
+
+def _inputs(w, n: int, dtype) -> dict[str, np.ndarray]:
+    """The workload's seeded random features for ``n`` items, as ``dtype`` (fp16 features halve the bytes)."""
+    return {k: v.astype(dtype, copy=False) for k, v in w.inputs(n, seed=0).items()}
+
+
+def _time_predict(runner, inputs: dict[str, np.ndarray], batch: int, repeats: int) -> float:
+    from deepspot.runtime.stream import predict
+
+    n = next(iter(inputs.values())).shape[0]
+    out = np.empty((n, runner.info.output_size), np.float32)
+    predict(runner, {k: v[: batch * 2] for k, v in inputs.items()}, batch)  # warm-up: sessions, graphs, allocator
+    rates = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        predict(runner, inputs, batch, out=out)
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates)
+
+
+def throughput(smoke: bool, work: Path, bw: dict | None) -> dict:
+    from deepspot.export import export_onnx
+    from deepspot.runtime import RunnerOptions, load_runner
+    from deepspot.runtime.bench import get_workload
+
+    ok, why = cuda_available()
+    w = get_workload("visium-uni")
+    if smoke:
+        w = w.quick()
+    model = w.build_model(0)
+    n = 4 * (w.batch_cpu if smoke else w.batch_gpu) * (1 if smoke else 8)
+    batch = w.batch_cpu if smoke else w.batch_gpu
+    pinned = (bw or {}).get("pinned_gb_per_s")
+    rows = {}
+    variants = []
+    for features in ("fp32", "fp16"):
+        path = work / f"visium-{features}.onnx"
+        export_onnx(model, path, io_dtype=features if features == "fp16" else None, precision="fp32" if features == "fp32" else "fp16", validate=False)
+        if smoke:
+            variants.append((f"ort-cpu {features} features", path, "ort-cpu", None, features))
+            continue
+        variants += [
+            (f"ort-cuda {features} features, CUDA graph", path, "ort-cuda", RunnerOptions(cuda_graph=True, batch_size=batch), features),
+            (f"ort-cuda {features} features, no CUDA graph", path, "ort-cuda", RunnerOptions(cuda_graph=False, batch_size=batch), features),
+        ]
+    ckpt_variants = [("torch eager", "torch", RunnerOptions())] if smoke else [
+        ("torch-cuda eager (GPU)", "torch-cuda", RunnerOptions()),
+        ("torch-cuda export graph fp32", "torch-cuda", RunnerOptions(torch_graph="export")),
+        ("torch-cuda export graph fp16", "torch-cuda", RunnerOptions(torch_graph="export", precision="fp16")),
+    ]
+    if not smoke and not ok:
+        return {"skipped": why}
+    for name, path, backend, options, features in variants:
+        inputs = _inputs(w, n, np.float16 if features == "fp16" else np.float32)
+        with load_runner(path, backend, options) as runner:
+            rate = _time_predict(runner, inputs, batch, 3 if smoke else 5)
+        rows[name] = _rate_row(rate, inputs, n, pinned)
+    inputs = _inputs(w, n, np.float32)
+    for name, backend, options in ckpt_variants:
+        with load_runner(model, backend, options) as runner:
+            rate = _time_predict(runner, inputs, batch, 3 if smoke else 5)
+        rows[name] = _rate_row(rate, inputs, n, pinned)
+    return {"workload": w.name, "items": n, "batch": batch, "rows": rows}
+
+
+def _rate_row(rate: float, inputs: dict[str, np.ndarray], n: int, pinned: float | None) -> dict:
+    per_item = sum(a[:1].nbytes for a in inputs.values())
+    limit = None if pinned is None else pinned * 1e9 / per_item
+    return {
+        "items_per_s": rate,
+        "input_bytes_per_item": per_item,
+        "bus_limit_items_per_s": limit,
+        "fraction_of_limit": None if limit is None else rate / limit,
+    }
+
+
+def slides(smoke: bool, bw: dict | None) -> dict:
+    from deepspot.runtime.bench import get_workload
+    from deepspot.runtime.slide_bench import run_slide_bench
+
+    ok, why = cuda_available()
+    if not smoke and not ok:
+        return {"skipped": why}
+    pinned = (bw or {}).get("pinned_gb_per_s")
+    out = {}
+    for name, n in (("xenium-slide", 100_000), ("visium-slide", 20_000))[: 1 if smoke else 2]:
+        w = get_workload(name)
+        if smoke:
+            w, n = w.quick(), 2000
+        backends = ["ort-cpu"] if smoke else ["ort-cuda", "torch-cuda"]
+        report = run_slide_bench(w, backends, None, 2 if smoke else 3, 1, n_items=n)
+        own = {"xenium-slide": 1, "visium-slide": 1 + w.bags.get("subspot", 0)}[name]
+        per_item = own * w.input_size * 4 + 8 * w.bags.get("neighbors", 0)  # own tiles in fp32 and the int64 indices
+        limit = None if pinned is None else pinned * 1e9 / per_item
+        rows = {}
+        for r in report.results:
+            rows[r.backend] = {
+                "items_per_s": r.items_per_s,
+                "ratio_to_eager_per_item": r.ratio_to_torch,
+                "input_bytes_per_item": per_item,
+                "bus_limit_items_per_s": limit,
+                "fraction_of_limit": None if limit is None else r.items_per_s / limit,
+            }
+        out[name] = {"items": n, "rows": rows}
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------------------------------
+def markdown(results: dict) -> str:
+    lines = [f"# deepspot GPU suite, {results['date']}{' (smoke run on the CPU)' if results['smoke'] else ''}", ""]
+    steps = results["steps"]
+    doc = (steps.get("doctor") or {}).get("result") or {}
+    if doc:
+        gpu = doc.get("gpu", {})
+        v = doc.get("versions", {})
+        lines += [f"GPU: {gpu.get('name') or gpu.get('torch sees') or 'none'}, driver {gpu.get('driver')}; "
+                  f"onnxruntime {v.get('onnxruntime')} ({v.get('onnxruntime package')}), torch {v.get('torch')}", ""]  # fmt: skip
+    bw = (steps.get("bandwidth") or {}).get("result") or {}
+    if bw:
+        lines += [f"Host-to-device bandwidth: {json.dumps(bw)}", ""]
+    for name in ("parity", "throughput", "slides"):
+        step = steps.get(name)
+        if not step:
+            continue
+        lines.append(f"## {name} ({step['status']})")
+        if step["status"] != "ok":
+            lines += [f"{step.get('reason') or step.get('error')}", ""]
+            continue
+        result = step["result"]
+        if name == "parity":
+            lines += ["| case | passed | max abs error |", "| --- | --- | --- |"]
+            for case, row in result.items():
+                lines.append(f"| {case} | {row.get('passed', row.get('skipped'))} | {row.get('max_abs')} |")
+        else:
+            tables = {result.get("workload", name): result} if name == "throughput" else result
+            lines += ["| workload | variant | items/s | fraction of bus limit |", "| --- | --- | --- | --- |"]
+            for workload, table in tables.items():
+                for variant, row in (table.get("rows") or {}).items():
+                    frac = row.get("fraction_of_limit")
+                    lines.append(f"| {workload} | {variant} | {row['items_per_s']:,.0f} | "
+                                 f"{'-' if frac is None else f'{frac:.0%}'} |")  # fmt: skip
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="Folder for gpu_suite.json and gpu_suite.md.")
+    parser.add_argument("--budget", type=float, default=360.0, help="Seconds; steps not started by then are skipped.")
+    parser.add_argument("--smoke", action="store_true", help="Toy sizes on the CPU: tests the plumbing.")
+    args = parser.parse_args(argv)
+    suite = Suite(args.out, args.budget, args.smoke)
+    work = Path(tempfile.mkdtemp(prefix="deepspot-gpu-suite-"))
+    suite.step("doctor", doctor)
+    bw = suite.step("bandwidth", bandwidth, args.smoke)
+    suite.step("parity", parity, args.smoke, work)
+    suite.step("throughput", throughput, args.smoke, work, bw)
+    suite.step("slides", slides, args.smoke, bw)
+    print((args.out / "gpu_suite.md").read_text())
+    return 0 if all(s["status"] != "failed" for s in suite.results["steps"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

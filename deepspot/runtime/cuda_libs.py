@@ -1,0 +1,182 @@
+"""Finding and loading the CUDA libraries, and the few CUDA runtime calls the ONNX pipeline needs, without PyTorch.
+
+onnxruntime-gpu does not ship CUDA: it loads ``libcudart``, cuBLAS, cuDNN and the rest from wherever the dynamic
+linker finds them, or from the ``nvidia-*`` wheels that :func:`onnxruntime.preload_dlls` knows. The CUDA 13 wheels
+moved the toolkit's libraries into one ``nvidia/cu13/lib`` folder, which older ``preload_dlls`` miss (onnxruntime
+issue #29198), and onnxruntime lists the CUDA provider as available even when loading it fails, then runs on the
+CPU (issue #23372). So:
+
+- :func:`preload_cuda_libraries` calls ``preload_dlls`` where onnxruntime has it and then loads, with
+  ``RTLD_GLOBAL``, what it missed from the ``nvidia`` folders of ``site-packages`` (``cu13/lib`` included);
+- :func:`provider_load_error` says which library a provider failed to load, by loading the provider's own shared
+  library and reading the linker's message;
+- :class:`CudaRuntime` wraps the CUDA runtime calls of the pipeline (page-locked allocation, streams, events,
+  asynchronous copies) through ``ctypes``.
+
+Nothing here has run on a GPU yet (no GPU was available when it was written); it follows the CUDA runtime and
+onnxruntime documentation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import os
+import site
+import sys
+from pathlib import Path
+from typing import Any
+
+#: Library name patterns of the CUDA stack, in load order (cuBLAS needs cuBLASLt first).
+CUDA_LIBRARIES = ("libcudart.so.*", "libcublasLt.so.*", "libcublas.so.*", "libcurand.so.*", "libcufft.so.*",
+                  "libnvrtc.so.*", "libcudnn.so.*")  # fmt: skip
+
+
+def nvidia_library_dirs() -> list[Path]:
+    """``site-packages/nvidia/*/lib`` folders (``cu13/lib`` of the consolidated CUDA 13 wheels among them)."""
+    roots = [Path(p) for p in (*site.getsitepackages(), site.getusersitepackages(), *sys.path) if p]
+    dirs = []
+    for root in roots:
+        for lib in sorted(glob.glob(str(root / "nvidia" / "*" / "lib"))):
+            if Path(lib) not in dirs:
+                dirs.append(Path(lib))
+    return dirs
+
+
+def find_library(pattern: str) -> Path | None:
+    """The first file matching ``pattern`` in the nvidia wheels' folders (highest version first)."""
+    for folder in nvidia_library_dirs():
+        found = sorted(folder.glob(pattern), reverse=True)
+        if found:
+            return found[0]
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def preload_cuda_libraries() -> dict[str, str]:
+    """Load the CUDA libraries before the first CUDA session; return ``{library: where it came from or why not}``.
+
+    Safe to call on machines without CUDA (everything is reported as not found) and cached: it runs once.
+    """
+    report: dict[str, str] = {}
+    try:
+        import onnxruntime
+
+        if hasattr(onnxruntime, "preload_dlls"):
+            onnxruntime.preload_dlls(directory="")  # nvidia site packages, then the default paths
+            report["onnxruntime.preload_dlls"] = "called"
+    except Exception as e:  # noqa: BLE001  a failing preload must not stop the explicit loads below
+        report["onnxruntime.preload_dlls"] = f"failed: {e}"
+    for pattern in CUDA_LIBRARIES:
+        path = find_library(pattern)
+        if path is None:
+            report[pattern] = "not in the nvidia wheels (the system's linker paths are used)"
+            continue
+        try:
+            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            report[pattern] = str(path)
+        except OSError as e:
+            report[pattern] = f"failed to load: {e}"
+    return report
+
+
+def provider_library(provider: str) -> Path | None:
+    """The shared library of an onnxruntime execution provider (``CUDAExecutionProvider`` -> ``..._cuda.so``)."""
+    names = {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "tensorrt"}
+    if provider not in names:
+        return None
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    path = Path(onnxruntime.__file__).parent / "capi" / f"libonnxruntime_providers_{names[provider]}.so"
+    return path if path.is_file() else None
+
+
+def provider_load_error(provider: str) -> str | None:
+    """Why ``provider`` cannot load (the linker's message names the missing library), or ``None`` if it loads."""
+    path = provider_library(provider)
+    if path is None:
+        return f"{provider} is not part of this onnxruntime build"
+    try:
+        ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        return str(e).replace(str(path.parent) + os.sep, "")
+    return None
+
+
+# -- the CUDA runtime, through ctypes -----------------------------------------------------------------------------
+class CudaError(RuntimeError):
+    """A CUDA runtime call failed."""
+
+
+class CudaRuntime:
+    """The CUDA runtime calls of the pipeline: page-locked memory, streams, events and asynchronous copies."""
+
+    H2D, D2H = 1, 2  # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost
+    NON_BLOCKING, DISABLE_TIMING = 0x01, 0x02
+
+    def __init__(self, device_id: int = 0):
+        preload_cuda_libraries()
+        path = find_library("libcudart.so.*")
+        try:
+            self.lib = ctypes.CDLL(str(path) if path else "libcudart.so", mode=ctypes.RTLD_GLOBAL)
+        except OSError as e:
+            raise CudaError(f"the CUDA runtime (libcudart) cannot be loaded: {e}") from None
+        self._call("cudaSetDevice", ctypes.c_int(device_id))
+
+    def _call(self, name: str, *args: Any) -> None:
+        code = getattr(self.lib, name)(*args)
+        if code != 0:
+            get = self.lib.cudaGetErrorString
+            get.restype = ctypes.c_char_p
+            raise CudaError(f"{name} failed: {get(code).decode()} (error {code})")
+
+    def version(self) -> tuple[int, int]:
+        """``(runtime, driver)`` versions as CUDA encodes them (13000 for 13.0)."""
+        runtime, driver = ctypes.c_int(), ctypes.c_int()
+        self._call("cudaRuntimeGetVersion", ctypes.byref(runtime))
+        self._call("cudaDriverGetVersion", ctypes.byref(driver))
+        return runtime.value, driver.value
+
+    def host_alloc(self, nbytes: int) -> ctypes.c_void_p:
+        ptr = ctypes.c_void_p()
+        self._call("cudaHostAlloc", ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, 1)), ctypes.c_uint(0))
+        return ptr
+
+    def free_host(self, ptr: ctypes.c_void_p) -> None:
+        self._call("cudaFreeHost", ptr)
+
+    def stream(self) -> int:
+        handle = ctypes.c_void_p()
+        self._call("cudaStreamCreateWithFlags", ctypes.byref(handle), ctypes.c_uint(self.NON_BLOCKING))
+        return handle.value or 0
+
+    def event(self) -> int:
+        handle = ctypes.c_void_p()
+        self._call("cudaEventCreateWithFlags", ctypes.byref(handle), ctypes.c_uint(self.DISABLE_TIMING))
+        return handle.value or 0
+
+    def copy_async(self, dst: int, src: int, nbytes: int, kind: int, stream: int) -> None:
+        self._call("cudaMemcpyAsync", ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes),
+                   ctypes.c_int(kind), ctypes.c_void_p(stream))  # fmt: skip
+
+    def record(self, event: int, stream: int) -> None:
+        self._call("cudaEventRecord", ctypes.c_void_p(event), ctypes.c_void_p(stream))
+
+    def wait_event(self, stream: int, event: int) -> None:
+        self._call("cudaStreamWaitEvent", ctypes.c_void_p(stream), ctypes.c_void_p(event), ctypes.c_uint(0))
+
+    def synchronize(self, event: int) -> None:
+        self._call("cudaEventSynchronize", ctypes.c_void_p(event))
+
+
+__all__ = [
+    "CudaError",
+    "CudaRuntime",
+    "find_library",
+    "nvidia_library_dirs",
+    "preload_cuda_libraries",
+    "provider_load_error",
+]

@@ -1,0 +1,161 @@
+"""``deepspot doctor``: what this machine can run, in one table that users paste into bug reports.
+
+Every probe is guarded: a missing package, driver or GPU is a line of the report, never an error. The TensorRT paths
+(``ort-trt``, ``tensorrt``) are marked unverified: they follow the documented APIs but have not run on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import importlib.util
+import platform
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+UNVERIFIED = {"ort-trt", "tensorrt"}
+
+
+@dataclass
+class Report:
+    """What :func:`diagnose` found: versions, the GPU, and per backend whether it can run here (and why not)."""
+
+    versions: dict[str, str | None] = field(default_factory=dict)
+    machine: dict[str, str | None] = field(default_factory=dict)
+    gpu: dict[str, str | None] = field(default_factory=dict)
+    libraries: dict[str, str] = field(default_factory=dict)
+    backends: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _nvidia_smi() -> dict[str, str | None]:
+    if shutil.which("nvidia-smi") is None:
+        return {"name": None, "driver": None, "note": "no nvidia-smi (no NVIDIA driver here)"}
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip().splitlines()  # fmt: skip
+    except (subprocess.SubprocessError, OSError) as e:
+        return {"name": None, "driver": None, "note": f"nvidia-smi failed: {e}"}
+    if not out:
+        return {"name": None, "driver": None, "note": "nvidia-smi lists no GPU"}
+    name, driver, memory = (part.strip() for part in (out[0].split(",") + [None, None])[:3])
+    return {"name": name, "driver": driver, "memory": memory, "count": str(len(out))}
+
+
+def _cuda_versions() -> dict[str, str]:
+    from .cuda_libs import CudaError, CudaRuntime, find_library
+
+    found: dict[str, str] = {}
+    try:
+        runtime, driver = CudaRuntime().version()
+        found["cuda runtime"] = f"{runtime // 1000}.{runtime % 1000 // 10}"
+        found["cuda driver api"] = f"{driver // 1000}.{driver % 1000 // 10}"
+    except (CudaError, OSError, AttributeError) as e:
+        found["cuda runtime"] = f"not usable ({str(e).splitlines()[0][:120]})"
+    cudnn = find_library("libcudnn.so.*")
+    try:
+        lib = ctypes.CDLL(str(cudnn) if cudnn else "libcudnn.so.9")
+        lib.cudnnGetVersion.restype = ctypes.c_size_t
+        v = lib.cudnnGetVersion()
+        found["cudnn"] = f"{v // 10000}.{v % 10000 // 100}.{v % 100}"
+    except (OSError, AttributeError):
+        found["cudnn"] = "not found"
+    return found
+
+
+def diagnose() -> Report:
+    """Probe this machine; never raises for something that is missing."""
+    from .._version import __version__
+    from .backends import BACKENDS, Probe, unavailable_reason
+
+    report = Report()
+    report.versions = {
+        "deepspot": __version__,
+        "python": platform.python_version(),
+        "numpy": _version("numpy"),
+        "onnx": _version("onnx"),
+        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+        "onnxruntime package": "onnxruntime-gpu" if _version("onnxruntime-gpu") else (
+            "onnxruntime" if _version("onnxruntime") else None),
+        "torch": _version("torch"),
+        "tensorrt": _version("tensorrt"),
+    }  # fmt: skip
+    report.machine = {"platform": platform.platform(), "cpu": _cpu()}
+    torch_gpu = None
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        report.versions["torch cuda build"] = torch.version.cuda
+        if torch.cuda.is_available():
+            torch_gpu = torch.cuda.get_device_name(0)
+    report.gpu = {**_nvidia_smi(), "torch sees": torch_gpu}
+    if report.gpu.get("name") or torch_gpu:
+        from .cuda_libs import preload_cuda_libraries
+
+        report.libraries = {**_cuda_versions(), **preload_cuda_libraries()}
+    probe = Probe.detect()
+    report.versions["onnxruntime providers"] = ", ".join(probe.providers) or None
+    for name in BACKENDS:
+        why = unavailable_reason(name, probe)
+        if why is None and name in ("ort-cuda", "ort-trt"):
+            from .cuda_libs import provider_load_error
+
+            provider = "CUDAExecutionProvider" if name == "ort-cuda" else "TensorrtExecutionProvider"
+            error = provider_load_error(provider)
+            why = None if error is None else f"{provider} is listed but does not load: {error}"
+        report.backends[name] = {
+            "available": why is None,
+            "why not": why,
+            "verified on a GPU": name not in UNVERIFIED,
+        }
+    return report
+
+
+def render(report: Report, console) -> None:
+    """Print the report as rich tables."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="deepspot doctor", show_header=True)
+    table.add_column("what")
+    table.add_column("found", overflow="fold")
+    for section in (report.versions, report.machine, {f"gpu {k}": v for k, v in report.gpu.items()}, report.libraries):
+        for key, value in section.items():
+            table.add_row(key, "-" if value is None else escape(str(value)))
+    console.print(table)
+    backends = Table(title="backends", show_header=True)
+    for column in ("backend", "runs here", "note"):
+        backends.add_column(column, overflow="fold")
+    for name, row in report.backends.items():
+        note = row["why not"] or ""
+        if not row["verified on a GPU"]:
+            note = (note + "; " if note else "") + "unverified: has not run on a GPU (TensorRT is not installable here)"
+        backends.add_row(name, "yes" if row["available"] else "no", escape(note))
+    console.print(backends)
+
+
+__all__ = ["Report", "diagnose", "render"]

@@ -1,0 +1,232 @@
+"""A device pipeline: page-locked host ring, copies on their own stream, compute and copies overlapping.
+
+On a GPU the data path of one batch is: read the bundle's rows (prefetch thread) -> page-locked host buffer ->
+host-to-device copy -> compute -> device-to-host copy into a page-locked buffer -> write into the output file. Done
+one after the other, the copies and the compute take turns and the bus idles half the time. Here they overlap:
+
+- the prefetch thread fills slot ``i + 1`` of a small ring of page-locked buffers (reused, never reallocated) while
+  batch ``i`` is in flight;
+- the host-to-device copy of a slot runs on a copy stream and records an event; the compute waits for that event on
+  the compute stream (not on the host), and its outputs are copied back asynchronously into the slot's page-locked
+  output buffer;
+- the host waits only for the oldest batch in flight, writes its rows out and hands its slot back to the prefetch
+  thread.
+
+The ring logic is backend-neutral: a :class:`DeviceAdapter` does the device work (``torch-cuda`` with torch streams,
+``ort-cuda`` with the CUDA runtime and IO binding), and :class:`HostAdapter` does the same steps synchronously on the
+host, which is how the ordering, padding, slot reuse and shutdown are tested on machines without a GPU. Fixed-size
+batches (for CUDA graph replay) pad the last short batch with zeros and drop the padded rows from the outputs.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import ConfigError
+
+Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+
+
+@dataclass
+class Slot:
+    """One ring entry: page-locked input and output buffers sized for a full batch, and what is in them now."""
+
+    index: int
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    start: int = 0
+    stop: int = 0
+    feed: dict[str, np.ndarray] = field(default_factory=dict)  # this batch's views of ``inputs`` (padded rows)
+    result: dict[str, np.ndarray] = field(default_factory=dict)  # this batch's views of ``outputs``
+    handle: Any = None  # the adapter's record of the batch in flight (device buffers, events)
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+class HostRing:
+    """``depth`` slots of host buffers from ``allocate`` (page-locked on a GPU), handed out and returned in turn."""
+
+    def __init__(self, depth: int, allocate: Allocate):
+        if depth < 2:
+            raise ConfigError(f"a pipeline needs at least 2 slots to overlap, got {depth}")
+        self.allocate = allocate
+        self.slots = [Slot(i) for i in range(depth)]
+        self._free: queue.Queue[Slot] = queue.Queue()
+        for slot in self.slots:
+            self._free.put(slot)
+        self.allocations = 0  # buffers allocated so far: stays at (inputs + outputs) x depth once warm
+
+    def acquire(self, stop: threading.Event) -> Slot | None:
+        while not stop.is_set():
+            try:
+                return self._free.get(timeout=0.05)
+            except queue.Empty:
+                continue
+        return None
+
+    def release(self, slot: Slot) -> None:
+        slot.handle = None
+        self._free.put(slot)
+
+    def buffer(self, store: dict[str, np.ndarray], name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """The slot's buffer ``name`` with ``shape``, allocated once and reused (grown only if a batch is larger)."""
+        size = int(np.prod(shape))
+        buf = store.get(name)
+        if buf is None or buf.size < size or buf.dtype != np.dtype(dtype):
+            buf = store[name] = self.allocate((size,), np.dtype(dtype)).reshape(-1)
+            self.allocations += 1
+        return buf[:size].reshape(shape)
+
+
+class DeviceAdapter(Protocol):
+    """The device side of a pipeline (one runner's graph on one device)."""
+
+    def submit(self, slot: Slot) -> Any:
+        """Enqueue copy-in, compute and copy-out of ``slot`` (asynchronously) and return a handle to wait on."""
+
+    def wait(self, handle: Any) -> None:
+        """Block until the batch of ``handle`` has landed in its slot's output buffers."""
+
+    def output_specs(self) -> Mapping[str, tuple[tuple[int, ...], np.dtype]]:
+        """Per output: the shape of one item and the dtype, for the slots' output buffers."""
+
+
+class HostAdapter:
+    """Runs the pipeline's steps synchronously on the host with ``compute(feed) -> outputs``: the reference
+    behaviour, used on the CPU and in the tests."""
+
+    def __init__(self, compute: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], outputs):
+        self.compute = compute
+        self._outputs = outputs
+
+    def output_specs(self):
+        return self._outputs
+
+    def submit(self, slot: Slot) -> Any:
+        result = self.compute(slot.feed)
+        for name, y in result.items():
+            slot.result[name][...] = y[: slot.result[name].shape[0]]
+        return None
+
+    def wait(self, handle: Any) -> None:
+        return None
+
+
+def run_pipeline(
+    inputs: Mapping[str, np.ndarray],
+    adapter: DeviceAdapter,
+    batch_size: int,
+    allocate: Allocate = lambda shape, dtype: np.empty(shape, dtype),
+    dtypes: Mapping[str, Any] | None = None,
+    depth: int = 3,
+    fixed_batch: bool = False,
+    prepare: Callable[[int, int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
+    ring: HostRing | None = None,
+) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    """Stream ``inputs`` through ``adapter`` in batches; yield ``(start, stop, outputs)`` in order of ``start``.
+
+    The yielded outputs are views of the slot's buffers, valid until the next item is requested (copy or write
+    them out at once).
+
+    Args:
+        inputs: Arrays of ``N`` rows each (memory-mapped bundles welcome: rows are read in the prefetch thread).
+        adapter: Does the device work.
+        batch_size: Rows per batch.
+        allocate: Allocates a host buffer (page-locked on a GPU).
+        dtypes: Dtype of each input as the graph takes it (default float32).
+        depth: Slots in the ring: how many batches may be in flight or being filled at once.
+        fixed_batch: Pad the last short batch to ``batch_size`` rows (zeros), as CUDA graph replay needs; padded
+            rows never reach the caller.
+        prepare: Finishes a feed in the prefetch thread (the indexed layout gathers neighbour embeddings there); its
+            result is staged into the slot.
+        ring: A ring to reuse across calls (its buffers stay allocated).
+
+    Raises:
+        Whatever the prefetch thread or the adapter raised, once, after the thread has stopped.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    n = next(iter(inputs.values())).shape[0]
+    dtypes = dict(dtypes or {})
+    ring = ring or HostRing(depth, allocate)
+    specs = adapter.output_specs()
+    filled: queue.Queue = queue.Queue()
+    stop = threading.Event()
+    done = object()
+
+    def fill(slot: Slot, start: int, end: int) -> None:
+        rows = batch_size if fixed_batch else end - start
+        feed = {k: v[start:end] for k, v in inputs.items()}
+        if prepare is not None:
+            feed = prepare(start, end, {k: np.asarray(v) for k, v in feed.items()})
+        slot.start, slot.stop = start, end
+        views = {}
+        for name, a in feed.items():
+            view = ring.buffer(slot.inputs, name, (rows,) + a.shape[1:], dtypes.get(name, np.float32))
+            view[: end - start] = a  # the bundle's pages are read here, in this thread
+            if rows > end - start:
+                view[end - start :] = 0  # padding: finite, independent of the real rows, dropped on the way out
+            views[name] = view
+        slot.feed = views
+        slot.result = {
+            name: ring.buffer(slot.outputs, name, (rows,) + tuple(shape), dtype) for name, (shape, dtype) in specs.items()
+        }
+
+    def work() -> None:
+        try:
+            for start in range(0, n, batch_size):
+                slot = ring.acquire(stop)
+                if slot is None:
+                    return
+                fill(slot, start, min(start + batch_size, n))
+                filled.put(slot)
+            filled.put(done)
+        except BaseException as e:  # handed to the consumer, raised there once
+            filled.put(e)
+
+    worker = threading.Thread(target=work, name="deepspot-pipeline-fill", daemon=True)
+    worker.start()
+    in_flight: deque[Slot] = deque()
+    try:
+        finished = False
+        while not finished or in_flight:
+            # Keep up to depth - 1 batches in flight; the remaining slot is the one being filled.
+            while not finished and len(in_flight) < ring_depth(ring) - 1:
+                item = filled.get()
+                if item is done:
+                    finished = True
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                item.handle = adapter.submit(item)
+                in_flight.append(item)
+            if not in_flight:
+                continue
+            slot = in_flight.popleft()
+            adapter.wait(slot.handle)
+            yield slot.start, slot.stop, {k: v[: slot.rows] for k, v in slot.result.items()}
+            ring.release(slot)
+    finally:
+        stop.set()
+        for slot in in_flight:  # an error or an early stop: let the device finish before the buffers are reused
+            try:
+                adapter.wait(slot.handle)
+            except Exception:  # noqa: BLE001  the first error is the one being raised
+                pass
+        worker.join(timeout=5)
+
+
+def ring_depth(ring: HostRing) -> int:
+    return len(ring.slots)
+
+
+__all__ = ["DeviceAdapter", "HostAdapter", "HostRing", "Slot", "run_pipeline"]

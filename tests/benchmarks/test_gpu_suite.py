@@ -1,0 +1,43 @@
+"""``benchmarks/gpu_suite.py --smoke``: the suite's plumbing on the CPU (the GPU steps say why they were skipped)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SUITE = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_suite.py"
+
+
+def _suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_writes_json_and_markdown(tmp_path):
+    suite = _suite()
+    assert suite.main(["--out", str(tmp_path), "--smoke"]) == 0
+    results = json.loads((tmp_path / "gpu_suite.json").read_text())
+    steps = results["steps"]
+    assert [steps[s]["status"] for s in ("doctor", "bandwidth", "parity", "throughput", "slides")] == ["ok"] * 5
+    assert "skipped" in steps["bandwidth"]["result"]  # no GPU here: said, not hidden
+    assert all(row["passed"] for row in steps["parity"]["result"].values())
+    rows = steps["throughput"]["result"]["rows"]
+    assert rows["ort-cpu fp16 features"]["input_bytes_per_item"] * 2 == rows["ort-cpu fp32 features"]["input_bytes_per_item"]
+    assert all(row["items_per_s"] > 0 and "fraction_of_limit" in row for row in rows.values())
+    markdown = (tmp_path / "gpu_suite.md").read_text()
+    assert "## parity (ok)" in markdown and "| visium-uni (quick) | ort-cpu fp32 features |" in markdown
+
+
+def test_a_spent_budget_skips_steps_and_keeps_what_was_done(tmp_path):
+    suite = _suite()
+    run = suite.Suite(tmp_path, budget=0.0, smoke=True)
+    run.step("doctor", suite.doctor)
+    saved = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert saved["steps"]["doctor"] == {"status": "skipped", "reason": "time budget spent"}
+    run.budget = 1e9
+    run.step("broken", lambda: 1 / 0)
+    saved = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert saved["steps"]["broken"]["status"] == "failed" and "ZeroDivisionError" in saved["steps"]["broken"]["error"]

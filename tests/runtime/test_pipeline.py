@@ -1,0 +1,264 @@
+"""The device pipeline's ring, tested on the CPU: slot reuse, order, padding, no row lost or duplicated when
+batches finish out of order, clean shutdown on an error; and the CUDA library discovery and ``deepspot doctor``."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from deepspot.cli import app
+from deepspot.errors import BackendUnavailableError
+from deepspot.runtime import cuda_libs
+from deepspot.runtime.pipeline import HostAdapter, HostRing, run_pipeline
+
+G = 3
+
+
+def _compute(feed):
+    x = feed["x"]
+    return {"y": np.stack([x.sum(axis=(1, 2)), x.max(axis=(1, 2)), np.full(x.shape[0], x.shape[0], x.dtype)], 1)}
+
+
+class Scrambled:
+    """An asynchronous fake device: each batch finishes after a random delay, in any order; ``wait`` blocks on it."""
+
+    def __init__(self, fail_at: int | None = None, seed: int = 0):
+        self.rng = random.Random(seed)
+        self.fail_at = fail_at
+        self.submitted = 0
+        self.seen_rows: list[int] = []
+
+    def output_specs(self):
+        return {"y": ((G,), np.dtype(np.float32))}
+
+    def submit(self, slot):
+        index = self.submitted
+        self.submitted += 1
+        self.seen_rows.append(slot.feed["x"].shape[0])
+        feed = {k: v.copy() for k, v in slot.feed.items()}
+        delay = self.rng.uniform(0, 0.01)
+
+        def work():
+            time.sleep(delay)
+            if index == self.fail_at:
+                raise RuntimeError("device error in batch %d" % index)
+            slot.result["y"][...] = _compute(feed)["y"]
+
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                work()
+            except BaseException as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread, errors
+
+    def wait(self, handle):
+        thread, errors = handle
+        thread.join()
+        if errors:
+            raise errors[0]
+
+
+def _inputs(n=103, seed=0):
+    return {"x": np.random.default_rng(seed).standard_normal((n, 2, 4)).astype(np.float32)}
+
+
+def _collect(stream, n):
+    out = np.full((n, G), np.nan, np.float32)
+    writes = np.zeros(n, int)
+    last = -1
+    for start, stop, outputs in stream:
+        assert start > last  # yielded in order of start
+        last = start
+        out[start:stop] = outputs["y"]
+        writes[start:stop] += 1
+    return out, writes
+
+
+@pytest.mark.parametrize("batch_size, depth", [(10, 2), (7, 3), (200, 4), (1, 2)])
+def test_rows_arrive_once_and_in_order_when_batches_finish_out_of_order(batch_size, depth):
+    inputs = _inputs()
+    out, writes = _collect(run_pipeline(inputs, Scrambled(), batch_size, depth=depth), 103)
+    assert (writes == 1).all()  # no row lost, none duplicated
+    expected = np.concatenate([_compute({"x": inputs["x"][i : i + batch_size]})["y"] for i in range(0, 103, batch_size)])
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_the_ring_reuses_its_buffers():
+    ring = HostRing(3, lambda shape, dtype: np.empty(shape, dtype))
+    for _ in range(2):  # a second pass over new data allocates nothing
+        out, writes = _collect(run_pipeline(_inputs(), Scrambled(), 10, ring=ring), 103)
+        assert (writes == 1).all()
+    assert ring.allocations == 3 * 2  # 3 slots x (one input + one output), the last short batch included
+
+
+def test_fixed_batches_pad_the_last_batch_and_drop_the_padding():
+    adapter = Scrambled()
+    inputs = _inputs(n=25)
+    seen = []
+    original = adapter.submit
+
+    def spy(slot):
+        seen.append(slot.feed["x"].copy())
+        return original(slot)
+
+    adapter.submit = spy
+    out, writes = _collect(run_pipeline(inputs, adapter, 10, fixed_batch=True), 25)
+    assert adapter.seen_rows == [10, 10, 10]  # every batch the full size, as a CUDA graph needs
+    assert (seen[-1][5:] == 0).all() and np.array_equal(seen[-1][:5], inputs["x"][20:])
+    assert (writes == 1).all() and out.shape == (25, G)
+    assert out[20, 2] == 10  # the graph saw 10 rows; only the 5 real ones came back
+
+
+def _live_fill_threads():
+    return [t for t in threading.enumerate() if t.name == "deepspot-pipeline-fill" and t.is_alive()]
+
+
+def test_a_device_error_stops_everything_cleanly():
+    with pytest.raises(RuntimeError, match="device error in batch 4"):
+        _collect(run_pipeline(_inputs(), Scrambled(fail_at=4), 10, depth=3), 103)
+    time.sleep(0.05)
+    assert _live_fill_threads() == []
+
+
+def test_an_error_while_filling_is_raised_once_and_the_thread_ends():
+    def prepare(start, stop, feed):
+        if start >= 30:
+            raise ValueError("bad rows")
+        return feed
+
+    with pytest.raises(ValueError, match="bad rows"):
+        _collect(run_pipeline(_inputs(), Scrambled(), 10, prepare=prepare), 103)
+    time.sleep(0.05)
+    assert _live_fill_threads() == []
+
+
+def test_stopping_early_waits_for_batches_in_flight():
+    adapter = Scrambled()
+    stream = run_pipeline(_inputs(), adapter, 10, depth=4)
+    next(stream)
+    stream.close()
+    time.sleep(0.05)
+    assert _live_fill_threads() == []
+
+
+def test_predict_through_the_pipeline_equals_the_plain_loop(artifacts):
+    from deepspot.runtime import load_runner
+    from deepspot.runtime.stream import predict
+
+    a = artifacts("spot", "subspot_neighbors")
+    with load_runner(a.onnx, "ort-cpu") as runner:
+        inputs = a.inputs()
+        plain = predict(runner, inputs, 7, pipelined=False)
+        piped = predict(runner, inputs, 7, pipelined=True)
+        padded = predict(runner, inputs, 7, pipelined=True, fixed_batch=True)
+    np.testing.assert_array_equal(piped, plain)
+    np.testing.assert_allclose(padded, plain, rtol=0, atol=1e-6)  # other batch shapes: other GEMM blocking
+
+
+def test_cpu_runners_have_no_device_pipeline(artifacts):
+    from deepspot.runtime import load_runner
+
+    with load_runner(artifacts("spot", "subspot_neighbors").onnx, "ort-cpu") as runner:
+        assert runner.pipeline_adapter(16) is None
+
+
+def test_host_adapter_runs_the_steps_in_place():
+    adapter = HostAdapter(_compute, {"y": ((G,), np.dtype(np.float32))})
+    out, writes = _collect(run_pipeline(_inputs(n=9), adapter, 4), 9)
+    assert (writes == 1).all() and out[8, 2] == 1
+
+
+# -- CUDA libraries --------------------------------------------------------------------------------------------------
+def test_cuda_13_wheels_consolidated_folder_is_found(tmp_path, monkeypatch):
+    lib = tmp_path / "nvidia" / "cu13" / "lib"
+    lib.mkdir(parents=True)
+    (lib / "libcublasLt.so.13").write_bytes(b"")
+    (tmp_path / "nvidia" / "cudnn" / "lib").mkdir(parents=True)
+    (tmp_path / "nvidia" / "cudnn" / "lib" / "libcudnn.so.9").write_bytes(b"")
+    monkeypatch.setattr(cuda_libs.site, "getsitepackages", lambda: [str(tmp_path)])
+    monkeypatch.setattr(cuda_libs.sys, "path", [])
+    assert lib in cuda_libs.nvidia_library_dirs()
+    assert cuda_libs.find_library("libcublasLt.so.*") == lib / "libcublasLt.so.13"
+    assert cuda_libs.find_library("libcudnn.so.*").name == "libcudnn.so.9"
+
+
+def test_preloading_on_a_machine_without_cuda_reports_instead_of_failing():
+    report = cuda_libs.preload_cuda_libraries()
+    assert "libcudart.so.*" in report and all(isinstance(v, str) for v in report.values())
+
+
+def test_a_provider_that_falls_back_to_the_cpu_is_an_error_naming_the_library(tmp_path, monkeypatch, artifacts):
+    import onnxruntime
+
+    from deepspot.runtime import ort as ort_module
+
+    model = artifacts("cell", "cell").onnx  # made before onnxruntime is faked below
+
+    class FellBack:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]  # what onnxruntime does when the CUDA provider fails to load
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", FellBack)
+    monkeypatch.setattr(cuda_libs, "provider_load_error", lambda p: "libcudnn.so.9: cannot open shared object file")
+    with pytest.raises(BackendUnavailableError, match=r"CUDAExecutionProvider failed to load \(libcudnn\.so\.9: cannot"):
+        ort_module.session_from_onnx(model, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+def test_provider_load_error_names_a_missing_provider():
+    assert "not part of this onnxruntime build" in cuda_libs.provider_load_error("CUDAExecutionProvider")
+    assert cuda_libs.provider_load_error("NoSuchExecutionProvider") == "NoSuchExecutionProvider is not part of this onnxruntime build"
+
+
+# -- deepspot doctor ---------------------------------------------------------------------------------------------------
+def test_doctor_reports_every_backend_and_exits_0():
+    result = CliRunner().invoke(app, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert set(report["backends"]) == {"torch", "torch-cuda", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"}
+    assert report["backends"]["ort-cpu"]["available"] is True
+    assert report["backends"]["ort-cuda"]["available"] is False and "onnxruntime-gpu" in report["backends"]["ort-cuda"]["why not"]
+    assert report["backends"]["tensorrt"]["verified on a GPU"] is False
+    assert report["versions"]["onnxruntime"] and report["versions"]["deepspot"]
+    table = CliRunner().invoke(app, ["doctor"])
+    assert table.exit_code == 0 and "unverified" in table.output and "deepspot[gpu]" in table.output
+
+
+@pytest.mark.gpu
+def test_torch_cuda_pipeline_equals_the_plain_loop(artifacts, require):
+    require("cuda")
+    from deepspot.runtime import load_runner
+    from deepspot.runtime.stream import predict
+
+    a = artifacts("spot", "subspot_neighbors")
+    inputs = a.inputs()
+    with load_runner(a.checkpoint, "torch-cuda") as runner:
+        assert runner.pipeline_adapter(8) is not None
+        np.testing.assert_allclose(predict(runner, inputs, 8), predict(runner, inputs, 8, pipelined=False), atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_ort_cuda_pipeline_equals_the_plain_loop(artifacts, require):
+    require("ort-cuda")
+    from deepspot.runtime import load_runner
+    from deepspot.runtime.stream import predict
+
+    a = artifacts("spot", "subspot_neighbors")
+    inputs = a.inputs()
+    with load_runner(a.onnx, "ort-cuda") as runner:
+        assert runner.pipeline_adapter(8) is not None
+        np.testing.assert_allclose(predict(runner, inputs, 8), predict(runner, inputs, 8, pipelined=False), atol=1e-5)
