@@ -126,6 +126,11 @@ def unavailable_reason(name: str, probe: Probe) -> str | None:
         return f"backend {name!r} needs {b.needs}: onnxruntime here has no {missing[0]}; {b.install}"
     if b.runs == "model" and not probe.torch:
         return f"backend {name!r} needs PyTorch, which is not installed: {get_backend('torch').install}"
+    if name == "tensorrt" and not probe.torch:  # the native runner's device buffers and streams are torch's
+        return (
+            f"backend {name!r} needs PyTorch for its CUDA buffers, which is not installed: "
+            f"{get_backend('torch').install}; ort-trt runs TensorRT without it"
+        )
     if name == "tensorrt" and not probe.tensorrt:
         return f"backend {name!r} needs {b.needs}: the tensorrt package is not installed; {b.install}"
     if b.device == "cuda" and not probe.cuda and not b.providers:

@@ -189,3 +189,14 @@ def test_commands_that_need_torch_say_what_to_install(tmp_path, argv):
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "deepspot[torch]" in result.stderr or "runs a checkpoint" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_backend_probe_without_torch():
+    from deepspot.runtime.backends import Probe, unavailable_reason
+
+    providers = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    serving_gpu = Probe(providers, cuda=False, tensorrt=True, torch=False)
+    assert unavailable_reason("ort-trt", serving_gpu) is None and unavailable_reason("ort-cuda", serving_gpu) is None
+    for name in ("torch", "torch-cuda", "tensorrt"):
+        assert "deepspot[torch]" in unavailable_reason(name, serving_gpu)
+    assert "ort-trt runs TensorRT without it" in unavailable_reason("tensorrt", serving_gpu)
