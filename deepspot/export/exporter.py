@@ -33,7 +33,7 @@ from torch import nn
 from .._version import __version__
 from ..errors import CheckpointError, ConfigError, DeepSpotError
 from ..fileio import atomic_path
-from .metadata import DEFAULT_OPSET, METADATA_FORMAT, METADATA_VERSION, metadata_value  # noqa: F401  (moved; re-exported)
+from .metadata import DEFAULT_OPSET, METADATA_FORMAT, METADATA_VERSION, metadata_value  # noqa: F401  (re-exported)
 from .graph import ExportModule, build_export_module, check_mode
 from .specs import ExportSpec, check_precision, get_spec, resolve_io_dtype
 from .validate import KernelUnavailableError, ValidationReport, validate_onnx

@@ -241,7 +241,8 @@ def validate_config(text: str, graph: Any, where: str = "config.pbtxt"):
         for d, t in zip(declared, tensors):
             dtype = dtype_name.get(pb2.DataType.Name(d.data_type))
             if dtype != t.dtype:
-                raise ConfigError(f"{where}: {kind} {d.name!r} is {pb2.DataType.Name(d.data_type)}, the graph's {t.dtype}")
+                declared_type = pb2.DataType.Name(d.data_type)
+                raise ConfigError(f"{where}: {kind} {d.name!r} is {declared_type}, the graph's {t.dtype}")
             want = _io_dims(t, where)
             if list(d.dims) != want:
                 raise ConfigError(f"{where}: {kind} {d.name!r} has dims {list(d.dims)}, the graph's are {want}")

@@ -104,7 +104,9 @@ class Probe:
     torch: bool = True
 
     @classmethod
-    def detect(cls) -> "Probe":
+    def detect(cls, torch_cuda: bool = True) -> "Probe":
+        """Probe this machine; ``torch_cuda=False`` skips asking PyTorch for a GPU (importing torch takes seconds,
+        and only ``torch-cuda`` and ``tensorrt`` need the answer)."""
         providers: tuple[str, ...] = ()
         if importlib.util.find_spec("onnxruntime") is not None:
             import onnxruntime
@@ -113,6 +115,8 @@ class Probe:
         has_trt = importlib.util.find_spec("tensorrt") is not None
         if importlib.util.find_spec("torch") is None:  # a serving install: the ONNX backends need no PyTorch
             return cls(providers, False, has_trt, torch=False)
+        if not torch_cuda:
+            return cls(providers, False, has_trt)
         import torch
 
         return cls(providers, torch.cuda.is_available(), has_trt)
@@ -172,7 +176,13 @@ def select_backend(
         BackendUnavailableError: The backend cannot run here and fallback is off (or the chain is exhausted).
     """
     get_backend(requested)
-    probe = probe or Probe.detect()
+    if probe is None:
+        chain, name = [], requested
+        while name is not None:
+            chain.append(name)
+            name = get_backend(name).fallback if allow_fallback else None
+        probe = Probe.detect(torch_cuda=any(get_backend(n).device == "cuda" and not get_backend(n).providers
+                                            for n in chain))  # fmt: skip
     reasons: list[str] = []
     name: str | None = requested
     while name is not None:

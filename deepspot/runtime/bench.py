@@ -127,7 +127,8 @@ def _bench_onnx(w: Workload, path: Path, backends, batch_size, repeats, warmup, 
     if info.layout != "dense":
         raise ConfigError(f"{path}: a graph of the indexed layout; benchmark the per-item export")
     mode = info.mode_spec
-    bags = {b.name: w.bags.get(b.name, {"subspot": 9, "neighbors": 6}.get(b.name, 4)) for b in mode.bags if not b.single}
+    default_bags = {"subspot": 9, "neighbors": 6}  # the reference's, where the workload has no such bag
+    bags = {b.name: w.bags.get(b.name, default_bags.get(b.name, 4)) for b in mode.bags if not b.single}
     w = replace(w, name=f"{w.name} ({path.name})", family=info.family, mode=info.mode, input_size=info.input_size,
                 output_size=info.output_size, bags=bags,
                 phi2rho_size=int(info.config.get("phi2rho_size") or w.phi2rho_size),

@@ -30,7 +30,15 @@ import numpy as np
 from ..data import MAX_BAG
 from ..errors import CheckpointError, ConfigError, InputError
 from ..fileio import ensure_free_space, preallocate
-from ..export.metadata import ENCODER_FILE, ENCODER_INPUT, ENCODER_OUTPUT, HEAD_EMBEDDING, HEAD_FILE, HEAD_NEIGHBORS, OUTPUT
+from ..export.metadata import (
+    ENCODER_FILE,
+    ENCODER_INPUT,
+    ENCODER_OUTPUT,
+    HEAD_EMBEDDING,
+    HEAD_FILE,
+    HEAD_NEIGHBORS,
+    OUTPUT,
+)
 from .base import ModelInfo, Runner, TensorSpec
 from .stream import _progress, batches
 from ._pages import release_rows

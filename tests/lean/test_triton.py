@@ -112,7 +112,7 @@ def test_cli_refusal_is_one_line_exit_2(tmp_path):
         (lambda t: t.replace('name: "subspot"', 'name: "subspots"'), "differ from the ONNX graph"),
         (lambda t: t.replace("dims: [ -1, 8 ]", "dims: [ -1, 9 ]", 1), "has dims"),
         (lambda t: t.replace("dims: [ 5 ]", "dims: [ -1, 5 ]"), "has dims"),
-        (lambda t: t.replace("data_type: TYPE_FP32 dims: [ 1, 8 ]", "data_type: TYPE_FP16 dims: [ 1, 8 ]", 1), "TYPE_FP16"),
+        (lambda t: t.replace("TYPE_FP32 dims: [ 1, 8 ]", "TYPE_FP16 dims: [ 1, 8 ]", 1), "TYPE_FP16"),
         (lambda t: t.replace("max_batch_size", "max_batch"), "not a valid Triton model configuration"),
         (lambda t: t.replace("KIND_GPU", "KIND_TPU"), "not a valid Triton model configuration"),
         (lambda t: t.replace("preferred_batch_size: [ 64, 128, 256 ]", "preferred_batch_size: [ 64, 128, 4096 ]"),
