@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from ..data import MAX_BAG
+from ..limits import MAX_BAG
 from .app import NO_CLOBBER_HELP, app, fail, handle_errors
 
 engine_app = typer.Typer(
