@@ -22,9 +22,12 @@ print(",".join(bad))
 @pytest.mark.parametrize(
     "module, forbidden",
     [
-        ("deepspot", ["deepspot.train", "deepspot.cli", "onnxruntime", "tensorrt", "deepspot.export"]),
-        ("deepspot.export", ["deepspot.train", "deepspot.cli", "deepspot.runtime", "onnxruntime"]),
-        ("deepspot.runtime", ["deepspot.train", "deepspot.cli", "deepspot.quickstart", "onnxruntime", "tensorrt"]),
+        ("deepspot", ["deepspot.train", "deepspot.cli", "onnxruntime", "tensorrt", "deepspot.export", "torch"]),
+        ("deepspot.export", ["deepspot.train", "deepspot.cli", "deepspot.runtime", "onnxruntime", "torch"]),
+        ("deepspot.runtime", ["deepspot.train", "deepspot.cli", "deepspot.quickstart", "onnxruntime", "tensorrt",
+                              "torch", "deepspot.checkpoint", "deepspot.importer"]),
+        # The typer app loads fast: the heavy packages come with the command that needs them.
+        ("deepspot.cli", ["torch", "onnx", "onnxruntime", "tritonclient", "numpy", "deepspot.runtime"]),
         ("deepspot.runtime.indexed", ["deepspot.train", "deepspot.cli"]),
     ],
 )
