@@ -200,3 +200,13 @@ def test_backend_probe_without_torch():
     for name in ("torch", "torch-cuda", "tensorrt"):
         assert "deepspot[torch]" in unavailable_reason(name, serving_gpu)
     assert "ort-trt runs TensorRT without it" in unavailable_reason("tensorrt", serving_gpu)
+
+
+def test_doctor_runs_without_torch_and_says_why_the_torch_backends_cannot():
+    result = no_torch("doctor", "--json")
+    assert result.returncode == 0, result.stderr
+    import json
+
+    report = json.loads(result.stdout)
+    assert report["versions"]["torch"] is None and report["backends"]["ort-cpu"]["available"]
+    assert "deepspot[torch]" in report["backends"]["torch"]["why not"]
