@@ -1,5 +1,6 @@
 """Data flows one way: checkpoint -> export -> runtime. The runtime never imports training code, nothing in the
-library imports the CLI, and ``import deepspot`` needs neither onnxruntime nor TensorRT."""
+library imports the CLI, ``import deepspot`` needs neither onnxruntime nor TensorRT, no module imports another that
+imports it back (imports inside functions included), and the runtime runs ONNX models without PyTorch."""
 
 from __future__ import annotations
 
