@@ -1,13 +1,13 @@
 """DeepSpot and DeepCell: spatial gene expression from H&E features, from training to high-throughput inference.
 
-``import deepspot`` needs no PyTorch: ``load``, ``save`` and ``create_model`` import it when first used, so that a
-serving install (``pip install 'deepspot[cpu]'``) runs exported models without it.
+``import deepspot`` is light: PyTorch and the model code load on first use of :func:`create_model`, :func:`load` or
+:func:`save`, so that the command line starts fast and running exported models does not need them.
 """
 
 from ._version import __version__
 from .errors import DeepSpotError
 
-_LAZY = {"load": "checkpoint", "save": "checkpoint", "create_model": "factory"}
+_LAZY = {"create_model": "factory", "load": "checkpoint", "save": "checkpoint"}
 
 
 def __getattr__(name: str):
@@ -15,7 +15,7 @@ def __getattr__(name: str):
         import importlib
 
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    raise AttributeError(f"module 'deepspot' has no attribute {name!r}")
 
 
 __all__ = ["__version__", "create_model", "load", "save", "DeepSpotError"]

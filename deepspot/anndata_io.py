@@ -19,6 +19,16 @@ from .errors import BackendUnavailableError, InputError
 from .fileio import atomic_path
 
 COORD_COLUMNS = ("x_array", "y_array", "x_pixel", "y_pixel")
+#: Other names of the same coordinates: scanpy / squidpy's Visium ``obs`` and Space Ranger's ``tissue_positions.csv``.
+#: The reference's ``x`` is the row (its ``crop_tile`` takes ``y_pixel`` as the left edge), scanpy's ``x`` the column.
+COORD_ALIASES = {
+    "array_row": "x_array",
+    "array_col": "y_array",
+    "pxl_row_in_fullres": "x_pixel",
+    "pxl_col_in_fullres": "y_pixel",
+}
+#: ``obs`` columns read besides the coordinates: which spots lie on the tissue, and the reference's sample grouping.
+EXTRA_COLUMNS = ("in_tissue", "sampleID")
 #: Names accepted for the barcode column of a CSV (pandas writes an unnamed index column as "" or "Unnamed: 0").
 BARCODE_COLUMNS = ("barcode", "barcodes", "cell_id", "", "Unnamed: 0")
 
@@ -34,15 +44,19 @@ def _anndata():
 
 
 # -- reading coordinates ------------------------------------------------------------------------------------------
-def read_obs(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
+def read_obs(path: str | Path, extra: Sequence[str] = ()) -> tuple[list[str], dict[str, np.ndarray]]:
     """Barcodes and coordinates of a sample.
 
-    From an ``.h5ad``: ``obs_names`` and the ``obs`` columns ``x_array``, ``y_array``, ``x_pixel``, ``y_pixel`` that
-    exist (only ``obs`` is read, not ``X``). From a ``.csv``: a ``barcode`` column (or pandas' unnamed index column)
-    and the same coordinate columns.
+    From an ``.h5ad``: ``obs_names``, the ``obs`` coordinate columns that exist (``x_array``, ``y_array``, ``x_pixel``,
+    ``y_pixel``, or scanpy's ``array_row``, ``array_col``), and ``obsm["spatial"]`` (scanpy's ``[column, row]`` pixel
+    order) where ``obs`` has no pixel columns; only ``obs`` and ``obsm`` are read, not ``X``. From a ``.csv``: a
+    ``barcode`` column (or pandas' unnamed index column) and the same columns, Space Ranger's ``tissue_positions.csv``
+    included (``pxl_row_in_fullres``, ``pxl_col_in_fullres``). ``in_tissue`` and the ``extra`` columns (such as
+    ``sampleID``) come along when present.
 
     Returns:
-        ``(barcodes, coords)``: barcodes in file order and float64 arrays by column name.
+        ``(barcodes, columns)``: barcodes in file order; float64 coordinates by the reference's names, and the other
+        columns as they are.
 
     Raises:
         InputError: The file is missing, unreadable, has no barcodes or a non-numeric coordinate.
@@ -52,18 +66,29 @@ def read_obs(path: str | Path) -> tuple[list[str], dict[str, np.ndarray]]:
     if not path.is_file():
         raise InputError(f"{path}: no such coordinates file (expected .h5ad or .csv)")
     suffix = path.suffix.lower()
+    wanted = tuple(COORD_COLUMNS) + tuple(COORD_ALIASES) + EXTRA_COLUMNS + tuple(extra)
     if suffix == ".h5ad":
-        barcodes, coords = _read_h5ad_obs(path)
+        barcodes, columns = _read_h5ad_obs(path, wanted)
     elif suffix in (".csv", ".tsv", ".txt"):
-        barcodes, coords = _read_csv_obs(path, "\t" if suffix == ".tsv" else ",")
+        barcodes, columns = _read_csv_obs(path, "\t" if suffix == ".tsv" else ",", wanted)
     else:
         raise InputError(f"{path}: unknown coordinates format {path.suffix!r}; expected .h5ad or .csv")
     if not barcodes:
         raise InputError(f"{path}: holds no barcodes")
-    return barcodes, coords
+    out: dict[str, np.ndarray] = {}
+    for name, values in columns.items():
+        target = COORD_ALIASES.get(name, name)
+        if target in COORD_COLUMNS + ("in_tissue",):
+            try:
+                values = np.asarray(values, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise InputError(f"{path}: column {name!r} is not numeric") from None
+        if target not in out or name == target:
+            out[target] = np.asarray(values)
+    return barcodes, out
 
 
-def _read_h5ad_obs(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+def _read_h5ad_obs(path: Path, wanted: Sequence[str]) -> tuple[list[str], dict[str, np.ndarray]]:
     ad = _anndata()
     import h5py
 
@@ -71,19 +96,18 @@ def _read_h5ad_obs(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
         read_elem = ad.io.read_elem if hasattr(ad, "io") and hasattr(ad.io, "read_elem") else ad.experimental.read_elem
         with h5py.File(path, "r") as f:
             obs = read_elem(f["obs"])
+            spatial = np.asarray(f["obsm"]["spatial"]) if "obsm" in f and "spatial" in f["obsm"] else None
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise InputError(f"{path}: not a readable .h5ad file ({str(e).splitlines()[0]})") from None
-    coords = {}
-    for name in COORD_COLUMNS:
-        if name in obs.columns:
-            try:
-                coords[name] = np.asarray(obs[name], dtype=np.float64)
-            except (TypeError, ValueError):
-                raise InputError(f"{path}: obs column {name!r} is not numeric") from None
-    return [str(b) for b in obs.index], coords
+    columns = {name: np.asarray(obs[name]) for name in wanted if name in obs.columns}
+    if spatial is not None and "x_pixel" not in columns and "pxl_row_in_fullres" not in columns:
+        if spatial.ndim != 2 or spatial.shape[1] < 2 or spatial.shape[0] != len(obs.index):
+            raise InputError(f"{path}: obsm['spatial'] has shape {spatial.shape}, expected (n_obs, 2)")
+        columns["x_pixel"], columns["y_pixel"] = spatial[:, 1], spatial[:, 0]  # scanpy's [x, y] = [column, row]
+    return [str(b) for b in obs.index], columns
 
 
-def _read_csv_obs(path: Path, delimiter: str) -> tuple[list[str], dict[str, np.ndarray]]:
+def _read_csv_obs(path: Path, delimiter: str, wanted: Sequence[str]) -> tuple[list[str], dict[str, np.ndarray]]:
     try:
         with open(path, newline="") as f:
             reader = csv.reader(f, delimiter=delimiter)
@@ -101,15 +125,18 @@ def _read_csv_obs(path: Path, delimiter: str) -> tuple[list[str], dict[str, np.n
     if bad is not None:
         raise InputError(f"{path}: line {bad + 2} has {len(rows[bad])} fields, the header {len(header)}")
     barcodes = [r[col].strip() for r in rows]
-    coords = {}
-    for name in COORD_COLUMNS:
+    columns = {}
+    for name in wanted:
         if name in header:
             j = header.index(name)
-            try:
-                coords[name] = np.array([float(r[j]) for r in rows], dtype=np.float64)
-            except ValueError:
-                raise InputError(f"{path}: column {name!r} holds a value that is not a number") from None
-    return barcodes, coords
+            values = [r[j].strip() for r in rows]
+            if COORD_ALIASES.get(name, name) in COORD_COLUMNS + ("in_tissue",):
+                try:
+                    values = [float(v) for v in values]
+                except ValueError:
+                    raise InputError(f"{path}: column {name!r} holds a value that is not a number") from None
+            columns[name] = np.asarray(values)
+    return barcodes, columns
 
 
 # -- writing predictions ------------------------------------------------------------------------------------------

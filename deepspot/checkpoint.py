@@ -7,7 +7,6 @@ training history. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from safetensors.torch import save_file
 from ._version import __version__
 from .assemble import from_parts, shapes_of
 from .errors import CheckpointError
-from .fileio import atomic_path
+from .fileio import atomic_path, file_sha256
 
 FORMAT = "deepspot-checkpoint"
 FORMAT_VERSION = 1
@@ -117,8 +116,4 @@ def load(path: str | Path):
 
 def file_hash(path: str | Path) -> str:
     """SHA-256 of a file's bytes, as hex."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)

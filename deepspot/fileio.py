@@ -65,7 +65,7 @@ def atomic_path(path: str | Path, suffix: str | None = None, no_clobber: bool = 
         raise DeepSpotError(f"{path}: output folder {folder} does not exist")
     check_clobber(path, no_clobber)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + (suffix or path.suffix), dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f"{temp_prefix(path.name)}", suffix=".tmp" + (suffix or path.suffix), dir=folder)
     except OSError as e:
         raise DeepSpotError(f"{path}: cannot write here ({e.strerror})") from None
     os.close(fd)
@@ -89,3 +89,57 @@ def atomic_path(path: str | Path, suffix: str | None = None, no_clobber: bool = 
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, as hex, read 1 MiB at a time."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# -- temporary files and what a killed process leaves ---------------------------------------------------------------
+def temp_prefix(name: str) -> str:
+    """The prefix of deepspot's hidden temporary files: ``.<name>.pid<N>.``, so that a later run can tell the files
+    of a process that died (SIGKILL runs no clean-up) from those of one still writing."""
+    return f".{name}.pid{os.getpid()}."
+
+
+def leftover_pid(name: str) -> int | None:
+    """The process id in the name of one of deepspot's temporary files, else ``None``."""
+    if not name.startswith(".") or ".pid" not in name:
+        return None
+    digits = name.split(".pid", 1)[1].split(".", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_leftovers(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that deepspot processes which died left in ``folder`` (only those whose process is
+    gone: a run still writing beside this one keeps its files). Returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(".*.pid*"):
+        pid = leftover_pid(path.name)
+        if pid is not None and pid != os.getpid() and not _alive(pid) and path.is_file():
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed

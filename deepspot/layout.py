@@ -209,6 +209,7 @@ def build_bundle(
     index: bool = False,
     max_neighbors: int | None = None,
     source: str = "obs",
+    feats: Features | None = None,
 ) -> dict[str, np.ndarray]:
     """Build bundle arrays from a reference-style features folder and a sample's coordinates.
 
@@ -223,6 +224,7 @@ def build_bundle(
         max_neighbors: Pad every bag to this many rows instead of the sample's largest bag. The reference pads to the
             largest bag of its whole data set, so give that number to reproduce one slide of several.
         source: Name of the coordinates' file, for messages.
+        feats: Features already read and put in ``barcodes``' order (from an ``.h5``); else read from ``features``.
 
     Returns:
         ``spot`` ``(N, 1, D)`` (and ``subspot`` ``(N, S, D)``) or ``cell`` ``(N, 1, D)``; ``neighbors`` or
@@ -250,7 +252,7 @@ def build_bundle(
     if max_neighbors is not None and max_neighbors < 1:
         raise InputError(f"max_neighbors must be positive, got {max_neighbors}")
 
-    feats = read_features(features, barcodes, family)
+    feats = feats if feats is not None else read_features(features, barcodes, family)
     if family == "spot":
         flat, counts = spot_neighbor_lists(coords["x_array"], coords["y_array"], radius)
         try:
@@ -284,6 +286,86 @@ def build_bundle(
     return arrays
 
 
+def read_h5_features(path: str | Path, coords: Mapping[str, np.ndarray], source: str = "obs",
+                     tolerance: float | None = None) -> Features:  # fmt: skip
+    """Per-slide tile features as TRIDENT and CLAM write them, matched to spots or cells by position.
+
+    The ``.h5`` holds ``features`` ``(T, D)`` and ``coords`` ``(T, 2)``: each tile's top-left corner ``(x, y)`` in
+    level-0 pixels, with the tile's size in the ``patch_size_level0`` (TRIDENT) or ``patch_size`` (CLAM) attribute;
+    without one, coordinates are taken as tile centres. An item at pixel row ``x_pixel`` and column ``y_pixel`` (the
+    reference's names) takes the tile whose centre is nearest, within ``tolerance`` pixels (default: half a tile, or
+    1 px for centres).
+
+    Raises:
+        InputError: Missing datasets or coordinates, an item with no tile within the tolerance, or a tile claimed
+            by two items; the message names the first.
+    """
+    import h5py
+    from scipy.spatial import cKDTree
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such features file")
+    for name in ("x_pixel", "y_pixel"):
+        if name not in coords:
+            raise InputError(f"{source}: matching tiles by position needs pixel coordinates (x_pixel, y_pixel)")
+    try:
+        with h5py.File(path, "r") as f:
+            if "features" not in f or "coords" not in f:
+                raise InputError(f"{path}: an .h5 of tile features holds 'features' (T, D) and 'coords' (T, 2)")
+            features = np.asarray(f["features"], dtype=np.float32)
+            tiles = np.asarray(f["coords"], dtype=np.float64)
+            attrs = dict(f["coords"].attrs)
+    except OSError as e:
+        raise InputError(f"{path}: not a readable .h5 file ({e})") from None
+    if features.ndim != 2 or tiles.shape != (features.shape[0], 2):
+        raise InputError(f"{path}: features {features.shape} and coords {tiles.shape} do not describe the same tiles")
+    size = attrs.get("patch_size_level0", attrs.get("patch_size"))
+    size = float(np.asarray(size).reshape(-1)[0]) if size is not None else None
+    centres = tiles + (size / 2 if size else 0.0)
+    tol = tolerance if tolerance is not None else (size / 2 if size else 1.0)
+    points = np.column_stack([coords["y_pixel"], coords["x_pixel"]])  # (x, y) = (column, row)
+    dist, nearest = cKDTree(centres).query(points)
+    far = np.nonzero(dist > tol)[0]
+    if far.size:
+        i = int(far[0])
+        raise InputError(
+            f"{path}: {far.size} item(s) have no tile within {tol:g} px; the first, at row {coords['x_pixel'][i]:g}, "
+            f"column {coords['y_pixel'][i]:g}, is {dist[i]:.1f} px from the nearest tile centre"
+        )
+    taken, counts = np.unique(nearest, return_counts=True)
+    if (counts > 1).any():
+        tile = int(taken[np.argmax(counts > 1)])
+        raise InputError(f"{path}: tile {tile} at {tiles[tile].tolist()} is the nearest of several items; positions "
+                         "do not match one tile per item")  # fmt: skip
+    return Features(features[nearest], None)
+
+
+def _select(barcodes: list[str], columns: dict[str, np.ndarray], keep: np.ndarray):
+    return [b for b, k in zip(barcodes, keep) if k], {name: values[keep] for name, values in columns.items()}
+
+
+def _read_sample(obs, features, by: str | None, all_spots: bool):
+    from .anndata_io import read_obs
+
+    barcodes, columns = read_obs(obs, extra=(by,) if by else ())
+    if "in_tissue" in columns and not all_spots:
+        barcodes, columns = _select(barcodes, columns, columns["in_tissue"] > 0)
+        if not barcodes:
+            raise InputError(f"{obs}: no spot has in_tissue set; --all-spots keeps them all")
+    return barcodes, columns
+
+
+def _build(features, names, columns, family, radius, k, index, max_neighbors, dtype, source) -> dict[str, np.ndarray]:
+    from .data import cast_features
+
+    coords = {c: v for c, v in columns.items() if c in COORD_KEYS}
+    h5 = Path(features).suffix.lower() in (".h5", ".hdf5")
+    feats = read_h5_features(features, coords, source) if h5 else None
+    arrays = build_bundle(features, names, coords, family, radius, k, index, max_neighbors, source=source, feats=feats)
+    return cast_features(arrays, dtype)
+
+
 def write_bundle(
     out: str | Path,
     features: str | Path,
@@ -294,17 +376,50 @@ def write_bundle(
     index: bool = False,
     max_neighbors: int | None = None,
     dtype: str = "fp32",
+    all_spots: bool = False,
 ) -> dict[str, np.ndarray]:
     """Read coordinates from ``obs`` (``.h5ad`` or ``.csv``), build the bundle and write it to ``out`` atomically.
 
-    Everything is checked before anything is written; features are stored as ``dtype`` (``fp32`` or ``fp16``).
-    Returns the arrays written.
+    ``features`` is the reference's folder of ``<barcode>.npy`` files, or a TRIDENT/CLAM ``.h5`` of the slide's tiles
+    (see :func:`read_h5_features`). Spots with ``in_tissue`` 0 are left out unless ``all_spots``. Features are stored
+    as ``dtype`` (``fp32`` or ``fp16``). Everything is checked before anything is written. Returns the arrays written.
     """
-    from .anndata_io import read_obs
-    from .data import cast_features
-
-    barcodes, coords = read_obs(obs)
-    arrays = build_bundle(features, barcodes, coords, family, radius, k, index, max_neighbors, source=str(obs))
-    arrays = cast_features(arrays, dtype)
+    barcodes, columns = _read_sample(obs, features, None, all_spots)
+    arrays = _build(features, barcodes, columns, family, radius, k, index, max_neighbors, dtype, str(obs))
     save_bundle(out, arrays)
     return arrays
+
+
+def write_sample_bundles(
+    out: str | Path,
+    features: str | Path,
+    obs: str | Path,
+    by: str = "sampleID",
+    family: str = "spot",
+    radius: float = DEFAULT_RADIUS,
+    k: int = DEFAULT_K,
+    index: bool = False,
+    max_neighbors: int | None = None,
+    dtype: str = "fp32",
+    all_spots: bool = False,
+) -> dict[str, dict[str, np.ndarray]]:
+    """The reference's multi-sample layout: one bundle per value of ``obs[by]``, ``out/<sample>.npz``, each with its
+    neighbours chosen within the sample; as :func:`write_bundle` otherwise. Returns the arrays by sample."""
+    barcodes, columns = _read_sample(obs, features, by, all_spots)
+    if by not in columns:
+        raise InputError(f"{obs}: no {by!r} column to split the samples by")
+    groups = [str(g) for g in columns[by]]
+    names = list(dict.fromkeys(groups))
+    bad = [g for g in names if g in ("", ".", "..") or "/" in g or "\\" in g]
+    if bad:
+        raise InputError(f"{obs}: sample name {bad[0]!r} cannot name a file")
+    built = {}
+    for name in names:  # all built (and checked) before any is written
+        sub_barcodes, sub_columns = _select(barcodes, columns, np.array([g == name for g in groups]))
+        built[name] = _build(features, sub_barcodes, sub_columns, family, radius, k, index, max_neighbors, dtype,
+                             f"{obs} (sample {name})")  # fmt: skip
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, arrays in built.items():
+        save_bundle(out / f"{name}.npz", arrays)
+    return built

@@ -9,7 +9,7 @@ import typer
 
 from ..errors import ConfigError
 from ..export.metadata import DEFAULT_OPSET
-from .app import NO_CLOBBER_HELP, app, handle_errors
+from .core import NO_CLOBBER_HELP, app, handle_errors
 
 
 def _untrained_model(

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .app import NO_CLOBBER_HELP, app, handle_errors
+from .core import NO_CLOBBER_HELP, app, handle_errors
 
 
 @app.command("import")
@@ -46,9 +46,17 @@ def import_weights(
 @app.command("bundle")
 @handle_errors
 def bundle(
-    features: Path = typer.Option(..., "--features", help="Folder with one <barcode>.npy per spot or cell."),
-    obs: Path = typer.Option(..., "--obs", help="Coordinates: the sample's .h5ad (obs) or a CSV with a barcode column"),
-    out: Path = typer.Option(..., "-o", "--output", help="Output bundle: a .npz file, or a directory of .npy files."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Folder with one <barcode>.npy per spot or cell."),
+    features_h5: Optional[Path] = typer.Option(
+        None, "--features-h5", help="Instead: the slide's tile features as TRIDENT/CLAM write them (features, coords)."
+    ),
+    obs: Path = typer.Option(
+        ..., "--obs", help="Coordinates: the sample's .h5ad (reference or scanpy names, obsm['spatial']) or a CSV "
+        "(a barcode column; Space Ranger's tissue_positions.csv works)."
+    ),
+    out: Path = typer.Option(
+        ..., "-o", "--output", help="Output bundle: a .npz file, or a directory of .npy files (a folder with --by)."
+    ),
     family: str = typer.Option("spot", "--family", help="spot (Visium) or cell (Xenium)."),
     radius: float = typer.Option(1.0, "--radius", help="Spots: neighbours within this distance on both array axes."),
     k: int = typer.Option(45, "--k", help="Cells: nearest cells by pixel coordinates, the cell itself included."),
@@ -59,14 +67,28 @@ def bundle(
         None, "--max-neighbors", help="Pad bags to this many rows (the reference's data-set-wide largest bag)."
     ),
     dtype: str = typer.Option("fp32", "--dtype", help="Feature dtype: fp32, or fp16 (half the bytes to read and send)."),
+    all_spots: bool = typer.Option(False, "--all-spots", help="Keep spots outside the tissue (obs in_tissue = 0)."),
+    by: Optional[str] = typer.Option(
+        None, "--by", help="Split by this obs column (the reference's sampleID): OUT/<sample>.npz, neighbours within it."
+    ),
 ) -> None:
     """Build a feature bundle from the reference's layout, with neighbours chosen the reference's way."""
-    from ..layout import write_bundle
+    from ..errors import ConfigError
+    from ..layout import write_bundle, write_sample_bundles
 
-    arrays = write_bundle(out, features, obs, family, radius, k, index, max_neighbors, dtype)
-    own = "spot" if family == "spot" else "cell"
-    n, d = arrays[own].shape[0], arrays[own].shape[-1]
-    nb = arrays["neighbor_index"] if index else arrays["neighbors"]
-    sub = f", {arrays['subspot'].shape[1]} sub-spots" if "subspot" in arrays else ""
-    layout = "index" if index else "dense"
-    typer.echo(f"wrote {out}: {n} {own}s, {d} features{sub}, {nb.shape[1]} neighbour rows ({layout})")
+    if (features is None) == (features_h5 is None):
+        raise ConfigError("give the features either as --features FOLDER or as --features-h5 SLIDE.h5")
+    source = features or features_h5
+    options = (family, radius, k, index, max_neighbors, dtype, all_spots)
+    if by is None:
+        written = {out.name: write_bundle(out, source, obs, *options)}
+    else:
+        written = write_sample_bundles(out, source, obs, by, *options)
+    for name, arrays in written.items():
+        own = "spot" if family == "spot" else "cell"
+        n, d = arrays[own].shape[0], arrays[own].shape[-1]
+        nb = arrays["neighbor_index"] if index else arrays["neighbors"]
+        sub = f", {arrays['subspot'].shape[1]} sub-spots" if "subspot" in arrays else ""
+        layout = "index" if index else "dense"
+        where = out / f"{name}.npz" if by else out
+        typer.echo(f"wrote {where}: {n} {own}s, {d} features{sub}, {nb.shape[1]} neighbour rows ({layout})")

@@ -10,12 +10,12 @@ import contextlib
 import json
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from ..limits import MAX_BAG
-from .app import NO_CLOBBER_HELP, app, fail, handle_errors
+from .core import NO_CLOBBER_HELP, app, fail, handle_errors
 
 engine_app = typer.Typer(
     help="Build and inspect native TensorRT engines (.plan).", no_args_is_help=True, rich_markup_mode=None
@@ -85,12 +85,31 @@ def _bag_sizes(text: Optional[str]) -> dict[str, int]:
 @handle_errors
 def infer(
     model: Path = typer.Argument(..., help="An .onnx file, a TensorRT .plan, or a checkpoint (runs on torch)."),
-    input: Path = typer.Option(..., "--input", "-i", help="Feature bundle: .npz or a directory of .npy files."),
-    output: Path = typer.Option(
-        ...,
+    more: Optional[List[Path]] = typer.Argument(
+        None, metavar="[BUNDLE]...", help="More bundles of a cohort, as in --input A.npz B.npz C.npz (a shell glob)."
+    ),
+    input: Optional[List[Path]] = typer.Option(
+        None, "--input", "-i", help="Feature bundle(s): .npz or a directory of .npy files; several make a cohort."
+    ),
+    output: Optional[Path] = typer.Option(
+        None,
         "--output",
         "-o",
-        help="Predictions: .npy, .npz (with barcodes and genes) or .h5ad; replaced if it exists, never an input.",
+        help="One bundle's predictions: .npy, .npz (with barcodes and genes) or .h5ad; replaced if it exists, never "
+        "an input.",
+    ),
+    output_dir: Optional[Path] = typer.Option(
+        None, "--output-dir", help="Cohort: one output per slide, OUT/<slide>.<format>, and OUT/cohort.json."
+    ),
+    manifest: Optional[Path] = typer.Option(
+        None, "--manifest", help="Cohort: a CSV with slide and input columns (optional output)."
+    ),
+    format: str = typer.Option("h5ad", "--format", help="Cohort: output format, h5ad, npz or npy."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="Cohort: I/N, this job's share of the slides."),
+    force: bool = typer.Option(False, "--force", help="Cohort: redo slides whose output is up to date."),
+    verify: bool = typer.Option(False, "--verify", help="Cohort: compare inputs by SHA-256, not size and mtime."),
+    devices: Optional[str] = typer.Option(
+        None, "--devices", help="Cohort: one worker process per device, such as 0,1,2,3 (or cpu,cpu)."
     ),
     no_clobber: bool = typer.Option(False, "--no-clobber", help=NO_CLOBBER_HELP),
     backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
@@ -120,13 +139,28 @@ def infer(
     table: str = typer.Option("auto", help="Indexed layout: embedding table in memory, mmap, or auto (by size)."),
     table_dtype: str = typer.Option("fp32", help="Indexed layout from a checkpoint: table dtype, fp32 or fp16."),
 ) -> None:
-    """Stream a feature bundle through a model and write the predictions atomically."""
+    """Stream a feature bundle (or a cohort of them) through a model and write the predictions atomically."""
+    from ..errors import ConfigError
     from ..runtime import infer as run_infer
 
+    bundles = list(input or []) + list(more or [])
+    if output_dir is not None or manifest is not None or len(bundles) > 1:
+        if output is not None or no_clobber:
+            raise ConfigError("a cohort writes one output per slide into --output-dir; -o and --no-clobber are for one bundle")
+        if output_dir is None:
+            raise ConfigError("a cohort (several bundles or --manifest) needs --output-dir")
+        from ..runtime.cohort import CohortSettings
+
+        settings = CohortSettings(backend, batch_size, inverse_transform, layout, table, table_dtype, max_bag, precision,
+                                  threads)  # fmt: skip
+        _cohort(model, bundles, manifest, output_dir, format, shard, force, verify, devices, settings)
+        return
+    if len(bundles) != 1 or output is None:
+        raise ConfigError("give one bundle with -i and its output with -o (or several bundles with --output-dir)")
     with _announce_fallbacks():
         result = run_infer(
             model,
-            input,
+            bundles[0],
             output,
             backend=backend,
             batch_size=batch_size,
@@ -145,6 +179,39 @@ def infer(
         f"wrote {result.output}: {result.n} x {result.genes} predictions on {result.backend}{where} "
         f"in {result.seconds:.2f} s ({result.items_per_s:,.0f} items/s)"
     )
+
+
+def _cohort(model, bundles, manifest, output_dir, fmt, shard, force, verify, devices, settings) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from ..runtime.cohort import parse_shard, plan_slides, run_cohort
+
+    slides = plan_slides(bundles, manifest, output_dir, fmt)
+    if fmt == "h5ad":
+        from ..anndata_io import _anndata
+
+        _anndata()  # before any work: say now that .h5ad needs anndata (or --format npz)
+    console = _console()
+
+    def line(status) -> None:
+        what = {"done": "[green]done[/green]", "skipped": "skipped (up to date)", "failed": "[red]failed[/red]"}
+        extra = f": {escape(status.error)}" if status.error else f", {status.items:,} items in {status.seconds:.1f} s"
+        console.print(f"{status.name}: {what[status.status]}{extra if status.status != 'skipped' else ''}")
+
+    device_list = [d.strip() for d in devices.split(",")] if devices else None
+    with _announce_fallbacks():
+        result = run_cohort(model, slides, output_dir, settings, parse_shard(shard), force, verify, device_list, line)
+    table = Table(title=f"cohort: {len(result.slides)} slides", show_header=True)
+    for column in ("slide", "status", "items", "seconds", "output or error"):
+        table.add_column(column, overflow="fold")
+    for st in result.slides:
+        table.add_row(st.name, st.status, f"{st.items:,}", f"{st.seconds:.1f}", escape(st.error or st.output))
+    console.print(table)
+    counts = result.counts()
+    console.print(f"{counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed; wrote {result.record}")
+    if result.failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .app import NO_CLOBBER_HELP, app, handle_errors
+from .core import NO_CLOBBER_HELP, app, handle_errors
 
 
 @app.command()

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..data import MAX_BAG
 from ..errors import CheckpointError, ConfigError, InputError
-from ..fileio import ensure_free_space, preallocate
+from ..fileio import ensure_free_space, preallocate, temp_prefix
 from ..export.metadata import (
     ENCODER_FILE,
     ENCODER_INPUT,
@@ -284,7 +284,7 @@ def embedding_table(n: int, h: int, dtype: np.dtype, location: str, folder: Path
         yield np.empty((n + 1, h), dtype=dtype)
         return
     ensure_free_space(folder or ".", (n + 1) * h * np.dtype(dtype).itemsize, "the embedding table")
-    fd, name = tempfile.mkstemp(prefix=".deepspot-embeddings.", suffix=".npy", dir=folder)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix("deepspot-embeddings"), suffix=".tmp.npy", dir=folder)
     os.close(fd)
     try:
         table = np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(n + 1, h))

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..data import MAX_BAG
 from ..errors import ConfigError, DeepSpotError
-from ..fileio import atomic_path, check_clobber, ensure_free_space, preallocate
+from ..fileio import atomic_path, check_clobber, ensure_free_space, preallocate, remove_leftovers, temp_prefix
 from .backends import RunnerOptions, load_runner
 from .stream import check_inputs, predict
 
@@ -81,7 +81,79 @@ def check_output_path(output: str | Path, inputs: Sequence[Any] = (), no_clobber
         if same or (source.is_dir() and target.is_relative_to(source.resolve())):
             raise DeepSpotError(f"{output}: is an input of this run ({source}); write the predictions elsewhere")
     check_clobber(output, no_clobber)
+    remove_leftovers(folder)  # what an earlier run here left when it was killed (SIGKILL runs no clean-up)
     return output
+
+
+class ModelSession:
+    """A model loaded once per process: its runner (dense layout) and its pipeline (indexed layout) are built on first
+    use and stay active until :meth:`close`, so a cohort of slides pays for loading and building once.
+
+    Args: as :func:`infer`'s.
+    """
+
+    def __init__(self, model: Any, backend: str | None = None, options: RunnerOptions | None = None,
+                 allow_fallback: bool = False, table_dtype: str = "fp32"):  # fmt: skip
+        self.model, self.backend, self.allow_fallback, self.table_dtype = model, backend, allow_fallback, table_dtype
+        self.options = options or RunnerOptions()
+        self._runner = None
+        self._pipeline = None
+        self._hash: str | None = None
+
+    @property
+    def model_hash(self) -> str | None:
+        """SHA-256 of the model file (of both graphs for an indexed export); ``None`` for an in-memory model."""
+        if self._hash is None and isinstance(self.model, (str, os.PathLike)):
+            self._hash = model_fingerprint(self.model)
+        return self._hash
+
+    def dense(self, batch_size: int, bag_sizes: dict[str, int]):
+        if self._runner is None:
+            self.options.batch_size = batch_size
+            self.options.bag_sizes = bag_sizes
+            runner = load_runner(self.model, self.backend, self.options, self.allow_fallback)
+            if runner.info is None:
+                raise ConfigError(f"{self.model}: not exported by deepspot (no model metadata); cannot match it to the bundle")
+            self._runner = runner.activate()
+        return self._runner
+
+    def indexed(self, batch_size: int):
+        from .indexed import load_pipeline
+
+        if self._pipeline is None:
+            pipeline = load_pipeline(self.model, self.backend, self.options, self.allow_fallback, batch_size,
+                                     self.table_dtype)  # fmt: skip
+            self._pipeline = pipeline.__enter__()
+        return self._pipeline
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.deactivate()
+        if self._pipeline is not None:
+            self._pipeline.__exit__(None, None, None)
+        self._runner = self._pipeline = None
+
+    def __enter__(self) -> "ModelSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def model_fingerprint(model: str | os.PathLike) -> str:
+    """SHA-256 of a model file, or of an indexed export's two graphs together."""
+    import hashlib
+
+    from ..fileio import file_sha256
+    from .indexed import is_indexed_folder
+
+    path = Path(model)
+    if is_indexed_folder(path):
+        from ..export.indexed import ENCODER_FILE, HEAD_FILE
+
+        joined = "".join(file_sha256(path / name) for name in (ENCODER_FILE, HEAD_FILE))
+        return hashlib.sha256(joined.encode()).hexdigest()
+    return file_sha256(path)
 
 
 def infer(
@@ -99,6 +171,7 @@ def infer(
     table_dtype: str = "fp32",
     max_bag: int = MAX_BAG,
     no_clobber: bool = False,
+    session: ModelSession | None = None,
 ) -> InferResult:
     """Predict every item of a bundle and write the predictions.
 
@@ -120,6 +193,7 @@ def infer(
         table_dtype: Indexed layout from a checkpoint: ``fp32`` or ``fp16`` table (an export fixes its own).
         max_bag: Largest bag (sub-spots or neighbours per item) accepted.
         no_clobber: Refuse to replace an existing output (by default it is replaced, atomically).
+        session: A :class:`ModelSession` to reuse (a cohort's); by default one is made for this call and closed.
 
     Raises:
         DeepSpotError: Bad input (reported before anything runs), unavailable backend, unwritable output.
@@ -130,50 +204,50 @@ def infer(
     data = load_bundle(bundle, mmap=True)
     layout = resolve_layout(layout, data, model)
     batch_size = batch_size or default_batch_size(model, backend, data)
-    if layout == "indexed":
-        return _infer_indexed(model, data, output, backend, batch_size, options, inverse_transform, allow_fallback,
-                              progress, table, table_dtype, max_bag, no_clobber)  # fmt: skip
-    options = options or RunnerOptions()
-    options.batch_size = batch_size
-    options.bag_sizes = {k: int(data[k].shape[1]) for k in ("subspot", "neighbors") if k in data and data[k].ndim == 3}
-    runner = load_runner(model, backend, options, allow_fallback)
+    owned = session is None
+    session = session or ModelSession(model, backend, options, allow_fallback, table_dtype)
+    try:
+        if layout == "indexed":
+            return _infer_indexed(session, data, output, batch_size, inverse_transform, progress, table, max_bag,
+                                  no_clobber)  # fmt: skip
+        return _infer_dense(session, data, output, batch_size, inverse_transform, progress, max_bag, no_clobber)
+    finally:
+        if owned:
+            session.close()
+
+
+def _infer_dense(session, data, output, batch_size, inverse_transform, progress, max_bag, no_clobber) -> InferResult:
+    bag_sizes = {k: int(data[k].shape[1]) for k in ("subspot", "neighbors") if k in data and data[k].ndim == 3}
+    runner = session.dense(batch_size, bag_sizes)
     info = runner.info
-    if info is None:
-        raise ConfigError(f"{model}: not exported by deepspot (no model metadata); cannot match it to the bundle")
     mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
     prepare = None
     if data.layout == "indexed" and mode.has_neighbors:
         # A per-item graph on an indexed bundle: gather each batch's neighbour bags from the index.
         from .indexed import check_indexed_inputs, dense_from_index
 
-        n = check_indexed_inputs(data.arrays, info, source=str(bundle), max_bag=max_bag)
+        n = check_indexed_inputs(data.arrays, info, source=str(data.path), max_bag=max_bag)
         inputs, prepare = dense_from_index(data.arrays, mode)
     else:
         inputs = data.inputs(mode)
-        n = check_inputs(inputs, info, source=str(bundle), max_bag=max_bag)
+        n = check_inputs(inputs, info, source=str(data.path), max_bag=max_bag)
     if inverse_transform and info.scaler is None and not info.fold_scaler:
-        raise ConfigError(f"{model}: the model has no scaler, so there is no original scale to map back to")
+        raise ConfigError(f"{session.model}: the model has no scaler, so there is no original scale to map back to")
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
 
-    meta = (data.barcodes, genes, _coords(data), _uns(runner))
-    with runner, prediction_file(output, n, info.output_size, *meta, no_clobber=no_clobber) as out:
+    uns = _uns(runner.backend, info, "dense", session.model_hash, inverse_transform)
+    meta = (data.barcodes, genes, _coords(data), uns)
+    with prediction_file(output, n, info.output_size, *meta, no_clobber=no_clobber) as out:
         start = time.perf_counter()
         predict(runner, inputs, batch_size, out=out, inverse_transform=inverse_transform, progress=progress,
                 prepare=prepare)  # fmt: skip
         seconds = time.perf_counter() - start
     selection = getattr(runner, "selection", None)
     return InferResult(
-        output,
-        n,
-        info.output_size,
-        seconds,
-        n / max(seconds, 1e-9),
-        runner.backend,
-        selection.requested if selection else runner.backend,
-        batch_size,
-        inverse_transform or info.fold_scaler,
-        layout,
-    )
+        output, n, info.output_size, seconds, n / max(seconds, 1e-9), runner.backend,
+        selection.requested if selection else runner.backend, batch_size, inverse_transform or info.fold_scaler,
+        "dense",
+    )  # fmt: skip
 
 
 #: Items per batch by default: on the CPU, and on a GPU by family (the workloads' GPU batches in BENCHMARKS.md: a GPU
@@ -219,24 +293,23 @@ def resolve_layout(layout: str | None, data, model: Any) -> str:
     return layout
 
 
-def _infer_indexed(model, data, output, backend, batch_size, options, inverse_transform, allow_fallback, progress,
-                   table, table_dtype, max_bag, no_clobber) -> InferResult:  # fmt: skip
-    from .indexed import check_indexed_inputs, load_pipeline, predict_indexed
+def _infer_indexed(session, data, output, batch_size, inverse_transform, progress, table, max_bag,
+                   no_clobber) -> InferResult:  # fmt: skip
+    from .indexed import check_indexed_inputs, predict_indexed
 
-    pipeline = load_pipeline(model, backend, options, allow_fallback, batch_size, table_dtype)
+    pipeline = session.indexed(batch_size)
     info = pipeline.info
     mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
     if not mode.has_neighbors:
         raise ConfigError(f"mode {mode.name!r} has no neighbours, so it has no indexed layout; use --layout dense")
     n = check_indexed_inputs(data.arrays, info, source=str(data.path), max_bag=max_bag)
     if inverse_transform and info.scaler is None and not info.fold_scaler:
-        raise ConfigError(f"{model}: the model has no scaler, so there is no original scale to map back to")
+        raise ConfigError(f"{session.model}: the model has no scaler, so there is no original scale to map back to")
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
-    uns = {"deepspot": {"backend": pipeline.backend, "model": info.source, "family": info.family, "mode": info.mode,
-                        "precision": info.precision, "layout": "indexed"}}  # fmt: skip
+    uns = _uns(pipeline.backend, info, "indexed", session.model_hash, inverse_transform)
     folder = output.parent if str(output.parent) else Path(".")
     meta = (data.barcodes, genes, _coords(data), uns)
-    with pipeline, prediction_file(output, n, info.output_size, *meta, no_clobber=no_clobber) as out:
+    with prediction_file(output, n, info.output_size, *meta, no_clobber=no_clobber) as out:
         start = time.perf_counter()
         _, location = predict_indexed(pipeline, data.arrays, batch_size, out, inverse_transform, progress, table,
                                       table_folder=folder)  # fmt: skip
@@ -253,22 +326,27 @@ def _coords(data) -> dict[str, np.ndarray]:
     return {k: np.asarray(data[k]) for k in COORD_KEYS if k in data}
 
 
-def _uns(runner) -> dict[str, Any]:
-    info = runner.info
+def _uns(backend: str, info, layout: str, model_hash: str | None, inverse_transform: bool) -> dict[str, Any]:
+    from .._version import __version__
+
     return {
         "deepspot": {
-            "backend": runner.backend,
+            "backend": backend,
             "model": info.source,
+            "model_sha256": model_hash,
+            "deepspot_version": __version__,
             "family": info.family,
             "mode": info.mode,
             "precision": info.precision,
+            "layout": layout,
+            "inverse_transform": bool(inverse_transform or info.fold_scaler),
         }
     }
 
 
 @contextlib.contextmanager
 def _temporary_npy(folder: Path, n: int, g: int) -> Iterator[tuple[Path, np.memmap]]:
-    fd, name = tempfile.mkstemp(prefix=".predictions.", suffix=".tmp.npy", dir=folder)
+    fd, name = tempfile.mkstemp(prefix=temp_prefix("predictions"), suffix=".tmp.npy", dir=folder)
     os.close(fd)
     path = Path(name)
     try:

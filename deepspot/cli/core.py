@@ -34,6 +34,18 @@ USER_ERROR = 2
 NO_CLOBBER_HELP = "Refuse to replace an existing output (by default an existing file is replaced)."
 
 
+#: Exit codes of a run stopped by Ctrl-C (SIGINT) and by a scheduler (SIGTERM: SLURM at its time limit, preemption).
+INTERRUPTED, TERMINATED = 130, 143
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that a terminated run cleans up as an interrupted one does."""
+
+
+def on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def fail(message: str, code: int = USER_ERROR) -> None:
     """Print ``Error: message`` on stderr and exit with ``code``."""
     typer.echo(f"Error: {message}", err=True)
@@ -62,7 +74,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail(f"{where}{e.strerror or e}")
         except KeyboardInterrupt:
             typer.echo("Interrupted.", err=True)
-            raise typer.Exit(130) from None
+            raise typer.Exit(INTERRUPTED) from None
+        except Terminated:
+            typer.echo("Terminated.", err=True)
+            raise typer.Exit(TERMINATED) from None
 
     return wrapper
 
@@ -83,5 +98,5 @@ def _root(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (see :func:`deepspot.cli.main`)."""
     sys.exit(app(prog_name="deepspot"))

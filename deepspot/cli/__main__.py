@@ -1,0 +1,5 @@
+"""``python -m deepspot.cli``: the same as the ``deepspot`` command."""
+
+from . import main
+
+main()

@@ -1,0 +1,379 @@
+"""Cohorts: many slides through one model, one output per slide, resumable, sharded, one worker per device.
+
+The slide is the unit of work. :func:`run_cohort` loads the model once per process (a :class:`ModelSession`) and
+predicts each slide into ``OUT/<slide>.<format>``, written atomically. ``OUT/cohort.json`` records every slide's
+status, items, seconds, output, and what made it (the model's SHA-256, the input's size and modification time or,
+with ``verify``, its SHA-256); it is rewritten atomically after each slide, so a run killed at any point leaves only
+whole outputs and a record of them, and the same command run again finishes exactly the slides that are missing.
+A slide that fails is recorded with its one-line error and does not stop the others.
+
+``shard="I/N"`` keeps the slides whose name hashes to ``I`` modulo ``N``: N jobs with the same slide list cover each
+slide exactly once, whatever order they list them in. ``devices=[...]`` starts one worker process per device and
+hands out slides as workers free up; across a cluster, a workflow engine fans out slides (``workflow/Snakefile``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import multiprocessing
+import os
+import queue
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, DeepSpotError, InputError
+from ..fileio import atomic_path, file_sha256, remove_leftovers
+
+FORMATS = ("h5ad", "npz", "npy")
+RECORD = "cohort.json"
+
+
+@dataclass
+class Slide:
+    """One slide of a cohort: its name, feature bundle and output file."""
+
+    name: str
+    input: Path
+    output: Path
+
+
+@dataclass
+class SlideStatus:
+    """What happened to a slide: ``done``, ``skipped`` (an up-to-date output exists) or ``failed`` (and why)."""
+
+    name: str
+    status: str
+    input: str
+    output: str
+    items: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    model_sha256: str | None = None
+    input_fingerprint: dict[str, Any] = field(default_factory=dict)
+    device: str | None = None
+
+
+@dataclass
+class CohortResult:
+    slides: list[SlideStatus]
+    record: Path
+
+    @property
+    def failed(self) -> list[SlideStatus]:
+        return [s for s in self.slides if s.status == "failed"]
+
+    def counts(self) -> dict[str, int]:
+        out = {"done": 0, "skipped": 0, "failed": 0}
+        for s in self.slides:
+            out[s.status] += 1
+        return out
+
+
+# -- which slides ----------------------------------------------------------------------------------------------------
+def slide_name(path: str | Path) -> str:
+    """A slide's name from its bundle: the file name without ``.npz`` (a bundle folder's name as it is)."""
+    path = Path(path)
+    return path.stem if path.suffix.lower() == ".npz" else path.name
+
+
+def read_manifest(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a manifest CSV: ``slide`` and ``input`` columns, optional ``output``; relative paths are taken from
+    the manifest's folder.
+
+    Raises:
+        InputError: A missing file or column, an empty or duplicate slide name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such manifest")
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{path}: not a readable CSV manifest ({e})") from None
+    if not rows or not {"slide", "input"} <= set(rows[0]):
+        raise InputError(f"{path}: a manifest needs 'slide' and 'input' columns")
+    for i, row in enumerate(rows, start=2):
+        if not (row.get("slide") or "").strip() or not (row.get("input") or "").strip():
+            raise InputError(f"{path}: line {i} has an empty slide or input")
+        for key in ("input", "output"):
+            if row.get(key) and not Path(row[key]).is_absolute():
+                row[key] = str(path.parent / row[key])
+    return rows
+
+
+def plan_slides(
+    inputs: Sequence[str | Path] = (),
+    manifest: str | Path | None = None,
+    output_dir: str | Path = ".",
+    fmt: str = "h5ad",
+) -> list[Slide]:
+    """The cohort's slides, from bundle paths (named after their files) or a manifest, in the given order.
+
+    Raises:
+        ConfigError: Neither or both of ``inputs`` and ``manifest``, or an unknown format.
+        InputError: Two slides with one name, a name that is a path, or a bad manifest.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown output format {fmt!r}; expected one of: {', '.join(FORMATS)}")
+    if bool(inputs) == (manifest is not None):
+        raise ConfigError("give the slides either as --input A.npz B.npz ... or as --manifest slides.csv")
+    rows = read_manifest(manifest) if manifest is not None else [{"slide": slide_name(p), "input": str(p)} for p in inputs]
+    output_dir = Path(output_dir)
+    slides, seen = [], set()
+    for row in rows:
+        name = row["slide"].strip()
+        if name in seen:
+            raise InputError(f"slide {name!r} appears twice; slide names must be unique (they name the outputs)")
+        if name in (".", "..") or "/" in name or "\\" in name:
+            raise InputError(f"slide name {name!r} is a path; it names a file in the output folder")
+        seen.add(name)
+        out = Path(row["output"]) if row.get("output") else output_dir / f"{name}.{fmt}"
+        slides.append(Slide(name, Path(row["input"]), out))
+    return slides
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"I/N"`` -> ``(I, N)`` with ``0 <= I < N``; ``None`` stays ``None``."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard takes I/N with integers, such as 0/4; got {text!r}") from None
+    if not 0 <= i < n:
+        raise ConfigError(f"--shard {text}: I must lie in 0..N-1")
+    return i, n
+
+
+def in_shard(name: str, shard: tuple[int, int] | None) -> bool:
+    """Whether slide ``name`` belongs to shard ``(I, N)``: a hash of the name, so order and listing do not matter."""
+    if shard is None:
+        return True
+    digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+    return digest % shard[1] == shard[0]
+
+
+# -- resume ----------------------------------------------------------------------------------------------------------
+def input_fingerprint(path: Path, verify: bool) -> dict[str, Any]:
+    """Size and modification time of a bundle (every ``.npy`` of a folder), or its SHA-256 with ``verify``."""
+    files = sorted(path.glob("*.npy")) if path.is_dir() else [path]
+    if verify:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(file_sha256(f).encode())
+        return {"sha256": h.hexdigest()}
+    stats = [f.stat() for f in files]
+    return {"size": sum(s.st_size for s in stats), "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
+
+
+def read_record(output_dir: Path) -> dict[str, dict[str, Any]]:
+    """The previous run's ``cohort.json`` by slide name (empty when there is none or it is unreadable)."""
+    try:
+        data = json.loads((output_dir / RECORD).read_text())
+        return {s["name"]: s for s in data.get("slides", []) if isinstance(s, dict) and "name" in s}
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+
+
+def is_up_to_date(slide: Slide, previous: dict[str, Any] | None, model_hash: str | None, verify: bool) -> bool:
+    """An output that exists and that the same model made from the same input."""
+    if previous is None or previous.get("status") not in ("done", "skipped") or not slide.output.is_file():
+        return False
+    if model_hash is None or previous.get("model_sha256") != model_hash:
+        return False
+    recorded = previous.get("input_fingerprint") or {}
+    return recorded == input_fingerprint(slide.input, verify) if slide.input.exists() else False
+
+
+def write_record(output_dir: Path, statuses: dict[str, SlideStatus], settings: dict[str, Any]) -> Path:
+    path = output_dir / RECORD
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"settings": settings, "slides": [asdict(s) for s in statuses.values()]}, indent=1))
+    return path
+
+
+# -- running ---------------------------------------------------------------------------------------------------------
+@dataclass
+class CohortSettings:
+    """How every slide is run (the :func:`~deepspot.runtime.infer` options shared by the cohort)."""
+
+    backend: str | None = None
+    batch_size: int | None = None
+    inverse_transform: bool = False
+    layout: str | None = None
+    table: str = "auto"
+    table_dtype: str = "fp32"
+    max_bag: int = 1024
+    precision: str | None = None
+    threads: int | None = None
+
+
+def _run_slides(model: Any, slides: Iterable[Slide], settings: CohortSettings, device: str | None, report) -> None:
+    """Run slides in this process with one model session; ``report(status)`` after each."""
+    from .backends import RunnerOptions
+    from .infer import ModelSession, infer
+
+    options = RunnerOptions(precision=settings.precision, threads=settings.threads)
+    if device not in (None, "cpu"):
+        options.device = int(device)
+    with ModelSession(model, settings.backend, options, table_dtype=settings.table_dtype) as session:
+        for slide in slides:
+            status = SlideStatus(slide.name, "done", str(slide.input), str(slide.output), device=device)
+            start = time.perf_counter()
+            try:
+                status.input_fingerprint = input_fingerprint(slide.input, False) if slide.input.exists() else {}
+                result = infer(
+                    model, slide.input, slide.output, backend=settings.backend, batch_size=settings.batch_size,
+                    inverse_transform=settings.inverse_transform, layout=settings.layout, table=settings.table,
+                    table_dtype=settings.table_dtype, max_bag=settings.max_bag, session=session,
+                )  # fmt: skip
+                status.items = result.n
+                status.model_sha256 = session.model_hash
+            except DeepSpotError as e:
+                status.status, status.error = "failed", str(e)
+            except OSError as e:
+                status.status, status.error = "failed", f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
+            status.seconds = time.perf_counter() - start
+            report(status)
+
+
+def _worker(model: Any, slides: list[Slide], settings: CohortSettings, device: str, todo, done) -> None:
+    """A device's worker process: takes slide indices from ``todo`` until it is empty, reports to ``done``."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+
+    def take():
+        while True:
+            try:
+                yield slides[todo.get_nowait()]
+            except queue.Empty:
+                return
+
+    try:
+        _run_slides(model, take(), settings, device, done.put)
+    except BaseException as e:  # noqa: BLE001  a worker that cannot start (no such GPU) reports it and ends
+        done.put(("worker-failed", device, f"{type(e).__name__}: {e}"))
+
+
+def run_cohort(
+    model: Any,
+    slides: list[Slide],
+    output_dir: str | Path,
+    settings: CohortSettings | None = None,
+    shard: tuple[int, int] | None = None,
+    force: bool = False,
+    verify: bool = False,
+    devices: Sequence[str] | None = None,
+    on_status=None,
+) -> CohortResult:
+    """Predict each slide of a cohort; see the module doc.
+
+    Args:
+        model: What :func:`~deepspot.runtime.infer` takes (a path: its hash decides what is up to date).
+        slides: From :func:`plan_slides`.
+        output_dir: Where ``cohort.json`` (and by default the outputs) go; created if missing.
+        settings: Options shared by every slide.
+        shard: ``(I, N)``: only the slides of shard I of N.
+        force: Redo slides whose output is up to date.
+        verify: Compare inputs by SHA-256 instead of size and modification time.
+        devices: One worker process per entry (GPU indices, or ``cpu``); ``None``: this process alone.
+        on_status: Called with each :class:`SlideStatus` as it is known (progress lines).
+    """
+    from .infer import model_fingerprint
+
+    settings = settings or CohortSettings()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for slide in slides:
+        remove_leftovers(slide.output.parent if str(slide.output.parent) else Path("."))
+    previous = read_record(output_dir)
+    model_hash = model_fingerprint(model) if isinstance(model, (str, os.PathLike)) else None
+    statuses: dict[str, SlideStatus] = {}
+    todo: list[Slide] = []
+    for slide in slides:
+        if not in_shard(slide.name, shard):
+            continue
+        old = previous.get(slide.name)
+        if not force and is_up_to_date(slide, old, model_hash, verify):
+            statuses[slide.name] = SlideStatus(slide.name, "skipped", str(slide.input), str(slide.output),
+                                               old.get("items", 0), 0.0, None, model_hash,
+                                               input_fingerprint(slide.input, verify))  # fmt: skip
+        else:
+            todo.append(slide)
+    record_settings = {"model": str(model), "model_sha256": model_hash, "shard": shard, "verify": verify,
+                       **asdict(settings)}  # fmt: skip
+
+    def report(status: SlideStatus) -> None:
+        if verify and status.status == "done":
+            status.input_fingerprint = input_fingerprint(Path(status.input), True)
+        statuses[status.name] = status
+        write_record(output_dir, statuses, record_settings)
+        if on_status is not None:
+            on_status(status)
+
+    for status in list(statuses.values()):
+        if on_status is not None:
+            on_status(status)
+    write_record(output_dir, statuses, record_settings)
+    if not devices:
+        _run_slides(model, todo, settings, None, report)
+    else:
+        _run_workers(model, todo, settings, list(devices), report)
+    order = {s.name: i for i, s in enumerate(slides)}
+    ordered = dict(sorted(statuses.items(), key=lambda kv: order[kv[0]]))
+    return CohortResult(list(ordered.values()), write_record(output_dir, ordered, record_settings))
+
+
+def _run_workers(model, todo: list[Slide], settings: CohortSettings, devices: list[str], report) -> None:
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for i in range(len(todo)):
+        tasks.put(i)
+    workers = [ctx.Process(target=_worker, args=(model, todo, settings, d, tasks, results), daemon=True)
+               for d in devices]  # fmt: skip
+    for w in workers:
+        w.start()
+    pending = {s.name for s in todo}
+    failures = []
+    try:
+        while pending:
+            try:
+                item = results.get(timeout=0.5)
+            except queue.Empty:
+                if not any(w.is_alive() for w in workers):
+                    break
+                continue
+            if isinstance(item, tuple) and item[0] == "worker-failed":
+                failures.append(f"worker on device {item[1]}: {item[2]}")
+                continue
+            pending.discard(item.name)
+            report(item)
+    finally:
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+            w.join(timeout=5)
+    for name in sorted(pending):  # slides no worker could take (every worker failed)
+        slide = next(s for s in todo if s.name == name)
+        why = "; ".join(failures) or "its worker process ended unexpectedly"
+        report(SlideStatus(name, "failed", str(slide.input), str(slide.output), error=why))
+
+
+__all__ = [
+    "CohortResult",
+    "CohortSettings",
+    "Slide",
+    "SlideStatus",
+    "in_shard",
+    "parse_shard",
+    "plan_slides",
+    "read_manifest",
+    "run_cohort",
+]

@@ -1,0 +1,167 @@
+"""Cohorts: many slides in one command, resumable, sharded, per-device workers, failures isolated."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import deepspot
+from deepspot.cli import app
+from deepspot.data import save_bundle, synth_bundle
+from deepspot.runtime.cohort import in_shard, plan_slides
+
+runner = CliRunner()
+D, G = 8, 4
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cohort-model")
+    m = deepspot.create_model("cell", "neighbors", input_size=D, output_size=G, phi2rho_size=4, n_ensemble=2)
+    m.genes = [f"g{i}" for i in range(G)]
+    ckpt = deepspot.save(m, root / "model.safetensors")
+    assert run("export", ckpt, "-o", root / "model.onnx").exit_code == 0
+    return root / "model.onnx"
+
+
+def make_slides(folder: Path, names=("s1", "s2", "s3"), n=12) -> list[Path]:
+    folder.mkdir(exist_ok=True)
+    return [save_bundle(folder / f"{name}.npz", synth_bundle("cell", "neighbors", n + i, D, G, seed=i, n_neighbors=3))
+            for i, name in enumerate(names)]  # fmt: skip
+
+
+def record(out: Path) -> dict[str, dict]:
+    return {s["name"]: s for s in json.loads((out / "cohort.json").read_text())["slides"]}
+
+
+def test_a_cohort_writes_one_output_per_slide_and_equals_single_runs(tmp_path, model):
+    slides = make_slides(tmp_path / "in")
+    out = tmp_path / "out"
+    result = run("infer", model, "--input", *slides, "--output-dir", out, "--format", "npz")
+    assert result.exit_code == 0, result.output
+    assert "3 done, 0 skipped, 0 failed" in result.output
+    for slide in slides:
+        single = tmp_path / f"{slide.stem}-single.npz"
+        assert run("infer", model, "-i", slide, "-o", single).exit_code == 0
+        a, b = np.load(out / f"{slide.stem}.npz"), np.load(single)
+        np.testing.assert_array_equal(a["predictions"], b["predictions"])
+    rec = record(out)
+    assert [rec[s]["status"] for s in ("s1", "s2", "s3")] == ["done"] * 3
+    assert rec["s2"]["items"] == 13 and rec["s1"]["model_sha256"] == deepspot.checkpoint.file_hash(model)
+
+
+def test_resume_skips_what_is_up_to_date_and_redoes_what_changed(tmp_path, model):
+    slides = make_slides(tmp_path / "in")
+    out = tmp_path / "out"
+    assert run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy").exit_code == 0
+    first = {s: (out / f"{s}.npy").stat().st_mtime_ns for s in ("s1", "s2", "s3")}
+    # A killed run: s2's output is gone (only whole outputs are ever left), s3's input changed since.
+    (out / "s2.npy").unlink()
+    save_bundle(slides[2], synth_bundle("cell", "neighbors", 20, D, G, seed=9, n_neighbors=3))
+    result = run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy")
+    assert result.exit_code == 0, result.output
+    rec = record(out)
+    assert [rec[s]["status"] for s in ("s1", "s2", "s3")] == ["skipped", "done", "done"]
+    assert (out / "s1.npy").stat().st_mtime_ns == first["s1"]
+    assert np.load(out / "s3.npy").shape == (20, G)
+    forced = run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy", "--force")
+    assert "3 done, 0 skipped" in forced.output
+    # --verify compares contents: a record made without it has no hashes, so the first --verify run redoes.
+    args = ("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy", "--verify")
+    assert "3 done, 0 skipped" in run(*args).output
+    assert "0 done, 3 skipped" in run(*args).output
+    os.utime(slides[0], ns=(1, 1))  # same bytes, other mtime: still up to date by content
+    assert "0 done, 3 skipped" in run(*args).output
+
+
+def test_a_failing_slide_does_not_stop_the_others(tmp_path, model):
+    slides = make_slides(tmp_path / "in")
+    bad = tmp_path / "in" / "broken.npz"
+    bad.write_bytes(b"not a bundle")
+    wrong = save_bundle(tmp_path / "in" / "wide.npz", synth_bundle("cell", "neighbors", 5, D + 1, G, n_neighbors=3))
+    result = run("infer", model, "-i", slides[0], bad, wrong, slides[1], "--output-dir", tmp_path / "out",
+                 "--format", "npz")  # fmt: skip
+    assert result.exit_code == 1
+    rec = record(tmp_path / "out")
+    assert rec["broken"]["status"] == "failed" and "not a .npz bundle" in rec["broken"]["error"]
+    assert rec["wide"]["status"] == "failed" and "has 9 features, the model expects 8" in rec["wide"]["error"]
+    assert rec["s1"]["status"] == rec["s2"]["status"] == "done"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cohort.json", "s1.npz", "s2.npz"]
+
+
+def test_shards_cover_every_slide_exactly_once(tmp_path, model):
+    names = [f"slide{i:02d}" for i in range(12)]
+    slides = make_slides(tmp_path / "in", names, n=4)
+    out = tmp_path / "out"
+    for i in range(3):
+        result = run("infer", model, "-i", *slides, "--output-dir", out / str(i), "--format", "npy", "--shard", f"{i}/3")
+        assert result.exit_code == 0, result.output
+    done = [p.stem for i in range(3) for p in (out / str(i)).glob("*.npy")]
+    assert sorted(done) == names  # each exactly once
+    assert all(sum(in_shard(n, (i, 3)) for i in range(3)) == 1 for n in names)
+    assert run("infer", model, "-i", *slides, "--output-dir", out, "--shard", "3/3").exit_code == 2
+
+
+def test_manifest_with_names_outputs_and_relative_paths(tmp_path, model):
+    slides = make_slides(tmp_path / "in")
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text("slide,input,output\nA,in/s1.npz,\nB,in/s2.npz,custom/b.npy\n")
+    (tmp_path / "custom").mkdir()
+    result = run("infer", model, "--manifest", manifest, "--output-dir", tmp_path / "out", "--format", "npz")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "A.npz").is_file() and (tmp_path / "custom" / "b.npy").is_file()
+    dup = tmp_path / "dup.csv"
+    dup.write_text("slide,input\nA,in/s1.npz\nA,in/s2.npz\n")
+    assert "appears twice" in run("infer", model, "--manifest", dup, "--output-dir", tmp_path / "o2").output
+
+
+def test_one_worker_per_device(tmp_path, model):
+    slides = make_slides(tmp_path / "in", [f"w{i}" for i in range(4)], n=6)
+    out = tmp_path / "out"
+    result = run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy", "--devices", "cpu,cpu")
+    assert result.exit_code == 0, result.output
+    rec = record(out)
+    assert all(rec[f"w{i}"]["status"] == "done" for i in range(4))
+    single = tmp_path / "w0.npy"
+    assert run("infer", model, "-i", slides[0], "-o", single).exit_code == 0
+    np.testing.assert_array_equal(np.load(out / "w0.npy"), np.load(single))
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path, model):
+    slides = make_slides(tmp_path / "in", ["s1"])
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = 2**22 + 12345  # no such process
+    while True:
+        try:
+            os.kill(dead, 0)
+            dead += 1
+        except ProcessLookupError:
+            break
+    stale = [out / f".predictions.pid{dead}.abc.tmp.npy", out / f".deepspot-embeddings.pid{dead}.x.tmp.npy",
+             out / f".s1.npz.pid{dead}.y.tmp.npz"]  # fmt: skip
+    alive = out / f".predictions.pid{os.getppid()}.abc.tmp.npy"  # a run still writing: kept
+    for p in stale + [alive]:
+        p.write_bytes(b"x" * 100)
+    assert run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npz").exit_code == 0
+    assert not any(p.exists() for p in stale) and alive.exists()
+
+
+def test_plan_refuses_unclear_requests(tmp_path):
+    from deepspot.errors import ConfigError, InputError
+
+    with pytest.raises(ConfigError, match="either as --input"):
+        plan_slides([], None, tmp_path)
+    with pytest.raises(ConfigError, match="unknown output format"):
+        plan_slides([tmp_path / "a.npz"], None, tmp_path, "csv")
+    with pytest.raises(InputError, match="appears twice"):
+        plan_slides([tmp_path / "a" / "x.npz", tmp_path / "b" / "x.npz"], None, tmp_path)

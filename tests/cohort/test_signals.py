@@ -1,0 +1,143 @@
+"""Killed by a scheduler: SIGTERM cleans up like Ctrl-C (one line, exit 143), an interrupt at any moment gives no
+traceback, and the next run in a folder removes what a SIGKILL left. Real processes, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import deepspot
+from deepspot.data import save_bundle, synth_bundle
+
+D = 64
+
+
+def start(*args, cwd=None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "deepspot.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)  # fmt: skip
+
+
+def wait_for(predicate, timeout: float = 60.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def hidden(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def stop(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    """A model and a slide big enough to be caught in the middle of its inference (a few seconds on 2 cores)."""
+    root = tmp_path_factory.mktemp("signals")
+    model = deepspot.create_model("cell", "neighbors", input_size=D, output_size=200, phi2rho_size=256, n_ensemble=10)
+    ckpt = deepspot.save(model, root / "model.safetensors")
+    data = synth_bundle("cell", "neighbors", 30_000, D, 8, n_neighbors=8)
+    dense = save_bundle(root / "dense.npz", data)
+    data.pop("neighbors")
+    data["neighbor_index"] = np.random.default_rng(0).integers(-1, 30_000, size=(30_000, 8))
+    indexed = save_bundle(root / "indexed.npz", data)
+    return {"ckpt": ckpt, "dense": dense, "indexed": indexed, "root": root}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["dense", "indexed"])
+def test_sigterm_during_infer_cleans_up_and_exits_143(tmp_path, slide, layout):
+    out = tmp_path / "pred.npz"
+    args = ["--table", "mmap"] if layout == "indexed" else []
+    proc = start("infer", slide["ckpt"], "-i", slide[layout], "-o", out, "--batch-size", "64", "--no-progress", *args)
+    assert wait_for(lambda: len(hidden(tmp_path)) >= (2 if layout == "indexed" else 1)), "never started writing"
+    code, err = stop(proc, signal.SIGTERM)
+    assert code == 143, err
+    assert err.strip().splitlines() == ["Terminated."]
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temporary file
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_cohort(tmp_path, slide):
+    out = tmp_path / "out"
+    proc = start("infer", slide["ckpt"], "-i", slide["dense"], slide["indexed"], "--output-dir", out, "--format", "npz",
+                 "--batch-size", "64", "--no-progress")  # fmt: skip
+    assert wait_for(lambda: out.is_dir() and any(p.name.startswith(".predictions") for p in out.iterdir()))
+    code, err = stop(proc, signal.SIGTERM)
+    assert code == 143 and "Traceback" not in err, err
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert not (out / "dense.npz").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_train_and_export_and_bundle(tmp_path, slide):
+    proc = start("train", "--data", slide["dense"], "--family", "cell", "--mode", "neighbors", "--epochs", "50",
+                 "--no-progress", "-o", tmp_path / "run")  # fmt: skip
+    time.sleep(4)
+    code, err = stop(proc, signal.SIGTERM)
+    assert code == 143 and err.strip().splitlines()[-1] == "Terminated." and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+    big = deepspot.create_model("spot", "subspot_neighbors", input_size=1024, output_size=5000, phi2rho_size=512)
+    ckpt = deepspot.save(big, tmp_path / "big.safetensors")
+    proc = start("export", ckpt, "-o", tmp_path / "big.onnx")
+    assert wait_for(lambda: any(p.name.startswith(".big.onnx") for p in tmp_path.iterdir()))
+    code, err = stop(proc, signal.SIGTERM)
+    assert code == 143 and "Traceback" not in err, err
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".") or p.suffix == ".onnx"] == []
+
+    features = tmp_path / "features"
+    features.mkdir()
+    rng = np.random.default_rng(0)
+    lines = ["barcode,x_pixel,y_pixel"]
+    for i in range(3000):
+        np.save(features / f"c{i}.npy", rng.standard_normal(D).astype(np.float32))
+        lines.append(f"c{i},{rng.uniform(0, 1000)},{rng.uniform(0, 1000)}")
+    (tmp_path / "cells.csv").write_text("\n".join(lines) + "\n")
+    proc = start("bundle", "--features", features, "--obs", tmp_path / "cells.csv", "--family", "cell", "-o",
+                 tmp_path / "cells.npz")  # fmt: skip
+    time.sleep(2.5)
+    code, err = stop(proc, signal.SIGTERM)
+    assert code in (0, 143) and "Traceback" not in err, err  # it may have finished: then the bundle is whole
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.5, 1.0, 2.0])  # after the interpreter itself has started
+def test_ctrl_c_at_any_moment_gives_no_traceback(tmp_path, slide, delay):
+    proc = start("infer", slide["ckpt"], "-i", slide["dense"], "-o", tmp_path / "p.npy", "--no-progress")
+    time.sleep(delay)
+    code, err = stop(proc, signal.SIGINT)
+    assert code == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "Interrupted."
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_sigkill_leaves_files_that_the_next_run_removes(tmp_path, slide):
+    out = tmp_path / "p.npz"
+    proc = start("infer", slide["ckpt"], "-i", slide["dense"], "-o", out, "--batch-size", "64", "--no-progress")
+    assert wait_for(lambda: bool(hidden(tmp_path)))
+    proc.kill()  # SIGKILL: no clean-up can run
+    proc.wait()
+    left = hidden(tmp_path)
+    assert left and all(f".pid{proc.pid}." in name for name in left)
+    small = save_bundle(tmp_path.parent / f"{tmp_path.name}-small.npz", synth_bundle("cell", "neighbors", 10, D, 8, n_neighbors=8))
+    done = start("infer", slide["ckpt"], "-i", small, "-o", tmp_path / "other.npy", "--no-progress")
+    _, err = done.communicate(timeout=60)
+    assert done.returncode == 0, err
+    assert hidden(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["other.npy"]

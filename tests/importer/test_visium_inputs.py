@@ -1,0 +1,138 @@
+"""What users already have: scanpy/squidpy Visium AnnData, Space Ranger positions, TRIDENT/CLAM ``.h5`` features, the
+reference's multi-sample layout, and predictions written with scanpy's conventions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import deepspot
+from deepspot.cli import app
+from deepspot.data import load_bundle
+
+runner = CliRunner()
+D = 6
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def visium(tmp_path, n_side=4, off_tissue=(0, 5)):
+    """A scanpy-style Visium AnnData (array_row, array_col, in_tissue, obsm['spatial'] = [col, row] pixels) and the
+    reference's per-barcode feature files."""
+    ad = pytest.importorskip("anndata")
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = n_side * n_side
+    barcodes = [f"AAAC-{i}" for i in range(n)]
+    rows, cols = np.divmod(np.arange(n), n_side)
+    in_tissue = np.ones(n, int)
+    in_tissue[list(off_tissue)] = 0
+    obs = pd.DataFrame({"array_row": rows, "array_col": cols, "in_tissue": in_tissue}, index=barcodes)
+    pxl_row, pxl_col = rows * 100.0 + 7, cols * 100.0 + 3
+    adata = ad.AnnData(X=np.zeros((n, 1), np.float32), obs=obs)
+    adata.obsm["spatial"] = np.column_stack([pxl_col, pxl_row])  # scanpy.read_visium: [pxl_col, pxl_row] = (x, y)
+    adata.write_h5ad(tmp_path / "visium.h5ad")
+    folder = tmp_path / "features"
+    folder.mkdir()
+    feats = {}
+    for b in barcodes:
+        feats[b] = rng.standard_normal((1 + 4, D)).astype(np.float32)
+        np.save(folder / f"{b}.npy", feats[b])
+    return tmp_path / "visium.h5ad", folder, barcodes, feats, (pxl_row, pxl_col), in_tissue
+
+
+def test_scanpy_visium_anndata_leaves_out_spots_off_the_tissue(tmp_path):
+    h5ad, folder, barcodes, feats, (pxl_row, pxl_col), in_tissue = visium(tmp_path)
+    result = run("bundle", "--features", folder, "--obs", h5ad, "-o", tmp_path / "b.npz")
+    assert result.exit_code == 0, result.output
+    b = load_bundle(tmp_path / "b.npz")
+    kept = [bc for bc, t in zip(barcodes, in_tissue) if t]
+    assert b.barcodes == kept and b["spot"].shape == (len(kept), 1, D)
+    np.testing.assert_array_equal(b["x_pixel"], pxl_row[in_tissue == 1])  # the reference's x is the row
+    np.testing.assert_array_equal(b["y_pixel"], pxl_col[in_tissue == 1])
+    np.testing.assert_array_equal(b["spot"][0, 0], feats[kept[0]][0])
+    all_spots = run("bundle", "--features", folder, "--obs", h5ad, "-o", tmp_path / "all.npz", "--all-spots")
+    assert all_spots.exit_code == 0 and load_bundle(tmp_path / "all.npz").barcodes == barcodes
+
+
+def test_predictions_follow_scanpys_spatial_order(tmp_path):
+    ad = pytest.importorskip("anndata")
+    h5ad, folder, barcodes, _, (pxl_row, pxl_col), in_tissue = visium(tmp_path, off_tissue=())
+    assert run("bundle", "--features", folder, "--obs", h5ad, "-o", tmp_path / "b.npz").exit_code == 0
+    model = deepspot.create_model("spot", "subspot_neighbors", input_size=D, output_size=3, phi2rho_size=4, n_ensemble=2)
+    ckpt = deepspot.save(model, tmp_path / "m.safetensors")
+    result = run("infer", ckpt, "-i", tmp_path / "b.npz", "-o", tmp_path / "p.h5ad", "--no-progress")
+    assert result.exit_code == 0, result.output
+    pred = ad.read_h5ad(tmp_path / "p.h5ad")
+    source = ad.read_h5ad(h5ad)
+    # The same spatial array as scanpy.read_visium gives ([pxl_col_in_fullres, pxl_row_in_fullres]).
+    np.testing.assert_array_equal(pred.obsm["spatial"], source.obsm["spatial"])
+    assert list(pred.obs_names) == barcodes
+    meta = pred.uns["deepspot"]
+    assert meta["model_sha256"] == deepspot.checkpoint.file_hash(ckpt) and meta["deepspot_version"] == deepspot.__version__
+    assert bool(meta["inverse_transform"]) is False
+
+
+def test_space_ranger_tissue_positions_csv(tmp_path):
+    _, folder, barcodes, _, (pxl_row, pxl_col), in_tissue = visium(tmp_path)
+    lines = ["barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres"]
+    for i, b in enumerate(barcodes):
+        lines.append(f"{b},{in_tissue[i]},{i // 4},{i % 4},{pxl_row[i]},{pxl_col[i]}")
+    (tmp_path / "tissue_positions.csv").write_text("\n".join(lines) + "\n")
+    result = run("bundle", "--features", folder, "--obs", tmp_path / "tissue_positions.csv", "-o", tmp_path / "b.npz")
+    assert result.exit_code == 0, result.output
+    b = load_bundle(tmp_path / "b.npz")
+    assert len(b.barcodes) == int(in_tissue.sum())
+    np.testing.assert_array_equal(b["x_pixel"], pxl_row[in_tissue == 1])
+
+
+def test_trident_h5_features_matched_by_position(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    h5ad, _, barcodes, _, (pxl_row, pxl_col), in_tissue = visium(tmp_path, off_tissue=())
+    rng = np.random.default_rng(1)
+    n = len(barcodes)
+    order = rng.permutation(n)  # tiles in another order than the spots
+    feats = rng.standard_normal((n, D)).astype(np.float32)
+    with h5py.File(tmp_path / "slide.h5", "w") as f:
+        f["features"] = feats[order]
+        coords = f.create_dataset("coords", data=np.column_stack([pxl_col - 50, pxl_row - 50])[order])  # top-left
+        coords.attrs["patch_size_level0"] = 100
+    result = run("bundle", "--features-h5", tmp_path / "slide.h5", "--obs", h5ad, "-o", tmp_path / "b.npz", "--index")
+    assert result.exit_code == 0, result.output
+    b = load_bundle(tmp_path / "b.npz")
+    np.testing.assert_array_equal(b["spot"][:, 0], feats)  # each spot got its own tile back
+    assert "subspot" not in b
+    with h5py.File(tmp_path / "far.h5", "w") as f:
+        f["features"] = feats
+        f.create_dataset("coords", data=np.column_stack([pxl_col + 400, pxl_row])).attrs["patch_size_level0"] = 100
+    bad = run("bundle", "--features-h5", tmp_path / "far.h5", "--obs", h5ad, "-o", tmp_path / "x.npz")
+    assert bad.exit_code == 2 and "have no tile within 50 px" in bad.output
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_samples_split_by_sample_id_with_neighbours_inside_each(tmp_path):
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "features"
+    folder.mkdir()
+    rows = []
+    for sample in ("S1", "S2"):
+        for i in range(9):
+            b = f"{sample}_{i}"
+            np.save(folder / f"{b}.npy", rng.standard_normal((1, D)).astype(np.float32))
+            rows.append({"barcode": b, "x_array": i // 3, "y_array": i % 3, "sampleID": sample})
+    pd.DataFrame(rows).to_csv(tmp_path / "obs.csv", index=False)  # both samples on the same array coordinates
+    result = run("bundle", "--features", folder, "--obs", tmp_path / "obs.csv", "--by", "sampleID", "--index",
+                 "-o", tmp_path / "bundles")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for sample in ("S1", "S2"):
+        b = load_bundle(tmp_path / "bundles" / f"{sample}.npz")
+        assert all(x.startswith(sample) for x in b.barcodes) and len(b.barcodes) == 9
+        assert b["neighbor_index"].max() < 9  # neighbours never cross into the other sample
+    missing = run("bundle", "--features", folder, "--obs", tmp_path / "obs.csv", "--by", "donor", "-o", tmp_path / "x")
+    assert missing.exit_code == 2 and "no 'donor' column" in missing.output
