@@ -316,7 +316,7 @@ def _profile(inputs, o: RunnerOptions):
 
 def ort_trt_cache_dir(onnx_path: str | Path, inputs, precision: str, o: RunnerOptions) -> Path:
     """Engine cache folder for onnxruntime's TensorRT provider: one per graph, profile and precision."""
-    from ..checkpoint import file_hash
+    from ..fileio import file_sha256 as file_hash
     from .profiles import cache_key
 
     key = cache_key(onnx=file_hash(onnx_path), profile=_profile(inputs, o).to_dict(), precision=precision)
@@ -327,7 +327,7 @@ def ort_trt_cache_dir(onnx_path: str | Path, inputs, precision: str, o: RunnerOp
 
 def _tensorrt_from_onnx(onnx_path, info, inputs, precision: str, o: RunnerOptions) -> Runner:
     """Build (or reuse from the cache) a native engine for an ONNX file, then run it."""
-    from ..checkpoint import file_hash
+    from ..fileio import file_sha256 as file_hash
     from .profiles import cache_key
     from .trt import TrtRunner, engine_from_onnx, gpu_identity, import_trt
 

@@ -210,3 +210,16 @@ def test_doctor_runs_without_torch_and_says_why_the_torch_backends_cannot():
     report = json.loads(result.stdout)
     assert report["versions"]["torch"] is None and report["backends"]["ort-cpu"]["available"]
     assert "deepspot[torch]" in report["backends"]["torch"]["why not"]
+
+
+def test_cohort_without_torch(tmp_path):
+    import shutil
+
+    for name in ("a", "b"):
+        shutil.copy(SLIDE, tmp_path / f"{name}.npz")
+    result = no_torch("infer", ONNX, "--input", tmp_path / "a.npz", tmp_path / "b.npz", "--output-dir",
+                      tmp_path / "out", "--no-progress")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    for name in ("a", "b"):
+        got = read_predictions(tmp_path / "out" / f"{name}.h5ad")
+        assert np.abs(got - np.load(EXPECTED)).max() <= FP32_LIMIT
