@@ -208,7 +208,7 @@ def test_doctor_runs_without_torch_and_says_why_the_torch_backends_cannot():
     import json
 
     report = json.loads(result.stdout)
-    assert report["versions"]["torch"] is None and report["backends"]["ort-cpu"]["available"]
+    assert report["backends"]["ort-cpu"]["available"]  # (its version list reads package metadata, not imports)
     assert "deepspot[torch]" in report["backends"]["torch"]["why not"]
 
 
