@@ -345,7 +345,7 @@ def _select(barcodes: list[str], columns: dict[str, np.ndarray], keep: np.ndarra
     return [b for b, k in zip(barcodes, keep) if k], {name: values[keep] for name, values in columns.items()}
 
 
-def _read_sample(obs, features, by: str | None, all_spots: bool):
+def _read_sample(obs, by: str | None, all_spots: bool):
     from .anndata_io import read_obs
 
     barcodes, columns = read_obs(obs, extra=(by,) if by else ())
@@ -384,7 +384,7 @@ def write_bundle(
     (see :func:`read_h5_features`). Spots with ``in_tissue`` 0 are left out unless ``all_spots``. Features are stored
     as ``dtype`` (``fp32`` or ``fp16``). Everything is checked before anything is written. Returns the arrays written.
     """
-    barcodes, columns = _read_sample(obs, features, None, all_spots)
+    barcodes, columns = _read_sample(obs, None, all_spots)
     arrays = _build(features, barcodes, columns, family, radius, k, index, max_neighbors, dtype, str(obs))
     save_bundle(out, arrays)
     return arrays
@@ -405,7 +405,7 @@ def write_sample_bundles(
 ) -> dict[str, dict[str, np.ndarray]]:
     """The reference's multi-sample layout: one bundle per value of ``obs[by]``, ``out/<sample>.npz``, each with its
     neighbours chosen within the sample; as :func:`write_bundle` otherwise. Returns the arrays by sample."""
-    barcodes, columns = _read_sample(obs, features, by, all_spots)
+    barcodes, columns = _read_sample(obs, by, all_spots)
     if by not in columns:
         raise InputError(f"{obs}: no {by!r} column to split the samples by")
     groups = [str(g) for g in columns[by]]
