@@ -35,7 +35,8 @@ def main() -> None:
 
     from deepspot.data import synth_slide
     from deepspot.runtime.bench import get_workload
-    from deepspot.runtime.indexed import check_parity_indexed, dense_from_index, pipeline_from_model, predict_indexed
+    from deepspot.runtime.indexed import dense_from_index, pipeline_from_model, predict_indexed
+    from deepspot.runtime.parity import check_parity_indexed
     from deepspot.runtime.stream import batches
     from deepspot.runtime.torch_runner import TorchRunner
     from deepspot.runtime.backends import RunnerOptions

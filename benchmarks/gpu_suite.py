@@ -133,7 +133,7 @@ def parity(smoke: bool, work: Path) -> dict:
     from deepspot.export import export_onnx
     from deepspot.export.indexed import export_indexed
     from deepspot.runtime import RunnerOptions, check_parity
-    from deepspot.runtime.indexed import check_parity_indexed
+    from deepspot.runtime.parity import check_parity_indexed
 
     ok, why = cuda_available()
     cases = {}

@@ -27,9 +27,7 @@ from .fileio import atomic_path
 from .modes import Mode, get_mode
 
 FEATURE_KEYS = ("spot", "cell", "subspot", "neighbors")
-#: Largest bag (sub-spots or neighbours per item) accepted by default: real data has 6-9 (Visium) or 44-45
-#: (Xenium), and a bag of 200,000 neighbours for 17 items took 7 GB. ``--max-bag`` raises it.
-MAX_BAG = 1024
+from .limits import MAX_BAG  # noqa: E402  (the default lives in a NumPy-free module the CLI imports)
 KNOWN_KEYS = FEATURE_KEYS + ("neighbor_index", "target", "barcode", "genes", "x_array", "y_array", "x_pixel", "y_pixel")
 
 

@@ -34,3 +34,24 @@ class DeepSpotWarning(UserWarning):
 
 class UnusedInputWarning(DeepSpotWarning):
     """A bundle holds an array the model does not take."""
+
+
+TORCH_EXTRA = "pip install 'deepspot[torch]'"
+TORCH_MODULES = ("torch", "safetensors", "matplotlib")
+
+
+def torch_missing_message(what: str, module: str = "torch") -> str:
+    """The one line for a command that needs PyTorch (or another part of the ``torch`` extra) where it is missing."""
+    return (
+        f"{what} needs PyTorch, and {module} is not installed: {TORCH_EXTRA} (on a GPU server, install your CUDA "
+        "build of torch first); running exported .onnx models needs no PyTorch"
+    )
+
+
+def require_torch(what: str):
+    """``torch``, or a :class:`BackendUnavailableError` that says what to install."""
+    try:
+        import torch
+    except ImportError:
+        raise BackendUnavailableError(torch_missing_message(what)) from None
+    return torch

@@ -6,11 +6,11 @@ dataclass with the same ``inverse_transform``, so that nothing needs scikit-lear
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 from .errors import ConfigError
 
@@ -74,7 +74,8 @@ class Scaler:
 
     def inverse_transform(self, x):
         """``x * scale + offset`` for a NumPy array or a torch tensor, keeping the input's type and dtype."""
-        if isinstance(x, torch.Tensor):
+        torch = sys.modules.get("torch")  # a tensor exists only where torch is imported: the runtime needs no torch
+        if torch is not None and isinstance(x, torch.Tensor):
             y = x
             if self.scale is not None:
                 y = y * torch.as_tensor(self.scale, dtype=x.dtype, device=x.device)

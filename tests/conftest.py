@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import importlib.util
+
 import numpy as np
 import pytest
-import torch
 
 from _reference import REFERENCE_DIR, cpu_vendor, trajectory_fixture
 
@@ -31,5 +32,9 @@ def rng() -> np.random.Generator:
 @pytest.fixture(autouse=True)
 def _torch_threads():
     # The CI machine has 2 cores; keep torch from oversubscribing them when tests run alongside onnxruntime.
-    torch.set_num_threads(2)
+    # The torch-free tests (tests/lean) also run where PyTorch is not installed.
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        torch.set_num_threads(2)
     yield

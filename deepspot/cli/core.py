@@ -17,7 +17,7 @@ from typing import Any, Optional
 import typer
 
 from .._version import __version__
-from ..errors import DeepSpotError, DeepSpotWarning
+from ..errors import TORCH_MODULES, DeepSpotError, DeepSpotWarning, torch_missing_message
 
 app = typer.Typer(
     name="deepspot",
@@ -25,6 +25,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help text: rendering it with rich costs 0.2-0.4 s of start-up on a 2-core machine (importing
+    # rich.markdown and laying out panels), more than the rest of `deepspot infer --help` together.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -79,6 +82,13 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 return fn(*args, **kwargs)
         except DeepSpotError as e:
             fail(str(e))
+        except ModuleNotFoundError as e:
+            # A serving install has no PyTorch: training, checkpoints and export say what to install, in one line.
+            root = (e.name or "").partition(".")[0]
+            if root not in TORCH_MODULES:
+                raise
+            command = {"import_weights": "import"}.get(fn.__name__, fn.__name__.removesuffix("_command"))
+            fail(torch_missing_message(f"deepspot {command.replace('_', ' ')}", root))
         except OSError as e:
             # The file system refused (no such folder, no permission, disk full): the user's to fix, in one line.
             where = f"{e.filename}: " if e.filename else ""

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ..errors import ConfigError
-from ..export.exporter import DEFAULT_OPSET
+from ..export.metadata import DEFAULT_OPSET
 from .core import NO_CLOBBER_HELP, app, handle_errors
 
 
@@ -76,8 +76,17 @@ def export_command(
     n_ensemble_rho: int | None = typer.Option(None, "--n-ensemble-rho", help="Untrained: Rho ensemble size."),
     random_seed: int = typer.Option(2024, "--random-seed", help="Untrained: seed of the initial weights."),
     agg_neighbors: str | None = typer.Option(None, "--agg-neighbors", help="Untrained cell: max, mean or sum."),
+    triton: Path | None = typer.Option(
+        None, "--triton", help="Also write a Triton model repository here (REPO/NAME/config.pbtxt, REPO/NAME/1/)."
+    ),
+    name: str | None = typer.Option(None, "--name", help="Triton: the model's name (default: the output's stem)."),
+    max_batch: int = typer.Option(256, "--max-batch", help="Triton: max_batch_size of the dynamic batcher."),
+    instances: int = typer.Option(1, "--instances", help="Triton: model instances per device."),
+    kind: str = typer.Option("gpu", "--kind", help="Triton: gpu or cpu instances."),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help="Triton: the TensorRT execution accelerator."),
+    fp16: bool = typer.Option(False, "--fp16", help="Triton with --tensorrt: TensorRT runs in fp16."),
 ) -> None:
-    """Export a model in one forward mode to a validated ONNX file."""
+    """Export a model in one forward mode to a validated ONNX file (and, with --triton, a Triton repository)."""
     from ..export import export_onnx
 
     from ..fileio import check_clobber
@@ -85,6 +94,16 @@ def export_command(
     if (checkpoint is None) == (family is None):
         raise ConfigError("give either a CHECKPOINT or --family (with --input-size and --output-size), not both")
     check_clobber(output, no_clobber)
+    triton_options = dict(name=name, max_batch=max_batch, instances=instances, kind=kind, tensorrt=tensorrt, fp16=fp16)
+    if triton is not None:
+        if layout == "indexed":
+            raise ConfigError(
+                "--triton serves the per-item graph: the indexed layout's head gathers neighbours from a whole "
+                "slide's embedding table, which a Triton request does not carry; export with --layout dense"
+            )
+        from ..export.triton import check_triton_options
+
+        check_triton_options(**triton_options)  # before the export: a bad option costs nothing
     if checkpoint is not None:
         source = checkpoint
     else:
@@ -136,6 +155,32 @@ def export_command(
     else:
         typer.echo(result.validation.table())
         typer.echo(result.validation.summary())
+    if triton is not None:
+        _write_triton(output, triton, **triton_options)
+
+
+def _write_triton(model: Path, repo: Path, **options) -> None:
+    from ..export.triton import write_triton_repository
+
+    written = write_triton_repository(model, repo, **options)
+    typer.echo(f"wrote {written.config} and {written.model} (validated against Triton's model configuration schema)")
+
+
+@app.command("triton")
+@handle_errors
+def triton_command(
+    model: Path = typer.Argument(..., help="An exported .onnx file (the per-item graph)."),
+    repo: Path = typer.Argument(..., help="The Triton model repository (created if missing)."),
+    name: str | None = typer.Option(None, "--name", help="The model's name (default: the file's stem)."),
+    max_batch: int = typer.Option(256, "--max-batch", help="max_batch_size of the dynamic batcher."),
+    instances: int = typer.Option(1, "--instances", help="Model instances per device."),
+    kind: str = typer.Option("gpu", "--kind", help="gpu or cpu instances."),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help="The TensorRT execution accelerator."),
+    fp16: bool = typer.Option(False, "--fp16", help="With --tensorrt: TensorRT runs in fp16."),
+) -> None:
+    """Write a Triton model repository (onnxruntime backend) for an exported model; needs no PyTorch."""
+    _write_triton(model, repo, name=name, max_batch=max_batch, instances=instances, kind=kind, tensorrt=tensorrt,
+                  fp16=fp16)  # fmt: skip
 
 
 @app.command("info")

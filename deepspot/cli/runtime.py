@@ -14,10 +14,12 @@ from typing import List, Optional
 
 import typer
 
-from ..data import MAX_BAG
+from ..limits import MAX_BAG
 from .core import NO_CLOBBER_HELP, app, fail, handle_errors
 
-engine_app = typer.Typer(help="Build and inspect native TensorRT engines (.plan).", no_args_is_help=True)
+engine_app = typer.Typer(
+    help="Build and inspect native TensorRT engines (.plan).", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(engine_app, name="engine")
 
 TORCH_GRAPH_HELP = "torch backends: eager (the model as written) or export (fused Phi, folded Rho, as in the ONNX)."
@@ -215,8 +217,22 @@ def _cohort(model, bundles, manifest, output_dir, fmt, shard, force, verify, dev
 @app.command()
 @handle_errors
 def parity(
-    checkpoint: Path = typer.Argument(..., help="The reference checkpoint (.safetensors, or a reference .pkl/.ckpt)."),
-    model: Path = typer.Argument(..., help="What to check: an .onnx file, a .plan, or a checkpoint (torch backends)."),
+    checkpoint: Path = typer.Argument(
+        ...,
+        help="The reference checkpoint (.safetensors, or a reference .pkl/.ckpt); with --expected, the model to check.",
+    ),
+    model: Optional[Path] = typer.Argument(
+        None, help="What to check: an .onnx file, a .plan, or a checkpoint (torch backends)."
+    ),
+    expected: Optional[Path] = typer.Option(
+        None,
+        "--expected",
+        help="Compare with stored reference outputs for --input's items (.npy, or an .npz with predictions) instead "
+        "of a checkpoint; needs no PyTorch. Then give only the model.",
+    ),
+    inverse_transform: bool = typer.Option(
+        False, "--inverse-transform", help="With --expected: the stored outputs are on the original scale."
+    ),
     backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="Compare on this bundle's items."),
     random: Optional[int] = typer.Option(None, "--random", help="Compare on N seeded random items (default 64)."),
@@ -237,8 +253,8 @@ def parity(
         None, help="dense or indexed (compare the indexed layout with the per-item model); default from MODEL/bundle."
     ),
 ) -> None:
-    """Compare a backend with the eager PyTorch model; exit 1 when parity fails."""
-    from ..runtime import check_parity
+    """Compare a backend with the eager PyTorch model, or with stored outputs (--expected); exit 1 when it fails."""
+    from ..runtime import check_parity, check_parity_expected
 
     if input is not None and random is not None:
         fail("give either --input or --random, not both")
@@ -246,6 +262,31 @@ def parity(
         from ..fileio import check_output_file
 
         check_output_file(report, "--report")  # before the comparison, not after it
+    if expected is not None:
+        if model is not None:
+            fail("with --expected, give only the model to check (the stored outputs are the reference)")
+        if input is None:
+            fail("--expected needs --input: the bundle the stored outputs were computed on")
+        with _announce_fallbacks():
+            result = check_parity_expected(
+                checkpoint,
+                expected,
+                input,
+                backend=backend,
+                atol=atol,
+                rtol=rtol,
+                batch_size=batch_size,
+                options=_options(device, precision, None, torch_graph=torch_graph),
+                allow_fallback=allow_fallback,
+                layout=layout,
+                inverse_transform=inverse_transform,
+            )
+        _finish_parity(result, report)
+        return
+    if model is None:
+        fail("give the reference checkpoint and the model to check (or the model and --expected PRED.npy)")
+    if inverse_transform:
+        fail("--inverse-transform applies to --expected only")
     with _announce_fallbacks():
         result = check_parity(
             checkpoint,
@@ -261,6 +302,10 @@ def parity(
             seed=seed,
             layout=layout,
         )
+    _finish_parity(result, report)
+
+
+def _finish_parity(result, report: Optional[Path]) -> None:
     _print_parity(result)
     if report is not None:
         result.save(report)
@@ -303,7 +348,17 @@ def bench(
         "visium-uni",
         help="visium-uni, visium-hoptimus, xenium, or the whole-slide visium-slide and xenium-slide (BENCHMARKS.md).",
     ),
-    backends: str = typer.Option("torch,ort-cpu", help="Comma-separated backends; eager torch is always measured."),
+    backends: Optional[str] = typer.Option(
+        None,
+        help="Comma-separated backends (default torch,ort-cpu); eager torch is always measured, except with an .onnx "
+        "--model, where the first backend is the baseline (default ort-cpu).",
+    ),
+    model: Optional[Path] = typer.Option(
+        None,
+        "--model",
+        help="Benchmark this model instead of random weights: a checkpoint, or an .onnx export to compare ONNX "
+        "backends with each other (needs no PyTorch).",
+    ),
     batch_size: Optional[int] = typer.Option(None, help="Items per batch (default: the workload's CPU / GPU batch)."),
     repeats: Optional[int] = typer.Option(None, help="Timed repeats per backend (default 5; 3 with --quick)."),
     warmup: int = typer.Option(2, help="Untimed runs per backend first."),
@@ -330,6 +385,8 @@ def bench(
     the per-item layout."""
     from ..runtime.bench import run_bench
 
+    onnx_model = model is not None and model.suffix.lower() == ".onnx"
+    backends = backends or ("ort-cpu" if onnx_model else "torch,ort-cpu")
     names = [b.strip() for b in backends.split(",") if b.strip()]
     if json_out is not None:
         from ..fileio import check_output_file
@@ -345,6 +402,7 @@ def bench(
             quick=quick,
             options=_options(device, precision, threads, compile, torch_graph=torch_graph),
             allow_fallback=allow_fallback,
+            model=model,
             n_items=items,
             cli=cli,
         )
@@ -370,7 +428,7 @@ def print_bench(report) -> None:
         "device",
         "batch",
         "items/s",
-        "x torch",
+        f"x {getattr(report, 'baseline', 'torch')}",
         "p50 ms",
         "p95 ms",
         "peak RSS MiB",

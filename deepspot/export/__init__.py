@@ -10,23 +10,41 @@ Public API:
 - :data:`EXPORT_SPECS` / :func:`get_spec`: one declarative spec per forward mode (names, dynamic axes, example
   inputs, tolerances).
 - :func:`lower_median` / :func:`lower_median_of`: ``torch.median``'s lower median as a min/max network.
+- :func:`write_triton_repository`: a Triton model repository for an export, validated against Triton's schema.
 
-``onnxruntime`` is imported only when a graph is run, so importing this package does not need it.
+``onnxruntime`` is imported only when a graph is run, and PyTorch only when a name that needs it is first used, so
+importing this package needs neither.
 """
 
-from .exporter import DEFAULT_OPSET, ExportResult, export_onnx, state_dict_hash
-from .graph import ExportModule, build_export_module, fold_rho_ensemble, fuse_phi_ensemble
-from .info import ModelInfo, TensorInfo, model_info, read_model_metadata
-from .median import lower_median, lower_median_of, selection_network
-from .specs import EXPORT_SPECS, PRECISIONS, ExportSpec, Tolerance, get_spec
-from .validate import (
-    ExportValidationError,
-    KernelUnavailableError,
-    OutputParity,
-    ValidationReport,
-    session_from_onnx,
-    validate_onnx,
-)
+import importlib
+
+# PEP 562: the names load on first use, so that the torch-free parts (``info``, ``triton``, ``metadata``) import
+# without PyTorch; everything else here needs it.
+_LAZY = {
+    "exporter": ("DEFAULT_OPSET", "ExportResult", "export_onnx", "state_dict_hash"),
+    "graph": ("ExportModule", "build_export_module", "fold_rho_ensemble", "fuse_phi_ensemble"),
+    "info": ("ModelInfo", "TensorInfo", "model_info", "read_model_metadata"),
+    "median": ("lower_median", "lower_median_of", "selection_network"),
+    "triton": ("TritonRepository", "write_triton_repository"),
+    "specs": ("EXPORT_SPECS", "PRECISIONS", "ExportSpec", "Tolerance", "get_spec"),
+    "validate": (
+        "ExportValidationError",
+        "KernelUnavailableError",
+        "OutputParity",
+        "ValidationReport",
+        "session_from_onnx",
+        "validate_onnx",
+    "write_triton_repository",
+    ),
+}
+_WHERE = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -40,6 +58,7 @@ __all__ = [
     "ModelInfo",
     "OutputParity",
     "TensorInfo",
+    "TritonRepository",
     "Tolerance",
     "ValidationReport",
     "build_export_module",
@@ -55,4 +74,5 @@ __all__ = [
     "session_from_onnx",
     "state_dict_hash",
     "validate_onnx",
+    "write_triton_repository",
 ]

@@ -26,7 +26,6 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -34,15 +33,13 @@ from torch import nn
 from .._version import __version__
 from ..errors import CheckpointError, ConfigError, DeepSpotError
 from ..fileio import atomic_path
+from .metadata import DEFAULT_OPSET, METADATA_FORMAT, METADATA_VERSION, metadata_value  # noqa: F401  (re-exported)
 from .graph import ExportModule, build_export_module, check_mode
 from .specs import ExportSpec, check_precision, get_spec, resolve_io_dtype
 from .validate import KernelUnavailableError, ValidationReport, validate_onnx
 
-DEFAULT_OPSET = 17
 MIN_OPSET = 17
 MAX_OPSET = 20  # the TorchScript exporter's highest opset in torch 2.4 .. 2.13
-METADATA_FORMAT = "deepspot-onnx"
-METADATA_VERSION = 1
 # One protobuf message holds at most 2 GiB; these models (visium-uni: ~50 MB) are far below, so weights are always
 # stored inside the single .onnx file.
 _PROTOBUF_LIMIT = 2**31 - 2**20
@@ -351,16 +348,3 @@ def _check_size(module: nn.Module) -> None:
             f"the weights take {size / 2**30:.2f} GiB, more than one ONNX file can hold (2 GiB); "
             "export at fp16 or split the model"
         )
-
-
-def metadata_value(metadata: dict[str, str], key: str) -> Any:
-    """Decode one ``metadata_props`` value written by :func:`build_metadata` (JSON where it is JSON)."""
-    raw = metadata[key]
-    if key in _JSON_KEYS:
-        return json.loads(raw)
-    if key in ("format_version", "opset"):
-        return int(raw)
-    return raw
-
-
-_JSON_KEYS = frozenset({"config", "genes", "scaler_folded", "scaler", "optimize", "input_names", "pools"})

@@ -24,12 +24,16 @@ from torch import nn
 from ..errors import ConfigError
 from ..modes import Mode
 from .graph import ExportModule, _cast, pool_bag
-
-ENCODER_INPUT = "tile"
-ENCODER_OUTPUT = "embedding"
-HEAD_EMBEDDING = "embedding"
-HEAD_NEIGHBORS = "neighbor_embeddings"
-OUTPUT = "expression"
+from .metadata import (  # noqa: F401  (the names live in the torch-free metadata module; re-exported here)
+    ENCODER_FILE,
+    ENCODER_INPUT,
+    ENCODER_OUTPUT,
+    HEAD_EMBEDDING,
+    HEAD_FILE,
+    HEAD_NEIGHBORS,
+    OUTPUT,
+    head_input_names,
+)
 
 
 def check_indexed_mode(mode: Mode) -> None:
@@ -38,15 +42,6 @@ def check_indexed_mode(mode: Mode) -> None:
         raise ConfigError(
             f"mode {mode.name!r} ({mode.reference}) has no neighbours, so it has no indexed layout; use --layout dense"
         )
-
-
-def head_input_names(mode: Mode) -> tuple[str, ...]:
-    """Inputs of the head graph, in call order: own embedding, sub-spots where the mode has them, neighbours."""
-    names = [HEAD_EMBEDDING]
-    if "subspot" in mode.input_names:
-        names.append("subspot")
-    names.append(HEAD_NEIGHBORS)
-    return tuple(names)
 
 
 class IndexedEncoder(nn.Module):
@@ -110,10 +105,6 @@ def build_indexed_modules(dense: ExportModule, table_dtype: str = "fp32") -> tup
 
 
 # -- export ---------------------------------------------------------------------------------------------------------
-ENCODER_FILE = "encoder.onnx"
-HEAD_FILE = "head.onnx"
-
-
 def _trace(module: nn.Module, example: dict[str, torch.Tensor], outputs: list[str], axes: dict, opset: int):
     import io
     import warnings

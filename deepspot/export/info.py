@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError
-from .exporter import METADATA_FORMAT, metadata_value
+from .metadata import METADATA_FORMAT, metadata_value
 
 _ELEM_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 7: "int64", 6: "int32"}
 

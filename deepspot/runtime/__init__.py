@@ -11,11 +11,13 @@ Public API:
 - :func:`session_from_onnx` and :func:`~deepspot.runtime.trt.engine_from_onnx`: building, separate from running.
 - :func:`infer`: stream a bundle through a runner into ``.npy`` / ``.npz`` / ``.h5ad``, atomically.
 - :func:`compare` / :func:`check_parity`: a :class:`ParityReport` per output; :data:`TOLERANCES` per precision.
+  :func:`check_parity_expected`: the same against stored reference outputs, without PyTorch.
 - :func:`~deepspot.runtime.bench.run_bench`: the workloads of BENCHMARKS.md, side by side with eager PyTorch.
 - :func:`load_pipeline` / :func:`predict_indexed`: the indexed (whole-slide) layout, an encoder pass into a table of
   embeddings and a head that gathers neighbours by index.
 
-``onnxruntime`` and ``tensorrt`` are imported only when a session or an engine is built.
+``onnxruntime`` and ``tensorrt`` are imported only when a session or an engine is built, and PyTorch only by the
+``torch`` backends (and by parity against a checkpoint): the ONNX backends run without it.
 """
 
 from .backends import BACKENDS, FallbackWarning, Probe, RunnerOptions, Selection, load_runner, select_backend
@@ -23,9 +25,18 @@ from .base import ModelInfo, Runner, TensorSpec
 from .indexed import IndexedPipeline, load_pipeline, predict_indexed
 from .infer import InferResult, infer
 from .ort import OrtRunner, session_from_onnx
-from .parity import TOLERANCES, OutputParity, ParityReport, Tolerance, check_parity, compare
+from .parity import TOLERANCES, OutputParity, ParityReport, Tolerance, check_parity, check_parity_expected, compare
 from .stream import check_inputs, predict
-from .torch_runner import TorchRunner
+
+
+def __getattr__(name: str):
+    # PyTorch loads with the torch backend only: the ONNX and TensorRT backends run without it.
+    if name == "TorchRunner":
+        from .torch_runner import TorchRunner
+
+        return TorchRunner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BACKENDS",
@@ -46,6 +57,7 @@ __all__ = [
     "TorchRunner",
     "check_inputs",
     "check_parity",
+    "check_parity_expected",
     "compare",
     "infer",
     "load_pipeline",

@@ -9,8 +9,8 @@ import numpy as np
 
 from ..errors import InputError
 from ._cuda import PinnedPool
+from ._onnxruntime import import_ort
 from .base import TensorSpec
-from .ort import import_ort
 
 
 class DeviceIO:

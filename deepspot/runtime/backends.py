@@ -53,7 +53,7 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("torch", "model", "cpu", "PyTorch", "pip install deepspot"),
+        Backend("torch", "model", "cpu", "PyTorch", "pip install 'deepspot[torch]'"),
         Backend(
             "torch-cuda",
             "model",
@@ -96,25 +96,30 @@ DEFAULT_BACKEND = {"model": "torch", "onnx": "ort-cpu", "plan": "tensorrt"}
 
 @dataclass(frozen=True)
 class Probe:
-    """What this machine offers: onnxruntime's providers, a CUDA GPU for PyTorch, the TensorRT package."""
+    """What this machine offers: onnxruntime's providers, PyTorch and a CUDA GPU for it, the TensorRT package."""
 
     providers: tuple[str, ...] = ()
     cuda: bool = False
     tensorrt: bool = False
+    torch: bool = True
 
     @classmethod
-    def detect(cls) -> "Probe":
+    def detect(cls, torch_cuda: bool = True) -> "Probe":
+        """Probe this machine; ``torch_cuda=False`` skips asking PyTorch for a GPU (importing torch takes seconds,
+        and only ``torch-cuda`` and ``tensorrt`` need the answer)."""
         providers: tuple[str, ...] = ()
         if importlib.util.find_spec("onnxruntime") is not None:
             import onnxruntime
 
             providers = tuple(onnxruntime.get_available_providers())
-        cuda = False
-        if importlib.util.find_spec("torch") is not None:
-            import torch
+        has_trt = importlib.util.find_spec("tensorrt") is not None
+        if importlib.util.find_spec("torch") is None:  # a serving install: the ONNX backends need no PyTorch
+            return cls(providers, False, has_trt, torch=False)
+        if not torch_cuda:
+            return cls(providers, False, has_trt)
+        import torch
 
-            cuda = torch.cuda.is_available()
-        return cls(providers, cuda, importlib.util.find_spec("tensorrt") is not None)
+        return cls(providers, torch.cuda.is_available(), has_trt)
 
 
 def unavailable_reason(name: str, probe: Probe) -> str | None:
@@ -123,6 +128,13 @@ def unavailable_reason(name: str, probe: Probe) -> str | None:
     missing = [p for p in b.providers if p not in probe.providers]
     if missing:
         return f"backend {name!r} needs {b.needs}: onnxruntime here has no {missing[0]}; {b.install}"
+    if b.runs == "model" and not probe.torch:
+        return f"backend {name!r} needs PyTorch, which is not installed: {get_backend('torch').install}"
+    if name == "tensorrt" and not probe.torch:  # the native runner's device buffers and streams are torch's
+        return (
+            f"backend {name!r} needs PyTorch for its CUDA buffers, which is not installed: "
+            f"{get_backend('torch').install}; ort-trt runs TensorRT without it"
+        )
     if name == "tensorrt" and not probe.tensorrt:
         return f"backend {name!r} needs {b.needs}: the tensorrt package is not installed; {b.install}"
     if b.device == "cuda" and not probe.cuda and not b.providers:
@@ -164,7 +176,13 @@ def select_backend(
         BackendUnavailableError: The backend cannot run here and fallback is off (or the chain is exhausted).
     """
     get_backend(requested)
-    probe = probe or Probe.detect()
+    if probe is None:
+        chain, name = [], requested
+        while name is not None:
+            chain.append(name)
+            name = get_backend(name).fallback if allow_fallback else None
+        probe = Probe.detect(torch_cuda=any(get_backend(n).device == "cuda" and not get_backend(n).providers
+                                            for n in chain))  # fmt: skip
     reasons: list[str] = []
     name: str | None = requested
     while name is not None:
@@ -298,7 +316,7 @@ def _profile(inputs, o: RunnerOptions):
 
 def ort_trt_cache_dir(onnx_path: str | Path, inputs, precision: str, o: RunnerOptions) -> Path:
     """Engine cache folder for onnxruntime's TensorRT provider: one per graph, profile and precision."""
-    from ..checkpoint import file_hash
+    from ..fileio import file_sha256 as file_hash
     from .profiles import cache_key
 
     key = cache_key(onnx=file_hash(onnx_path), profile=_profile(inputs, o).to_dict(), precision=precision)
@@ -309,7 +327,7 @@ def ort_trt_cache_dir(onnx_path: str | Path, inputs, precision: str, o: RunnerOp
 
 def _tensorrt_from_onnx(onnx_path, info, inputs, precision: str, o: RunnerOptions) -> Runner:
     """Build (or reuse from the cache) a native engine for an ONNX file, then run it."""
-    from ..checkpoint import file_hash
+    from ..fileio import file_sha256 as file_hash
     from .profiles import cache_key
     from .trt import TrtRunner, engine_from_onnx, gpu_identity, import_trt
 

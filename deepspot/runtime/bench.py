@@ -9,288 +9,28 @@ of it achieved is reported with the FLOPs per item as BENCHMARKS.md defines them
 
 from __future__ import annotations
 
-import json
-import resource
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..errors import ConfigError
-from ..fileio import atomic_path
-
-
-@dataclass(frozen=True)
-class Workload:
-    """One benchmark workload (a row of BENCHMARKS.md).
-
-    Attributes:
-        name: Workload name.
-        family: ``spot`` or ``cell``.
-        mode: Forward mode.
-        input_size: Features per tile ``D``.
-        phi2rho_size: Phi width ``H``.
-        n_ensemble: Ensemble size ``E``.
-        output_size: Genes ``G``.
-        bags: Tiles per multi-tile bag (``{"subspot": 9, "neighbors": 6}``).
-        batch_cpu: Batch size on the CPU.
-        batch_gpu: Batch size on a GPU.
-        layout: ``dense`` (per-item bags) or ``indexed`` (whole slide, neighbours by index).
-        n_items: Items of a whole-slide workload.
-        agg_neighbors: Neighbour pooling of the cell family.
-    """
-
-    name: str
-    family: str
-    mode: str
-    input_size: int
-    phi2rho_size: int
-    n_ensemble: int
-    output_size: int
-    bags: dict[str, int]
-    batch_cpu: int
-    batch_gpu: int
-    layout: str = "dense"
-    n_items: int | None = None
-    agg_neighbors: str = "max"
-
-    @property
-    def tiles(self) -> int:
-        """Tiles per item in the per-item layout: own tile, sub-spots, neighbours."""
-        return 1 + sum(self.bags.values())
-
-    @property
-    def multiplier(self) -> int:
-        from ..modes import get_mode
-
-        return get_mode(self.family, self.mode).multiplier
-
-    def flops_per_item(self, folded: bool = False) -> float:
-        """Phi ``tiles x E x D x H x 2`` plus Rho ``E x m*H x G x 2`` (``folded``: one Rho, ``m*H x G x 2``)."""
-        phi = self.tiles * self.n_ensemble * self.input_size * self.phi2rho_size * 2
-        rho = (1 if folded else self.n_ensemble) * self.multiplier * self.phi2rho_size * self.output_size * 2
-        return float(phi + rho)
-
-    def build_model(self, seed: int = 0):
-        """The model with seeded random weights at this workload's sizes."""
-        from ..factory import create_model
-
-        extra = {"agg_neighbors": self.agg_neighbors} if self.family == "cell" else {}
-        return create_model(
-            self.family,
-            self.mode,
-            input_size=self.input_size,
-            output_size=self.output_size,
-            phi2rho_size=self.phi2rho_size,
-            n_ensemble=self.n_ensemble,
-            random_seed=seed,
-            **extra,
-        ).eval()
-
-    def inputs(self, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-        """Seeded standard-normal inputs for one batch."""
-        from ..modes import get_mode
-
-        rng = np.random.default_rng(seed)
-        return {
-            bag.name: rng.standard_normal(
-                (batch, 1 if bag.single else self.bags[bag.name], self.input_size), dtype=np.float32
-            )
-            for bag in get_mode(self.family, self.mode).bags
-        }
-
-    def quick(self) -> "Workload":
-        """The same structure at toy sizes, for tests and smoke runs."""
-        return replace(
-            self,
-            name=f"{self.name} (quick)",
-            n_items=None if self.n_items is None else 2000,
-            input_size=64,
-            phi2rho_size=32,
-            output_size=50,
-            batch_cpu=32,
-            batch_gpu=64,
-        )
-
-
-_SPOT = dict(
-    family="spot",
-    mode="subspot_neighbors",
-    phi2rho_size=512,
-    n_ensemble=10,
-    output_size=5000,
-    bags={"subspot": 9, "neighbors": 6},
-    batch_cpu=256,
-    batch_gpu=4096,
+from .bench_common import (  # noqa: F401  (moved to bench_common; re-exported, the names users import from here)
+    WORKLOADS,
+    BackendResult,
+    computes_folded,
+    BenchReport,
+    Gemm,
+    Workload,
+    backend_result,
+    gemm_rate,
+    get_workload,
+    machine_info,
+    peak_rss_mb,
+    peak_rss_scope,
+    reset_peak_rss,
 )
-WORKLOADS: dict[str, Workload] = {
-    w.name: w
-    for w in (
-        Workload("visium-uni", input_size=1024, **_SPOT),
-        Workload("visium-hoptimus", input_size=1536, **_SPOT),
-        Workload("xenium", "cell", "neighbors", 1536, 1024, 10, 500, {"neighbors": 44}, 64, 1024),
-        Workload("visium-slide", input_size=1024, layout="indexed", n_items=20_000, **_SPOT),
-        Workload(
-            "xenium-slide",
-            "cell",
-            "neighbors",
-            1536,
-            1024,
-            10,
-            500,
-            {"neighbors": 44},
-            64,
-            1024,
-            layout="indexed",
-            n_items=100_000,
-        ),
-    )
-}
-
-
-def get_workload(name: str) -> Workload:
-    if name not in WORKLOADS:
-        raise ConfigError(f"unknown workload {name!r}; expected one of: {', '.join(WORKLOADS)}")
-    return WORKLOADS[name]
-
-
-# -- measurements -------------------------------------------------------------------------------------------------
-class Gemm:
-    """The machine's fp32 matrix-product rate: timed ``(m x k) @ (k x n)`` products with PyTorch (its BLAS)."""
-
-    def __init__(self, m: int = 4096, k: int = 1024, n: int = 5120):
-        import torch
-
-        gen = torch.Generator().manual_seed(0)
-        self.a, self.b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
-        self.out = torch.matmul(self.a, self.b)  # warm-up: thread pool, page faults of the output
-        self.flops = 2.0 * m * k * n
-        self.gflops: list[float] = []
-
-    def time_once(self) -> float:
-        """One timed product; its rate in GFLOP/s is recorded and returned."""
-        import torch
-
-        start = time.perf_counter()
-        torch.matmul(self.a, self.b, out=self.out)
-        self.gflops.append(self.flops / (time.perf_counter() - start) / 1e9)
-        return self.gflops[-1]
-
-    @property
-    def median(self) -> float:
-        return float(np.median(self.gflops))
-
-
-def gemm_rate(repeats: int = 5) -> float:
-    """The machine's fp32 GEMM rate in GFLOP/s (4096x1024 by 1024x5120), median of ``repeats`` products."""
-    gemm = Gemm()
-    for _ in range(repeats):
-        gemm.time_once()
-    return gemm.median
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's resident-set high-water mark of this process (Linux ``clear_refs``); ``False`` if not."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    """The resident-set high-water mark in MiB: ``VmHWM`` since the last reset, else the process's ``ru_maxrss``."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@dataclass
-class BackendResult:
-    """One backend's figures in a benchmark run (``status`` says why a backend has none)."""
-
-    backend: str
-    status: str = "ok"
-    device: str = "cpu"
-    batch_size: int = 0
-    items_per_s: float = 0.0
-    ratio_to_torch: float | None = None
-    p50_ms: float = 0.0
-    p95_ms: float = 0.0
-    peak_rss_mb: float = 0.0
-    gflops: float = 0.0
-    fraction_of_gemm: float = 0.0
-    fraction_of_bound: float = 0.0
-    repeats_items_per_s: list[float] = field(default_factory=list)
-    flops_per_item: float = 0.0  # what this backend computes: the eager model's unfolded graph or the folded one
-
-
-@dataclass
-class BenchReport:
-    """A whole benchmark run."""
-
-    workload: dict[str, Any]
-    machine: dict[str, Any]
-    gemm_gflops: float
-    flops_per_item: float
-    flops_per_item_folded: float
-    bound_items_per_s: float
-    repeats: int
-    warmup: int
-    results: list[BackendResult]
-    peak_rss_scope: str = "per backend (VmHWM reset before each timed run)"
-
-    def result(self, backend: str) -> BackendResult:
-        return next(r for r in self.results if r.backend == backend)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def save(self, path: str | Path) -> Path:
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return Path(path)
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, library versions and GPU, for the record."""
-    import platform
-
-    import torch
-
-    from .ort import physical_cores
-
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "physical_cores": physical_cores(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "numpy": np.__version__,
-    }
-    try:
-        import onnxruntime
-
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def run_bench(
@@ -320,23 +60,29 @@ def run_bench(
         seed: Seed of the random weights and inputs.
         options: :class:`~deepspot.runtime.backends.RunnerOptions` (device, precision, threads).
         allow_fallback: Permit another backend when one cannot run here.
-        model: Benchmark this model instead of the workload's random weights (its sizes must match).
+        model: Benchmark this model instead of the workload's random weights (its sizes must match). An ``.onnx``
+            file (a per-item export) compares ONNX backends with each other, without PyTorch: the first backend is
+            the baseline, and the workload's bag sizes and batch are used at the model's own sizes.
         workdir: Where the temporary ONNX export goes (default: the system's temporary folder).
         n_items: Whole-slide workloads: items on the slide (default: the workload's; quick: 2,000).
         cli: Whole-slide workloads: also time ``deepspot infer`` end to end in a subprocess, start-up included, for
             each ONNX backend (a row beside the in-process one).
     """
-    import torch
-
-    from ..export import export_onnx
+    from .artifacts import artifact_kind
     from .backends import BACKENDS, RunnerOptions, get_backend, load_runner
     from .ort import physical_cores
-    from .torch_runner import TorchRunner
 
     w = get_workload(workload) if isinstance(workload, str) else workload
     w = w.quick() if quick else w
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    if isinstance(model, (str, Path)) and artifact_kind(model) == "onnx":
+        return _bench_onnx(w, Path(model), backends, batch_size, repeats, warmup, seed, options, allow_fallback)
+    from ..errors import require_torch
+
+    torch = require_torch("bench with eager PyTorch as the baseline (or --model MODEL.onnx to compare ONNX backends)")
+    from ..export import export_onnx
+    from .torch_runner import TorchRunner
     if w.layout == "indexed":
         from .slide_bench import run_slide_bench
 
@@ -368,54 +114,44 @@ def run_bench(
                 runner.deactivate()
 
 
-def backend_result(
-    name: str,
-    device: str,
-    batch: int,
-    items_per_s: list[float],
-    baseline_items_per_s: list[float],
-    latencies: list[float],
-    peak_mb: float,
-    flops: float,
-    bound_flops: float,
-    gemm_gflops: float,
-) -> BackendResult:
-    """One backend's figures from its per-repeat rates; the ratio is paired: each repeat against the baseline run
-    next to it, then the median."""
-    ips = float(np.median(items_per_s))
-    return BackendResult(
-        backend=name,
-        device=device,
-        batch_size=batch,
-        items_per_s=ips,
-        ratio_to_torch=float(np.median(np.array(items_per_s) / np.array(baseline_items_per_s))),
-        p50_ms=1e3 * float(np.percentile(latencies, 50)),
-        p95_ms=1e3 * float(np.percentile(latencies, 95)),
-        peak_rss_mb=peak_mb,
-        gflops=ips * flops / 1e9,
-        fraction_of_gemm=ips * flops / (gemm_gflops * 1e9),
-        fraction_of_bound=ips * bound_flops / (gemm_gflops * 1e9),
-        repeats_items_per_s=list(items_per_s),
-        flops_per_item=flops,
-    )
+def _bench_onnx(w: Workload, path: Path, backends, batch_size, repeats, warmup, seed, options, allow_fallback):
+    """ONNX backends on an exported model, against each other (the first is the baseline); no PyTorch needed."""
+    from .artifacts import read_onnx
+    from .backends import BACKENDS, RunnerOptions, get_backend, load_runner
+
+    if w.layout == "indexed":
+        raise ConfigError(f"{path}: whole-slide workloads build their own indexed export; give a per-item workload")
+    names = list(dict.fromkeys(backends))
+    if not names:
+        raise ConfigError("give at least one backend to benchmark")
+    for name in names:
+        if get_backend(name).runs != "onnx":
+            raise ConfigError(f"backend {name!r} runs a checkpoint, not {path.name}; compare ONNX backends here")
+    info, _ = read_onnx(path)
+    if info is None:
+        raise ConfigError(f"{path}: not exported by deepspot (no model metadata), so its inputs' sizes are unknown")
+    if info.layout != "dense":
+        raise ConfigError(f"{path}: a graph of the indexed layout; benchmark the per-item export")
+    mode = info.mode_spec
+    default_bags = {"subspot": 9, "neighbors": 6}  # the reference's, where the workload has no such bag
+    bags = {b.name: w.bags.get(b.name, default_bags.get(b.name, 4)) for b in mode.bags if not b.single}
+    w = replace(w, name=f"{w.name} ({path.name})", family=info.family, mode=info.mode, input_size=info.input_size,
+                output_size=info.output_size, bags=bags,
+                phi2rho_size=int(info.config.get("phi2rho_size") or w.phi2rho_size),
+                n_ensemble=int(info.config.get("n_ensemble") or w.n_ensemble))  # fmt: skip
+    runners: dict[str, Any] = {}
+    try:
+        for name in names:
+            batch = batch_size or (w.batch_gpu if BACKENDS[name].device == "cuda" else w.batch_cpu)
+            o = replace(options or RunnerOptions(), batch_size=batch, bag_sizes=dict(w.bags))
+            runners[name] = (load_runner(path, name, o, allow_fallback).activate(), w.inputs(batch, seed))
+        return _measure(w, runners, repeats, warmup, baseline=names[0])
+    finally:
+        for runner, _ in runners.values():
+            runner.deactivate()
 
 
-def computes_folded(runner: Any) -> bool:
-    """Whether a runner computes the folded graph (one Rho): the ONNX and TensorRT graphs and the torch ``export``
-    module do; the eager model runs every Rho of the ensemble."""
-    return getattr(runner, "graph", "export") == "export"
-
-
-
-def peak_rss_scope(scoped: bool) -> str:
-    return (
-        "per backend (VmHWM reset before each timed run)"
-        if scoped
-        else "whole process (ru_maxrss; VmHWM could not be reset)"
-    )
-
-
-def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int) -> BenchReport:
+def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int, baseline: str = "torch") -> BenchReport:
     for runner, feed in runners.values():
         for _ in range(warmup):
             runner.infer(feed)
@@ -436,7 +172,7 @@ def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int) ->
             per_repeat[name].append(len(next(iter(feed.values()))) / elapsed)
     gemm = gemm_probe.median
     flops, folded = w.flops_per_item(), w.flops_per_item(folded=True)
-    base = per_repeat["torch"]
+    base = per_repeat[baseline]
     # GFLOP/s and "of GEMM" count what each backend computes (the eager model: every Rho; the folded graphs: one).
     results = [
         backend_result(runner.name, runner.device, len(next(iter(feed.values()))), per_repeat[name], base,
@@ -454,4 +190,5 @@ def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int) ->
         warmup=warmup,
         results=results,
         peak_rss_scope=peak_rss_scope(scoped),
+        baseline="torch" if baseline == "torch" else runners[baseline][0].name,
     )

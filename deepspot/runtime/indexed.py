@@ -30,7 +30,15 @@ import numpy as np
 from ..data import MAX_BAG
 from ..errors import CheckpointError, ConfigError, InputError
 from ..fileio import ensure_free_space, preallocate, temp_prefix
-from ..export.indexed import ENCODER_FILE, ENCODER_INPUT, ENCODER_OUTPUT, HEAD_EMBEDDING, HEAD_FILE, HEAD_NEIGHBORS, OUTPUT
+from ..export.metadata import (
+    ENCODER_FILE,
+    ENCODER_INPUT,
+    ENCODER_OUTPUT,
+    HEAD_EMBEDDING,
+    HEAD_FILE,
+    HEAD_NEIGHBORS,
+    OUTPUT,
+)
 from .base import ModelInfo, Runner, TensorSpec
 from .stream import _progress, batches
 from ._pages import release_rows
@@ -170,7 +178,8 @@ def pipeline_from_model(model, device: str = "cpu", precision: str = "fp32", opt
     ``device_gather`` (default: on a GPU) keeps the table on the device and gathers neighbours there.
     """
     from ..export import build_export_module
-    from ..export.indexed import build_indexed_modules, head_input_names
+    from ..export.indexed import build_indexed_modules
+    from ..export.metadata import head_input_names
     from .torch_runner import load_model
 
     source = str(model) if isinstance(model, (str, Path)) else ""
@@ -448,68 +457,3 @@ def dense_from_index(arrays: Mapping[str, np.ndarray], mode) -> tuple[dict[str, 
         return feed
 
     return inputs, gather
-
-
-def random_slide(info: ModelInfo, n: int, k: int = 6, n_subspots: int = 9, seed: int = 0) -> dict[str, np.ndarray]:
-    """A seeded random slide for parity: standard-normal tiles and a random neighbour index that includes ``-1``
-    padding, repeated neighbours, an item that is its own neighbour and an item without neighbours."""
-    rng = np.random.default_rng(seed)
-    mode = info.mode_spec
-    arrays = {mode.bags[0].name: rng.standard_normal((n, info.input_size), dtype=np.float32)}
-    if "subspot" in mode.input_names:
-        arrays["subspot"] = rng.standard_normal((n, n_subspots, info.input_size), dtype=np.float32)
-    index = rng.integers(-1, n, size=(n, k))
-    index[0] = -1
-    if n > 2:
-        index[1, 0] = 1
-        index[2, :] = index[2, 0]
-    arrays["neighbor_index"] = index
-    return arrays
-
-
-def check_parity_indexed(checkpoint, model, backend=None, bundle=None, n_random=None, atol=None, rtol=None,
-                         batch_size: int = 256, options=None, allow_fallback: bool = False, seed: int = 0):  # fmt: skip
-    """Parity of the indexed layout (``model``: an indexed export folder, or a checkpoint run on torch) against the
-    eager PyTorch model of ``checkpoint`` in the per-item layout, on the equivalent dense bags.
-
-    Returns:
-        A :class:`~deepspot.runtime.parity.ParityReport`.
-    """
-    from ..data import load_bundle
-    from .parity import ParityReport, output_parity, tolerance_for
-    from .stream import batches
-    from .torch_runner import TorchRunner
-
-    reference = TorchRunner(checkpoint, name="torch (reference, per-item)")
-    ref = reference.info
-    pipeline = load_pipeline(model, backend, options, allow_fallback, batch_size)
-    info = pipeline.info
-    if (info.family, info.mode, info.input_size, info.output_size) != (
-        ref.family, ref.mode, ref.input_size, ref.output_size
-    ):  # fmt: skip
-        raise ConfigError(f"{model} is a {info.family}/{info.mode} model, {checkpoint} a {ref.family}/{ref.mode} one")
-    if bundle is not None:
-        data = load_bundle(bundle)
-        data.validate(ref.family, ref.mode, input_size=ref.input_size, allow_index=True)
-        if "neighbor_index" not in data:
-            raise ConfigError(f"{bundle}: parity of the indexed layout needs a bundle with 'neighbor_index'")
-        arrays = data.arrays
-    else:
-        arrays = random_slide(ref, n_random or 64, seed=seed)
-    n = check_indexed_inputs(arrays, ref, source=str(bundle or "random slide"))
-    inputs, gather = dense_from_index(arrays, ref.mode_spec)
-    want = np.empty((n, ref.output_size), dtype=np.float32)
-    with reference:
-        for start, stop, feed in batches(inputs, batch_size, {k: v.dtype for k, v in inputs.items()}, prepare=gather):
-            want[start:stop] = reference.infer(feed)["expression"]
-    if info.fold_scaler and ref.scaler is not None:
-        want = ref.scaler.inverse_transform(want)
-    with pipeline:
-        got, _ = predict_indexed(pipeline, arrays, batch_size)
-    tolerance = tolerance_for(info.precision, atol, rtol)
-    name = f"{pipeline.backend} (indexed)"
-    report = ParityReport(reference.name, name, info.precision, n, [output_parity(OUTPUT, got, want, tolerance)])
-    selection = getattr(pipeline.head, "selection", None)
-    if selection is not None and selection.fell_back:
-        report.notes.append(f"requested {selection.requested}, ran {selection.backend} (fallback allowed)")
-    return report

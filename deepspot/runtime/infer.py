@@ -149,7 +149,7 @@ def model_fingerprint(model: str | os.PathLike) -> str:
 
     path = Path(model)
     if is_indexed_folder(path):
-        from ..export.indexed import ENCODER_FILE, HEAD_FILE
+        from ..export.metadata import ENCODER_FILE, HEAD_FILE
 
         joined = "".join(file_sha256(path / name) for name in (ENCODER_FILE, HEAD_FILE))
         return hashlib.sha256(joined.encode()).hexdigest()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailableError, ConfigError, InputError
+from ._onnxruntime import import_ort  # noqa: F401  (moved there so that _ort_gpu need not import this module)
 from .base import ModelInfo, Runner, TensorSpec
 from .profiles import Profile, trt_profile_options
 
@@ -28,17 +29,6 @@ OPTIMIZATION_LEVELS = {
     "all": "ORT_ENABLE_ALL",
 }
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
-
-
-def import_ort():
-    """``onnxruntime``, or an error that says what to install."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise BackendUnavailableError(
-            "onnxruntime is not installed: pip install 'deepspot[cpu]' (or 'deepspot[gpu]' on a GPU server)"
-        ) from None
-    return onnxruntime
 
 
 def physical_cores() -> int:

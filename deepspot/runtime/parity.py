@@ -251,7 +251,7 @@ def check_parity(
         ConfigError: The model and the checkpoint are of different families, modes or sizes.
     """
     from .backends import RunnerOptions, load_runner
-    from .indexed import check_parity_indexed, is_indexed_folder
+    from .indexed import is_indexed_folder
     from .infer import LAYOUTS
 
     if layout is not None and layout not in LAYOUTS:
@@ -315,4 +315,169 @@ def check_parity(
     selection = getattr(runner, "selection", None)
     if selection is not None and selection.fell_back:
         report.notes.append(f"requested {selection.requested}, ran {selection.backend} (fallback allowed)")
+    return report
+
+
+# -- the indexed layout (here rather than in .indexed, so that the two modules do not import each other) -------
+def random_slide(info, n: int, k: int = 6, n_subspots: int = 9, seed: int = 0) -> dict[str, np.ndarray]:
+    """A seeded random slide for parity: standard-normal tiles and a random neighbour index that includes ``-1``
+    padding, repeated neighbours, an item that is its own neighbour and an item without neighbours."""
+    rng = np.random.default_rng(seed)
+    mode = info.mode_spec
+    arrays = {mode.bags[0].name: rng.standard_normal((n, info.input_size), dtype=np.float32)}
+    if "subspot" in mode.input_names:
+        arrays["subspot"] = rng.standard_normal((n, n_subspots, info.input_size), dtype=np.float32)
+    index = rng.integers(-1, n, size=(n, k))
+    index[0] = -1
+    if n > 2:
+        index[1, 0] = 1
+        index[2, :] = index[2, 0]
+    arrays["neighbor_index"] = index
+    return arrays
+
+
+def check_parity_indexed(checkpoint, model, backend=None, bundle=None, n_random=None, atol=None, rtol=None,
+                         batch_size: int = 256, options=None, allow_fallback: bool = False, seed: int = 0):  # fmt: skip
+    """Parity of the indexed layout (``model``: an indexed export folder, or a checkpoint run on torch) against the
+    eager PyTorch model of ``checkpoint`` in the per-item layout, on the equivalent dense bags.
+
+    Returns:
+        A :class:`~deepspot.runtime.parity.ParityReport`.
+    """
+    from ..data import load_bundle
+    from .indexed import check_indexed_inputs, dense_from_index, load_pipeline, predict_indexed
+    from .stream import batches
+    from .torch_runner import TorchRunner
+
+    reference = TorchRunner(checkpoint, name="torch (reference, per-item)")
+    ref = reference.info
+    pipeline = load_pipeline(model, backend, options, allow_fallback, batch_size)
+    info = pipeline.info
+    if (info.family, info.mode, info.input_size, info.output_size) != (
+        ref.family, ref.mode, ref.input_size, ref.output_size
+    ):  # fmt: skip
+        raise ConfigError(f"{model} is a {info.family}/{info.mode} model, {checkpoint} a {ref.family}/{ref.mode} one")
+    if bundle is not None:
+        data = load_bundle(bundle)
+        data.validate(ref.family, ref.mode, input_size=ref.input_size, allow_index=True)
+        if "neighbor_index" not in data:
+            raise ConfigError(f"{bundle}: parity of the indexed layout needs a bundle with 'neighbor_index'")
+        arrays = data.arrays
+    else:
+        arrays = random_slide(ref, n_random or 64, seed=seed)
+    n = check_indexed_inputs(arrays, ref, source=str(bundle or "random slide"))
+    inputs, gather = dense_from_index(arrays, ref.mode_spec)
+    want = np.empty((n, ref.output_size), dtype=np.float32)
+    with reference:
+        for start, stop, feed in batches(inputs, batch_size, {k: v.dtype for k, v in inputs.items()}, prepare=gather):
+            want[start:stop] = reference.infer(feed)["expression"]
+    if info.fold_scaler and ref.scaler is not None:
+        want = ref.scaler.inverse_transform(want)
+    with pipeline:
+        got, _ = predict_indexed(pipeline, arrays, batch_size)
+    tolerance = tolerance_for(info.precision, atol, rtol)
+    name = f"{pipeline.backend} (indexed)"
+    report = ParityReport(reference.name, name, info.precision, n, [output_parity("expression", got, want, tolerance)])
+    selection = getattr(pipeline.head, "selection", None)
+    if selection is not None and selection.fell_back:
+        report.notes.append(f"requested {selection.requested}, ran {selection.backend} (fallback allowed)")
+    return report
+
+
+# -- against stored outputs (no PyTorch) ----------------------------------------------------------------------------
+def load_expected(path: str | Path) -> np.ndarray:
+    """Stored reference predictions: an ``.npy`` array, or the ``predictions`` of an ``.npz`` (as ``infer`` writes).
+
+    Raises:
+        InputError: Missing or unreadable file, not 2-D, not floating point, or holding NaN or infinity.
+    """
+    from ..errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file of expected outputs")
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                if "predictions" not in z.files:
+                    raise InputError(f"{path}: no 'predictions' array (it holds {', '.join(z.files) or 'nothing'})")
+                values = z["predictions"]
+        else:
+            values = np.load(path, allow_pickle=False)
+    except InputError:
+        raise
+    except Exception as e:  # NumPy raises ValueError, OSError, EOFError, zipfile errors for a corrupt file
+        raise InputError(f"{path}: not a readable .npy/.npz array ({type(e).__name__})") from None
+    if values.ndim != 2 or values.dtype.kind != "f":
+        raise InputError(f"{path}: expected outputs must be a 2-D float array (items x genes), got {values.dtype} "
+                         f"{values.shape}")  # fmt: skip
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise InputError(f"{path}: row {int(np.argwhere(bad)[0][0])} holds NaN or infinity")
+    return values
+
+
+def _graph_precision(model: Any) -> str:
+    from ..export import read_model_metadata
+    from .indexed import is_indexed_folder
+
+    if is_indexed_folder(model):
+        from ..export.metadata import HEAD_FILE
+
+        return str(read_model_metadata(Path(model) / HEAD_FILE).get("precision", "fp32"))
+    if Path(model).suffix.lower() == ".onnx":
+        return str(read_model_metadata(model).get("precision", "fp32"))
+    return "fp32"
+
+
+def check_parity_expected(
+    model: Any,
+    expected: str | Path,
+    bundle: str | Path,
+    backend: str | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    batch_size: int = 256,
+    options: Any = None,
+    allow_fallback: bool = False,
+    layout: str | None = None,
+    inverse_transform: bool = False,
+) -> ParityReport:
+    """Parity of ``model`` on ``backend`` against stored reference outputs for a bundle's items (no PyTorch needed).
+
+    The model runs exactly as ``deepspot infer`` runs it (any layout), into a temporary file, and its predictions are
+    compared with ``expected`` row by row, with the tolerance of the graph's precision.
+
+    Args:
+        model: An ``.onnx`` file, an indexed export folder, a ``.plan`` or a checkpoint.
+        expected: ``.npy`` (N x G), or an ``.npz`` with ``predictions`` (as ``infer`` writes).
+        bundle: The bundle the expected outputs were computed on.
+        inverse_transform: The expected outputs are on the original scale (``infer --inverse-transform``).
+
+    Raises:
+        InputError: Unreadable expected outputs, or a shape that is not the model's predictions on the bundle.
+    """
+    import tempfile
+
+    from ..errors import InputError
+    from .infer import infer
+
+    want = load_expected(expected)
+    precision = (getattr(options, "precision", None) or _graph_precision(model)) if isinstance(model, (str, Path)) \
+        else "fp32"  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="deepspot-parity-") as tmp:
+        result = infer(model, bundle, Path(tmp) / "predictions.npy", backend, batch_size, options, inverse_transform,
+                       allow_fallback, layout=layout)  # fmt: skip
+        got = np.load(Path(tmp) / "predictions.npy")
+    if got.shape != want.shape:
+        raise InputError(
+            f"{expected}: holds {want.shape[0]} x {want.shape[1]} outputs; {model} predicts {got.shape[0]} x "
+            f"{got.shape[1]} on {bundle}"
+        )
+    tolerance = tolerance_for(precision, atol, rtol)
+    name = result.backend + (" (indexed)" if result.layout == "indexed" else "")
+    report = ParityReport(f"expected outputs ({Path(expected).name})", name, precision, result.n,
+                          [output_parity("expression", got, want, tolerance)])  # fmt: skip
+    if result.requested != result.backend:
+        report.notes.append(f"requested {result.requested}, ran {result.backend} (fallback allowed)")
     return report

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from .bench import (
+from .bench_common import (
     BenchReport,
     Gemm,
     Workload,

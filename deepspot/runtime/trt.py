@@ -139,7 +139,7 @@ def engine_from_onnx(
         timing_cache: File that keeps kernel timings between builds.
     """
     trt = import_trt()
-    from ..checkpoint import file_hash
+    from ..fileio import file_sha256 as file_hash
     from .artifacts import read_onnx
 
     if precision not in ("fp32", "fp16", "bf16"):
@@ -233,7 +233,7 @@ class TrtRunner(Runner):
         import torch
 
         trt = import_trt()
-        from ..checkpoint import file_hash
+        from ..fileio import file_sha256 as file_hash
 
         expected = {**gpu_identity(self.device_id), "tensorrt_version": trt.__version__}
         if self.onnx_path is not None:
