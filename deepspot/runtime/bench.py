@@ -19,11 +19,11 @@ from ..errors import ConfigError
 from .bench_common import (  # noqa: F401  (moved to bench_common; re-exported, the names users import from here)
     WORKLOADS,
     BackendResult,
-    computes_folded,
     BenchReport,
     Gemm,
     Workload,
     backend_result,
+    computes_folded,
     gemm_rate,
     get_workload,
     machine_info,
