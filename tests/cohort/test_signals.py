@@ -21,8 +21,11 @@ D = 64
 
 def start(*args, cwd=None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # A shell runs background jobs with SIGINT ignored, and Python then leaves it ignored: give the child the
+    # default disposition, as a command started from a terminal has.
     return subprocess.Popen([sys.executable, "-m", "deepspot.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def wait_for(predicate, timeout: float = 60.0) -> bool:
