@@ -44,10 +44,6 @@ class Terminated(BaseException):
     """Raised in the main thread on SIGTERM, so that a terminated run cleans up as an interrupted one does."""
 
 
-def on_sigterm(signum, frame) -> None:
-    raise Terminated()
-
-
 def fail(message: str, code: int = USER_ERROR) -> None:
     """Print ``Error: message`` on stderr and exit with ``code``."""
     typer.echo(f"Error: {message}", err=True)
