@@ -291,8 +291,7 @@ def run_cohort(
     settings = settings or CohortSettings()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for slide in slides:
-        remove_leftovers(slide.output.parent if str(slide.output.parent) else Path("."))
+    remove_leftovers(output_dir)  # each slide's own output folder is swept by infer() before it writes there
     previous = read_record(output_dir)
     model_hash = model_fingerprint(model) if isinstance(model, (str, os.PathLike)) else None
     statuses: dict[str, SlideStatus] = {}

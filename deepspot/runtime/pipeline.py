@@ -200,7 +200,7 @@ def run_pipeline(
         finished = False
         while not finished or in_flight:
             # Keep up to depth - 1 batches in flight; the remaining slot is the one being filled.
-            while not finished and len(in_flight) < ring_depth(ring) - 1:
+            while not finished and len(in_flight) < len(ring.slots) - 1:
                 item = filled.get()
                 if item is done:
                     finished = True
@@ -223,10 +223,6 @@ def run_pipeline(
             except Exception:  # noqa: BLE001  the first error is the one being raised
                 pass
         worker.join(timeout=5)
-
-
-def ring_depth(ring: HostRing) -> int:
-    return len(ring.slots)
 
 
 __all__ = ["DeviceAdapter", "HostAdapter", "HostRing", "Slot", "run_pipeline"]

@@ -228,11 +228,9 @@ def _predict_pipelined(runner, inputs, batch_size, out, inverse_transform, progr
     n = next(iter(inputs.values())).shape[0]
     if out is None:
         out = np.empty((n, runner.info.output_size), dtype=np.float32)
-    # Inputs the graph does not take (neighbor_index) are only for ``prepare``: they are not staged.
-    staged = {k: v for k, v in dtypes.items()}
     kwargs = {"allocate": allocate} if allocate is not None else {}
     with _progress(progress, n) as bar:
-        for start, stop, outputs in run_pipeline(inputs, adapter, batch_size, dtypes=staged, fixed_batch=fixed_batch,
+        for start, stop, outputs in run_pipeline(inputs, adapter, batch_size, dtypes=dtypes, fixed_batch=fixed_batch,
                                                  prepare=prepare, **kwargs):  # fmt: skip
             y = outputs.get(OUTPUT_NAME, next(iter(outputs.values())))
             if inverse_transform:

@@ -112,7 +112,7 @@ def test_shards_cover_every_slide_exactly_once(tmp_path, model):
 
 
 def test_manifest_with_names_outputs_and_relative_paths(tmp_path, model):
-    slides = make_slides(tmp_path / "in")
+    make_slides(tmp_path / "in")
     manifest = tmp_path / "slides.csv"
     manifest.write_text("slide,input,output\nA,in/s1.npz,\nB,in/s2.npz,custom/b.npy\n")
     (tmp_path / "custom").mkdir()

@@ -26,6 +26,7 @@ def test_fp16_features_through_an_fp16_graph_stay_within_the_fp16_tolerance(tmp_
     run("synth", "--family", "cell", "--mode", "neighbors", "--n", "200", "--input-size", "24", "--genes", "6",
         "--dtype", "fp16", "-o", tmp_path / "f16.npz")  # fmt: skip
     f32, f16 = load_bundle(tmp_path / "f32.npz"), load_bundle(tmp_path / "f16.npz")
+    assert f32["neighbors"].dtype == np.float32
     assert f16["neighbors"].dtype == np.float16 and f16["target"].dtype == np.float32
     assert (tmp_path / "f16.npz").stat().st_size < 0.6 * (tmp_path / "f32.npz").stat().st_size
     run("train", "--data", tmp_path / "f32.npz", "--family", "cell", "--mode", "neighbors", "--epochs", "1",
