@@ -136,7 +136,11 @@ def infer(
         None,
         help="dense or indexed; default: indexed when the bundle has neighbor_index or MODEL is an indexed export.",
     ),
-    table: str = typer.Option("auto", help="Indexed layout: embedding table in memory, mmap, or auto (by size)."),
+    table: str = typer.Option(
+        "auto",
+        help="Indexed layout: embedding table in memory, mmap, or on the device the head runs on, gathered from in the "
+        "graph (device); auto: device on ort-cuda and torch-cuda, else memory or mmap by size.",
+    ),
     table_dtype: str = typer.Option("fp32", help="Indexed layout from a checkpoint: table dtype, fp32 or fp16."),
 ) -> None:
     """Stream a feature bundle (or a cohort of them) through a model and write the predictions atomically."""
@@ -174,7 +178,9 @@ def infer(
             max_bag=max_bag,
             no_clobber=no_clobber,
         )
-    where = f", {result.layout} layout" + (f", table in {result.table}" if result.table else "")
+    from ..runtime.indexed import table_phrase
+
+    where = f", {result.layout} layout" + (f", table {table_phrase(result.table)}" if result.table else "")
     typer.echo(
         f"wrote {result.output}: {result.n} x {result.genes} predictions on {result.backend}{where} "
         f"in {result.seconds:.2f} s ({result.items_per_s:,.0f} items/s)"

@@ -40,10 +40,11 @@ from ..export.metadata import (
     OUTPUT,
 )
 from .base import ModelInfo, Runner, TensorSpec
+from .gather_graph import ITEM_INDEX
 from .stream import _progress, batches
 from ._pages import release_rows
 
-TABLE_CHOICES = ("auto", "memory", "mmap")
+TABLE_CHOICES = ("auto", "memory", "mmap", "device")
 TABLE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
@@ -208,8 +209,12 @@ def pipeline_from_model(model, device: str = "cpu", precision: str = "fp32", opt
     )  # fmt: skip
 
 
-def pipeline_from_folder(folder, backend: str | None = None, options=None, allow_fallback: bool = False):
+def pipeline_from_folder(folder, backend: str | None = None, options=None, allow_fallback: bool = False,
+                         device_gather: bool | None = None):  # fmt: skip
     """The indexed layout exported by ``deepspot export --layout indexed``: two ONNX graphs on one backend.
+
+    ``device_gather`` (default: on ``ort-cuda``) binds the slide's table to the head once and gathers in the graph
+    (:class:`~deepspot.runtime.gather_graph.OrtGatherHead`); onnxruntime backends only.
 
     Raises:
         CheckpointError: A graph is missing, was not exported in the indexed layout, or the two graphs come from
@@ -240,6 +245,15 @@ def pipeline_from_folder(folder, backend: str | None = None, options=None, allow
     h = check_size(metas["head"].get("embedding_size"), "embedding_size", str(paths["head"]))
     encoder = load_runner(paths["encoder"], backend, options, allow_fallback)
     head = load_runner(paths["head"], backend, options, allow_fallback)
+    if device_gather is None:
+        device_gather = head.backend == "ort-cuda"
+    if device_gather:
+        from .gather_graph import OrtGatherHead
+        from .ort import OrtRunner
+
+        if not isinstance(head, OrtRunner):
+            raise ConfigError(f"the table on the device needs an onnxruntime backend or torch, not {head.backend}")
+        head = OrtGatherHead(head)
     encoder_out = {t.name: t.shape for t in model_info(paths["encoder"]).outputs}.get(ENCODER_OUTPUT)
     head_in = {t.name: t.shape for t in model_info(paths["head"]).inputs}.get(HEAD_EMBEDDING)
     widths = {"encoder output": encoder_out, "head input": head_in}
@@ -263,6 +277,11 @@ def table_location(n: int, h: int, dtype: np.dtype, choice: str = "auto") -> str
     if choice != "auto":
         return choice
     return "memory" if (n + 1) * h * np.dtype(dtype).itemsize <= available_memory() // 4 else "mmap"
+
+
+def table_phrase(location: str) -> str:
+    """``in memory``, ``in mmap`` or ``on the device``, for reports."""
+    return "on the device" if location == "device" else f"in {location}"
 
 
 def available_memory() -> int:
@@ -339,7 +358,8 @@ def predict_indexed(
         out: ``(N, G)`` float32 output, e.g. a memory map.
         inverse_transform: Map predictions to the original scale with the model's scaler.
         progress: Show progress bars with items/s.
-        table: Where the embedding table lives: ``auto``, ``memory`` or ``mmap``.
+        table: Where the embedding table lives on the host: ``auto``, ``memory`` or ``mmap`` (``device``: as
+            ``auto``; whether the head gathers from a copy on the device is the pipeline's choice).
         table_folder: Folder of the memory-mapped table (default: the system's temporary folder).
     """
     info = pipeline.info
@@ -350,7 +370,8 @@ def predict_indexed(
     index = arrays["neighbor_index"]
     n, h = own.shape[0], pipeline.embedding_size
     dtype = TABLE_DTYPES[pipeline.table_dtype]
-    location = table_location(n, h, dtype, table)
+    device_gather = hasattr(pipeline.head, "load_table")
+    location = table_location(n, h, dtype, "auto" if table == "device" else table)
     with embedding_table(n, h, dtype, location, table_folder) as emb:
         # Pass 1: every tile once. Row 0 is the zero tile's embedding: what index -1 gathers.
         zero = np.zeros((1, 1, info.input_size), dtype=np.float32)
@@ -361,11 +382,15 @@ def predict_indexed(
                 bar(stop - start)
 
         # Pass 2: gather neighbours (in the prefetch thread, or on the device), pool, Rho.
-        inputs = {HEAD_EMBEDDING: emb[1:], "neighbor_index": index}
+        head_inputs = pipeline.head.get_input_metadata()
+        table_type = np.dtype(dtype).name
+        if ITEM_INDEX in head_inputs:  # the head gathers the item's own embedding too: only indices cross the bus
+            inputs = {ITEM_INDEX: np.arange(n, dtype=np.int64), "neighbor_index": index}
+        else:
+            inputs = {HEAD_EMBEDDING: emb[1:], "neighbor_index": index}
         if "subspot" in mode.input_names:
             inputs["subspot"] = arrays["subspot"]
-        table_type = pipeline.head.get_input_metadata()[HEAD_EMBEDDING].dtype
-        dtypes = {HEAD_EMBEDDING: table_type, "neighbor_index": "int64"}
+        dtypes = {HEAD_EMBEDDING: table_type, "neighbor_index": "int64", ITEM_INDEX: "int64"}
 
         pool_while_gathering = neighbor_pool(info) == "max"
 
@@ -383,7 +408,6 @@ def predict_indexed(
                 feed[HEAD_NEIGHBORS] = np.take(emb, idx, axis=0).astype(table_type, copy=False)  # (B, K, H)
             return feed
 
-        device_gather = hasattr(pipeline.head, "load_table")
         if device_gather:
             pipeline.head.load_table(emb)
         with _progress(progress, n) as bar:
@@ -396,7 +420,7 @@ def predict_indexed(
                 out[start:stop] = y
                 release_rows(out, start, stop)
                 bar(stop - start)
-    return out, location
+    return out, "device" if device_gather else location
 
 
 def neighbor_pool(info: ModelInfo) -> str:
@@ -406,9 +430,12 @@ def neighbor_pool(info: ModelInfo) -> str:
 
 
 def load_pipeline(model, backend: str | None = None, options=None, allow_fallback: bool = False,
-                  batch_size: int = 256, table_dtype: str = "fp32") -> IndexedPipeline:  # fmt: skip
+                  batch_size: int = 256, table_dtype: str = "fp32", table: str = "auto") -> IndexedPipeline:  # fmt: skip
     """The indexed pipeline of a model: an indexed export folder on an ONNX/TensorRT backend, or a checkpoint (or
     in-memory model) on ``torch`` / ``torch-cuda``.
+
+    ``table``: ``device`` keeps the slide's embedding table where the head runs and gathers there; ``memory`` or
+    ``mmap`` gather on the host; ``auto`` gathers on the device on ``ort-cuda`` and ``torch-cuda``.
 
     Raises:
         ConfigError: A per-item ``.onnx`` or ``.plan`` (it has no encoder), or a backend that cannot run the source.
@@ -417,10 +444,13 @@ def load_pipeline(model, backend: str | None = None, options=None, allow_fallbac
     from .artifacts import artifact_kind
     from .backends import RunnerOptions, get_backend, select_backend
 
+    if table not in TABLE_CHOICES:
+        raise ConfigError(f"unknown table location {table!r}; expected one of: {', '.join(TABLE_CHOICES)}")
+    device_gather = None if table == "auto" else table == "device"
     options = options or RunnerOptions()
     options.batch_size = batch_size
     if is_indexed_folder(model):
-        return pipeline_from_folder(model, backend, options, allow_fallback)
+        return pipeline_from_folder(model, backend, options, allow_fallback, device_gather)
     if isinstance(model, (str, Path)) and Path(model).is_dir():
         raise CheckpointError(f"{model}: a folder without {HEAD_FILE}; expected an indexed export or a checkpoint")
     kind = artifact_kind(model)
@@ -434,7 +464,8 @@ def load_pipeline(model, backend: str | None = None, options=None, allow_fallbac
         raise ConfigError(f"backend {requested!r} runs ONNX graphs; export the indexed layout for it first")
     selection = select_backend(requested, allow_fallback, kind="model")
     device = f"cuda:{options.device}" if selection.backend == "torch-cuda" else "cpu"
-    pipeline = pipeline_from_model(model, device, options.precision or "fp32", table_dtype=table_dtype)
+    pipeline = pipeline_from_model(model, device, options.precision or "fp32", table_dtype=table_dtype,
+                                   device_gather=device_gather)  # fmt: skip
     pipeline.head.selection = selection
     return pipeline
 

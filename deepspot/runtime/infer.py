@@ -117,12 +117,12 @@ class ModelSession:
             self._runner = runner.activate()
         return self._runner
 
-    def indexed(self, batch_size: int):
+    def indexed(self, batch_size: int, table: str = "auto"):
         from .indexed import load_pipeline
 
-        if self._pipeline is None:
+        if self._pipeline is None:  # built by the first slide; a cohort runs every slide with the same settings
             pipeline = load_pipeline(self.model, self.backend, self.options, self.allow_fallback, batch_size,
-                                     self.table_dtype)  # fmt: skip
+                                     self.table_dtype, table)  # fmt: skip
             self._pipeline = pipeline.__enter__()
         return self._pipeline
 
@@ -189,7 +189,8 @@ def infer(
         layout: ``indexed`` (an encoder pass, then a head that gathers neighbours by index) or ``dense`` (one graph
             per item). Default: ``indexed`` when the bundle holds ``neighbor_index``, else ``dense``. A dense graph
             also runs an indexed bundle: each batch's neighbour bags are gathered from the index.
-        table: Indexed layout: where the embedding table lives, ``auto``, ``memory`` or ``mmap``.
+        table: Indexed layout: where the embedding table lives, ``auto``, ``memory``, ``mmap`` or ``device`` (a
+            copy where the head runs, gathered from in the graph; ``auto``: on ``ort-cuda`` and ``torch-cuda``).
         table_dtype: Indexed layout from a checkpoint: ``fp32`` or ``fp16`` table (an export fixes its own).
         max_bag: Largest bag (sub-spots or neighbours per item) accepted.
         no_clobber: Refuse to replace an existing output (by default it is replaced, atomically).
@@ -297,7 +298,7 @@ def _infer_indexed(session, data, output, batch_size, inverse_transform, progres
                    no_clobber) -> InferResult:  # fmt: skip
     from .indexed import check_indexed_inputs, predict_indexed
 
-    pipeline = session.indexed(batch_size)
+    pipeline = session.indexed(batch_size, table)
     info = pipeline.info
     mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
     if not mode.has_neighbors:

@@ -28,7 +28,12 @@ OPTIMIZATION_LEVELS = {
     "extended": "ORT_ENABLE_EXTENDED",
     "all": "ORT_ENABLE_ALL",
 }
-_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(bfloat16)": "bfloat16",
+    "tensor(int64)": "int64",
+}
 
 
 def physical_cores() -> int:
@@ -101,6 +106,7 @@ def session_from_onnx(
     providers: Sequence[str | tuple[str, Mapping[str, str]]] = (CPU,),
     threads: int | None = None,
     optimization: str = "all",
+    model_bytes: bytes | None = None,
 ):
     """Build an ``InferenceSession`` and check that it really runs on the first provider asked for.
 
@@ -109,6 +115,8 @@ def session_from_onnx(
         providers: Provider names, or ``(name, options)`` pairs, in priority order.
         threads: Intra-op threads; default physical cores.
         optimization: Graph optimisation level: ``disable``, ``basic``, ``extended`` or ``all``.
+        model_bytes: A serialised graph to run instead of the file's (a graph derived from ``path``, which names it
+            in messages).
 
     Raises:
         BackendUnavailableError: A provider is not in this onnxruntime build, or failed to load.
@@ -121,7 +129,7 @@ def session_from_onnx(
     missing = [n for n in names if n not in ort.get_available_providers()]
     if missing:
         raise BackendUnavailableError(f"onnxruntime has no {missing[0]} here; {install_hint(missing[0])}")
-    if not Path(path).is_file():
+    if model_bytes is None and not Path(path).is_file():
         raise CheckpointError(f"{path}: no such ONNX file")
     if names[0] != CPU:
         from .cuda_libs import preload_cuda_libraries
@@ -129,7 +137,8 @@ def session_from_onnx(
         preload_cuda_libraries()  # before the first CUDA session: CUDA 13 wheels' libraries included
     try:
         options = session_options(threads, optimization)
-        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        source = str(path) if model_bytes is None else model_bytes
+        session = ort.InferenceSession(source, sess_options=options, providers=list(providers))
     except Exception as e:  # onnxruntime's exception classes are not a stable import
         raise CheckpointError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
     if names[0] not in session.get_providers():
@@ -204,6 +213,7 @@ class OrtRunner(Runner):
         self._inputs: dict[str, TensorSpec] = {}
         self._outputs: dict[str, TensorSpec] = {}
         self._io = None  # _DeviceIO on a GPU
+        self._model_bytes: bytes | None = None  # a graph derived from the file, run instead of it
 
     @property
     def device(self) -> str:
@@ -222,7 +232,7 @@ class OrtRunner(Runner):
         providers = self.providers
         if self.on_gpu and self.backend == "ort-cuda" and self.io_binding:
             providers = self._with_compute_stream(providers)
-        self.session = session_from_onnx(self.path, providers, self.threads)
+        self.session = session_from_onnx(self.path, providers, self.threads, model_bytes=self._model_bytes)
         self._inputs, self._outputs = graph_specs(self.session)
         if self.io_binding:
             from ._ort_gpu import DeviceIO

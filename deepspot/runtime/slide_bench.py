@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from .indexed import table_phrase
 from .bench_common import (
     BenchReport,
     Gemm,
@@ -161,7 +162,7 @@ def run_slide_bench(
     results = [backend_result("torch (eager, per-item)", "cpu", len(dense_feed["neighbors"]), per_repeat["baseline"], base,
                        latency["baseline"], peaks["baseline"], dense_flops, folded, rate)]  # fmt: skip
     for name, p in pipelines.items():
-        r = backend_result(f"{p.backend} (indexed, table in {locations[name]})", p.head.device, batch, per_repeat[name], base,
+        r = backend_result(f"{p.backend} (indexed, table {table_phrase(locations[name])})", p.head.device, batch, per_repeat[name], base,
                     latency[name], peaks[name], indexed_flops, indexed_flops, rate)  # fmt: skip
         results.append(r)
         if name in cli_runs:

@@ -62,6 +62,15 @@ def test_infer_without_torch_matches_the_eager_model(tmp_path, model, bundle, la
     assert np.abs(got - want).max() <= FP32_LIMIT
 
 
+def test_indexed_table_on_the_device_without_torch(tmp_path):
+    # ort-cuda's path (the head gathers from a table bound once), here on ort-cpu: onnx and onnxruntime only.
+    out = tmp_path / "pred.npy"
+    result = no_torch("infer", INDEXED, "-i", SLIDE_INDEX, "-o", out, "--table", "device", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "table on the device" in result.stdout
+    assert np.abs(np.load(out) - np.load(EXPECTED)).max() <= FP32_LIMIT
+
+
 def test_infer_inverse_transform_uses_the_stored_scaler(tmp_path):
     result = run("infer", ONNX, "-i", SLIDE, "-o", tmp_path / "p.npy", "--no-progress", "--inverse-transform")
     assert result.exit_code == 0, result.output

@@ -1,0 +1,136 @@
+"""The indexed head with its gathers in the graph (the table bound once, where the head runs): ``ort-cuda``'s path,
+run here on ``ort-cpu`` with the same binding code."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from typer.testing import CliRunner
+
+from deepspot.cli import app
+from deepspot.data import save_bundle
+from deepspot.errors import CheckpointError, ConfigError
+from deepspot.export.indexed import export_indexed
+from deepspot.export.metadata import ENCODER_FILE, HEAD_EMBEDDING, HEAD_FILE, HEAD_NEIGHBORS
+from deepspot.runtime.backends import RunnerOptions
+from deepspot.runtime.gather_graph import ITEM_INDEX, NEIGHBOR_INDEX, TABLE_INPUT, OrtGatherHead, gather_head
+from deepspot.runtime.indexed import load_pipeline, pipeline_from_folder, predict_indexed
+from deepspot.runtime.ort import OrtRunner
+
+from .test_indexed import CASES, NEIGHBOR_MODES, _dense_reference, _graph, _model
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """One indexed export per mode and neighbour pooling."""
+    made = {}
+
+    def get(mode, agg="max"):
+        if (mode.key, agg) not in made:
+            model = _model(mode, agg)
+            made[mode.key, agg] = model, export_indexed(model, tmp_path_factory.mktemp("idx") / "indexed")
+        return made[mode.key, agg]
+
+    return get
+
+
+@pytest.mark.parametrize("mode", NEIGHBOR_MODES, ids=lambda m: m.key)
+def test_the_rewritten_head_takes_a_table_and_indices(folders, mode):
+    _, folder = folders(mode)
+    head = onnx.load(str(folder / HEAD_FILE))
+    rewritten = gather_head(head)
+    names = [i.name for i in rewritten.graph.input]
+    subspot = ["subspot"] if "subspot" in mode.input_names else []
+    assert names == [TABLE_INPUT, ITEM_INDEX, *subspot, NEIGHBOR_INDEX]
+    assert HEAD_EMBEDDING not in names and HEAD_NEIGHBORS not in names
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops[:5] == ["Constant", "Add", "Gather", "Add", "Gather"]
+    assert ops[5:] == [n.op_type for n in head.graph.node]  # the head itself, unchanged
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert [i.name for i in head.graph.input][0] == HEAD_EMBEDDING  # the loaded head itself is left as it was
+    with pytest.raises(CheckpointError, match="not the head of an indexed export"):
+        gather_head(onnx.load(str(folder / ENCODER_FILE)))
+
+
+@pytest.mark.parametrize("mode, agg", CASES)
+def test_gathering_in_the_graph_equals_gathering_on_the_host(folders, mode, agg):
+    model, folder = folders(mode, agg)
+    arrays = _graph(mode)  # padding, repeats, self-loops, neighbours in other batches
+    options = RunnerOptions(batch_size=8)
+    with pipeline_from_folder(folder, "ort-cpu", options, device_gather=True) as pipeline:
+        assert isinstance(pipeline.head, OrtGatherHead)
+        assert set(pipeline.head.input_names) == {ITEM_INDEX, NEIGHBOR_INDEX} | set(mode.input_names) - {
+            mode.bags[0].name, "neighbors"}  # fmt: skip
+        got, location = predict_indexed(pipeline, arrays, batch_size=8)
+    assert location == "device"
+    with pipeline_from_folder(folder, "ort-cpu", options) as pipeline:  # ort-cpu gathers on the host by default
+        assert not isinstance(pipeline.head, OrtGatherHead)
+        expected, location = predict_indexed(pipeline, arrays, batch_size=8)
+    assert location == "memory"
+    # Max pooling on the host runs while gathering (np.maximum), in the graph as ReduceMax: both exact.
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * (1 + np.abs(expected).max()))
+    np.testing.assert_allclose(got, _dense_reference(model, arrays), rtol=0, atol=1e-5 * (1 + np.abs(expected).max()))
+
+
+def test_fixed_buffers_pad_the_last_batch(folders):
+    # What CUDA graph replay needs (fixed shapes and addresses), on the CPU: 37 items in batches of 8, the last of 5
+    # padded with index 0, which must not leak into the real rows.
+    mode = NEIGHBOR_MODES[-1]
+    _, folder = folders(mode)
+    arrays = _graph(mode)
+    with pipeline_from_folder(folder, "ort-cpu", RunnerOptions(batch_size=8)) as pipeline:
+        expected, _ = predict_indexed(pipeline, arrays, batch_size=8)
+        head = pipeline.head
+        other = _graph(mode, n=45, seed=1)  # a second slide: another table size and neighbour count
+        other["neighbor_index"] = np.concatenate([other["neighbor_index"], other["neighbor_index"][:, :2]], axis=1)
+        expected_other, _ = predict_indexed(pipeline, other, batch_size=8)
+        fixed = OrtRunner(head.path, "ort-cpu", head.info, cuda_graph=True, io_binding=True)
+        pipeline.head = OrtGatherHead(fixed).activate()
+        try:
+            got, _ = predict_indexed(pipeline, arrays, batch_size=8)
+            # The buffers fixed on the first slide (as a captured graph is) must not serve the second one.
+            got_other, _ = predict_indexed(pipeline, other, batch_size=8)
+        finally:
+            pipeline.head.deactivate()
+            pipeline.head = head
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * (1 + np.abs(expected).max()))
+    np.testing.assert_allclose(got_other, expected_other, rtol=0, atol=1e-6 * (1 + np.abs(expected_other).max()))
+
+
+def test_the_table_must_be_loaded_first(folders):
+    _, folder = folders(NEIGHBOR_MODES[0])
+    with pipeline_from_folder(folder, "ort-cpu", RunnerOptions(batch_size=8), device_gather=True) as pipeline:
+        feed = {ITEM_INDEX: np.arange(2), NEIGHBOR_INDEX: np.zeros((2, 3), dtype=np.int64)}
+        with pytest.raises(RuntimeError, match="load_table"):
+            pipeline.head.infer(feed, check_inputs=False)
+
+
+def test_cli_table_on_the_device(folders, tmp_path):
+    mode = NEIGHBOR_MODES[0]
+    _, folder = folders(mode)
+    arrays = _graph(mode)
+    bundle = save_bundle(tmp_path / "slide.npz", arrays)
+    outputs = {}
+    for table in ("device", "memory"):
+        out = tmp_path / f"{table}.npy"
+        result = runner.invoke(app, ["infer", str(folder), "-i", str(bundle), "-o", str(out), "--backend", "ort-cpu",
+                                     "--table", table, "--batch-size", "8", "--no-progress"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert ("table on the device" if table == "device" else "table in memory") in result.output
+        outputs[table] = np.load(out)
+    np.testing.assert_allclose(outputs["device"], outputs["memory"], rtol=0, atol=1e-6)
+
+    result = runner.invoke(app, ["infer", str(folder), "-i", str(bundle), "-o", str(tmp_path / "x.npy"),
+                                 "--table", "gpu", "--no-progress"])  # fmt: skip
+    assert result.exit_code == 2
+    assert "unknown table location 'gpu'" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x.npy").exists()
+
+
+def test_an_unknown_table_location_is_refused_before_loading(folders):
+    _, folder = folders(NEIGHBOR_MODES[0])
+    with pytest.raises(ConfigError, match="unknown table location"):
+        load_pipeline(folder, "ort-cpu", table="gpu")
