@@ -236,7 +236,7 @@ def _infer_dense(session, data, output, batch_size, inverse_transform, progress,
         raise ConfigError(f"{session.model}: the model has no scaler, so there is no original scale to map back to")
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
 
-    uns = _uns(runner.backend, info, "dense", session.model_hash, inverse_transform)
+    uns = _uns(runner.backend, info, "dense", session, output, inverse_transform)
     meta = (data.barcodes, genes, _coords(data), uns)
     with prediction_file(output, n, info.output_size, *meta, no_clobber=no_clobber) as out:
         start = time.perf_counter()
@@ -307,7 +307,7 @@ def _infer_indexed(session, data, output, batch_size, inverse_transform, progres
     if inverse_transform and info.scaler is None and not info.fold_scaler:
         raise ConfigError(f"{session.model}: the model has no scaler, so there is no original scale to map back to")
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
-    uns = _uns(pipeline.backend, info, "indexed", session.model_hash, inverse_transform)
+    uns = _uns(pipeline.backend, info, "indexed", session, output, inverse_transform)
     folder = output.parent if str(output.parent) else Path(".")
     meta = (data.barcodes, genes, _coords(data), uns)
     with prediction_file(output, n, info.output_size, *meta, no_clobber=no_clobber) as out:
@@ -327,14 +327,18 @@ def _coords(data) -> dict[str, np.ndarray]:
     return {k: np.asarray(data[k]) for k in COORD_KEYS if k in data}
 
 
-def _uns(backend: str, info, layout: str, model_hash: str | None, inverse_transform: bool) -> dict[str, Any]:
+def _uns(backend: str, info, layout: str, session, output: Path, inverse_transform: bool) -> dict[str, Any] | None:
+    """What ``.npz`` and ``.h5ad`` outputs record about the run; ``None`` for ``.npy``, which has no place for it (and
+    then the model file is not hashed for nothing)."""
     from .._version import __version__
 
+    if output.suffix.lower() == ".npy":
+        return None
     return {
         "deepspot": {
             "backend": backend,
             "model": info.source,
-            "model_sha256": model_hash,
+            "model_sha256": session.model_hash,
             "deepspot_version": __version__,
             "family": info.family,
             "mode": info.mode,
