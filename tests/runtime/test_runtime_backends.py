@@ -155,6 +155,11 @@ def test_physical_cores_and_session_threads(artifacts):
     assert 1 <= physical_cores() <= (__import__("os").cpu_count() or 1)
     session = session_from_onnx(artifacts().onnx, [CPU], threads=1)
     assert session.get_providers() == [CPU]
+    # Workers spin between a run's many small nodes, and stop when the run returns (nothing spins between runs).
+    options = session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
 
 
 @pytest.mark.parametrize("fixed_buffers", [False, True], ids=["per-batch", "fixed-buffers"])
