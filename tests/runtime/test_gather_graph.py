@@ -134,3 +134,20 @@ def test_an_unknown_table_location_is_refused_before_loading(folders):
     _, folder = folders(NEIGHBOR_MODES[0])
     with pytest.raises(ConfigError, match="unknown table location"):
         load_pipeline(folder, "ort-cpu", table="gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, agg", CASES)
+def test_ort_cuda_gathers_from_a_table_on_the_gpu(require, folders, mode, agg):
+    require("ort-cuda")
+    model, folder = folders(mode, agg)
+    arrays = _graph(mode)
+    expected = _dense_reference(model, arrays)
+    with pipeline_from_folder(folder, "ort-cuda", RunnerOptions(batch_size=8)) as pipeline:
+        assert isinstance(pipeline.head, OrtGatherHead)  # the default on ort-cuda
+        got, location = predict_indexed(pipeline, arrays, batch_size=8)
+        assert location == "device"
+        again, _ = predict_indexed(pipeline, _graph(mode, n=45, seed=1), batch_size=8)  # a second slide: recaptured
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * (1 + np.abs(expected).max()))
+    other = _dense_reference(model, _graph(mode, n=45, seed=1))
+    np.testing.assert_allclose(again, other, rtol=0, atol=1e-5 * (1 + np.abs(other).max()))
