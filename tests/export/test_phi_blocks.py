@@ -70,3 +70,26 @@ def test_blocked_export_matches_the_model(tmp_path, key):
         actual = session.run(["expression"], {k: v.numpy() for k, v in inputs.items()})[0]
         err = np.abs(actual.astype(np.float64) - expected).max()
         assert err <= tolerance.limit(np.abs(expected).max()), f"batch {batch}, bag {bag_size}: error {err:.3g}"
+
+
+@pytest.mark.parametrize("family, mode", [("spot", "subspot_neighbors"), ("cell", "neighbors")])
+def test_blocked_indexed_export_matches_the_model(tmp_path, family, mode):
+    from deepspot.data import densify
+    from deepspot.export.indexed import export_indexed
+    from deepspot.runtime.indexed import load_pipeline, predict_indexed
+
+    model = _model(family, mode)
+    folder = export_indexed(model, tmp_path / "indexed")
+    rng = np.random.default_rng(3)
+    n, own = 40, model.mode.bags[0].name
+    arrays = {own: rng.standard_normal((n, D), dtype=np.float32), "neighbor_index": rng.integers(-1, n, (n, 6))}
+    bags = {own: arrays[own][:, None], "neighbors": densify(arrays[own], arrays["neighbor_index"])}
+    if "subspot" in model.mode.input_names:
+        arrays["subspot"] = bags["subspot"] = rng.standard_normal((n, 3, D), dtype=np.float32)
+    with torch.no_grad():
+        expected = model(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in bags.items()}).numpy()
+    for table in ("memory", "device"):  # the host gather, and the head that gathers in its graph
+        with load_pipeline(folder, "ort-cpu", batch_size=16, table=table) as pipeline:
+            got, location = predict_indexed(pipeline, arrays, 16)
+        assert location == table
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * (1 + np.abs(expected).max()))
