@@ -107,9 +107,10 @@ class OrtGatherHead(OrtRunner):
         self._table = None
 
     def activate_impl(self) -> None:
-        import onnx
+        if self._model_bytes is None:  # rewritten once; with CUDA graphs each slide activates the runner again
+            import onnx
 
-        self._model_bytes = gather_head(onnx.load(str(self.path))).SerializeToString()
+            self._model_bytes = gather_head(onnx.load(str(self.path))).SerializeToString()
         super().activate_impl()
 
     def get_input_metadata(self) -> dict[str, TensorSpec]:

@@ -75,7 +75,7 @@ def test_gathering_in_the_graph_equals_gathering_on_the_host(folders, mode, agg)
     np.testing.assert_allclose(got, _dense_reference(model, arrays), rtol=0, atol=1e-5 * (1 + np.abs(expected).max()))
 
 
-def test_fixed_buffers_pad_the_last_batch(folders):
+def test_fixed_buffers_pad_the_last_batch(folders, monkeypatch):
     # What CUDA graph replay needs (fixed shapes and addresses), on the CPU: 37 items in batches of 8, the last of 5
     # padded with index 0, which must not leak into the real rows.
     mode = NEIGHBOR_MODES[-1]
@@ -87,6 +87,10 @@ def test_fixed_buffers_pad_the_last_batch(folders):
         other = _graph(mode, n=45, seed=1)  # a second slide: another table size and neighbour count
         other["neighbor_index"] = np.concatenate([other["neighbor_index"], other["neighbor_index"][:, :2]], axis=1)
         expected_other, _ = predict_indexed(pipeline, other, batch_size=8)
+        import deepspot.runtime.gather_graph as module
+
+        rewrites = []
+        monkeypatch.setattr(module, "gather_head", lambda h, real=module.gather_head: rewrites.append(1) or real(h))
         fixed = OrtRunner(head.path, "ort-cpu", head.info, cuda_graph=True, io_binding=True)
         pipeline.head = OrtGatherHead(fixed).activate()
         try:
@@ -98,6 +102,7 @@ def test_fixed_buffers_pad_the_last_batch(folders):
             pipeline.head = head
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * (1 + np.abs(expected).max()))
     np.testing.assert_allclose(got_other, expected_other, rtol=0, atol=1e-6 * (1 + np.abs(expected_other).max()))
+    assert len(rewrites) == 1  # a new session per slide, but the head is rewritten once
 
 
 def test_the_table_must_be_loaded_first(folders):
