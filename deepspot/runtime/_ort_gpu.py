@@ -1,9 +1,20 @@
-"""IO binding for onnxruntime on a GPU: page-locked staging, device-resident outputs, optional CUDA graph replay.
+"""IO binding for onnxruntime on a GPU: page-locked staging, device-resident outputs, CUDA graph replay.
 
-Only imported by :class:`~deepspot.runtime.ort.OrtRunner` on the ``ort-cuda`` and ``ort-trt`` backends.
+Only imported by :class:`~deepspot.runtime.ort.OrtRunner` when it binds its inputs and outputs (the ``ort-cuda`` and
+``ort-trt`` backends, and on ``ort-cpu`` the tests of this code).
+
+A captured CUDA graph replays on the device addresses it was captured with: onnxruntime does not look at the binding
+of a run that replays. So every graph here owns one fixed set of input and output buffers and one binding, made once
+and never rebound, and every run of a session with CUDA graphs names its graph (``gpu_graph_id``), or ``-1`` to run
+without one. :class:`CudaGraphs` keeps them per session; the plain runs (:class:`DeviceIO`) and the overlapping
+pipeline (:class:`OrtCudaAdapter`) both go through it, across any number of calls.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -11,6 +22,132 @@ from ..errors import InputError
 from ._cuda import PinnedPool
 from ._onnxruntime import import_ort
 from .base import TensorSpec
+from .pipeline import DEFAULT_DEPTH, HostRing
+
+GRAPH_ID = "gpu_graph_id"  # onnxruntime's run option: which CUDA graph a run captures or replays; -1 for none
+MAX_GRAPHS = 4  # graphs per session; further shapes run without one (each graph keeps its buffers on the device)
+
+Shapes = Mapping[str, tuple[tuple[int, ...], Any]]
+
+
+@dataclass
+class CudaGraph:
+    """One captured graph: its id, its row count, and the fixed buffers and binding it replays on."""
+
+    id: int
+    rows: int
+    signature: tuple
+    inputs: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    binding: Any = None
+
+
+def signature(shapes: Shapes) -> tuple:
+    """What a graph's buffers fix apart from the row count: each input's name, trailing dims and dtype."""
+    return tuple(sorted((name, tuple(shape[1:]), np.dtype(dtype).str) for name, (shape, dtype) in shapes.items()))
+
+
+class CudaGraphs:
+    """The CUDA graphs of one onnxruntime session, one per input signature (names, trailing dims, dtypes).
+
+    A feed runs on the smallest graph of its signature that has at least its rows (padded to them); a new signature
+    gets a new graph of ``max(rows, rows_hint)`` rows, up to ``limit`` graphs. Beyond that it runs without a graph
+    (``gpu_graph_id=-1``) where the provider supports graph ids (onnxruntime's CUDA provider); the TensorRT provider
+    captures one graph only, so there ``limit`` is 1 and another signature is an error.
+
+    Args:
+        session: The ``InferenceSession`` (CUDA graphs enabled in its provider options).
+        outputs: The graph's output specs (their sizes past the batch axis must be fixed).
+        device_type: ``cuda`` (``cpu`` runs the same logic on the CPU provider: that is how it is tested).
+        device_id: The GPU.
+        rows_hint: Rows of a new graph at least (the runner's batch size), so that one graph serves a slide's short
+            first call (the zero tile) and its full batches alike.
+        annotated: Whether the provider takes ``gpu_graph_id`` (onnxruntime's CUDA provider does).
+        constants: Inputs bound once for every graph and run (the indexed head's embedding table).
+    """
+
+    def __init__(self, session, outputs: dict[str, TensorSpec], device_type: str, device_id: int,
+                 rows_hint: int | None = None, annotated: bool = True, constants: dict | None = None):  # fmt: skip
+        self.ort = import_ort()
+        self.session = session
+        self.outputs = outputs
+        self.device_type, self.device_id = device_type, device_id
+        self.rows_hint = rows_hint or 0
+        self.annotated = annotated
+        self.limit = MAX_GRAPHS if annotated else 1
+        self.constants = constants if constants is not None else {}
+        self.graphs: list[CudaGraph] = []
+        self._options: dict[tuple[int | None, bool], Any] = {}
+
+    def run_options(self, graph_id: int | None, synchronize: bool = True):
+        """Run options naming the graph (``None``: none named) and, with ``synchronize=False``, returning without
+        waiting for the GPU (the pipeline waits on its own events)."""
+        key = (graph_id, synchronize)
+        if key not in self._options:
+            options = self.ort.RunOptions()
+            if graph_id is not None and self.annotated:
+                options.add_run_config_entry(GRAPH_ID, str(graph_id))
+            if not synchronize:
+                options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            self._options[key] = options
+        return self._options[key]
+
+    def uncaptured(self, synchronize: bool = True):
+        """Run options for a run without a graph, or an error where the provider cannot run one."""
+        if not self.annotated:
+            raise InputError(
+                f"a CUDA graph was captured for {self.graphs[0].signature} x {self.graphs[0].rows} rows; this "
+                "provider replays one graph only (rebuild the runner for other shapes, or turn CUDA graphs off)"
+            )
+        return self.run_options(-1, synchronize)
+
+    def bind(self, inputs: Mapping[str, Any], outputs: Mapping[str, Any]):
+        """A new IO binding of ``inputs``, ``outputs`` and the constants."""
+        return bind(self.session, {**self.constants, **inputs}, outputs)
+
+    def bind_constant(self, name: str, value) -> None:
+        if self.graphs:
+            raise RuntimeError(f"{name}: the captured CUDA graphs replay on the old buffer; build a new session")
+        self.constants[name] = value
+
+    def find(self, shapes: Shapes) -> CudaGraph | None:
+        """The graph for a feed of ``shapes`` (made if there is room), or ``None``: run it without a graph."""
+        rows = next(iter(shapes.values()))[0][0]
+        sig = signature(shapes)
+        fits = [g for g in self.graphs if g.signature == sig and g.rows >= rows]
+        if fits:
+            return min(fits, key=lambda g: g.rows)
+        if len(self.graphs) >= self.limit:
+            return None
+        rows = max(rows, self.rows_hint)
+        graph = CudaGraph(len(self.graphs) + 1, rows, sig)  # ids from 1: onnxruntime keeps 0 for itself
+        for name, (shape, dtype) in shapes.items():
+            zeros = np.zeros((rows,) + tuple(shape[1:]), dtype=dtype)  # padding rows start finite
+            graph.inputs[name] = self.ort.OrtValue.ortvalue_from_numpy(zeros, self.device_type, self.device_id)
+        for name, spec in self.outputs.items():
+            if not all(isinstance(d, int) for d in spec.shape[1:]):
+                raise InputError(f"a CUDA graph needs fixed output sizes; {name} has shape {spec.shape}")
+            shape = (rows,) + tuple(spec.shape[1:])
+            graph.outputs[name] = self.ort.OrtValue.ortvalue_from_shape_and_type(
+                shape, np.dtype(spec.dtype), self.device_type, self.device_id
+            )
+        graph.binding = self.bind(graph.inputs, graph.outputs)
+        self.graphs.append(graph)
+        return graph
+
+
+def bind(session, inputs: Mapping[str, Any], outputs: Mapping[str, Any]):
+    """A new IO binding of a session to device ``OrtValue``s."""
+    binding = session.io_binding()
+    for name, value in inputs.items():
+        binding.bind_ortvalue_input(name, value)
+    for name, value in outputs.items():
+        binding.bind_ortvalue_output(name, value)
+    return binding
+
+
+def feed_shapes(feed: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    return {name: (a.shape, a.dtype) for name, a in feed.items()}
 
 
 class DeviceIO:
@@ -21,157 +158,146 @@ class DeviceIO:
         inputs: The graph's input specs.
         outputs: The graph's output specs.
         device_id: The GPU.
-        fixed_buffers: Fixed-address buffers, as CUDA graph replay needs; the first batch fixes every shape and shorter
-            batches are zero-padded.
+        cuda_graph: The session captures CUDA graphs: runs go through :class:`CudaGraphs` (fixed buffers, shorter
+            batches zero-padded).
         device_type: ``cuda``; ``cpu`` runs the same binding logic on the CPU provider (that is how it is tested on
             machines without a GPU).
+        rows_hint: Rows of a new CUDA graph at least (the runner's batch size).
+        annotated: Whether the provider takes graph ids (see :class:`CudaGraphs`).
     """
 
-    def __init__(
-        self,
-        session,
-        inputs: dict[str, TensorSpec],
-        outputs: dict[str, TensorSpec],
-        device_id: int,
-        fixed_buffers: bool,
-        device_type: str = "cuda",
-    ):
+    def __init__(self, session, inputs: dict[str, TensorSpec], outputs: dict[str, TensorSpec], device_id: int,
+                 cuda_graph: bool, device_type: str = "cuda", rows_hint: int | None = None,
+                 annotated: bool = True):  # fmt: skip
         self.ort = import_ort()
         self.session = session
         self.inputs, self.outputs = inputs, outputs
         self.device_id = device_id
-        self.fixed_buffers = fixed_buffers
         self.device_type = device_type
-        self.binding = session.io_binding()
+        self.constants: dict[str, Any] = {}
+        self.binding = session.io_binding()  # the runs without a graph
         self.pinned = PinnedPool()
-        self._fixed_in: dict[str, object] | None = None
-        self._fixed_out: dict[str, object] = {}
+        self.graphs = (
+            CudaGraphs(session, outputs, device_type, device_id, rows_hint, annotated, self.constants)
+            if cuda_graph
+            else None
+        )
+
+    def bind_constant(self, name: str, value) -> None:
+        """Bind ``value`` (a device ``OrtValue``) as input ``name`` of every run; before the first run only, when
+        the session captures CUDA graphs."""
+        if self.graphs is not None:
+            self.graphs.bind_constant(name, value)
+        self.constants[name] = value
+        self.binding.bind_ortvalue_input(name, value)
 
     def _device_value(self, host: np.ndarray):
         return self.ort.OrtValue.ortvalue_from_numpy(host, self.device_type, self.device_id)
 
-    def _bind_fixed(self, feed: dict[str, np.ndarray]) -> None:
-        # The first batch decides the captured shapes. Outputs get fixed buffers before the first run, because
-        # onnxruntime may capture the graph on that run and later runs must find every buffer where it was.
-        rows = next(iter(feed.values())).shape[0]
-        self._fixed_in = {name: self._device_value(self.pinned.stage(name, a)) for name, a in feed.items()}
-        for name, value in self._fixed_in.items():
-            self.binding.bind_ortvalue_input(name, value)
-        for name, spec in self.outputs.items():
-            if not all(isinstance(d, int) for d in spec.shape[1:]):
-                raise InputError(f"a CUDA graph needs fixed output sizes; {name} has shape {spec.shape}")
-            shape = (rows,) + tuple(spec.shape[1:])
-            dtype = np.dtype(spec.dtype)
-            fixed = self.ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device_type, self.device_id)
-            self._fixed_out[name] = fixed
-            self.binding.bind_ortvalue_output(name, fixed)
-
     def run(self, feed: dict[str, np.ndarray], to_host: bool = True) -> dict:
         n = next(iter(feed.values())).shape[0]
-        if self.fixed_buffers:
-            if self._fixed_in is None:
-                self._bind_fixed(feed)
-            rows = next(iter(self._fixed_in.values())).shape()[0]
-            for name, a in feed.items():
-                fixed = self._fixed_in[name]
-                if n > rows or tuple(a.shape[1:]) != tuple(fixed.shape()[1:]):
-                    raise InputError(
-                        f"CUDA graph captured for {name} {tuple(fixed.shape())}; got {a.shape} (rebuild the runner)"
-                    )
-                fixed.update_inplace(self.pinned.stage(name, a, rows=rows))  # same address: the graph stays valid
-            self.session.run_with_iobinding(self.binding)
-            values = [self._fixed_out[name] for name in self.outputs]
+        graph = self.graphs.find(feed_shapes(feed)) if self.graphs is not None else None
+        if graph is not None:
+            for name, a in feed.items():  # same addresses: the graph stays valid
+                graph.inputs[name].update_inplace(self.pinned.stage(name, a, rows=graph.rows))
+            self.session.run_with_iobinding(graph.binding, self.graphs.run_options(graph.id))
+            values = [graph.outputs[name] for name in self.outputs]
         else:
+            options = self.graphs.uncaptured() if self.graphs is not None else None
             for name, a in feed.items():
                 self.binding.bind_ortvalue_input(name, self._device_value(self.pinned.stage(name, a)))
             for name in self.outputs:
                 self.binding.bind_output(name, self.device_type, self.device_id)
-            self.session.run_with_iobinding(self.binding)
+            self.session.run_with_iobinding(self.binding, options)
             values = self.binding.get_outputs()
         if not to_host:
             return dict(zip(self.outputs, values))
-        # Only the real rows, and always a copy: with fixed buffers the next batch overwrites these.
+        # Only the real rows, and always a copy: a graph's buffers are overwritten by its next run.
         return {name: np.array(v.numpy()[:n], dtype=np.float32) for name, v in zip(self.outputs, values)}
 
 
 class OrtCudaAdapter:
     """The ``ort-cuda`` side of :func:`~deepspot.runtime.pipeline.run_pipeline`, with the CUDA runtime through
-    ``ctypes`` (no PyTorch): each slot has device buffers bound to its own IO binding; its host-to-device copy runs
-    on an upload stream, onnxruntime runs on the session's compute stream (``user_compute_stream``) after an event,
-    and the copy back into the slot's page-locked output buffer on a download stream.
+    ``ctypes`` (no PyTorch).
 
-    With ``cuda_graph`` the graph's inputs and outputs live in one fixed set of device buffers (a captured graph
-    replays on fixed addresses); each batch is copied into them and out of them on the device, and every batch has
-    the full batch size (the pipeline pads the last one).
+    Each ring slot has device buffers; its host-to-device copy runs on an upload stream, onnxruntime runs on the
+    session's compute stream (``user_compute_stream``) after an event, and the copy back into the slot's page-locked
+    output buffer runs on a download stream. With CUDA graphs, each batch is copied on the device into its graph's
+    fixed buffers and out of them (:class:`CudaGraphs`, shared with the runner's plain runs).
+
+    One adapter serves every call while its runner is active: the ring of page-locked buffers (:attr:`ring`), the
+    device buffers, streams and events are made once and freed by :meth:`close`.
+
+    Args:
+        runner: The active :class:`~deepspot.runtime.ort.OrtRunner` (with IO binding).
+        cuda: The CUDA runtime (:class:`~deepspot.runtime.cuda_libs.CudaRuntime`).
+        compute_stream: The session's compute stream.
+        device_type: ``cuda`` (``cpu`` with a host stand-in for ``cuda``: how the tests run it).
 
     Unverified: written against the CUDA runtime and onnxruntime documentation; it has not run on a GPU yet.
     """
 
     D2D = 3  # cudaMemcpyDeviceToDevice
 
-    def __init__(self, runner, cuda, compute_stream: int):
+    def __init__(self, runner, cuda, compute_stream: int, device_type: str = "cuda"):
         self.ort = import_ort()
         self.runner = runner
+        self.io: DeviceIO = runner._io
         self.cuda = cuda
         self.compute = compute_stream
+        self.device_type = device_type
         self.upload, self.download = cuda.stream(), cuda.stream()
-        self.run_options = self.ort.RunOptions()
-        # run_with_iobinding would otherwise wait for the GPU before returning; the events below do the waiting.
-        self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._pinned: list = []
+        self.ring = HostRing(DEFAULT_DEPTH, pinned_allocator(cuda, self._pinned))
         self._slots: dict[int, dict] = {}
-        self._fixed: dict | None = None
+        # run_with_iobinding would otherwise wait for the GPU before returning; the events do the waiting.
+        self.no_sync = self.ort.RunOptions()
+        self.no_sync.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
     def output_specs(self):
         g = self.runner.info.output_size
         return {name: ((g,), np.dtype(spec.dtype)) for name, spec in self.runner._outputs.items()}
 
     def _device(self, shape, dtype):
-        return self.ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", self.runner.device_id)
+        return self.ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device_type, self.runner.device_id)
 
     def _buffers(self, slot) -> dict:
         shapes = {k: (v.shape, v.dtype) for k, v in {**slot.feed, **slot.result}.items()}
         state = self._slots.get(slot.index)
         if state is None or state["shapes"] != shapes:  # a slot's buffers are reused while its shapes stay
+            events = state["events"] if state else [self.cuda.event() for _ in range(3)]
             state = {
                 "shapes": shapes,
                 "in": {k: self._device(a.shape, a.dtype) for k, a in slot.feed.items()},
                 "out": {k: self._device(a.shape, a.dtype) for k, a in slot.result.items()},
-                "events": [self.cuda.event() for _ in range(3)],
+                "events": events,
+                "binding": None,  # made when the slot runs without a graph
             }
-            state["binding"] = self._bind(state["in"], state["out"]) if not self.runner.cuda_graph else None
             self._slots[slot.index] = state
         return state
 
-    def _bind(self, inputs: dict, outputs: dict):
-        binding = self.runner.session.io_binding()
-        for name, value in inputs.items():
-            binding.bind_ortvalue_input(name, value)
-        for name, value in outputs.items():
-            binding.bind_ortvalue_output(name, value)
-        return binding
-
     def submit(self, slot):
-        cuda = self.cuda
+        cuda, graphs = self.cuda, self.io.graphs
         state = self._buffers(slot)
         uploaded, computed, done = state["events"]
         for name, host in slot.feed.items():
             cuda.copy_async(state["in"][name].data_ptr(), host.ctypes.data, host.nbytes, cuda.H2D, self.upload)
         cuda.record(uploaded, self.upload)
         cuda.wait_event(self.compute, uploaded)
-        if self.runner.cuda_graph:
-            if self._fixed is None:  # the captured graph's buffers: allocated once, bound once
-                fixed_in = {k: self._device(a.shape(), slot.feed[k].dtype) for k, a in state["in"].items()}
-                fixed_out = {k: self._device(a.shape(), slot.result[k].dtype) for k, a in state["out"].items()}
-                self._fixed = {"in": fixed_in, "out": fixed_out, "binding": self._bind(fixed_in, fixed_out)}
+        graph = graphs.find(feed_shapes(slot.feed)) if graphs is not None else None
+        if graph is not None:  # into the graph's buffers, run, and out of them: all in order on the compute stream
             for name, value in state["in"].items():
-                nbytes = slot.feed[name].nbytes
-                cuda.copy_async(self._fixed["in"][name].data_ptr(), value.data_ptr(), nbytes, self.D2D, self.compute)
-            self.runner.session.run_with_iobinding(self._fixed["binding"], self.run_options)
+                dst = graph.inputs[name].data_ptr()
+                cuda.copy_async(dst, value.data_ptr(), slot.feed[name].nbytes, self.D2D, self.compute)
+            self.runner.session.run_with_iobinding(graph.binding, graphs.run_options(graph.id, synchronize=False))
             for name, value in state["out"].items():
-                nbytes = slot.result[name].nbytes
-                cuda.copy_async(value.data_ptr(), self._fixed["out"][name].data_ptr(), nbytes, self.D2D, self.compute)
+                src = graph.outputs[name].data_ptr()
+                cuda.copy_async(value.data_ptr(), src, slot.result[name].nbytes, self.D2D, self.compute)
         else:
-            self.runner.session.run_with_iobinding(state["binding"], self.run_options)
+            options = graphs.uncaptured(False) if graphs is not None else self.no_sync
+            if state["binding"] is None:
+                state["binding"] = bind(self.runner.session, {**self.io.constants, **state["in"]}, state["out"])
+            self.runner.session.run_with_iobinding(state["binding"], options)
         cuda.record(computed, self.compute)
         cuda.wait_event(self.download, computed)
         for name, host in slot.result.items():
@@ -181,6 +307,17 @@ class OrtCudaAdapter:
 
     def wait(self, handle) -> None:
         self.cuda.synchronize(handle)
+
+    def close(self) -> None:
+        """Free the page-locked buffers, streams and events (no batch may be in flight)."""
+        for state in self._slots.values():
+            for event in state["events"]:
+                self.cuda.destroy_event(event)
+        for stream in (self.upload, self.download):
+            self.cuda.destroy_stream(stream)
+        for ptr in self._pinned:
+            self.cuda.free_host(ptr)
+        self._slots, self._pinned = {}, []
 
 
 def pinned_allocator(cuda, keep: list):

@@ -302,7 +302,7 @@ def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
             cache, _profile(inputs, o), precision == "fp16", o.device, cuda_graph=cuda_graph
         )
         providers = [(TRT, trt_options), (CUDA, cuda_provider_options(o.device)), CPU]
-    runner = OrtRunner(model, name, info, providers, o.device, o.threads, cuda_graph)
+    runner = OrtRunner(model, name, info, providers, o.device, o.threads, cuda_graph, batch_size=o.batch_size)
     if info is not None:
         info.precision = precision
     return runner

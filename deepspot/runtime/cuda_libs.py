@@ -162,6 +162,12 @@ class CudaRuntime:
         self._call("cudaMemcpyAsync", ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes),
                    ctypes.c_int(kind), ctypes.c_void_p(stream))  # fmt: skip
 
+    def destroy_stream(self, stream: int) -> None:
+        self._call("cudaStreamDestroy", ctypes.c_void_p(stream))
+
+    def destroy_event(self, event: int) -> None:
+        self._call("cudaEventDestroy", ctypes.c_void_p(event))
+
     def record(self, event: int, stream: int) -> None:
         self._call("cudaEventRecord", ctypes.c_void_p(event), ctypes.c_void_p(stream))
 

@@ -102,7 +102,8 @@ class OrtGatherHead(OrtRunner):
 
     def __init__(self, source: OrtRunner):
         super().__init__(source.path, source.backend, source.info, source.providers, source.device_id,
-                         source.threads, source.cuda_graph, io_binding=True, name=source.name)  # fmt: skip
+                         source.threads, source.cuda_graph, io_binding=True, name=source.name,
+                         batch_size=source.batch_size)  # fmt: skip
         self.selection = getattr(source, "selection", None)
         self._table = None
 
@@ -120,16 +121,16 @@ class OrtGatherHead(OrtRunner):
         """Copy the slide's embedding table (row 0: the zero tile's embedding) to the device, once per slide."""
         if not self.is_active:
             raise RuntimeError(f"{self.name}: activate() the runner before load_table()")
-        if self._table is not None and self.cuda_graph:
-            # A captured CUDA graph replays on the addresses and shapes it was captured with: the previous slide's
-            # table and batch. The next slide gets a new session, captured on its first batch.
+        if self._io.graphs is not None and self._io.graphs.graphs:
+            # A captured CUDA graph replays on the addresses it was captured with: the previous slide's table. The
+            # next slide gets a new session, whose graphs are captured on its own table.
             self.deactivate_impl()
             self.activate_impl()
         dtype = np.dtype(super().get_input_metadata()[TABLE_INPUT].dtype)
         table = np.ascontiguousarray(table, dtype=dtype)
         device = "cuda" if self.on_gpu else "cpu"
         self._table = import_ort().OrtValue.ortvalue_from_numpy(table, device, self.device_id)
-        self._io.binding.bind_ortvalue_input(TABLE_INPUT, self._table)
+        self._io.bind_constant(TABLE_INPUT, self._table)
 
     def deactivate_impl(self) -> None:
         self._table = None

@@ -184,11 +184,13 @@ class OrtRunner(Runner):
         providers: Providers with options, in priority order (:func:`deepspot.runtime.load_runner` fills them in).
         device_id: GPU index for the GPU backends.
         threads: Intra-op threads (CPU work); default physical cores.
-        cuda_graph: Capture a CUDA graph on the first batch and replay it; shorter batches are zero-padded to the
-            first batch's shape, because a captured graph has fixed shapes and fixed buffer addresses.
+        cuda_graph: Capture CUDA graphs and replay them: one per input shape (past the batch axis), each on fixed
+            device buffers of ``batch_size`` rows or more; shorter batches are zero-padded to their graph's rows
+            (:class:`~deepspot.runtime._ort_gpu.CudaGraphs`).
         io_binding: Bind inputs and outputs to device buffers (default: on the GPU backends only). On ``ort-cpu`` it
             runs the same binding code on host memory, which is how that code is tested without a GPU.
         name: Runner name in reports.
+        batch_size: The batch size the runner will see (the rows of its CUDA graphs).
     """
 
     def __init__(
@@ -202,6 +204,7 @@ class OrtRunner(Runner):
         cuda_graph: bool = False,
         io_binding: bool | None = None,
         name: str | None = None,
+        batch_size: int | None = None,
     ):
         super().__init__(info, name or backend)
         self.backend = backend
@@ -215,8 +218,12 @@ class OrtRunner(Runner):
         self.session = None
         self._inputs: dict[str, TensorSpec] = {}
         self._outputs: dict[str, TensorSpec] = {}
-        self._io = None  # _DeviceIO on a GPU
+        self.batch_size = batch_size
+        self._io = None  # DeviceIO with IO binding
         self._model_bytes: bytes | None = None  # a graph derived from the file, run instead of it
+        self._cuda = None  # the CUDA runtime and the session's compute stream (ort-cuda), kept across activations
+        self._compute_stream = 0
+        self._adapter = None  # the overlapping pipeline's adapter, made on first use while active
 
     @property
     def device(self) -> str:
@@ -240,8 +247,14 @@ class OrtRunner(Runner):
         if self.io_binding:
             from ._ort_gpu import DeviceIO
 
-            device_type = "cuda" if self.on_gpu else "cpu"
-            self._io = DeviceIO(self.session, self._inputs, self._outputs, self.device_id, self.cuda_graph, device_type)
+            annotated = self.session.get_providers()[0] != TRT  # TensorRT's provider captures one graph only
+            self._io = DeviceIO(self.session, self._inputs, self._outputs, self.device_id, self.cuda_graph,
+                                self.device_type, self.batch_size, annotated)  # fmt: skip
+
+    @property
+    def device_type(self) -> str:
+        """Where bound buffers live: ``cuda``, or ``cpu`` on ``ort-cpu``."""
+        return "cuda" if self.on_gpu else "cpu"
 
     def _with_compute_stream(self, providers):
         """The CUDA provider's options with a compute stream of ours, so that the pipeline can order its copies
@@ -249,30 +262,30 @@ class OrtRunner(Runner):
         the overlapping pipeline (``deepspot doctor`` says why)."""
         from .cuda_libs import CudaError, CudaRuntime
 
-        try:
-            self._cuda = CudaRuntime(self.device_id)
-            self._compute_stream = self._cuda.stream()
-        except (CudaError, OSError, AttributeError):
-            self._cuda = None
-            return providers
+        if self._cuda is None:  # one stream for the runner's life: sessions of later activations reuse it
+            try:
+                cuda = CudaRuntime(self.device_id)
+                self._compute_stream, self._cuda = cuda.stream(), cuda
+            except (CudaError, OSError, AttributeError):
+                return providers
         stream = {"user_compute_stream": str(self._compute_stream), "has_user_compute_stream": "1"}
         return [(p[0], {**p[1], **stream}) if not isinstance(p, str) and p[0] == CUDA else p for p in providers]
 
     def pipeline_adapter(self, batch_size: int):
-        if not self.is_active or getattr(self, "_cuda", None) is None:
+        if not self.is_active or self._cuda is None or self._io is None:
             return None
-        from ._ort_gpu import OrtCudaAdapter, pinned_allocator
+        if self._adapter is None:  # one per activation: its ring, device buffers and graphs serve every call
+            from ._ort_gpu import OrtCudaAdapter
 
-        self._pinned_ptrs = getattr(self, "_pinned_ptrs", [])
-        return OrtCudaAdapter(self, self._cuda, self._compute_stream), pinned_allocator(self._cuda, self._pinned_ptrs)
+            self._adapter = OrtCudaAdapter(self, self._cuda, self._compute_stream, self.device_type)
+        return self._adapter, None
 
     def deactivate_impl(self) -> None:
+        if self._adapter is not None:
+            self._adapter.close()
+        self._adapter = None
         self._io = None
         self.session = None
-        cuda = getattr(self, "_cuda", None)
-        for ptr in getattr(self, "_pinned_ptrs", []):
-            cuda.free_host(ptr)
-        self._pinned_ptrs = []
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._io is not None:

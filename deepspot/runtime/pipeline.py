@@ -32,6 +32,7 @@ import numpy as np
 from ..errors import ConfigError
 
 Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+DEFAULT_DEPTH = 3  # ring slots: one being filled, two in flight
 
 
 @dataclass
@@ -77,6 +78,12 @@ class HostRing:
         slot.handle = None
         self._free.put(slot)
 
+    def reset(self) -> None:
+        """Every slot free again: a call that ended early (an error, a consumer that stopped) leaves slots out."""
+        self._free = queue.Queue()
+        for slot in self.slots:
+            self.release(slot)
+
     def buffer(self, store: dict[str, np.ndarray], name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         """The slot's buffer ``name`` with ``shape``, allocated once and reused (grown only if a batch is larger)."""
         size = int(np.prod(shape))
@@ -86,9 +93,26 @@ class HostRing:
             self.allocations += 1
         return buf[:size].reshape(shape)
 
+    def reserve(self, like: Slot) -> None:
+        """Give every slot the buffers of ``like``'s batch now, so that none is allocated while batches run.
+
+        Page-locked allocation is one of the calls a CUDA graph capture forbids in any thread, and onnxruntime may
+        capture on any of the first runs: the prefetch thread must not allocate while the device runs.
+        """
+        for slot in self.slots:
+            for name, view in like.feed.items():
+                self.buffer(slot.inputs, name, view.shape, view.dtype)
+            for name, view in like.result.items():
+                self.buffer(slot.outputs, name, view.shape, view.dtype)
+
 
 class DeviceAdapter(Protocol):
-    """The device side of a pipeline (one runner's graph on one device)."""
+    """The device side of a pipeline (one runner's graph on one device).
+
+    ``ring``: the adapter's own ring, reused across calls (``None``: each call makes one with ``allocate``).
+    """
+
+    ring: HostRing | None
 
     def submit(self, slot: Slot) -> Any:
         """Enqueue copy-in, compute and copy-out of ``slot`` (asynchronously) and return a handle to wait on."""
@@ -127,7 +151,7 @@ def run_pipeline(
     batch_size: int,
     allocate: Allocate = lambda shape, dtype: np.empty(shape, dtype),
     dtypes: Mapping[str, Any] | None = None,
-    depth: int = 3,
+    depth: int = DEFAULT_DEPTH,
     fixed_batch: bool = False,
     prepare: Callable[[int, int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     ring: HostRing | None = None,
@@ -148,7 +172,7 @@ def run_pipeline(
             rows never reach the caller.
         prepare: Finishes a feed in the prefetch thread (the indexed layout gathers neighbour embeddings there); its
             result is staged into the slot.
-        ring: A ring to reuse across calls (its buffers stay allocated).
+        ring: A ring to reuse across calls (its buffers stay allocated); default the adapter's own, if it has one.
 
     Raises:
         Whatever the prefetch thread or the adapter raised, once, after the thread has stopped.
@@ -157,7 +181,7 @@ def run_pipeline(
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     n = next(iter(inputs.values())).shape[0]
     dtypes = dict(dtypes or {})
-    ring = ring or HostRing(depth, allocate)
+    ring = ring if ring is not None else getattr(adapter, "ring", None) or HostRing(depth, allocate)
     specs = adapter.output_specs()
     filled: queue.Queue = queue.Queue()
     stop = threading.Event()
@@ -188,6 +212,8 @@ def run_pipeline(
                 if slot is None:
                     return
                 fill(slot, start, min(start + batch_size, n))
+                if start == 0:
+                    ring.reserve(slot)  # before the first batch is handed out: no allocation while the device runs
                 filled.put(slot)
             filled.put(done)
         except BaseException as e:  # handed to the consumer, raised there once
@@ -223,6 +249,7 @@ def run_pipeline(
             except Exception:  # noqa: BLE001  the first error is the one being raised
                 pass
         worker.join(timeout=5)
+        ring.reset()  # the ring may serve the next call (an adapter's own ring does)
 
 
 __all__ = ["DeviceAdapter", "HostAdapter", "HostRing", "Slot", "run_pipeline"]

@@ -167,6 +167,8 @@ class TorchCudaAdapter:
     on a copy stream, the model on a compute stream that waits for it (on the GPU, not the host), the copy back
     into the slot's page-locked output buffer on a third stream, so that the three overlap across batches."""
 
+    ring = None  # each call's ring: PyTorch's caching host allocator keeps the pinned pages for the next
+
     def __init__(self, runner: TorchRunner):
         self.runner = runner
         device = runner._device

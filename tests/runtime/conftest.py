@@ -135,3 +135,28 @@ def eager():
             return model(**feed).numpy()
 
     return run
+
+
+class Sessions(list):
+    """The sessions made while ``replaying`` is on; ``cuda_graphs`` says whether new ones capture graphs."""
+
+    cuda_graphs = True
+
+
+@pytest.fixture
+def replaying(monkeypatch):
+    """Every onnxruntime session made from here on replays captured CUDA graphs as the CUDA provider does
+    (:class:`tests.runtime.graph_replay.ReplaySession`); returns the list of them."""
+    from deepspot.runtime import ort
+
+    from .graph_replay import ReplaySession
+
+    sessions = Sessions()
+    real = ort.session_from_onnx
+
+    def make(*args, **kwargs):
+        sessions.append(ReplaySession(real(*args, **kwargs), sessions.cuda_graphs))
+        return sessions[-1]
+
+    monkeypatch.setattr(ort, "session_from_onnx", make)
+    return sessions

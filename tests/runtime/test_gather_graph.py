@@ -105,6 +105,35 @@ def test_fixed_buffers_pad_the_last_batch(folders, monkeypatch):
     assert len(rewrites) == 1  # a new session per slide, but the head is rewritten once
 
 
+def test_both_graphs_under_cuda_graphs_over_two_slides(folders, replaying):
+    """``ort-cuda``'s defaults on the CPU: encoder and head capture CUDA graphs (replayed here as the CUDA provider
+    replays them). The encoder's first run is the zero tile (one row), then full and short batches; the head's table
+    changes with the slide."""
+    mode = NEIGHBOR_MODES[-1]
+    _, folder = folders(mode)
+    slides = [_graph(mode), _graph(mode, n=45, seed=1)]
+    with pipeline_from_folder(folder, "ort-cpu", RunnerOptions(batch_size=8)) as pipeline:
+        expected = [predict_indexed(pipeline, arrays, batch_size=8)[0] for arrays in slides]
+        host = pipeline.encoder, pipeline.head
+
+        def graphed(runner):
+            return OrtRunner(runner.path, "ort-cpu", runner.info, cuda_graph=True, io_binding=True, batch_size=8)
+
+        pipeline.encoder, pipeline.head = graphed(host[0]).activate(), OrtGatherHead(graphed(host[1])).activate()
+        try:
+            got = [predict_indexed(pipeline, arrays, batch_size=8)[0] for arrays in slides]
+            encoder_graphs = [(g.id, g.rows) for g in pipeline.encoder._io.graphs.graphs]
+        finally:
+            pipeline.encoder.deactivate()
+            pipeline.head.deactivate()
+            pipeline.encoder, pipeline.head = host
+    for x, y in zip(expected, got):
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-6 * (1 + np.abs(x).max()))
+    assert encoder_graphs == [(1, 8)]  # the zero tile padded into the batch's graph, not a graph of its own
+    bound = [s for s in replaying if s.graph_ids]  # the encoder's session, and the head's for each slide
+    assert len(bound) == 3 and all(1 in s.captured and 0 not in s.graph_ids for s in bound)
+
+
 def test_the_table_must_be_loaded_first(folders):
     _, folder = folders(NEIGHBOR_MODES[0])
     with pipeline_from_folder(folder, "ort-cpu", RunnerOptions(batch_size=8), device_gather=True) as pipeline:

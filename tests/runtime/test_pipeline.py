@@ -131,6 +131,21 @@ def test_a_device_error_stops_everything_cleanly():
     assert _live_fill_threads() == []
 
 
+def test_a_reused_ring_serves_the_next_call_after_an_error():
+    """An adapter's ring outlives a call: one that failed with batches in flight must not leave slots out."""
+    ring = HostRing(3, lambda shape, dtype: np.empty(shape, dtype))
+    with pytest.raises(RuntimeError, match="device error in batch 4"):
+        _collect(run_pipeline(_inputs(), Scrambled(fail_at=4), 10, ring=ring), 103)
+    assert ring._free.qsize() == 3  # else the next call would wait for a slot forever
+    stream = run_pipeline(_inputs(), Scrambled(), 10, ring=ring)
+    next(stream)
+    stream.close()  # a consumer that stops early leaves slots out as well
+    assert ring._free.qsize() == 3
+    out, writes = _collect(run_pipeline(_inputs(), Scrambled(), 10, ring=ring), 103)
+    assert (writes == 1).all()
+    np.testing.assert_allclose(out[:, :2], _compute(_inputs())["y"][:, :2], rtol=1e-6)  # sums and maxima per row
+
+
 def test_an_error_while_filling_is_raised_once_and_the_thread_ends():
     def prepare(start, stop, feed):
         if start >= 30:
@@ -164,6 +179,43 @@ def test_predict_through_the_pipeline_equals_the_plain_loop(artifacts):
         padded = predict(runner, inputs, 7, pipelined=True, fixed_batch=True)
     np.testing.assert_array_equal(piped, plain)
     np.testing.assert_allclose(padded, plain, rtol=0, atol=1e-6)  # other batch shapes: other GEMM blocking
+
+
+def test_every_slot_is_allocated_before_the_first_batch_runs():
+    """Page-locked allocation is forbidden in any thread while onnxruntime captures a CUDA graph, and it may capture
+    on any early run: the prefetch thread allocates the whole ring before it hands out the first batch, and a ring
+    reused by a second call allocates nothing."""
+    allocations = []
+
+    def allocate(shape, dtype):
+        allocations.append(shape)
+        return np.empty(shape, dtype)
+
+    def slow_after_the_first(start, stop, feed):
+        if start > 0:
+            time.sleep(0.05)  # without the reservation the first submit would find one slot allocated
+        return feed
+
+    class Counting(HostAdapter):
+        def submit(self, slot):
+            seen.append(len(allocations))
+            return super().submit(slot)
+
+    seen: list[int] = []
+    ring = HostRing(3, allocate)
+    adapter = Counting(_compute, {"y": ((G,), np.dtype(np.float32))})
+    for _ in range(2):
+        _, writes = _collect(run_pipeline(_inputs(n=20), adapter, 4, ring=ring, prepare=slow_after_the_first), 20)
+        assert (writes == 1).all()
+    assert len(allocations) == 2 * 3 and set(seen) == {6}
+
+
+def test_an_adapter_with_its_own_ring_keeps_it_across_calls():
+    adapter = HostAdapter(_compute, {"y": ((G,), np.dtype(np.float32))})
+    adapter.ring = HostRing(2, lambda shape, dtype: np.empty(shape, dtype))
+    for n in (9, 7):
+        _collect(run_pipeline(_inputs(n=n), adapter, 4), n)
+    assert adapter.ring.allocations == 4  # x and y in each of its two slots, made by the first call only
 
 
 def test_cpu_runners_have_no_device_pipeline(artifacts):

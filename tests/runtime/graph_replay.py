@@ -1,0 +1,98 @@
+"""Stand-ins that let the CPU run ``ort-cuda``'s device code with the semantics that matter on a GPU.
+
+- :class:`HostCuda` has :class:`~deepspot.runtime.cuda_libs.CudaRuntime`'s calls, on host memory: copies happen at
+  once (``memmove``), streams and events are numbers.
+- :class:`ReplaySession` wraps an onnxruntime CPU session and replays the way onnxruntime's CUDA provider does under
+  CUDA graphs: per graph id (the ``gpu_graph_id`` run option, 0 when a run names none, -1 for no graph), the first run
+  is a plain one, the second is captured, and every later run of that id replays on the buffers bound at capture,
+  whatever the binding it is given. Code that binds new buffers to a captured graph gets stale results here, as it
+  would on a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+
+import numpy as np
+
+WARMUP_RUNS = 1  # plain runs of a graph id before onnxruntime captures it
+
+
+class HostCuda:
+    """The CUDA runtime calls of the pipeline, on host memory."""
+
+    H2D, D2H = 1, 2
+
+    def __init__(self):
+        self._ids = itertools.count(1)
+        self.host: dict[int, np.ndarray] = {}
+        self.streams: set[int] = set()
+        self.events: set[int] = set()
+        self.allocations = 0
+
+    def host_alloc(self, nbytes: int) -> ctypes.c_void_p:
+        buf = np.empty(max(nbytes, 1), dtype=np.uint8)
+        self.host[buf.ctypes.data] = buf
+        self.allocations += 1
+        return ctypes.c_void_p(buf.ctypes.data)
+
+    def free_host(self, ptr: ctypes.c_void_p) -> None:
+        del self.host[ptr.value]
+
+    def stream(self) -> int:
+        handle = next(self._ids)
+        self.streams.add(handle)
+        return handle
+
+    def event(self) -> int:
+        handle = next(self._ids)
+        self.events.add(handle)
+        return handle
+
+    def destroy_stream(self, stream: int) -> None:
+        self.streams.remove(stream)
+
+    def destroy_event(self, event: int) -> None:
+        self.events.remove(event)
+
+    def copy_async(self, dst: int, src: int, nbytes: int, kind: int, stream: int) -> None:
+        ctypes.memmove(dst, src, nbytes)
+
+    def record(self, event: int, stream: int) -> None:
+        assert event in self.events
+
+    def wait_event(self, stream: int, event: int) -> None:
+        assert event in self.events
+
+    def synchronize(self, event: int) -> None:
+        assert event in self.events
+
+
+class ReplaySession:
+    """An onnxruntime session that replays captured graphs as the CUDA provider does (see the module's text); with
+    ``cuda_graphs=False`` it runs every binding as given, as a session without CUDA graphs does."""
+
+    def __init__(self, session, cuda_graphs: bool = True):
+        self._session = session
+        self.cuda_graphs = cuda_graphs
+        self.runs: dict[int, int] = {}
+        self.captured: dict[int, object] = {}
+        self.graph_ids: list[int] = []
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def run_with_iobinding(self, binding, run_options=None):
+        try:
+            graph_id = int(run_options.get_run_config_entry("gpu_graph_id"))
+        except (AttributeError, RuntimeError):  # no run options, or none naming a graph: onnxruntime's default, 0
+            graph_id = 0
+        self.graph_ids.append(graph_id)
+        if graph_id != -1 and self.cuda_graphs:
+            if graph_id in self.captured:
+                binding = self.captured[graph_id]  # a replay: the addresses of the capture, not the ones given
+            elif self.runs.get(graph_id, 0) >= WARMUP_RUNS:
+                self.captured[graph_id] = binding
+            self.runs[graph_id] = self.runs.get(graph_id, 0) + 1
+        self._session.run_with_iobinding(binding, run_options)

@@ -1,0 +1,141 @@
+"""``ort-cuda``'s device code on the CPU: CUDA graphs (fixed buffers, one per shape, named by ``gpu_graph_id``) and the
+overlapping pipeline's adapter, across calls and slides, with a session that replays captured graphs as the CUDA
+provider does (:mod:`tests.runtime.graph_replay`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from deepspot.errors import InputError
+from deepspot.runtime import _ort_gpu, ort
+from deepspot.runtime.artifacts import read_onnx
+from deepspot.runtime.ort import OrtRunner
+from deepspot.runtime.pipeline import HostRing
+from deepspot.runtime.stream import predict
+
+from .graph_replay import HostCuda, ReplaySession
+
+
+def _device_runner(path, cuda_graph=True, batch_size=8, cuda=None):
+    """An ``ort-cpu`` runner with ``ort-cuda``'s IO binding and pipeline adapter (on :class:`HostCuda`)."""
+    runner = OrtRunner(path, "ort-cpu", read_onnx(path)[0], cuda_graph=cuda_graph, io_binding=True,
+                       batch_size=batch_size)  # fmt: skip
+    runner._cuda, runner._compute_stream = cuda or HostCuda(), 0
+    return runner
+
+
+def _scaled(inputs, factor):
+    return {k: (v * factor).astype(v.dtype) for k, v in inputs.items()}
+
+
+def test_the_stand_in_session_replays_on_the_captured_buffers(artifacts):
+    """The emulation the other tests rely on: a graph id's third run computes on the buffers bound at its second."""
+    a = artifacts()
+    import onnxruntime
+
+    session = ReplaySession(onnxruntime.InferenceSession(str(a.onnx), providers=["CPUExecutionProvider"]))
+    inputs = a.inputs()
+    options = onnxruntime.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", "1")
+    outputs = []
+    for start in (0, 8, 16):
+        binding = session.io_binding()
+        for name, v in inputs.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(v[start : start + 8]))
+        binding.bind_output("expression")
+        session.run_with_iobinding(binding, options)
+        outputs.append(binding.get_outputs()[0].numpy() if start < 16 else session.captured[1].get_outputs()[0].numpy())
+    assert not np.allclose(outputs[0], outputs[1])
+    np.testing.assert_array_equal(outputs[2], outputs[1])  # replayed on rows 8-16, not the rows 16-24 it was given
+
+
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["cuda-graph", "no-graph"])
+def test_the_pipeline_adapter_serves_every_call(artifacts, replaying, cuda_graph):
+    """Several calls on one active runner (a cohort's slides, a benchmark's repeats): right answers every time, one
+    ring allocated once, before the first batch runs, and every run naming its graph."""
+    a = artifacts()
+    inputs = a.inputs()
+    with ort.OrtRunner(a.onnx, "ort-cpu", read_onnx(a.onnx)[0]) as plain:
+        expected = [predict(plain, x, 8, pipelined=False) for x in (inputs, _scaled(inputs, 0.5))]
+    cuda = HostCuda()
+    replaying.cuda_graphs = cuda_graph
+    runner = _device_runner(a.onnx, cuda_graph, cuda=cuda)
+    with runner:
+        adapter, _ = runner.pipeline_adapter(8)
+        allocations_at_submit = []
+        submit = adapter.submit
+        adapter.submit = lambda slot: allocations_at_submit.append(cuda.allocations) or submit(slot)
+        got = [predict(runner, x, 8) for x in (inputs, _scaled(inputs, 0.5))]
+        short = predict(runner, {k: v[:5] for k, v in inputs.items()}, 8)  # one short batch: padded into the graph
+        assert runner.pipeline_adapter(8)[0] is adapter
+        assert isinstance(adapter.ring, HostRing)
+        pinned = cuda.allocations
+        assert pinned == (len(inputs) + 1) * len(adapter.ring.slots)  # a buffer per input and output per slot
+        assert set(allocations_at_submit) == {pinned}  # all of them before the first batch was submitted
+        session = replaying[-1]
+        if cuda_graph:
+            assert set(session.graph_ids) == {1} and 1 in session.captured
+            assert len(runner._io.graphs.graphs) == 1
+        else:
+            assert set(session.graph_ids) == {0} and not runner._io.graphs
+    for x, y in zip(expected, got):
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(short, expected[0][:5], rtol=0, atol=1e-6)
+    assert cuda.host == {} and cuda.streams == set() and cuda.events == set()  # all freed when deactivated
+
+
+def test_plain_runs_and_the_pipeline_share_the_graphs(artifacts, eager, replaying):
+    """A slide's first call is one row (the indexed layout's zero tile), then full and short batches, then the
+    pipeline: one graph of the batch size serves all of them."""
+    a = artifacts()
+    inputs = a.inputs()
+    runner = _device_runner(a.onnx)
+    with runner:
+        for rows in ((0, 1), (0, 8), (8, 16), (32, 37), (16, 24)):
+            feed = {k: v[slice(*rows)] for k, v in inputs.items()}
+            np.testing.assert_allclose(runner.infer(feed)["expression"], eager(a.model, feed), atol=1e-5)
+        piped = predict(runner, inputs, 8)
+        graphs = runner._io.graphs.graphs
+        assert [(g.id, g.rows) for g in graphs] == [(1, 8)]
+        assert set(replaying[-1].graph_ids) == {1}
+    np.testing.assert_allclose(piped, eager(a.model, inputs), atol=1e-5)
+
+
+def test_each_shape_gets_its_graph_and_the_rest_run_without_one(artifacts, eager, replaying):
+    a = artifacts()
+    inputs = a.inputs()
+    runner = _device_runner(a.onnx)
+    with runner:
+        for repeat in range(2):
+            for bag in range(1, _ort_gpu.MAX_GRAPHS + 3):  # bags of 1 to 6 sub-spots: six signatures
+                tiles = np.arange(bag) % inputs["subspot"].shape[1]
+                feed = {k: (v[:8, tiles] if k == "subspot" else v[:8]) * (1 + repeat) for k, v in inputs.items()}
+                np.testing.assert_allclose(runner.infer(feed)["expression"], eager(a.model, feed), atol=1e-5)
+        graphs = runner._io.graphs.graphs
+        assert [g.id for g in graphs] == list(range(1, _ort_gpu.MAX_GRAPHS + 1))
+        ids = replaying[-1].graph_ids
+        assert ids.count(-1) == 4 and 0 not in ids  # bags of 5 and 6, twice each; no run left to the default
+
+
+def test_a_provider_with_one_graph_refuses_another_shape(artifacts):
+    """onnxruntime's TensorRT provider captures one graph: another shape is a one-line error, not a wrong replay."""
+    a = artifacts()
+    inputs = a.inputs()
+    runner = _device_runner(a.onnx)
+    with runner:
+        runner._io.graphs.annotated, runner._io.graphs.limit = False, 1
+        runner.infer({k: v[:8] for k, v in inputs.items()})
+        runner.infer({k: v[:3] for k, v in inputs.items()})  # padded into the graph: fine
+        with pytest.raises(InputError, match="replays one graph only") as error:
+            runner.infer({k: v[:16] for k, v in inputs.items()})
+    assert "\n" not in str(error.value)
+
+
+def test_a_constant_cannot_move_under_a_captured_graph(artifacts):
+    a = artifacts()
+    runner = _device_runner(a.onnx)
+    with runner:
+        runner.infer({k: v[:8] for k, v in a.inputs().items()})
+        with pytest.raises(RuntimeError, match="replay on the old buffer"):
+            runner._io.bind_constant("embedding_table", object())
