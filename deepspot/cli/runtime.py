@@ -23,6 +23,8 @@ engine_app = typer.Typer(
 app.add_typer(engine_app, name="engine")
 
 TORCH_GRAPH_HELP = "torch backends: eager (the model as written) or export (fused Phi, folded Rho, as in the ONNX)."
+TF32_HELP = ("GPU backends: let fp32 matrix products use TF32 tensor cores (faster, not fp32-exact; checked against "
+             "the tf32 tolerance). Off by default.")
 BACKEND_HELP = "Backend: torch, torch-cuda, ort-cpu, ort-cuda, ort-trt or tensorrt (default from the model file type)."
 
 
@@ -56,6 +58,7 @@ def _options(
     compile: bool = False,
     cache_dir: Optional[Path] = None,
     torch_graph: str = "eager",
+    tf32: bool = False,
 ):
     from ..runtime.backends import RunnerOptions
 
@@ -66,6 +69,7 @@ def _options(
         compile=compile,
         cache_dir=cache_dir,
         torch_graph=torch_graph,
+        tf32=tf32,
     )
 
 
@@ -130,6 +134,7 @@ def infer(
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: physical cores)."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (torch backends)."),
     torch_graph: str = typer.Option("eager", help=TORCH_GRAPH_HELP),
+    tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
     cache_dir: Optional[Path] = typer.Option(None, help="TensorRT engine and timing cache folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with items/s."),
     layout: Optional[str] = typer.Option(
@@ -156,7 +161,7 @@ def infer(
         from ..runtime.cohort import CohortSettings
 
         settings = CohortSettings(backend, batch_size, inverse_transform, layout, table, table_dtype, max_bag, precision,
-                                  threads)  # fmt: skip
+                                  threads, tf32)  # fmt: skip
         _cohort(model, bundles, manifest, output_dir, format, shard, force, verify, devices, settings)
         return
     if len(bundles) != 1 or output is None:
@@ -168,7 +173,7 @@ def infer(
             output,
             backend=backend,
             batch_size=batch_size,
-            options=_options(device, precision, threads, compile, cache_dir, torch_graph),
+            options=_options(device, precision, threads, compile, cache_dir, torch_graph, tf32),
             inverse_transform=inverse_transform,
             allow_fallback=allow_fallback,
             progress=progress,
@@ -255,6 +260,7 @@ def parity(
     ),
     seed: int = typer.Option(0, help="Seed of the random inputs."),
     torch_graph: str = typer.Option("eager", help=TORCH_GRAPH_HELP),
+    tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
     layout: Optional[str] = typer.Option(
         None, help="dense or indexed (compare the indexed layout with the per-item model); default from MODEL/bundle."
     ),
@@ -282,7 +288,7 @@ def parity(
                 atol=atol,
                 rtol=rtol,
                 batch_size=batch_size,
-                options=_options(device, precision, None, torch_graph=torch_graph),
+                options=_options(device, precision, None, torch_graph=torch_graph, tf32=tf32),
                 allow_fallback=allow_fallback,
                 layout=layout,
                 inverse_transform=inverse_transform,
@@ -303,7 +309,7 @@ def parity(
             atol=atol,
             rtol=rtol,
             batch_size=batch_size,
-            options=_options(device, precision, None, torch_graph=torch_graph),
+            options=_options(device, precision, None, torch_graph=torch_graph, tf32=tf32),
             allow_fallback=allow_fallback,
             seed=seed,
             layout=layout,

@@ -222,6 +222,9 @@ class RunnerOptions:
         torch_graph: What the torch backends run: ``eager`` (the model as written, the reference) or ``export``
             (the exporter's module: fused Phi ensemble, folded Rho; what the ONNX graphs compute).
         cuda_graph: Replay a CUDA graph on the GPU backends of onnxruntime (``None``: on for ``ort-cuda``).
+        tf32: Let fp32 matrix products run on the GPU's TF32 tensor cores (fp32 range, a 10-bit mantissa): several
+            times faster, not fp32-exact (the ``tf32`` row of the parity tolerances). Off by default, so that fp32
+            means fp32: onnxruntime's CUDA provider and TensorRT turn it on unless told otherwise. GPU backends only.
         cache_dir: TensorRT engine and timing caches.
     """
 
@@ -233,6 +236,7 @@ class RunnerOptions:
     compile: bool = False
     torch_graph: str = "eager"
     cuda_graph: bool | None = None
+    tf32: bool = False
     cache_dir: Path | None = None
 
 
@@ -275,11 +279,14 @@ def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
 
         device = f"cuda:{o.device}" if name == "torch-cuda" else "cpu"
         precision = o.precision or "fp32"
-        return TorchRunner(model, device=device, precision=precision, compile=o.compile, graph=o.torch_graph)
+        _check_tf32(o, name)
+        return TorchRunner(model, device=device, precision=precision, compile=o.compile, graph=o.torch_graph,
+                           tf32=o.tf32)  # fmt: skip
     if kind == "plan":
         from .trt import TrtRunner
 
         return TrtRunner(model, device_id=o.device)
+    _check_tf32(o, name)
     info, inputs = read_onnx(model)
     graph_precision = info.precision if info else "fp32"
     precision = o.precision or graph_precision
@@ -295,17 +302,22 @@ def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
     providers: list[Any] = [CPU]
     cuda_graph = bool(o.cuda_graph) if o.cuda_graph is not None else name == "ort-cuda"
     if name == "ort-cuda":
-        providers = [(CUDA, cuda_provider_options(o.device, cuda_graph)), CPU]
+        providers = [(CUDA, cuda_provider_options(o.device, cuda_graph, o.tf32)), CPU]
     elif name == "ort-trt":
         cache = ort_trt_cache_dir(model, inputs, precision, o)
         trt_options = trt_provider_options(
             cache, _profile(inputs, o), precision == "fp16", o.device, cuda_graph=cuda_graph
         )
-        providers = [(TRT, trt_options), (CUDA, cuda_provider_options(o.device)), CPU]
+        providers = [(TRT, trt_options), (CUDA, cuda_provider_options(o.device, tf32=o.tf32)), CPU]
     runner = OrtRunner(model, name, info, providers, o.device, o.threads, cuda_graph, batch_size=o.batch_size)
     if info is not None:
-        info.precision = precision
+        info.precision = "tf32" if o.tf32 and precision == "fp32" else precision
     return runner
+
+
+def _check_tf32(o: RunnerOptions, backend: str) -> None:
+    if o.tf32 and backend in ("torch", "ort-cpu"):
+        raise ConfigError(f"tf32 is a math mode of NVIDIA GPUs; the {backend} backend runs on the CPU")
 
 
 def _profile(inputs, o: RunnerOptions):
@@ -337,6 +349,7 @@ def _tensorrt_from_onnx(onnx_path, info, inputs, precision: str, o: RunnerOption
         onnx=sha,
         profile=_profile(inputs, o).to_dict(),
         precision=precision,
+        tf32=o.tf32,
         trt=trt.__version__,
         **gpu_identity(o.device),
     )
@@ -346,6 +359,7 @@ def _tensorrt_from_onnx(onnx_path, info, inputs, precision: str, o: RunnerOption
     if not plan.is_file():
         log.info("building a TensorRT engine for %s into %s", onnx_path, plan)
         engine_from_onnx(
-            onnx_path, plan, precision, o.batch_size, o.bag_sizes, o.device, timing_cache=folder / "timing.cache"
+            onnx_path, plan, precision, o.batch_size, o.bag_sizes, o.device, timing_cache=folder / "timing.cache",
+            tf32=o.tf32,
         )
     return TrtRunner(plan, device_id=o.device, onnx_path=onnx_path)

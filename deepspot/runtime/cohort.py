@@ -212,6 +212,7 @@ class CohortSettings:
     max_bag: int = 1024
     precision: str | None = None
     threads: int | None = None
+    tf32: bool = False
 
 
 def _run_slides(model: Any, slides: Iterable[Slide], settings: CohortSettings, device: str | None, report) -> None:
@@ -219,7 +220,7 @@ def _run_slides(model: Any, slides: Iterable[Slide], settings: CohortSettings, d
     from .backends import RunnerOptions
     from .infer import ModelSession, infer
 
-    options = RunnerOptions(precision=settings.precision, threads=settings.threads)
+    options = RunnerOptions(precision=settings.precision, threads=settings.threads, tf32=settings.tf32)
     if device not in (None, "cpu"):
         options.device = int(device)
     with ModelSession(model, settings.backend, options, table_dtype=settings.table_dtype) as session:

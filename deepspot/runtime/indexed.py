@@ -462,6 +462,9 @@ def load_pipeline(model, backend: str | None = None, options=None, allow_fallbac
     requested = backend or "torch"
     if get_backend(requested).runs != "model":
         raise ConfigError(f"backend {requested!r} runs ONNX graphs; export the indexed layout for it first")
+    if options.tf32:
+        raise ConfigError("tf32 in the indexed layout needs an indexed export on ort-cuda or tensorrt; the torch "
+                          "pipeline computes in fp32")  # fmt: skip
     selection = select_backend(requested, allow_fallback, kind="model")
     device = f"cuda:{options.device}" if selection.backend == "torch-cuda" else "cpu"
     pipeline = pipeline_from_model(model, device, options.precision or "fp32", table_dtype=table_dtype,

@@ -43,6 +43,10 @@ class Tolerance:
 TOLERANCES: Mapping[str, Tolerance] = MappingProxyType(
     {
         "fp32": Tolerance(atol=1e-5, rtol=1e-5, min_pearson=0.99999),
+        # TF32 rounds the products' operands to a 10-bit mantissa and accumulates in fp32. Emulated on the CPU at
+        # the real sizes (visium-uni, xenium), the largest error was 6e-4 and 4e-4 of the largest output, where this
+        # allows 2e-3 of it plus 2e-3.
+        "tf32": Tolerance(atol=2e-3, rtol=2e-3, min_pearson=0.9999),
         "fp16": Tolerance(atol=1e-2, rtol=1e-2, min_pearson=0.999),
         "bf16": Tolerance(atol=6e-2, rtol=6e-2, min_pearson=0.99),
     }

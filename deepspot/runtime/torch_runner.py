@@ -45,6 +45,8 @@ class TorchRunner(Runner):
         graph: ``eager`` runs the model as written (the reference); ``export`` runs the exporter's optimised module
             (fused Phi ensemble, folded Rho), which is what the ONNX graphs compute.
         name: Runner name in reports.
+        tf32: On CUDA, let fp32 matrix products use TF32 tensor cores while the runner is active (PyTorch's
+            process-wide switch, set on :meth:`activate` and restored on :meth:`deactivate`).
     """
 
     backend = "torch"
@@ -58,6 +60,7 @@ class TorchRunner(Runner):
         compile: bool = False,
         graph: str = "eager",
         name: str | None = None,
+        tf32: bool = False,
     ):
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
@@ -77,6 +80,12 @@ class TorchRunner(Runner):
         self.backend = "torch-cuda" if self._device.type == "cuda" else "torch"
         self.name = name or self.backend
         self.precision = precision
+        if tf32 and self._device.type != "cuda":
+            raise ConfigError("tf32 is a math mode of NVIDIA GPUs; this runner is on the CPU")
+        self.tf32 = tf32
+        self._tf32_before: bool | None = None
+        if tf32 and precision == "fp32":
+            self.info.precision = "tf32"  # the parity tolerance and the reports follow the math that runs
         if graph == "export":
             # The exporter's module casts its weights and compute itself, with fp32 inputs and outputs.
             self.cast = "module"
@@ -115,8 +124,14 @@ class TorchRunner(Runner):
         if self.compile:
             module = torch.compile(module, dynamic=True)
         self._module = module
+        if self.tf32:
+            self._tf32_before = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
 
     def deactivate_impl(self) -> None:
+        if self._tf32_before is not None:
+            torch.backends.cuda.matmul.allow_tf32 = self._tf32_before
+            self._tf32_before = None
         self._module = None
         self._pinned.clear()
         if self._device.type == "cuda":

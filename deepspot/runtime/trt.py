@@ -125,6 +125,7 @@ def engine_from_onnx(
     device_id: int = 0,
     workspace_bytes: int = 4 << 30,
     timing_cache: str | Path | None = None,
+    tf32: bool = False,
 ) -> Path:
     """Build a TensorRT engine from an ONNX graph, with one optimisation profile, and write it as a ``.plan``.
 
@@ -137,6 +138,8 @@ def engine_from_onnx(
         device_id: The GPU to build for.
         workspace_bytes: Builder workspace limit.
         timing_cache: File that keeps kernel timings between builds.
+        tf32: Let fp32 layers use TF32 tensor cores. TensorRT's own default is on; here it is off unless asked, so
+            that an fp32 engine computes in fp32.
     """
     trt = import_trt()
     from ..fileio import file_sha256 as file_hash
@@ -158,6 +161,8 @@ def engine_from_onnx(
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     if precision != "fp32":
         config.set_flag(trt.BuilderFlag.FP16 if precision == "fp16" else trt.BuilderFlag.BF16)
+    if not tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
     config.set_timing_cache(config.create_timing_cache(cache_bytes), ignore_mismatch=False)
     trt_profile = builder.create_optimization_profile()
@@ -174,6 +179,7 @@ def engine_from_onnx(
         "onnx_sha256": file_hash(onnx_path),
         "tensorrt_version": trt.__version__,
         "precision": precision,
+        "tf32": tf32,
         "profile": profile.to_dict(),
         "input_dtypes": {name: spec.dtype for name, spec in inputs.items()},
         "model": info.to_dict() if info else None,
@@ -202,6 +208,8 @@ class TrtRunner(Runner):
         self.header, self._offset = read_plan_header(self.path)
         model = self.header.get("model")
         super().__init__(checked_info(model, str(self.path)) if model else None, name)
+        if self.info is not None and self.header.get("tf32") is True and self.header.get("precision") == "fp32":
+            self.info.precision = "tf32"  # the parity tolerance and the reports follow the math that ran
         self.device_id = device_id
         self.onnx_path = onnx_path
         self.profile = _profile(self.header, self.path)

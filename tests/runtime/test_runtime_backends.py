@@ -115,7 +115,9 @@ def test_load_runner_matches_backend_to_file_type(artifacts, tmp_path):
 
 
 def test_provider_options():
-    assert cuda_provider_options(1, cuda_graph=True) == {"device_id": "1", "enable_cuda_graph": "1"}
+    # onnxruntime's CUDA provider runs fp32 products at TF32 unless use_tf32 says otherwise: it is always said.
+    assert cuda_provider_options(1, cuda_graph=True) == {"device_id": "1", "enable_cuda_graph": "1", "use_tf32": "0"}
+    assert cuda_provider_options(tf32=True)["use_tf32"] == "1"
     profile = derive_profile(load_specs(), 64, {"subspot": 9, "neighbors": 6})
     options = trt_provider_options("/cache", profile, fp16=True, device_id=2)
     assert options["trt_engine_cache_enable"] == "True" and options["trt_engine_cache_path"] == "/cache"
@@ -184,3 +186,19 @@ def test_io_binding_path_on_the_cpu(artifacts, eager, fixed_buffers):
             assert [g.rows for g in runner._io.graphs.graphs] == [8, 16]
     with load_runner(a.onnx) as plain, pytest.raises(InputError, match="IO binding"):
         plain.infer_on_device({k: v[:2] for k, v in inputs.items()})
+
+
+def test_tf32_is_asked_for_and_reported(artifacts, tmp_path):
+    """fp32 means fp32 on the GPU backends; --tf32 turns the tensor cores on, and parity then uses the tf32 row."""
+    from deepspot.runtime.backends import _build
+
+    a = artifacts()
+    for tf32 in (False, True):
+        runner = _build(a.onnx, "onnx", "ort-cuda", RunnerOptions(tf32=tf32))  # built, not activated: no GPU needed
+        cuda = next(p[1] for p in runner.providers if p[0] == "CUDAExecutionProvider")
+        assert cuda["use_tf32"] == ("1" if tf32 else "0")
+        assert runner.info.precision == ("tf32" if tf32 else "fp32")
+    for backend in ("ort-cpu", "torch"):
+        with pytest.raises(ConfigError, match=f"tf32 is a math mode of NVIDIA GPUs; the {backend} backend runs on"):
+            load_runner(a.onnx if backend == "ort-cpu" else a.checkpoint, backend, RunnerOptions(tf32=True))
+

@@ -57,6 +57,9 @@ def test_infer_mistakes_exit_2_with_one_line(artifacts, tmp_path):
             run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "tensorrt"),
             "pip install 'deepspot[tensorrt]'",
         )
+    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--tf32"),
+                   "tf32 is a math mode of NVIDIA GPUs; the ort-cpu backend runs on the CPU")  # fmt: skip
+    one_line_error(run("parity", a.checkpoint, a.onnx, "--random", 8, "--tf32"), "tf32 is a math mode")
     assert not (tmp_path / "p.npy").exists()
 
 

@@ -14,9 +14,9 @@ from deepspot.runtime.parity import Tolerance, output_parity, pearson_per_column
 
 
 def test_tolerance_table_is_data_for_every_precision():
-    assert set(TOLERANCES) == {"fp32", "fp16", "bf16"}
-    assert TOLERANCES["fp32"].atol < TOLERANCES["fp16"].atol < TOLERANCES["bf16"].atol
-    assert TOLERANCES["fp32"].min_pearson > TOLERANCES["fp16"].min_pearson > TOLERANCES["bf16"].min_pearson
+    assert set(TOLERANCES) == {"fp32", "tf32", "fp16", "bf16"}
+    order = [TOLERANCES[p] for p in ("fp32", "tf32", "fp16", "bf16")]  # from the finest to the coarsest
+    assert all(a.atol < b.atol and a.min_pearson > b.min_pearson for a, b in zip(order, order[1:]))
     assert tolerance_for("fp16", atol=0.5) == Tolerance(0.5, TOLERANCES["fp16"].rtol, TOLERANCES["fp16"].min_pearson)
     with pytest.raises(ConfigError, match="no tolerance for precision 'int8'"):
         tolerance_for("int8")
@@ -107,3 +107,35 @@ def test_compare_with_a_list_of_feeds(artifacts):
     feeds = [{k: v[:5] for k, v in inputs.items()}, {k: v[5:] for k, v in inputs.items()}]
     report = compare(load_runner(a.checkpoint), load_runner(a.onnx), feeds)
     assert report.passed and report.n == 12 and "PASS" in report.summary()
+
+
+def _tf32(t):
+    """Round to TF32 (a 10-bit mantissa, to nearest) as the tensor cores read their operands."""
+    import torch
+
+    bits = t.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def test_tf32_misses_the_fp32_tolerance_and_meets_its_own(monkeypatch):
+    """Why ort-cuda and TensorRT are told use_tf32=0 by default, and what the tf32 row allows: TF32 products emulated
+    on the CPU, on a model of realistic width."""
+    import torch
+    import torch.nn.functional as F
+
+    from deepspot.factory import create_model
+    from deepspot.runtime.torch_runner import TorchRunner
+
+    model = create_model("spot", "subspot_neighbors", input_size=512, output_size=200, phi2rho_size=256,
+                         n_ensemble=10, random_seed=0).eval()  # fmt: skip
+    with TorchRunner(model) as runner:
+        inputs = random_inputs(runner.info, 64, seed=0)
+        feed = {k: torch.from_numpy(v) for k, v in inputs.items()}
+        with torch.no_grad():
+            fp32 = model(**feed).numpy()
+            real = F.linear
+            monkeypatch.setattr(F, "linear", lambda x, w, b=None: real(_tf32(x), _tf32(w), b))
+            tf32 = model(**feed).numpy()
+    assert not output_parity("expression", tf32, fp32, tolerance_for("fp32")).passed
+    assert output_parity("expression", tf32, fp32, tolerance_for("tf32")).passed
+    assert not output_parity("expression", tf32 + 0.01 * np.abs(fp32).max(), fp32, tolerance_for("tf32")).passed
