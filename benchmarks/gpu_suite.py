@@ -7,11 +7,13 @@ done; a step that fails records its error and the suite goes on):
 
 1. ``doctor``: versions, GPU, driver, CUDA and cuDNN libraries, and which backends run;
 2. ``bandwidth``: host-to-device copies from page-locked and from pageable memory (256 MiB, median of 5);
-3. ``parity``: ``ort-cuda`` (fp32, fp16) and ``torch-cuda`` (fp32, fp16, bf16) against the eager fp32 model on the
-   CPU, every forward mode of both families (at reduced sizes), and the indexed layout;
+3. ``parity``: ``ort-cuda`` (fp32, tf32, fp16) and ``torch-cuda`` (fp32, tf32, fp16, bf16) against the eager fp32
+   model on the CPU, every forward mode of both families (at reduced sizes), and the indexed layout;
 4. ``throughput``: ``visium-uni`` on ``ort-cuda`` (with and without CUDA graphs), ``torch-cuda`` (the exporter's
    graph) and eager PyTorch on the GPU, with fp32 and fp16 features, through the overlapping pipeline, each with
-   ``fraction_of_limit`` = items/s / (pinned bandwidth / input bytes per item);
+   ``fraction_of_limit`` = items/s / (pinned bandwidth / input bytes per item); fp32 features also with TF32 products
+   and with an fp16 graph (strict fp32 arithmetic may bound them below the bus), and for each ``ort-cuda`` row the
+   rate of the graph alone on a batch already on the device (``resident_items_per_s``): what bounds it, measured;
 5. ``slides``: the whole-slide workloads (``xenium-slide`` at 100,000 cells, ``visium-slide``) in the indexed
    layout on ``ort-cuda`` and ``torch-cuda``, with the same fraction (only each item's own tiles cross the bus).
 
@@ -141,18 +143,19 @@ def parity(smoke: bool, work: Path) -> dict:
         for mode in modes[-1:] if smoke else modes:  # smoke: the full mode of each family
             model = _model(family, mode, smoke)
             ckpt = deepspot.save(model, work / f"{family}-{mode}.safetensors")
-            runs = [("torch-cuda", p, ckpt) for p in ("fp32", "fp16", "bf16")]
+            runs = [("torch-cuda", p, ckpt, RunnerOptions(precision=p)) for p in ("fp32", "fp16", "bf16")]
+            runs.append(("torch-cuda", "tf32", ckpt, RunnerOptions(tf32=True)))
             for precision in ("fp32", "fp16"):
                 path = work / f"{family}-{mode}-{precision}.onnx"
                 export_onnx(model, path, precision=precision, validate=False)
-                runs.append(("ort-cuda", precision, path))
+                runs.append(("ort-cuda", precision, path, None))
+            runs.append(("ort-cuda", "tf32", work / f"{family}-{mode}-fp32.onnx", RunnerOptions(tf32=True)))
             if smoke:  # the same calls on the CPU backends
-                runs = [("torch", "fp32", ckpt), ("ort-cpu", "fp32", work / f"{family}-{mode}-fp32.onnx")]
+                runs = [("torch", "fp32", ckpt, None), ("ort-cpu", "fp32", work / f"{family}-{mode}-fp32.onnx", None)]
             elif not ok:
                 cases[f"{family}/{mode}"] = {"skipped": why}
                 continue
-            for backend, precision, target in runs:
-                options = RunnerOptions(precision=precision) if backend.startswith("torch") else None
+            for backend, precision, target, options in runs:
                 report = check_parity(ckpt, target, backend, n_random=64 if smoke else 512, options=options)
                 cases[f"{family}/{mode} {backend} {precision}"] = _parity_row(report)
             if "neighbors" in mode:
@@ -176,6 +179,13 @@ def _parity_row(report) -> dict:
 def _inputs(w, n: int, dtype) -> dict[str, np.ndarray]:
     """The workload's seeded random features for ``n`` items, as ``dtype`` (fp16 features halve the bytes)."""
     return {k: v.astype(dtype, copy=False) for k, v in w.inputs(n, seed=0).items()}
+
+
+def _resident(runner, inputs: dict[str, np.ndarray], batch: int) -> float | None:
+    """The graph alone on one batch already on the device (items/s): what bounds the pipeline if not the bus."""
+    if not hasattr(runner, "resident_rate") or getattr(runner, "_io", None) is None:
+        return None
+    return runner.resident_rate({k: v[:batch] for k, v in inputs.items()}, repeats=20)
 
 
 def _time_predict(runner, inputs: dict[str, np.ndarray], batch: int, repeats: int) -> float:
@@ -207,15 +217,23 @@ def throughput(smoke: bool, work: Path, bw: dict | None) -> dict:
     pinned = (bw or {}).get("pinned_gb_per_s")
     rows = {}
     variants = []
+    paths = {}
+    for name, io, precision in (("fp32", None, "fp32"), ("fp16", "fp16", "fp16"), ("fp16-compute", None, "fp16")):
+        paths[name] = work / f"visium-{name}.onnx"  # features: fp32, fp16, fp32 (cast to fp16 in the graph)
+        export_onnx(model, paths[name], io_dtype=io, precision=precision, validate=False)
     for features in ("fp32", "fp16"):
-        path = work / f"visium-{features}.onnx"
-        export_onnx(model, path, io_dtype=features if features == "fp16" else None, precision="fp32" if features == "fp32" else "fp16", validate=False)
+        path = paths[features]
         if smoke:
             variants.append((f"ort-cpu {features} features", path, "ort-cpu", None, features))
             continue
         variants += [
             (f"ort-cuda {features} features, CUDA graph", path, "ort-cuda", RunnerOptions(cuda_graph=True, batch_size=batch), features),
             (f"ort-cuda {features} features, no CUDA graph", path, "ort-cuda", RunnerOptions(cuda_graph=False, batch_size=batch), features),
+        ]
+    if not smoke:  # fp32 on the bus, faster math: TF32 products, or an fp16 graph that casts the features
+        variants += [
+            ("ort-cuda fp32 features, TF32, CUDA graph", paths["fp32"], "ort-cuda", RunnerOptions(tf32=True, batch_size=batch), "fp32"),
+            ("ort-cuda fp32 features, fp16 graph, CUDA graph", paths["fp16-compute"], "ort-cuda", RunnerOptions(batch_size=batch), "fp32"),
         ]
     ckpt_variants = [("torch eager", "torch", RunnerOptions())] if smoke else [
         ("torch-cuda eager (GPU)", "torch-cuda", RunnerOptions()),
@@ -224,12 +242,16 @@ def throughput(smoke: bool, work: Path, bw: dict | None) -> dict:
     ]
     if not smoke and not ok:
         return {"skipped": why}
+    features_by_dtype = {}
     for name, path, backend, options, features in variants:
-        inputs = _inputs(w, n, np.float16 if features == "fp16" else np.float32)
+        if features not in features_by_dtype:  # made once per dtype: at GPU sizes they are gigabytes
+            features_by_dtype[features] = _inputs(w, n, np.float16 if features == "fp16" else np.float32)
+        inputs = features_by_dtype[features]
         with load_runner(path, backend, options) as runner:
             rate = _time_predict(runner, inputs, batch, 3 if smoke else 5)
-        rows[name] = _rate_row(rate, inputs, n, pinned)
-    inputs = _inputs(w, n, np.float32)
+            resident = _resident(runner, inputs, batch)
+        rows[name] = {**_rate_row(rate, inputs, n, pinned), "resident_items_per_s": resident}
+    inputs = features_by_dtype.get("fp32") or _inputs(w, n, np.float32)
     for name, backend, options in ckpt_variants:
         with load_runner(model, backend, options) as runner:
             rate = _time_predict(runner, inputs, batch, 3 if smoke else 5)
@@ -307,12 +329,14 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {case} | {row.get('passed', row.get('skipped'))} | {row.get('max_abs')} |")
         else:
             tables = {result.get("workload", name): result} if name == "throughput" else result
-            lines += ["| workload | variant | items/s | fraction of bus limit |", "| --- | --- | --- | --- |"]
+            lines += ["| workload | variant | items/s | fraction of bus limit | graph alone on the device, items/s |",
+                      "| --- | --- | --- | --- | --- |"]  # fmt: skip
             for workload, table in tables.items():
                 for variant, row in (table.get("rows") or {}).items():
-                    frac = row.get("fraction_of_limit")
+                    frac, resident = row.get("fraction_of_limit"), row.get("resident_items_per_s")
                     lines.append(f"| {workload} | {variant} | {row['items_per_s']:,.0f} | "
-                                 f"{'-' if frac is None else f'{frac:.0%}'} |")  # fmt: skip
+                                 f"{'-' if frac is None else f'{frac:.0%}'} | "
+                                 f"{'-' if resident is None else f'{resident:,.0f}'} |")  # fmt: skip
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -139,3 +139,22 @@ def test_a_constant_cannot_move_under_a_captured_graph(artifacts):
         runner.infer({k: v[:8] for k, v in a.inputs().items()})
         with pytest.raises(RuntimeError, match="replay on the old buffer"):
             runner._io.bind_constant("embedding_table", object())
+
+
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["cuda-graph", "no-graph"])
+def test_the_resident_rate_runs_the_graph_on_device_buffers(artifacts, replaying, cuda_graph):
+    a = artifacts()
+    replaying.cuda_graphs = cuda_graph
+    runner = _device_runner(a.onnx, cuda_graph)
+    feed = {k: v[:8] for k, v in a.inputs().items()}
+    with runner:
+        rate = runner.resident_rate(feed, repeats=5)
+        session = replaying[-1]
+        assert rate > 0 and len(session.graph_ids) == 1 + 1 + 5  # warm-up, one untimed run, five timed
+        if cuda_graph:
+            assert set(session.graph_ids) == {1}
+        expected = runner.infer(feed)["expression"]
+    with ort.OrtRunner(a.onnx, "ort-cpu", read_onnx(a.onnx)[0]) as plain:
+        np.testing.assert_allclose(expected, plain.infer(feed)["expression"], rtol=0, atol=1e-6)
+        with pytest.raises(InputError, match="needs IO binding"):
+            plain.resident_rate(feed)
