@@ -33,6 +33,7 @@ from .metadata import (  # noqa: F401  (the names live in the torch-free metadat
     HEAD_NEIGHBORS,
     OUTPUT,
     head_input_names,
+    indexed_precision,
 )
 
 
@@ -234,7 +235,7 @@ def export_indexed(
         for name, graph in graphs.items():
             onnx.save_model(graph, str(tmp / name))
         if validate:
-            validate_indexed(tmp, model, dense.precision, fold_scaler)
+            validate_indexed(tmp, model, indexed_precision(dense.precision, table_dtype), fold_scaler)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,6 +24,12 @@ HEAD_NEIGHBORS = "neighbor_embeddings"
 OUTPUT = "expression"
 
 
+def indexed_precision(precision: str, table_dtype: str) -> str:
+    """The tolerance row of an indexed export: an fp16 table rounds every embedding to fp16, so a graph computed at
+    fp32 (or tf32) is held to the fp16 row; bf16 is coarser still and keeps its own."""
+    return "fp16" if table_dtype == "fp16" and precision in ("fp32", "tf32") else precision
+
+
 def metadata_value(metadata: dict[str, str], key: str) -> Any:
     """Decode one ``metadata_props`` value written by the exporter's ``build_metadata`` (JSON where it is JSON)."""
     raw = metadata[key]

@@ -349,6 +349,7 @@ def check_parity_indexed(checkpoint, model, backend=None, bundle=None, n_random=
         A :class:`~deepspot.runtime.parity.ParityReport`.
     """
     from ..data import load_bundle
+    from ..export.metadata import indexed_precision
     from .indexed import check_indexed_inputs, dense_from_index, load_pipeline, predict_indexed
     from .stream import batches
     from .torch_runner import TorchRunner
@@ -379,9 +380,12 @@ def check_parity_indexed(checkpoint, model, backend=None, bundle=None, n_random=
         want = ref.scaler.inverse_transform(want)
     with pipeline:
         got, _ = predict_indexed(pipeline, arrays, batch_size)
-    tolerance = tolerance_for(info.precision, atol, rtol)
+    precision = indexed_precision(info.precision, pipeline.table_dtype)
+    tolerance = tolerance_for(precision, atol, rtol)
     name = f"{pipeline.backend} (indexed)"
-    report = ParityReport(reference.name, name, info.precision, n, [output_parity("expression", got, want, tolerance)])
+    report = ParityReport(reference.name, name, precision, n, [output_parity("expression", got, want, tolerance)])
+    if precision != info.precision:
+        report.notes.append(f"the embedding table is {pipeline.table_dtype}: the {precision} tolerance applies")
     selection = getattr(pipeline.head, "selection", None)
     if selection is not None and selection.fell_back:
         report.notes.append(f"requested {selection.requested}, ran {selection.backend} (fallback allowed)")

@@ -110,6 +110,23 @@ def test_memory_mapped_and_fp16_tables(tmp_path):
     assert 0 < err <= 5e-3 * (1 + np.abs(expected).max())  # rounded, but within the fp16 tolerance
 
 
+def test_an_fp16_table_is_held_to_the_fp16_tolerance(tmp_path):
+    """An fp32 model with an fp16 table rounds every embedding: export validation and parity use the fp16 row
+    (with the fp32 row the export was refused, though within fp16's error)."""
+    from deepspot.export.metadata import indexed_precision
+    from deepspot.runtime.parity import check_parity_indexed
+
+    mode = NEIGHBOR_MODES[-1]
+    model = _model(mode)
+    folder = export_indexed(model, tmp_path / "indexed", table_dtype="fp16")  # validated
+    ckpt = save(model, tmp_path / "m.safetensors")
+    report = check_parity_indexed(ckpt, folder, "ort-cpu", n_random=64)
+    assert report.passed and report.precision == "fp16"
+    assert report.notes == ["the embedding table is fp16: the fp16 tolerance applies"]
+    assert [indexed_precision(p, t) for p, t in [("fp32", "fp32"), ("tf32", "fp16"), ("bf16", "fp16")]] == [
+        "fp32", "fp16", "bf16"]  # fmt: skip
+
+
 def _files(tmp_path, mode, n=50):
     model = _model(mode)
     model.genes = [f"g{i}" for i in range(G)]
@@ -220,6 +237,10 @@ def test_quick_slide_benchmark_reports_ratios():
     assert names[0] == "torch (eager, per-item)" and any("indexed" in n for n in names[1:])
     assert all(r.items_per_s > 0 and r.ratio_to_torch > 0 for r in report.results)
     assert report.workload["n_items"] == 300
+    for r in report.results[1:]:  # each pass of the indexed layout, timed: what bounds a slide
+        assert set(r.phases_s) == {"encoder", "table", "head"}
+        assert r.phases_s["encoder"] > 0 and r.phases_s["head"] > 0 and r.phases_s["table"] >= 0
+        assert sum(r.phases_s.values()) <= r.p95_ms / 1e3
 
 
 @pytest.mark.gpu
