@@ -296,6 +296,7 @@ def slides(smoke: bool, bw: dict | None) -> dict:
                 "input_bytes_per_item": per_item,
                 "bus_limit_items_per_s": limit,
                 "fraction_of_limit": None if limit is None else r.items_per_s / limit,
+                "phases_s": r.phases_s,  # encoder pass, table to the device, head pass: what bounds the slide
             }
         out[name] = {"items": n, "rows": rows}
     return out
@@ -337,6 +338,11 @@ def markdown(results: dict) -> str:
                     lines.append(f"| {workload} | {variant} | {row['items_per_s']:,.0f} | "
                                  f"{'-' if frac is None else f'{frac:.0%}'} | "
                                  f"{'-' if resident is None else f'{resident:,.0f}'} |")  # fmt: skip
+            for workload, table in tables.items():
+                for variant, row in (table.get("rows") or {}).items():
+                    if row.get("phases_s"):
+                        phases = ", ".join(f"{k} {v:.3f} s" for k, v in row["phases_s"].items())
+                        lines.append(f"\n{workload}, {variant}, per slide: {phases}")
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -235,6 +235,7 @@ class BackendResult:
     fraction_of_bound: float = 0.0
     repeats_items_per_s: list[float] = field(default_factory=list)
     flops_per_item: float = 0.0  # what this backend computes: the eager model's unfolded graph or the folded one
+    phases_s: dict[str, float] = field(default_factory=dict)  # whole slides: median seconds of each pass
 
 
 @dataclass

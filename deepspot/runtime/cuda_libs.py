@@ -114,7 +114,7 @@ class CudaError(RuntimeError):
 class CudaRuntime:
     """The CUDA runtime calls of the pipeline: page-locked memory, streams, events and asynchronous copies."""
 
-    H2D, D2H = 1, 2  # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost
+    H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice
     NON_BLOCKING, DISABLE_TIMING = 0x01, 0x02
 
     def __init__(self, device_id: int = 0):
@@ -167,6 +167,10 @@ class CudaRuntime:
 
     def destroy_event(self, event: int) -> None:
         self._call("cudaEventDestroy", ctypes.c_void_p(event))
+
+    def copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
+        """A copy that has ended when this returns (``cudaMemcpy``)."""
+        self._call("cudaMemcpy", ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes), ctypes.c_int(kind))
 
     def record(self, event: int, stream: int) -> None:
         self._call("cudaEventRecord", ctypes.c_void_p(event), ctypes.c_void_p(stream))

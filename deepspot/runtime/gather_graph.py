@@ -119,6 +119,21 @@ class OrtGatherHead(OrtRunner):
 
     def load_table(self, table: np.ndarray) -> None:
         """Copy the slide's embedding table (row 0: the zero tile's embedding) to the device, once per slide."""
+        dtype = self._new_slide()
+        table = np.ascontiguousarray(table, dtype=dtype)
+        self._bind_table(import_ort().OrtValue.ortvalue_from_numpy(table, self.device_type, self.device_id))
+
+    def device_table(self, rows: int, width: int) -> tuple[int, int]:
+        """A table of ``rows x width`` for this slide, made on the device and bound as the head's: returns its
+        address and the bytes per row, for the encoder to write each batch's embeddings into
+        (:meth:`~deepspot.runtime.ort.OrtRunner.infer_into`). Every row must be written before the head runs."""
+        dtype = self._new_slide()
+        value = import_ort().OrtValue.ortvalue_from_shape_and_type((rows, width), dtype, self.device_type,
+                                                                   self.device_id)  # fmt: skip
+        self._bind_table(value)
+        return value.data_ptr(), width * dtype.itemsize
+
+    def _new_slide(self) -> np.dtype:
         if not self.is_active:
             raise RuntimeError(f"{self.name}: activate() the runner before load_table()")
         if self._io.graphs is not None and self._io.graphs.graphs:
@@ -126,11 +141,11 @@ class OrtGatherHead(OrtRunner):
             # next slide gets a new session, whose graphs are captured on its own table.
             self.deactivate_impl()
             self.activate_impl()
-        dtype = np.dtype(super().get_input_metadata()[TABLE_INPUT].dtype)
-        table = np.ascontiguousarray(table, dtype=dtype)
-        device = "cuda" if self.on_gpu else "cpu"
-        self._table = import_ort().OrtValue.ortvalue_from_numpy(table, device, self.device_id)
-        self._io.bind_constant(TABLE_INPUT, self._table)
+        return np.dtype(super().get_input_metadata()[TABLE_INPUT].dtype)
+
+    def _bind_table(self, value) -> None:
+        self._table = value
+        self._io.bind_constant(TABLE_INPUT, value)
 
     def deactivate_impl(self) -> None:
         self._table = None

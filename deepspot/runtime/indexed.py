@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -348,6 +349,7 @@ def predict_indexed(
     progress: bool = False,
     table: str = "auto",
     table_folder: Path | None = None,
+    timings: dict[str, float] | None = None,
 ) -> tuple[np.ndarray, str]:
     """Run both passes over a slide; write into ``out`` (allocated if ``None``); return it and the table location.
 
@@ -361,6 +363,8 @@ def predict_indexed(
         table: Where the embedding table lives on the host: ``auto``, ``memory`` or ``mmap`` (``device``: as
             ``auto``; whether the head gathers from a copy on the device is the pipeline's choice).
         table_folder: Folder of the memory-mapped table (default: the system's temporary folder).
+        timings: Filled with the seconds of each phase: ``encoder`` (pass 1), ``table`` (the table to the device;
+            0 when the head gathers on the host) and ``head`` (pass 2).
     """
     info = pipeline.info
     mode = info.mode_spec
@@ -371,14 +375,26 @@ def predict_indexed(
     n, h = own.shape[0], pipeline.embedding_size
     dtype = TABLE_DTYPES[pipeline.table_dtype]
     device_gather = hasattr(pipeline.head, "load_table")
+    # The encoder writes the table where the head reads it (no embedding crosses the bus), when both bind device
+    # buffers: the onnxruntime GPU backends (and ort-cpu with IO binding, which runs the same code on the host).
+    on_device = device_gather and hasattr(pipeline.head, "device_table") and getattr(pipeline.encoder, "io_binding", False)
     location = table_location(n, h, dtype, "auto" if table == "device" else table)
-    with embedding_table(n, h, dtype, location, table_folder) as emb:
+    clock = {"start": time.perf_counter()}
+    with contextlib.nullcontext() if on_device else embedding_table(n, h, dtype, location, table_folder) as emb:
         # Pass 1: every tile once. Row 0 is the zero tile's embedding: what index -1 gathers.
         zero = np.zeros((1, 1, info.input_size), dtype=np.float32)
-        emb[0] = pipeline.encoder.infer({ENCODER_INPUT: zero})["embedding"][0]
+        if on_device:
+            address, row = pipeline.head.device_table(n + 1, h)
+            pipeline.encoder.infer_into({ENCODER_INPUT: zero}, ENCODER_OUTPUT, address)
+        else:
+            emb[0] = pipeline.encoder.infer({ENCODER_INPUT: zero})[ENCODER_OUTPUT][0]
         with _progress(progress, n) as bar:
             for start, stop, feed in batches({ENCODER_INPUT: own}, batch_size):
-                emb[1 + start : 1 + stop] = pipeline.encoder.infer(feed, check_inputs=start == 0)["embedding"]
+                if on_device:
+                    at = address + (1 + start) * row
+                    pipeline.encoder.infer_into(feed, ENCODER_OUTPUT, at, check_inputs=start == 0)
+                else:
+                    emb[1 + start : 1 + stop] = pipeline.encoder.infer(feed, check_inputs=start == 0)[ENCODER_OUTPUT]
                 bar(stop - start)
 
         # Pass 2: gather neighbours (in the prefetch thread, or on the device), pool, Rho.
@@ -408,8 +424,10 @@ def predict_indexed(
                 feed[HEAD_NEIGHBORS] = np.take(emb, idx, axis=0).astype(table_type, copy=False)  # (B, K, H)
             return feed
 
-        if device_gather:
+        clock["encoder"] = time.perf_counter()
+        if device_gather and not on_device:
             pipeline.head.load_table(emb)
+        clock["table"] = time.perf_counter()
         with _progress(progress, n) as bar:
             for start, stop, feed in batches(inputs, batch_size, dtypes, prepare=None if device_gather else gather):
                 y = pipeline.head.infer(feed, check_inputs=start == 0)[OUTPUT]
@@ -420,6 +438,10 @@ def predict_indexed(
                 out[start:stop] = y
                 release_rows(out, start, stop)
                 bar(stop - start)
+        clock["head"] = time.perf_counter()
+    if timings is not None:
+        marks = list(clock.values())
+        timings.update({phase: b - a for phase, a, b in zip(list(clock)[1:], marks, marks[1:])})
     return out, "device" if device_gather else location
 
 

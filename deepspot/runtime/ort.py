@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, ConfigError, InputError
 from ._onnxruntime import import_ort  # noqa: F401  (moved there so that _ort_gpu need not import this module)
-from .base import ModelInfo, Runner, TensorSpec
+from .base import ModelInfo, Runner, TensorSpec, check_feed, conform_feed
 from .profiles import Profile, trt_profile_options
 
 CPU, CUDA, TRT = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
@@ -306,6 +306,28 @@ class OrtRunner(Runner):
             raise InputError(f"{self.name}: a resident run needs IO binding (the GPU backends)")
         rows = next(iter(feed.values())).shape[0]
         return rows * repeats / self._io.run_resident(feed, repeats)
+
+    def infer_into(self, feed: dict[str, np.ndarray], output: str, address: int, check_inputs: bool = True) -> None:
+        """Run on ``feed`` and copy output ``output`` (its real rows, in the graph's dtype) to ``address`` in device
+        memory, where the next graph reads it: the indexed layout's encoder fills the slide's table on the GPU this
+        way, and no embedding crosses the bus. Needs IO binding. ``check_inputs`` as in :meth:`infer`."""
+        if not self.is_active or self._io is None:
+            raise InputError(f"{self.name}: outputs stay on the device only with IO binding (the GPU backends)")
+        if check_inputs:
+            feed = conform_feed(feed, self._inputs, where=self.name)
+            check_feed(feed, self._inputs, where=self.name)
+        rows = next(iter(feed.values())).shape[0]
+        feed = {k: np.ascontiguousarray(v, dtype=self._inputs[k].dtype) for k, v in feed.items()}
+        value = self._io.run(feed, to_host=False)[output]
+        nbytes = rows * int(np.prod(value.shape()[1:])) * np.dtype(self._outputs[output].dtype).itemsize
+        if self._cuda is not None:
+            self._cuda.copy(address, value.data_ptr(), nbytes, self._cuda.D2D)
+        elif not self.on_gpu:  # the same code on host memory (ort-cpu with IO binding: the tests)
+            import ctypes
+
+            ctypes.memmove(address, value.data_ptr(), nbytes)
+        else:
+            raise InputError(f"{self.name}: no CUDA runtime to copy on the device (see deepspot doctor)")
 
     def infer_on_device(self, feed: dict[str, np.ndarray]) -> dict[str, Any]:
         """Run and return the outputs as device ``OrtValue``s (for a second graph to consume without a host copy).

@@ -124,6 +124,7 @@ def run_slide_bench(
             per_repeat.update({f"cli:{name}": [] for name in cli_runs})
             latency: dict[str, list[float]] = {key: [] for key in per_repeat}
             peaks = {key: 0.0 for key in per_repeat}
+            phases: dict[str, list[dict[str, float]]] = {name: [] for name in pipelines}
             locations: dict[str, str] = {}
             gemm = Gemm()
             scoped = True
@@ -139,7 +140,8 @@ def run_slide_bench(
                 for name, p in pipelines.items():
                     scoped = reset_peak_rss() and scoped
                     t0 = time.perf_counter()
-                    _, locations[name] = predict_indexed(p, slide, batch)
+                    phases[name].append({})
+                    _, locations[name] = predict_indexed(p, slide, batch, timings=phases[name][-1])
                     elapsed = time.perf_counter() - t0
                     per_repeat[name].append(n / elapsed)
                     latency[name].append(elapsed)
@@ -164,6 +166,7 @@ def run_slide_bench(
     for name, p in pipelines.items():
         r = backend_result(f"{p.backend} (indexed, table {table_phrase(locations[name])})", p.head.device, batch, per_repeat[name], base,
                     latency[name], peaks[name], indexed_flops, indexed_flops, rate)  # fmt: skip
+        r.phases_s = {phase: float(np.median([t[phase] for t in phases[name]])) for phase in phases[name][0]}
         results.append(r)
         if name in cli_runs:
             key = f"cli:{name}"

@@ -134,6 +134,33 @@ def test_both_graphs_under_cuda_graphs_over_two_slides(folders, replaying):
     assert len(bound) == 3 and all(1 in s.captured and 0 not in s.graph_ids for s in bound)
 
 
+@pytest.mark.parametrize("table_dtype", ["fp32", "fp16"])
+def test_the_encoder_writes_the_table_where_the_head_reads_it(tmp_path, monkeypatch, table_dtype):
+    """ort-cuda's indexed path: the encoder's outputs are copied into the head's table on the device, batch by
+    batch, and no embedding goes through the host. Here on ort-cpu with IO binding (the same code on host memory)."""
+    import deepspot.runtime.indexed as indexed
+
+    mode = NEIGHBOR_MODES[-1]
+    model = _model(mode)
+    folder = export_indexed(model, tmp_path / "indexed", table_dtype=table_dtype)
+    arrays = _graph(mode)
+    with pipeline_from_folder(folder, "ort-cpu", RunnerOptions(batch_size=8), device_gather=True) as pipeline:
+        expected, _ = predict_indexed(pipeline, arrays, batch_size=8)  # the encoder's outputs through the host
+        host = pipeline.encoder
+        pipeline.encoder = OrtRunner(host.path, "ort-cpu", host.info, io_binding=True, batch_size=8).activate()
+        monkeypatch.setattr(indexed, "embedding_table", lambda *a, **k: pytest.fail("a table on the host was made"))
+        try:
+            timings = {}
+            got, location = predict_indexed(pipeline, arrays, batch_size=8, timings=timings)
+        finally:
+            pipeline.encoder.deactivate()
+            pipeline.encoder = host
+    assert location == "device" and set(timings) == {"encoder", "table", "head"}
+    np.testing.assert_array_equal(got, expected)  # the same embeddings, bit for bit, in the same table dtype
+    np.testing.assert_allclose(got, _dense_reference(model, arrays), rtol=0,
+                               atol=(1e-5 if table_dtype == "fp32" else 5e-3) * (1 + np.abs(got).max()))  # fmt: skip
+
+
 def test_the_table_must_be_loaded_first(folders):
     _, folder = folders(NEIGHBOR_MODES[0])
     with pipeline_from_folder(folder, "ort-cpu", RunnerOptions(batch_size=8), device_gather=True) as pipeline:
