@@ -231,9 +231,10 @@ def throughput(smoke: bool, work: Path, bw: dict | None) -> dict:
             (f"ort-cuda {features} features, no CUDA graph", path, "ort-cuda", RunnerOptions(cuda_graph=False, batch_size=batch), features),
         ]
     if not smoke:  # fp32 on the bus, faster math: TF32 products, or an fp16 graph that casts the features
+        tf32, plain = RunnerOptions(tf32=True, batch_size=batch), RunnerOptions(batch_size=batch)
         variants += [
-            ("ort-cuda fp32 features, TF32, CUDA graph", paths["fp32"], "ort-cuda", RunnerOptions(tf32=True, batch_size=batch), "fp32"),
-            ("ort-cuda fp32 features, fp16 graph, CUDA graph", paths["fp16-compute"], "ort-cuda", RunnerOptions(batch_size=batch), "fp32"),
+            ("ort-cuda fp32 features, TF32, CUDA graph", paths["fp32"], "ort-cuda", tf32, "fp32"),
+            ("ort-cuda fp32 features, fp16 graph, CUDA graph", paths["fp16-compute"], "ort-cuda", plain, "fp32"),
         ]
     ckpt_variants = [("torch eager", "torch", RunnerOptions())] if smoke else [
         ("torch-cuda eager (GPU)", "torch-cuda", RunnerOptions()),

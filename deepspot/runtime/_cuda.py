@@ -5,24 +5,50 @@ from __future__ import annotations
 import numpy as np
 
 
+def pinned_array(cuda, shape: tuple[int, ...], dtype, keep: list) -> np.ndarray:
+    """Page-locked host memory from ``cudaHostAlloc`` as a NumPy array of ``shape``; the pointer goes into ``keep``,
+    for ``cuda.free_host`` once nothing uses the array."""
+    import ctypes
+
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    ptr = cuda.host_alloc(nbytes)
+    keep.append(ptr)
+    raw = (ctypes.c_byte * max(nbytes, 1)).from_address(ptr.value)
+    return np.frombuffer(raw, dtype=np.uint8)[:nbytes].view(dtype).reshape(shape)
+
+
 class PinnedPool:
     """Page-locked host buffers by name, grown on demand and reused.
 
     A copy from pageable memory goes through a driver bounce buffer; from pinned memory it is one DMA transfer.
-    PyTorch allocates the pinned pages (it is a dependency anyway); without a CUDA build of PyTorch the pool hands
-    out ordinary NumPy buffers, which work, only slower.
+    Given the CUDA runtime (:class:`~deepspot.runtime.cuda_libs.CudaRuntime`, as ``ort-cuda`` has it), the pages come
+    from ``cudaHostAlloc`` and :meth:`close` frees them: no PyTorch needed. Otherwise PyTorch allocates them where it
+    has CUDA, and without either the pool hands out ordinary NumPy buffers, which work, only slower.
     """
 
-    def __init__(self):
+    def __init__(self, cuda=None):
         self._buffers: dict[str, np.ndarray] = {}
-        try:
-            import torch
+        self._cuda = cuda
+        self._pointers: list = []
+        self._pin = False
+        if cuda is None:
+            try:
+                import torch
 
-            self._pin = torch.cuda.is_available()
-        except ImportError:
-            self._pin = False
+                self._pin = torch.cuda.is_available()
+            except ImportError:
+                pass
+
+    def close(self) -> None:
+        """Free the pages from ``cudaHostAlloc`` (the buffers handed out must no longer be used)."""
+        self._buffers = {}
+        for ptr in self._pointers:
+            self._cuda.free_host(ptr)
+        self._pointers = []
 
     def _alloc(self, size: int, dtype: np.dtype) -> np.ndarray:
+        if self._cuda is not None:
+            return pinned_array(self._cuda, (size,), dtype, self._pointers)
         if self._pin:
             import torch
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ._cuda import PinnedPool
+from ._cuda import PinnedPool, pinned_array
 from ._onnxruntime import import_ort
 from .base import TensorSpec
 from .pipeline import DEFAULT_DEPTH, HostRing
@@ -165,11 +165,12 @@ class DeviceIO:
             machines without a GPU).
         rows_hint: Rows of a new CUDA graph at least (the runner's batch size).
         annotated: Whether the provider takes graph ids (see :class:`CudaGraphs`).
+        cuda: The CUDA runtime, for page-locked staging without PyTorch (:class:`~deepspot.runtime._cuda.PinnedPool`).
     """
 
     def __init__(self, session, inputs: dict[str, TensorSpec], outputs: dict[str, TensorSpec], device_id: int,
                  cuda_graph: bool, device_type: str = "cuda", rows_hint: int | None = None,
-                 annotated: bool = True):  # fmt: skip
+                 annotated: bool = True, cuda=None):  # fmt: skip
         self.ort = import_ort()
         self.session = session
         self.inputs, self.outputs = inputs, outputs
@@ -177,12 +178,16 @@ class DeviceIO:
         self.device_type = device_type
         self.constants: dict[str, Any] = {}
         self.binding = session.io_binding()  # the runs without a graph
-        self.pinned = PinnedPool()
+        self.pinned = PinnedPool(cuda)
         self.graphs = (
             CudaGraphs(session, outputs, device_type, device_id, rows_hint, annotated, self.constants)
             if cuda_graph
             else None
         )
+
+    def close(self) -> None:
+        """Free the page-locked staging buffers."""
+        self.pinned.close()
 
     def bind_constant(self, name: str, value) -> None:
         """Bind ``value`` (a device ``OrtValue``) as input ``name`` of every run; before the first run only, when
@@ -342,13 +347,4 @@ class OrtCudaAdapter:
 
 def pinned_allocator(cuda, keep: list):
     """Page-locked host buffers from ``cudaHostAlloc`` as NumPy arrays; ``keep`` holds the pointers to free."""
-    import ctypes
-
-    def allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        ptr = cuda.host_alloc(nbytes)
-        keep.append(ptr)
-        raw = (ctypes.c_byte * max(nbytes, 1)).from_address(ptr.value)
-        return np.frombuffer(raw, dtype=np.uint8)[:nbytes].view(dtype).reshape(shape)
-
-    return allocate
+    return lambda shape, dtype: pinned_array(cuda, tuple(shape), dtype, keep)

@@ -170,7 +170,8 @@ class CudaRuntime:
 
     def copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
         """A copy that has ended when this returns (``cudaMemcpy``)."""
-        self._call("cudaMemcpy", ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes), ctypes.c_int(kind))
+        self._call("cudaMemcpy", ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes),
+                   ctypes.c_int(kind))  # fmt: skip
 
     def record(self, event: int, stream: int) -> None:
         self._call("cudaEventRecord", ctypes.c_void_p(event), ctypes.c_void_p(stream))

@@ -377,7 +377,8 @@ def predict_indexed(
     device_gather = hasattr(pipeline.head, "load_table")
     # The encoder writes the table where the head reads it (no embedding crosses the bus), when both bind device
     # buffers: the onnxruntime GPU backends (and ort-cpu with IO binding, which runs the same code on the host).
-    on_device = device_gather and hasattr(pipeline.head, "device_table") and getattr(pipeline.encoder, "io_binding", False)
+    on_device = (device_gather and hasattr(pipeline.head, "device_table")
+                 and getattr(pipeline.encoder, "io_binding", False))  # fmt: skip
     location = table_location(n, h, dtype, "auto" if table == "device" else table)
     clock = {"start": time.perf_counter()}
     with contextlib.nullcontext() if on_device else embedding_table(n, h, dtype, location, table_folder) as emb:

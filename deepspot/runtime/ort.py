@@ -255,7 +255,7 @@ class OrtRunner(Runner):
 
             annotated = self.session.get_providers()[0] != TRT  # TensorRT's provider captures one graph only
             self._io = DeviceIO(self.session, self._inputs, self._outputs, self.device_id, self.cuda_graph,
-                                self.device_type, self.batch_size, annotated)  # fmt: skip
+                                self.device_type, self.batch_size, annotated, self._cuda)  # fmt: skip
 
     @property
     def device_type(self) -> str:
@@ -290,6 +290,8 @@ class OrtRunner(Runner):
         if self._adapter is not None:
             self._adapter.close()
         self._adapter = None
+        if self._io is not None:
+            self._io.close()
         self._io = None
         self.session = None
 

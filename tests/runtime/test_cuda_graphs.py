@@ -158,3 +158,19 @@ def test_the_resident_rate_runs_the_graph_on_device_buffers(artifacts, replaying
         np.testing.assert_allclose(expected, plain.infer(feed)["expression"], rtol=0, atol=1e-6)
         with pytest.raises(InputError, match="needs IO binding"):
             plain.resident_rate(feed)
+
+
+def test_staging_takes_page_locked_memory_from_the_cuda_runtime_and_gives_it_back():
+    """ort-cuda stages batches through cudaHostAlloc pages (no PyTorch needed), freed with the runner."""
+    from deepspot.runtime._cuda import PinnedPool
+
+    cuda = HostCuda()
+    pool = PinnedPool(cuda)
+    a = np.arange(6, dtype=np.float32).reshape(3, 2)
+    view = pool.stage("x", a, rows=4)
+    np.testing.assert_array_equal(view, np.vstack([a, np.zeros((1, 2), np.float32)]))
+    assert view.ctypes.data in cuda.host and cuda.allocations == 1
+    pool.stage("x", a[:2])  # smaller: the same pages
+    assert cuda.allocations == 1
+    pool.close()
+    assert cuda.host == {}
