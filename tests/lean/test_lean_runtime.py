@@ -92,6 +92,45 @@ def test_in_process_runtime_imports_no_torch():
     assert out.stdout.strip() == "(4, 5) False"
 
 
+def test_ort_cuda_device_code_needs_no_torch():
+    """ort-cuda's binding, CUDA graph and pipeline code, and the indexed layout's table written on the device, run on
+    the CPU provider with a host stand-in for the CUDA runtime, in an interpreter where ``import torch`` fails."""
+    stand_in = Path(__file__).resolve().parents[1] / "runtime" / "graph_replay.py"
+    code = (
+        "import sys, importlib.util; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "spec = importlib.util.spec_from_file_location('graph_replay', sys.argv[1])\n"
+        "stand_in = importlib.util.module_from_spec(spec); spec.loader.exec_module(stand_in)\n"
+        "from deepspot.data import load_bundle\n"
+        "from deepspot.runtime.artifacts import read_onnx\n"
+        "from deepspot.runtime.ort import OrtRunner\n"
+        "from deepspot.runtime.stream import predict\n"
+        "from deepspot.runtime.indexed import pipeline_from_folder, predict_indexed\n"
+        "from deepspot.runtime.backends import RunnerOptions\n"
+        "def device_runner(path, info):\n"
+        "    r = OrtRunner(path, 'ort-cpu', info, cuda_graph=True, io_binding=True, batch_size=16)\n"
+        "    r._cuda = stand_in.HostCuda(); return r\n"
+        "with np.load(sys.argv[3]) as z: feed = {k: z[k] for k in ('spot', 'subspot', 'neighbors')}\n"
+        "feed['spot'] = feed['spot'][:, None, :] if feed['spot'].ndim == 2 else feed['spot']\n"
+        "with device_runner(sys.argv[2], read_onnx(sys.argv[2])[0]) as r:\n"
+        "    dense = [predict(r, feed, 16) for _ in range(2)]\n"
+        "slide = dict(load_bundle(sys.argv[5]).arrays)\n"
+        "with pipeline_from_folder(sys.argv[4], 'ort-cpu', RunnerOptions(batch_size=16), device_gather=True) as p:\n"
+        "    host = p.encoder\n"
+        "    p.encoder = device_runner(host.path, host.info).activate()\n"
+        "    indexed, where = predict_indexed(p, slide, 16)\n"
+        "    p.encoder.deactivate(); p.encoder = host\n"
+        "want = np.load(sys.argv[6])\n"
+        "print(max(float(np.abs(y - want).max()) for y in dense + [indexed]), where,\n"
+        "      sys.modules.get('torch') is not None)\n"
+    )
+    argv = [stand_in, ONNX, SLIDE, INDEXED, SLIDE_INDEX, EXPECTED]
+    out = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    err, where, torch_loaded = out.stdout.split()
+    assert float(err) <= FP32_LIMIT and where == "device" and torch_loaded == "False"
+
+
 @pytest.mark.parametrize("backend", ["ort-cuda", "ort-trt", "tensorrt"])
 def test_gpu_backends_without_their_packages_say_what_to_install(tmp_path, backend):
     from deepspot.runtime.backends import Probe, unavailable_reason

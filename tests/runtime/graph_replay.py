@@ -22,7 +22,7 @@ WARMUP_RUNS = 1  # plain runs of a graph id before onnxruntime captures it
 class HostCuda:
     """The CUDA runtime calls of the pipeline, on host memory."""
 
-    H2D, D2H = 1, 2
+    H2D, D2H, D2D = 1, 2, 3
 
     def __init__(self):
         self._ids = itertools.count(1)
@@ -30,6 +30,7 @@ class HostCuda:
         self.streams: set[int] = set()
         self.events: set[int] = set()
         self.allocations = 0
+        self.copies = 0  # synchronous copies (cudaMemcpy)
 
     def host_alloc(self, nbytes: int) -> ctypes.c_void_p:
         buf = np.empty(max(nbytes, 1), dtype=np.uint8)
@@ -58,6 +59,10 @@ class HostCuda:
 
     def copy_async(self, dst: int, src: int, nbytes: int, kind: int, stream: int) -> None:
         ctypes.memmove(dst, src, nbytes)
+
+    def copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
+        ctypes.memmove(dst, src, nbytes)
+        self.copies += 1
 
     def record(self, event: int, stream: int) -> None:
         assert event in self.events
