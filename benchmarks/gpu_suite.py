@@ -251,7 +251,15 @@ def throughput(smoke: bool, work: Path, bw: dict | None) -> dict:
         with load_runner(path, backend, options) as runner:
             rate = _time_predict(runner, inputs, batch, 3 if smoke else 5)
             resident = _resident(runner, inputs, batch)
-        rows[name] = {**_rate_row(rate, inputs, n, pinned), "resident_items_per_s": resident}
+            how = {
+                "resident_items_per_s": resident,
+                # The overlapping pipeline needs the CUDA runtime through ctypes; without it predict() runs batch by
+                # batch (deepspot doctor says why). Recorded, so that a slow row is not misread.
+                "pipelined": runner.pipeline_adapter(batch) is not None,
+                "providers": runner.session.get_providers() if getattr(runner, "session", None) else None,
+                "precision": runner.info.precision,
+            }
+        rows[name] = {**_rate_row(rate, inputs, n, pinned), **how}
     inputs = features_by_dtype.get("fp32") or _inputs(w, n, np.float32)
     for name, backend, options in ckpt_variants:
         with load_runner(model, backend, options) as runner:
