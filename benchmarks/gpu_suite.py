@@ -7,6 +7,7 @@ done; a step that fails records its error and the suite goes on):
 
 1. ``doctor``: versions, GPU, driver, CUDA and cuDNN libraries, and which backends run;
 2. ``bandwidth``: host-to-device copies from page-locked and from pageable memory (256 MiB, median of 5);
+   ``gemm``: the GPU's matrix-product rate at fp32, TF32 and fp16 (each throughput row's ``arithmetic_limit``);
 3. ``parity``: ``ort-cuda`` (fp32, tf32, fp16) and ``torch-cuda`` (fp32, tf32, fp16, bf16) against the eager fp32
    model on the CPU, every forward mode of both families (at reduced sizes), and the indexed layout;
 4. ``throughput``: ``visium-uni`` on ``ort-cuda`` (with and without CUDA graphs), ``torch-cuda`` (the exporter's
@@ -130,6 +131,37 @@ def _model(family: str, mode: str, smoke: bool, seed: int = 0):
     return deepspot.create_model(family, mode, n_ensemble=10, random_seed=seed, **size, **extra)
 
 
+def gemm(smoke: bool) -> dict:
+    """The GPU's matrix-product rate (TFLOP/s) for each arithmetic a throughput row uses: strict fp32, TF32 and fp16,
+    on the BENCHMARKS.md product (4096 x 1024 by 1024 x 5120), median of 10 after warm-up. Dividing by a workload's
+    FLOPs per item gives the rate its arithmetic allows."""
+    ok, why = cuda_available()
+    if not ok:
+        return {"skipped": why}
+    import torch
+
+    m, k, n = (256, 256, 256) if smoke else (4096, 1024, 5120)
+    out = {}
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        kinds = (("fp32", torch.float32, False), ("tf32", torch.float32, True), ("fp16", torch.float16, False))
+        for name, dtype, tf32 in kinds:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            a = torch.randn(m, k, device="cuda", dtype=dtype)
+            b = torch.randn(k, n, device="cuda", dtype=dtype)
+            times = []
+            for _ in range(12):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                torch.matmul(a, b)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            out[f"{name}_tflops"] = 2.0 * m * k * n / statistics.median(times[2:]) / 1e12
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    return out
+
+
 def parity(smoke: bool, work: Path) -> dict:
     import deepspot
     from deepspot.export import export_onnx
@@ -202,7 +234,7 @@ def _time_predict(runner, inputs: dict[str, np.ndarray], batch: int, repeats: in
     return statistics.median(rates)
 
 
-def throughput(smoke: bool, work: Path, bw: dict | None) -> dict:
+def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = None) -> dict:
     from deepspot.export import export_onnx
     from deepspot.runtime import RunnerOptions, load_runner
     from deepspot.runtime.bench import get_workload
@@ -259,6 +291,9 @@ def throughput(smoke: bool, work: Path, bw: dict | None) -> dict:
                 "providers": runner.session.get_providers() if getattr(runner, "session", None) else None,
                 "precision": runner.info.precision,
             }
+            tflops = (rates or {}).get(f"{runner.info.precision}_tflops")
+            if tflops:  # what the arithmetic allows: the GEMM rate over the folded graph's FLOPs per spot
+                how["arithmetic_limit_items_per_s"] = tflops * 1e12 / w.flops_per_item(folded=True)
         rows[name] = {**_rate_row(rate, inputs, n, pinned), **how}
     inputs = features_by_dtype.get("fp32") or _inputs(w, n, np.float32)
     for name, backend, options in ckpt_variants:
@@ -324,6 +359,9 @@ def markdown(results: dict) -> str:
     bw = (steps.get("bandwidth") or {}).get("result") or {}
     if bw:
         lines += [f"Host-to-device bandwidth: {json.dumps(bw)}", ""]
+    rates = (steps.get("gemm") or {}).get("result") or {}
+    if rates:
+        lines += [f"Matrix-product rates: {json.dumps(rates)}", ""]
     for name in ("parity", "throughput", "slides"):
         step = steps.get(name)
         if not step:
@@ -339,14 +377,16 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {case} | {row.get('passed', row.get('skipped'))} | {row.get('max_abs')} |")
         else:
             tables = {result.get("workload", name): result} if name == "throughput" else result
-            lines += ["| workload | variant | items/s | fraction of bus limit | graph alone on the device, items/s |",
-                      "| --- | --- | --- | --- | --- |"]  # fmt: skip
+            lines += ["| workload | variant | items/s | fraction of bus limit | graph alone on the device, items/s | "
+                      "arithmetic limit, items/s |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
             for workload, table in tables.items():
                 for variant, row in (table.get("rows") or {}).items():
                     frac, resident = row.get("fraction_of_limit"), row.get("resident_items_per_s")
+                    arithmetic = row.get("arithmetic_limit_items_per_s")
                     lines.append(f"| {workload} | {variant} | {row['items_per_s']:,.0f} | "
                                  f"{'-' if frac is None else f'{frac:.0%}'} | "
-                                 f"{'-' if resident is None else f'{resident:,.0f}'} |")  # fmt: skip
+                                 f"{'-' if resident is None else f'{resident:,.0f}'} | "
+                                 f"{'-' if arithmetic is None else f'{arithmetic:,.0f}'} |")  # fmt: skip
             for workload, table in tables.items():
                 for variant, row in (table.get("rows") or {}).items():
                     if row.get("phases_s"):
@@ -366,8 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="deepspot-gpu-suite-"))
     suite.step("doctor", doctor)
     bw = suite.step("bandwidth", bandwidth, args.smoke)
+    rates = suite.step("gemm", gemm, args.smoke)
     suite.step("parity", parity, args.smoke, work)
-    suite.step("throughput", throughput, args.smoke, work, bw)
+    suite.step("throughput", throughput, args.smoke, work, bw, rates)
     suite.step("slides", slides, args.smoke, bw)
     print((args.out / "gpu_suite.md").read_text())
     return 0 if all(s["status"] != "failed" for s in suite.results["steps"].values()) else 1

@@ -21,12 +21,16 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     assert suite.main(["--out", str(tmp_path), "--smoke"]) == 0
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
     steps = results["steps"]
-    assert [steps[s]["status"] for s in ("doctor", "bandwidth", "parity", "throughput", "slides")] == ["ok"] * 5
-    assert "skipped" in steps["bandwidth"]["result"]  # no GPU here: said, not hidden
+    names = ("doctor", "bandwidth", "gemm", "parity", "throughput", "slides")
+    assert [steps[s]["status"] for s in names] == ["ok"] * len(names)
+    assert "skipped" in steps["bandwidth"]["result"] and "skipped" in steps["gemm"]["result"]  # said, not hidden
     assert all(row["passed"] for row in steps["parity"]["result"].values())
     rows = steps["throughput"]["result"]["rows"]
     assert rows["ort-cpu fp16 features"]["input_bytes_per_item"] * 2 == rows["ort-cpu fp32 features"]["input_bytes_per_item"]
     assert all(row["items_per_s"] > 0 and "fraction_of_limit" in row for row in rows.values())
+    assert rows["ort-cpu fp32 features"]["pipelined"] is False and rows["ort-cpu fp32 features"]["precision"] == "fp32"
+    slides = steps["slides"]["result"]["xenium-slide"]["rows"]
+    assert set(slides["ort-cpu (indexed, table in memory)"]["phases_s"]) == {"encoder", "table", "head"}
     markdown = (tmp_path / "gpu_suite.md").read_text()
     assert "## parity (ok)" in markdown and "| visium-uni (quick) | ort-cpu fp32 features |" in markdown
 
