@@ -126,7 +126,8 @@ def bandwidth(smoke: bool) -> dict:
 def _model(family: str, mode: str, smoke: bool, seed: int = 0):
     import deepspot
 
-    size = dict(input_size=16, output_size=8, phi2rho_size=8) if smoke else dict(input_size=256, output_size=500, phi2rho_size=128)
+    size = (dict(input_size=16, output_size=8, phi2rho_size=8) if smoke
+            else dict(input_size=256, output_size=500, phi2rho_size=128))  # fmt: skip
     extra = {"agg_neighbors": "max"} if family == "cell" else {}
     return deepspot.create_model(family, mode, n_ensemble=10, random_seed=seed, **size, **extra)
 
@@ -162,7 +163,15 @@ def gemm(smoke: bool) -> dict:
     return out
 
 
-def parity(smoke: bool, work: Path) -> dict:
+def _over(until: float | None) -> bool:
+    """Whether a step's share of the time budget is spent (its remaining cases are then recorded as skipped)."""
+    return until is not None and time.perf_counter() > until
+
+
+SPENT = {"skipped": "this step's share of the time budget was spent"}
+
+
+def parity(smoke: bool, work: Path, until: float | None = None) -> dict:
     import deepspot
     from deepspot.export import export_onnx
     from deepspot.export.indexed import export_indexed
@@ -173,6 +182,9 @@ def parity(smoke: bool, work: Path) -> dict:
     cases = {}
     for family, modes in MODES.items():
         for mode in modes[-1:] if smoke else modes:  # smoke: the full mode of each family
+            if _over(until):
+                cases[f"{family}/{mode}"] = SPENT
+                continue
             model = _model(family, mode, smoke)
             ckpt = deepspot.save(model, work / f"{family}-{mode}.safetensors")
             runs = [("torch-cuda", p, ckpt, RunnerOptions(precision=p)) for p in ("fp32", "fp16", "bf16")]
@@ -234,7 +246,8 @@ def _time_predict(runner, inputs: dict[str, np.ndarray], batch: int, repeats: in
     return statistics.median(rates)
 
 
-def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = None) -> dict:
+def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = None,
+               until: float | None = None) -> dict:  # fmt: skip
     from deepspot.export import export_onnx
     from deepspot.runtime import RunnerOptions, load_runner
     from deepspot.runtime.bench import get_workload
@@ -259,8 +272,10 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
             variants.append((f"ort-cpu {features} features", path, "ort-cpu", None, features))
             continue
         variants += [
-            (f"ort-cuda {features} features, CUDA graph", path, "ort-cuda", RunnerOptions(cuda_graph=True, batch_size=batch), features),
-            (f"ort-cuda {features} features, no CUDA graph", path, "ort-cuda", RunnerOptions(cuda_graph=False, batch_size=batch), features),
+            (f"ort-cuda {features} features, CUDA graph", path, "ort-cuda",
+             RunnerOptions(cuda_graph=True, batch_size=batch), features),
+            (f"ort-cuda {features} features, no CUDA graph", path, "ort-cuda",
+             RunnerOptions(cuda_graph=False, batch_size=batch), features),
         ]
     if not smoke:  # fp32 on the bus, faster math: TF32 products, or an fp16 graph that casts the features
         tf32, plain = RunnerOptions(tf32=True, batch_size=batch), RunnerOptions(batch_size=batch)
@@ -277,6 +292,9 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
         return {"skipped": why}
     features_by_dtype = {}
     for name, path, backend, options, features in variants:
+        if _over(until):
+            rows[name] = SPENT
+            continue
         if features not in features_by_dtype:  # made once per dtype: at GPU sizes they are gigabytes
             features_by_dtype[features] = _inputs(w, n, np.float16 if features == "fp16" else np.float32)
         inputs = features_by_dtype[features]
@@ -297,6 +315,9 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
         rows[name] = {**_rate_row(rate, inputs, n, pinned), **how}
     inputs = features_by_dtype.get("fp32") or _inputs(w, n, np.float32)
     for name, backend, options in ckpt_variants:
+        if _over(until):
+            rows[name] = SPENT
+            continue
         with load_runner(model, backend, options) as runner:
             rate = _time_predict(runner, inputs, batch, 3 if smoke else 5)
         rows[name] = _rate_row(rate, inputs, n, pinned)
@@ -355,7 +376,8 @@ def markdown(results: dict) -> str:
         gpu = doc.get("gpu", {})
         v = doc.get("versions", {})
         lines += [f"GPU: {gpu.get('name') or gpu.get('torch sees') or 'none'}, driver {gpu.get('driver')}; "
-                  f"onnxruntime {v.get('onnxruntime')} ({v.get('onnxruntime package')}), torch {v.get('torch')}", ""]  # fmt: skip
+                  f"onnxruntime {v.get('onnxruntime')} ({v.get('onnxruntime package')}), "
+                  f"torch {v.get('torch')}", ""]  # fmt: skip
     bw = (steps.get("bandwidth") or {}).get("result") or {}
     if bw:
         lines += [f"Host-to-device bandwidth: {json.dumps(bw)}", ""]
@@ -381,6 +403,9 @@ def markdown(results: dict) -> str:
                       "arithmetic limit, items/s |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
             for workload, table in tables.items():
                 for variant, row in (table.get("rows") or {}).items():
+                    if "skipped" in row:
+                        lines.append(f"| {workload} | {variant} | skipped: {row['skipped']} | | | |")
+                        continue
                     frac, resident = row.get("fraction_of_limit"), row.get("resident_items_per_s")
                     arithmetic = row.get("arithmetic_limit_items_per_s")
                     lines.append(f"| {workload} | {variant} | {row['items_per_s']:,.0f} | "
@@ -407,8 +432,11 @@ def main(argv: list[str] | None = None) -> int:
     suite.step("doctor", doctor)
     bw = suite.step("bandwidth", bandwidth, args.smoke)
     rates = suite.step("gemm", gemm, args.smoke)
-    suite.step("parity", parity, args.smoke, work)
-    suite.step("throughput", throughput, args.smoke, work, bw, rates)
+    # Shares of the budget, so that a slow step cannot starve the next: parity a third, throughput the next third,
+    # the slides what is left. Each step records the cases it had no time for.
+    share = args.budget / 3
+    suite.step("parity", parity, args.smoke, work, suite.start + share)
+    suite.step("throughput", throughput, args.smoke, work, bw, rates, suite.start + 2 * share)
     suite.step("slides", slides, args.smoke, bw)
     print((args.out / "gpu_suite.md").read_text())
     return 0 if all(s["status"] != "failed" for s in suite.results["steps"].values()) else 1

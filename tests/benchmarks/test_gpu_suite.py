@@ -45,3 +45,14 @@ def test_a_spent_budget_skips_steps_and_keeps_what_was_done(tmp_path):
     run.step("broken", lambda: 1 / 0)
     saved = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert saved["steps"]["broken"]["status"] == "failed" and "ZeroDivisionError" in saved["steps"]["broken"]["error"]
+
+
+def test_a_step_that_runs_out_of_its_share_records_the_cases_it_skipped(tmp_path):
+    suite = _suite()
+    cases = suite.parity(True, tmp_path, until=0.0)  # a share already spent
+    assert cases and all(case == suite.SPENT for case in cases.values())
+    run = suite.Suite(tmp_path, budget=1e9, smoke=True)
+    run.results["steps"]["throughput"] = {"status": "ok", "result": {"workload": "w", "rows": {"v": suite.SPENT}}}
+    run.write()
+    assert "| w | v | skipped: this step's share" in (tmp_path / "gpu_suite.md").read_text()
+
