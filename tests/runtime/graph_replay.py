@@ -2,6 +2,10 @@
 
 - :class:`HostCuda` has :class:`~deepspot.runtime.cuda_libs.CudaRuntime`'s calls, on host memory: copies happen at
   once (``memmove``), streams and events are numbers.
+- :class:`AsyncHostCuda` defers each stream's work and runs it only when the host waits, in the order least
+  favourable to the code under test: a stream later in ``priority`` runs first whenever nothing orders it after the
+  others. A copy or a run that is not ordered by an event after the work it depends on then reads stale memory, as
+  it could on a GPU.
 - :class:`ReplaySession` wraps an onnxruntime CPU session and replays the way onnxruntime's CUDA provider does under
   CUDA graphs: per graph id (the ``gpu_graph_id`` run option, 0 when a run names none, -1 for no graph), the first run
   is a plain one, the second is captured, and every later run of that id replays on the buffers bound at capture,
@@ -74,6 +78,76 @@ class HostCuda:
         assert event in self.events
 
 
+class AsyncHostCuda(HostCuda):
+    """Streams as queues of deferred work, run when the host synchronises on an event (see the module's text).
+
+    ``priority``: streams in the order they are preferred when several could run; by default the most recently
+    created first. Work enqueued with :meth:`enqueue` (a session's run on its compute stream) is deferred the same way.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.queues: dict[int, list] = {}
+        self.priority: list[int] = []
+        self._recorded: dict[int, int] = {}  # event -> generation of its latest record
+        self._done: dict[int, int] = {}  # event -> latest generation that has run
+
+    def stream(self) -> int:
+        handle = super().stream()
+        self.queues[handle] = []
+        self.priority.insert(0, handle)
+        return handle
+
+    def copy_async(self, dst: int, src: int, nbytes: int, kind: int, stream: int) -> None:
+        self.enqueue(stream, lambda: ctypes.memmove(dst, src, nbytes))
+
+    def enqueue(self, stream: int, work) -> None:
+        self.queues[stream].append(("work", work))
+
+    def record(self, event: int, stream: int) -> None:
+        super().record(event, stream)
+        self._recorded[event] = self._recorded.get(event, 0) + 1
+        self.queues[stream].append(("record", (event, self._recorded[event])))
+
+    def wait_event(self, stream: int, event: int) -> None:
+        super().wait_event(stream, event)
+        self.queues[stream].append(("wait", (event, self._recorded.get(event, 0))))
+
+    def synchronize(self, event: int) -> None:
+        super().synchronize(event)
+        self.drain(lambda: self._done.get(event, 0) >= self._recorded.get(event, 0))
+
+    def free_host(self, ptr: ctypes.c_void_p) -> None:
+        self.drain(lambda: not any(self.queues.values()))  # cudaFreeHost waits for the whole device
+        super().free_host(ptr)
+
+    def drain_stream(self, stream: int) -> None:
+        """Run until ``stream`` is empty (what a synchronous call on that stream waits for)."""
+        self.drain(lambda: not self.queues[stream])
+
+    def drain(self, until=lambda: False) -> None:
+        while not until():
+            for stream in self.priority:
+                queue = self.queues[stream]
+                if not queue:
+                    continue
+                kind, item = queue[0]
+                if kind == "wait" and self._done.get(item[0], 0) < item[1]:
+                    continue  # blocked on an event not yet reached
+                queue.pop(0)
+                if kind == "work":
+                    item()
+                elif kind == "record":
+                    self._done[item[0]] = max(self._done.get(item[0], 0), item[1])
+                break
+            else:
+                if any(self.queues.values()):
+                    raise AssertionError("deadlock: every stream waits for an event that is never recorded")
+                if not until():
+                    raise AssertionError("synchronised on an event that nothing will record")
+                return
+
+
 class ReplaySession:
     """An onnxruntime session that replays captured graphs as the CUDA provider does (see the module's text); with
     ``cuda_graphs=False`` it runs every binding as given, as a session without CUDA graphs does."""
@@ -81,6 +155,7 @@ class ReplaySession:
     def __init__(self, session, cuda_graphs: bool = True):
         self._session = session
         self.cuda_graphs = cuda_graphs
+        self.device: tuple[AsyncHostCuda, int] | None = None  # (stand-in, compute stream): runs go on that stream
         self.runs: dict[int, int] = {}
         self.captured: dict[int, object] = {}
         self.graph_ids: list[int] = []
@@ -100,4 +175,14 @@ class ReplaySession:
             elif self.runs.get(graph_id, 0) >= WARMUP_RUNS:
                 self.captured[graph_id] = binding
             self.runs[graph_id] = self.runs.get(graph_id, 0) + 1
-        self._session.run_with_iobinding(binding, run_options)
+        if self.device is None:
+            self._session.run_with_iobinding(binding, run_options)
+            return
+        cuda, stream = self.device
+        cuda.enqueue(stream, lambda: self._session.run_with_iobinding(binding, run_options))
+        try:
+            asynchronous = run_options.get_run_config_entry("disable_synchronize_execution_providers") == "1"
+        except (AttributeError, RuntimeError):
+            asynchronous = False
+        if not asynchronous:  # onnxruntime waits for its stream before returning
+            cuda.drain_stream(stream)

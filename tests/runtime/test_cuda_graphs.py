@@ -4,6 +4,8 @@ provider does (:mod:`tests.runtime.graph_replay`)."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -174,3 +176,31 @@ def test_staging_takes_page_locked_memory_from_the_cuda_runtime_and_gives_it_bac
     assert cuda.allocations == 1
     pool.close()
     assert cuda.host == {}
+
+
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["cuda-graph", "no-graph"])
+@pytest.mark.parametrize("order", list(itertools.permutations(range(3))), ids=lambda o: "".join(map(str, o)))
+def test_the_pipeline_orders_its_streams_with_events(artifacts, replaying, cuda_graph, order):
+    """The pipeline's copies and runs on streams whose work is deferred until the host waits, and then run in every
+    order the events allow: each batch's upload, run and download must be ordered by events alone."""
+    from .graph_replay import AsyncHostCuda
+
+    a = artifacts()
+    inputs = a.inputs()
+    with ort.OrtRunner(a.onnx, "ort-cpu", read_onnx(a.onnx)[0]) as plain:
+        expected = [predict(plain, x, 8, pipelined=False) for x in (inputs, _scaled(inputs, 0.5))]
+    cuda = AsyncHostCuda()
+    replaying.cuda_graphs = cuda_graph
+    runner = _device_runner(a.onnx, cuda_graph, cuda=cuda)
+    compute = cuda.stream()
+    with runner:
+        runner._compute_stream = compute
+        replaying[-1].device = (cuda, compute)
+        adapter, _ = runner.pipeline_adapter(8)
+        streams = [adapter.upload, compute, adapter.download]
+        cuda.priority = [streams[i] for i in order]
+        got = [predict(runner, x, 8) for x in (inputs, _scaled(inputs, 0.5))]
+        plain_run = runner.infer({k: v[:8] for k, v in inputs.items()})["expression"]  # waits for its stream
+    for x, y in zip(expected, got):
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(plain_run, expected[0][:8], rtol=0, atol=1e-6)
