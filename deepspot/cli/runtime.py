@@ -23,6 +23,7 @@ engine_app = typer.Typer(
 app.add_typer(engine_app, name="engine")
 
 TORCH_GRAPH_HELP = "torch backends: eager (the model as written) or export (fused Phi, folded Rho, as in the ONNX)."
+CUDA_GRAPH_HELP = "onnxruntime GPU backends: capture and replay CUDA graphs (default: on for ort-cuda)."
 TF32_HELP = ("GPU backends: let fp32 matrix products use TF32 tensor cores (faster, not fp32-exact; checked against "
              "the tf32 tolerance). Off by default.")
 BACKEND_HELP = "Backend: torch, torch-cuda, ort-cpu, ort-cuda, ort-trt or tensorrt (default from the model file type)."
@@ -59,6 +60,7 @@ def _options(
     cache_dir: Optional[Path] = None,
     torch_graph: str = "eager",
     tf32: bool = False,
+    cuda_graph: Optional[bool] = None,
 ):
     from ..runtime.backends import RunnerOptions
 
@@ -70,6 +72,7 @@ def _options(
         cache_dir=cache_dir,
         torch_graph=torch_graph,
         tf32=tf32,
+        cuda_graph=cuda_graph,
     )
 
 
@@ -135,6 +138,7 @@ def infer(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model (torch backends)."),
     torch_graph: str = typer.Option("eager", help=TORCH_GRAPH_HELP),
     tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
+    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help=CUDA_GRAPH_HELP),
     cache_dir: Optional[Path] = typer.Option(None, help="TensorRT engine and timing cache folder."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar with items/s."),
     layout: Optional[str] = typer.Option(
@@ -161,7 +165,7 @@ def infer(
         from ..runtime.cohort import CohortSettings
 
         settings = CohortSettings(backend, batch_size, inverse_transform, layout, table, table_dtype, max_bag, precision,
-                                  threads, tf32)  # fmt: skip
+                                  threads, tf32, cuda_graph)  # fmt: skip
         _cohort(model, bundles, manifest, output_dir, format, shard, force, verify, devices, settings)
         return
     if len(bundles) != 1 or output is None:
@@ -173,7 +177,7 @@ def infer(
             output,
             backend=backend,
             batch_size=batch_size,
-            options=_options(device, precision, threads, compile, cache_dir, torch_graph, tf32),
+            options=_options(device, precision, threads, compile, cache_dir, torch_graph, tf32, cuda_graph),
             inverse_transform=inverse_transform,
             allow_fallback=allow_fallback,
             progress=progress,
@@ -261,6 +265,7 @@ def parity(
     seed: int = typer.Option(0, help="Seed of the random inputs."),
     torch_graph: str = typer.Option("eager", help=TORCH_GRAPH_HELP),
     tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
+    cuda_graph: Optional[bool] = typer.Option(None, "--cuda-graph/--no-cuda-graph", help=CUDA_GRAPH_HELP),
     layout: Optional[str] = typer.Option(
         None, help="dense or indexed (compare the indexed layout with the per-item model); default from MODEL/bundle."
     ),
@@ -288,7 +293,7 @@ def parity(
                 atol=atol,
                 rtol=rtol,
                 batch_size=batch_size,
-                options=_options(device, precision, None, torch_graph=torch_graph, tf32=tf32),
+                options=_options(device, precision, None, torch_graph=torch_graph, tf32=tf32, cuda_graph=cuda_graph),
                 allow_fallback=allow_fallback,
                 layout=layout,
                 inverse_transform=inverse_transform,
@@ -309,7 +314,7 @@ def parity(
             atol=atol,
             rtol=rtol,
             batch_size=batch_size,
-            options=_options(device, precision, None, torch_graph=torch_graph, tf32=tf32),
+            options=_options(device, precision, None, torch_graph=torch_graph, tf32=tf32, cuda_graph=cuda_graph),
             allow_fallback=allow_fallback,
             seed=seed,
             layout=layout,

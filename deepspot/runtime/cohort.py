@@ -213,6 +213,7 @@ class CohortSettings:
     precision: str | None = None
     threads: int | None = None
     tf32: bool = False
+    cuda_graph: bool | None = None
 
 
 def _run_slides(model: Any, slides: Iterable[Slide], settings: CohortSettings, device: str | None, report) -> None:
@@ -220,7 +221,8 @@ def _run_slides(model: Any, slides: Iterable[Slide], settings: CohortSettings, d
     from .backends import RunnerOptions
     from .infer import ModelSession, infer
 
-    options = RunnerOptions(precision=settings.precision, threads=settings.threads, tf32=settings.tf32)
+    options = RunnerOptions(precision=settings.precision, threads=settings.threads, tf32=settings.tf32,
+                            cuda_graph=settings.cuda_graph)  # fmt: skip
     if device not in (None, "cpu"):
         options.device = int(device)
     with ModelSession(model, settings.backend, options, table_dtype=settings.table_dtype) as session:

@@ -135,7 +135,7 @@ class OrtGatherHead(OrtRunner):
 
     def _new_slide(self) -> np.dtype:
         if not self.is_active:
-            raise RuntimeError(f"{self.name}: activate() the runner before load_table()")
+            raise RuntimeError(f"{self.name}: activate() the runner before giving it a table")
         if self._io.graphs is not None and self._io.graphs.graphs:
             # A captured CUDA graph replays on the addresses it was captured with: the previous slide's table. The
             # next slide gets a new session, whose graphs are captured on its own table.

@@ -363,8 +363,9 @@ def predict_indexed(
         table: Where the embedding table lives on the host: ``auto``, ``memory`` or ``mmap`` (``device``: as
             ``auto``; whether the head gathers from a copy on the device is the pipeline's choice).
         table_folder: Folder of the memory-mapped table (default: the system's temporary folder).
-        timings: Filled with the seconds of each phase: ``encoder`` (pass 1), ``table`` (the table to the device;
-            0 when the head gathers on the host) and ``head`` (pass 2).
+        timings: Filled with the seconds of each phase: ``encoder`` (pass 1), ``table`` (the finished table copied
+            to the device; about 0 where the encoder writes it there or the head gathers on the host) and ``head``
+            (pass 2).
     """
     info = pipeline.info
     mode = info.mode_spec

@@ -149,7 +149,11 @@ def session_from_onnx(
         source = str(path) if model_bytes is None else model_bytes
         session = ort.InferenceSession(source, sess_options=options, providers=list(providers))
     except Exception as e:  # onnxruntime's exception classes are not a stable import
-        raise CheckpointError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "graph capture" in first.lower():  # a node that cannot run inside a CUDA graph (onnxruntime says which)
+            raise ConfigError(f"{path}: onnxruntime cannot capture it as a CUDA graph ({first}); run it without "
+                              "(--no-cuda-graph, or RunnerOptions(cuda_graph=False))") from None  # fmt: skip
+        raise CheckpointError(f"{path}: onnxruntime cannot load it ({first})") from None
     if names[0] not in session.get_providers():
         # onnxruntime lists a GPU provider as available even when loading it fails, then runs on the CPU.
         from .cuda_libs import provider_load_error
@@ -306,6 +310,7 @@ class OrtRunner(Runner):
         compute bound of a pipeline, measured. Needs IO binding (on by default on the GPU backends)."""
         if not self.is_active or self._io is None:
             raise InputError(f"{self.name}: a resident run needs IO binding (the GPU backends)")
+        feed = {k: np.ascontiguousarray(v, dtype=self._inputs[k].dtype) for k, v in feed.items()}
         rows = next(iter(feed.values())).shape[0]
         return rows * repeats / self._io.run_resident(feed, repeats)
 

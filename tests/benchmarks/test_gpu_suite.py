@@ -56,3 +56,31 @@ def test_a_step_that_runs_out_of_its_share_records_the_cases_it_skipped(tmp_path
     run.write()
     assert "| w | v | skipped: this step's share" in (tmp_path / "gpu_suite.md").read_text()
 
+
+def test_a_parity_case_that_cannot_capture_a_cuda_graph_runs_again_without(tmp_path):
+    from deepspot.errors import ConfigError
+
+    suite = _suite()
+    seen = []
+
+    class Report:
+        passed = True
+
+        def to_dict(self):
+            return {"outputs": [{"max_abs": 1e-7}]}
+
+        def summary(self):
+            return "ok"
+
+    def check(options):
+        seen.append(None if options is None else options.cuda_graph)
+        if options is None:
+            raise ConfigError("m.onnx: onnxruntime cannot capture it as a CUDA graph (x); run it without")
+        return Report()
+
+    row = suite._case(check, None)
+    assert seen == [None, False] and row["passed"] is True and "capture it as a CUDA graph" in row[
+        "without CUDA graphs, because"]  # fmt: skip
+    failed = suite._case(lambda options: 1 / 0, None)
+    assert failed["passed"] is False and "ZeroDivisionError" in failed["error"]
+

@@ -202,3 +202,25 @@ def test_tf32_is_asked_for_and_reported(artifacts, tmp_path):
         with pytest.raises(ConfigError, match=f"tf32 is a math mode of NVIDIA GPUs; the {backend} backend runs on"):
             load_runner(a.onnx if backend == "ort-cpu" else a.checkpoint, backend, RunnerOptions(tf32=True))
 
+
+
+def test_cuda_graph_options_and_a_graph_onnxruntime_cannot_capture(artifacts, monkeypatch):
+    import onnxruntime
+
+    from deepspot.runtime import ort as ort_module
+
+    a = artifacts()
+    with pytest.raises(ConfigError, match="CUDA graphs are replayed by the onnxruntime GPU backends .*not ort-cpu"):
+        load_runner(a.onnx, "ort-cpu", RunnerOptions(cuda_graph=True))
+    with load_runner(a.onnx, "ort-cpu", RunnerOptions(cuda_graph=False)) as runner:  # off is what it is anyway
+        assert runner.infer({k: v[:2] for k, v in a.inputs().items()})["expression"].shape == (2, 5)
+
+    def refuse(*args, **kwargs):  # what onnxruntime says when a node cannot run inside a CUDA graph
+        raise RuntimeError("This session cannot use the graph capture feature as requested by the user as all "
+                           "compute graph nodes have not been partitioned to the CUDAExecutionProvider\ndetails")  # fmt: skip
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
+    with pytest.raises(ConfigError, match=r"cannot capture it as a CUDA graph \(This session .*\); run it without "
+                                          r"\(--no-cuda-graph") as error:  # fmt: skip
+        ort_module.session_from_onnx(a.onnx)
+    assert "\n" not in str(error.value)

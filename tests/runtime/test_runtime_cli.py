@@ -60,6 +60,8 @@ def test_infer_mistakes_exit_2_with_one_line(artifacts, tmp_path):
     one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--tf32"),
                    "tf32 is a math mode of NVIDIA GPUs; the ort-cpu backend runs on the CPU")  # fmt: skip
     one_line_error(run("parity", a.checkpoint, a.onnx, "--random", 8, "--tf32"), "tf32 is a math mode")
+    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--cuda-graph"),
+                   "CUDA graphs are replayed by the onnxruntime GPU backends")  # fmt: skip
     assert not (tmp_path / "p.npy").exists()
 
 
