@@ -82,8 +82,10 @@ def run_slide_bench(
     k = w.bags["neighbors"]
     slide = synth_slide(w.family, n, w.input_size, k, seed=seed, n_subspots=w.bags.get("subspot", 9))
     # The per-item baseline keeps its workload batch. The indexed passes carry little per item (one tile, K gathered
-    # embeddings), so they default to at least 256 items: a 64-row product runs at half the machine's GEMM rate.
-    batch = batch_size or max(w.batch_cpu, 256)
+    # embeddings), so they default to at least 256 items: a 64-row product runs at half the machine's GEMM rate. On a
+    # GPU they take the workload's GPU batch, as deepspot infer does there.
+    on_gpu = any(get_backend(name).device == "cuda" for name in names)
+    batch = batch_size or (w.batch_gpu if on_gpu else max(w.batch_cpu, 256))
 
     # The baseline's batch: the slide's first items, with their neighbour bags gathered as the per-item layout has.
     inputs, gather = dense_from_index(slide, model.mode)

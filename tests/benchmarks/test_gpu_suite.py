@@ -30,7 +30,7 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     assert all(row["items_per_s"] > 0 and "fraction_of_limit" in row for row in rows.values())
     assert rows["ort-cpu fp32 features"]["pipelined"] is False and rows["ort-cpu fp32 features"]["precision"] == "fp32"
     slides = steps["slides"]["result"]["xenium-slide"]["rows"]
-    assert set(slides["ort-cpu (indexed, table in memory)"]["phases_s"]) == {"encoder", "table", "head"}
+    assert set(slides["ort-cpu (indexed, table in memory), batch 256"]["phases_s"]) == {"encoder", "table", "head"}
     markdown = (tmp_path / "gpu_suite.md").read_text()
     assert "## parity (ok)" in markdown and "| visium-uni (quick) | ort-cpu fp32 features |" in markdown
 
