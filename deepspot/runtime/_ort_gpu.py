@@ -177,6 +177,7 @@ class DeviceIO:
         self.device_id = device_id
         self.device_type = device_type
         self.constants: dict[str, Any] = {}
+        self.constants_version = 0  # bumped when a constant changes: bindings made before are stale
         self.binding = session.io_binding()  # the runs without a graph
         self.pinned = PinnedPool(cuda)
         self.graphs = (
@@ -195,6 +196,7 @@ class DeviceIO:
         if self.graphs is not None:
             self.graphs.bind_constant(name, value)
         self.constants[name] = value
+        self.constants_version += 1
         self.binding.bind_ortvalue_input(name, value)
 
     def _device_value(self, host: np.ndarray):
@@ -253,6 +255,9 @@ class OrtCudaAdapter:
     One adapter serves every call while its runner is active: the ring of page-locked buffers (:attr:`ring`), the
     device buffers, streams and events are made once and freed by :meth:`close`.
 
+    With :attr:`sink` set (``slot -> device address``), the graph's one output goes there on the device instead of
+    back to the host: the indexed layout's encoder writes each batch into the slide's table this way.
+
     Args:
         runner: The active :class:`~deepspot.runtime.ort.OrtRunner` (with IO binding).
         cuda: The CUDA runtime (:class:`~deepspot.runtime.cuda_libs.CudaRuntime`).
@@ -275,13 +280,18 @@ class OrtCudaAdapter:
         self._pinned: list = []
         self.ring = HostRing(DEFAULT_DEPTH, pinned_allocator(cuda, self._pinned))
         self._slots: dict[int, dict] = {}
+        self.sink = None  # slot -> device address of its rows, for an output that stays on the device
         # run_with_iobinding would otherwise wait for the GPU before returning; the events do the waiting.
         self.no_sync = self.ort.RunOptions()
         self.no_sync.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
     def output_specs(self):
         g = self.runner.info.output_size
-        return {name: ((g,), np.dtype(spec.dtype)) for name, spec in self.runner._outputs.items()}
+        return {
+            name: (tuple(spec.shape[1:]) if all(isinstance(d, int) for d in spec.shape[1:]) else (g,),
+                   np.dtype(spec.dtype))  # fmt: skip
+            for name, spec in self.runner._outputs.items()
+        }
 
     def _device(self, shape, dtype):
         return self.ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, self.device_type, self.runner.device_id)
@@ -297,6 +307,7 @@ class OrtCudaAdapter:
                 "out": {k: self._device(a.shape, a.dtype) for k, a in slot.result.items()},
                 "events": events,
                 "binding": None,  # made when the slot runs without a graph
+                "constants": None,  # the constants' version it was made with
             }
             self._slots[slot.index] = state
         return state
@@ -320,13 +331,19 @@ class OrtCudaAdapter:
                 cuda.copy_async(value.data_ptr(), src, slot.result[name].nbytes, self.D2D, self.compute)
         else:
             options = graphs.uncaptured(False) if graphs is not None else self.no_sync
-            if state["binding"] is None:
+            if state["binding"] is None or state["constants"] != self.io.constants_version:  # a new slide's table
                 state["binding"] = bind(self.runner.session, {**self.io.constants, **state["in"]}, state["out"])
+                state["constants"] = self.io.constants_version
             self.runner.session.run_with_iobinding(state["binding"], options)
         cuda.record(computed, self.compute)
         cuda.wait_event(self.download, computed)
-        for name, host in slot.result.items():
-            cuda.copy_async(host.ctypes.data, state["out"][name].data_ptr(), host.nbytes, cuda.D2H, self.download)
+        if self.sink is not None:  # the real rows, to where the next graph reads them
+            (name, host), = slot.result.items()
+            nbytes = slot.rows * host[0].nbytes
+            cuda.copy_async(self.sink(slot), state["out"][name].data_ptr(), nbytes, self.D2D, self.download)
+        else:
+            for name, host in slot.result.items():
+                cuda.copy_async(host.ctypes.data, state["out"][name].data_ptr(), host.nbytes, cuda.D2H, self.download)
         cuda.record(done, self.download)
         return done
 

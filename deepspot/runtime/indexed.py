@@ -40,10 +40,9 @@ from ..export.metadata import (
     HEAD_NEIGHBORS,
     OUTPUT,
 )
-from .base import ModelInfo, Runner, TensorSpec
+from .base import ModelInfo, Runner, TensorSpec, check_feed, conform_feed
 from .gather_graph import ITEM_INDEX
-from .stream import _progress, batches
-from ._pages import release_rows
+from .stream import _progress, batches, predict
 
 TABLE_CHOICES = ("auto", "memory", "mmap", "device")
 TABLE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -388,16 +387,13 @@ def predict_indexed(
         if on_device:
             address, row = pipeline.head.device_table(n + 1, h)
             pipeline.encoder.infer_into({ENCODER_INPUT: zero}, ENCODER_OUTPUT, address)
+            _encode_on_device(pipeline.encoder, own, batch_size, address + row, row, progress)
         else:
             emb[0] = pipeline.encoder.infer({ENCODER_INPUT: zero})[ENCODER_OUTPUT][0]
-        with _progress(progress, n) as bar:
-            for start, stop, feed in batches({ENCODER_INPUT: own}, batch_size):
-                if on_device:
-                    at = address + (1 + start) * row
-                    pipeline.encoder.infer_into(feed, ENCODER_OUTPUT, at, check_inputs=start == 0)
-                else:
+            with _progress(progress, n) as bar:
+                for start, stop, feed in batches({ENCODER_INPUT: own}, batch_size):
                     emb[1 + start : 1 + stop] = pipeline.encoder.infer(feed, check_inputs=start == 0)[ENCODER_OUTPUT]
-                bar(stop - start)
+                    bar(stop - start)
 
         # Pass 2: gather neighbours (in the prefetch thread, or on the device), pool, Rho.
         head_inputs = pipeline.head.get_input_metadata()
@@ -408,7 +404,6 @@ def predict_indexed(
             inputs = {HEAD_EMBEDDING: emb[1:], "neighbor_index": index}
         if "subspot" in mode.input_names:
             inputs["subspot"] = arrays["subspot"]
-        dtypes = {HEAD_EMBEDDING: table_type, "neighbor_index": "int64", ITEM_INDEX: "int64"}
 
         pool_while_gathering = neighbor_pool(info) == "max"
 
@@ -430,21 +425,39 @@ def predict_indexed(
         if device_gather and not on_device:
             pipeline.head.load_table(emb)
         clock["table"] = time.perf_counter()
-        with _progress(progress, n) as bar:
-            for start, stop, feed in batches(inputs, batch_size, dtypes, prepare=None if device_gather else gather):
-                y = pipeline.head.infer(feed, check_inputs=start == 0)[OUTPUT]
-                if inverse_transform:
-                    y = info.inverse_transform(y)
-                if out is None:
-                    out = np.empty((n, y.shape[1]), dtype=np.float32)
-                out[start:stop] = y
-                release_rows(out, start, stop)
-                bar(stop - start)
+        # Batch by batch, or through the head's overlapping pipeline where it has one (ort-cuda).
+        out = predict(pipeline.head, inputs, batch_size, out=out, inverse_transform=inverse_transform,
+                      progress=progress, prepare=None if device_gather else gather)  # fmt: skip
         clock["head"] = time.perf_counter()
     if timings is not None:
         marks = list(clock.values())
         timings.update({phase: b - a for phase, a, b in zip(list(clock)[1:], marks, marks[1:])})
     return out, "device" if device_gather else location
+
+
+def _encode_on_device(encoder, own: np.ndarray, batch_size: int, address: int, row: int, progress: bool) -> None:
+    """Pass 1 into the table on the device, item ``i`` at ``address + i * row``: through the encoder's overlapping
+    pipeline where it has one (ort-cuda: the next batch's copy to the device runs while this one computes), else batch
+    by batch."""
+    from .pipeline import run_pipeline
+
+    specs = encoder.get_input_metadata()
+    check_feed(conform_feed({ENCODER_INPUT: own[:1]}, specs, where=encoder.name), specs, where=encoder.name)
+    pipelined = encoder.pipeline_adapter(batch_size)
+    with _progress(progress, own.shape[0]) as bar:
+        if pipelined is None:
+            for start, stop, feed in batches({ENCODER_INPUT: own}, batch_size):
+                encoder.infer_into(feed, ENCODER_OUTPUT, address + start * row, check_inputs=False)
+                bar(stop - start)
+            return
+        adapter = pipelined[0]
+        adapter.sink = lambda slot: address + slot.start * row
+        try:
+            dtypes = {ENCODER_INPUT: specs[ENCODER_INPUT].dtype}
+            for start, stop, _ in run_pipeline({ENCODER_INPUT: own}, adapter, batch_size, dtypes=dtypes):
+                bar(stop - start)
+        finally:
+            adapter.sink = None
 
 
 def neighbor_pool(info: ModelInfo) -> str:

@@ -141,6 +141,7 @@ class Sessions(list):
     """The sessions made while ``replaying`` is on; ``cuda_graphs`` says whether new ones capture graphs."""
 
     cuda_graphs = True
+    device = None  # (AsyncHostCuda, compute stream): new sessions run there, deferred
 
 
 @pytest.fixture
@@ -156,6 +157,7 @@ def replaying(monkeypatch):
 
     def make(*args, **kwargs):
         sessions.append(ReplaySession(real(*args, **kwargs), sessions.cuda_graphs))
+        sessions[-1].device = sessions.device
         return sessions[-1]
 
     monkeypatch.setattr(ort, "session_from_onnx", make)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import random
 
 import numpy as np
 
@@ -82,11 +83,13 @@ class AsyncHostCuda(HostCuda):
     """Streams as queues of deferred work, run when the host synchronises on an event (see the module's text).
 
     ``priority``: streams in the order they are preferred when several could run; by default the most recently
-    created first. Work enqueued with :meth:`enqueue` (a session's run on its compute stream) is deferred the same way.
+    created first. With ``seed``, a random one of those that could run is taken each time instead. Work enqueued with
+    :meth:`enqueue` (a session's run on its compute stream) is deferred the same way.
     """
 
-    def __init__(self):
+    def __init__(self, seed: int | None = None):
         super().__init__()
+        self.rng = random.Random(seed) if seed is not None else None
         self.queues: dict[int, list] = {}
         self.priority: list[int] = []
         self._recorded: dict[int, int] = {}  # event -> generation of its latest record
@@ -127,7 +130,8 @@ class AsyncHostCuda(HostCuda):
 
     def drain(self, until=lambda: False) -> None:
         while not until():
-            for stream in self.priority:
+            order = self.priority if self.rng is None else self.rng.sample(self.priority, len(self.priority))
+            for stream in order:
                 queue = self.queues[stream]
                 if not queue:
                     continue

@@ -161,6 +161,46 @@ def test_the_encoder_writes_the_table_where_the_head_reads_it(tmp_path, monkeypa
                                atol=(1e-5 if table_dtype == "fp32" else 5e-3) * (1 + np.abs(got).max()))  # fmt: skip
 
 
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["cuda-graph", "no-graph"])
+@pytest.mark.parametrize("seed", range(4))
+def test_both_passes_through_the_pipeline_in_any_stream_order(folders, replaying, cuda_graph, seed):
+    """ort-cuda's indexed path end to end on stand-ins: the encoder's pipeline writes the table on the device, the
+    head's pipeline gathers from it, every stream's work deferred and run in a random order the events allow, over
+    two slides."""
+    from .graph_replay import AsyncHostCuda
+
+    mode = NEIGHBOR_MODES[-1]
+    _, folder = folders(mode)
+    slides = [_graph(mode), _graph(mode, n=45, seed=1)]
+    with pipeline_from_folder(folder, "ort-cpu", RunnerOptions(batch_size=8), device_gather=True) as pipeline:
+        expected = [predict_indexed(pipeline, arrays, batch_size=8)[0] for arrays in slides]
+        host = pipeline.encoder, pipeline.head
+        cuda = AsyncHostCuda(seed)
+        compute = cuda.stream()
+        replaying.cuda_graphs, replaying.device = cuda_graph, (cuda, compute)
+
+        def on_device(runner):
+            device = OrtRunner(runner.path, "ort-cpu", runner.info, cuda_graph=cuda_graph, io_binding=True, batch_size=8)
+            device._cuda, device._compute_stream = cuda, compute
+            return device
+
+        encoder, head = on_device(host[0]), OrtGatherHead(on_device(host[1]))
+        head._cuda, head._compute_stream = cuda, compute
+        pipeline.encoder, pipeline.head = encoder.activate(), head.activate()
+        try:
+            got = []
+            for arrays in slides:
+                got.append(predict_indexed(pipeline, arrays, batch_size=8)[0])
+                assert encoder._adapter is not None and head._adapter is not None  # both passes went through it
+        finally:
+            encoder.deactivate()
+            head.deactivate()
+            pipeline.encoder, pipeline.head = host
+    for x, y in zip(expected, got):
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-6 * (1 + np.abs(x).max()))
+    assert cuda.host == {} and cuda.events == set() and set(cuda.streams) == {compute}  # all given back
+
+
 def test_the_table_must_be_loaded_first(folders):
     _, folder = folders(NEIGHBOR_MODES[0])
     with pipeline_from_folder(folder, "ort-cpu", RunnerOptions(batch_size=8), device_gather=True) as pipeline:
