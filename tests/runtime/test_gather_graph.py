@@ -180,7 +180,8 @@ def test_both_passes_through_the_pipeline_in_any_stream_order(folders, replaying
         replaying.cuda_graphs, replaying.device = cuda_graph, (cuda, compute)
 
         def on_device(runner):
-            device = OrtRunner(runner.path, "ort-cpu", runner.info, cuda_graph=cuda_graph, io_binding=True, batch_size=8)
+            device = OrtRunner(runner.path, "ort-cpu", runner.info, cuda_graph=cuda_graph, io_binding=True,
+                               batch_size=8)  # fmt: skip
             device._cuda, device._compute_stream = cuda, compute
             return device
 
