@@ -320,7 +320,9 @@ def _check_tf32(o: RunnerOptions, backend: str) -> None:
     if o.tf32 and backend in ("torch", "ort-cpu"):
         raise ConfigError(f"tf32 is a math mode of NVIDIA GPUs; the {backend} backend runs on the CPU")
     if o.cuda_graph and backend not in ("ort-cuda", "ort-trt"):
-        raise ConfigError(f"CUDA graphs are replayed by the onnxruntime GPU backends (ort-cuda, ort-trt), not {backend}")
+        raise ConfigError(
+            f"CUDA graphs are replayed by the onnxruntime GPU backends (ort-cuda, ort-trt), not {backend}"
+        )
 
 
 def _profile(inputs, o: RunnerOptions):

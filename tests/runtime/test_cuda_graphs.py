@@ -27,6 +27,12 @@ def _device_runner(path, cuda_graph=True, batch_size=8, cuda=None):
     return runner
 
 
+def _plain_predictions(path, inputs):
+    """What an ort-cpu runner without IO binding predicts for ``inputs`` and for them halved, batch by batch."""
+    with ort.OrtRunner(path, "ort-cpu", read_onnx(path)[0]) as plain:
+        return [predict(plain, x, 8, pipelined=False) for x in (inputs, _scaled(inputs, 0.5))]
+
+
 def _scaled(inputs, factor):
     return {k: (v * factor).astype(v.dtype) for k, v in inputs.items()}
 
@@ -58,8 +64,7 @@ def test_the_pipeline_adapter_serves_every_call(artifacts, replaying, cuda_graph
     ring allocated once, before the first batch runs, and every run naming its graph."""
     a = artifacts()
     inputs = a.inputs()
-    with ort.OrtRunner(a.onnx, "ort-cpu", read_onnx(a.onnx)[0]) as plain:
-        expected = [predict(plain, x, 8, pipelined=False) for x in (inputs, _scaled(inputs, 0.5))]
+    expected = _plain_predictions(a.onnx, inputs)
     cuda = HostCuda()
     replaying.cuda_graphs = cuda_graph
     runner = _device_runner(a.onnx, cuda_graph, cuda=cuda)
@@ -187,8 +192,7 @@ def test_the_pipeline_orders_its_streams_with_events(artifacts, replaying, cuda_
 
     a = artifacts()
     inputs = a.inputs()
-    with ort.OrtRunner(a.onnx, "ort-cpu", read_onnx(a.onnx)[0]) as plain:
-        expected = [predict(plain, x, 8, pipelined=False) for x in (inputs, _scaled(inputs, 0.5))]
+    expected = _plain_predictions(a.onnx, inputs)
     cuda = AsyncHostCuda()
     replaying.cuda_graphs = cuda_graph
     runner = _device_runner(a.onnx, cuda_graph, cuda=cuda)

@@ -216,8 +216,8 @@ def test_cuda_graph_options_and_a_graph_onnxruntime_cannot_capture(artifacts, mo
         assert runner.infer({k: v[:2] for k, v in a.inputs().items()})["expression"].shape == (2, 5)
 
     def refuse(*args, **kwargs):  # what onnxruntime says when a node cannot run inside a CUDA graph
-        raise RuntimeError("This session cannot use the graph capture feature as requested by the user as all "
-                           "compute graph nodes have not been partitioned to the CUDAExecutionProvider\ndetails")  # fmt: skip
+        raise RuntimeError("This session cannot use the graph capture feature as requested by the user as all compute "
+                           "graph nodes have not been partitioned to the CUDAExecutionProvider\ndetails")  # fmt: skip
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
     with pytest.raises(ConfigError, match=r"cannot capture it as a CUDA graph \(This session .*\); run it without "
