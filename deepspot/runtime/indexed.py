@@ -58,10 +58,12 @@ class ModuleRunner(Runner):
         info: Model metadata.
         device: ``cpu`` or ``cuda[:K]``.
         backend: Backend name in reports.
+        output_width: The output's size per item (the embedding size for the encoder, G for the head): with it, the
+            runner streams through the overlapping pipeline on a GPU.
     """
 
     def __init__(self, module, inputs: dict[str, TensorSpec], output: str, info: ModelInfo, device: str = "cpu",
-                 backend: str = "torch"):  # fmt: skip
+                 backend: str = "torch", output_width: int | None = None):  # fmt: skip
         import torch
 
         self.backend = backend
@@ -70,6 +72,7 @@ class ModuleRunner(Runner):
         self._specs = inputs
         self._output = output
         self._device = torch.device(device)
+        self._output_width = output_width
 
     @property
     def output_names(self) -> tuple[str, ...]:
@@ -88,13 +91,25 @@ class ModuleRunner(Runner):
     def deactivate_impl(self) -> None:
         pass
 
+    def _forward(self, inputs: dict) -> dict:
+        """The module on device tensors (the pipeline's compute step, and :meth:`infer`'s)."""
+        return {self._output: self._module(*[inputs[name] for name in self._specs]).float()}
+
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         with torch.inference_mode():
-            args = [torch.from_numpy(feed[name]).to(self._device, non_blocking=True) for name in self._specs]
-            y = self._module(*args)
-        return {self._output: y.float().cpu().numpy()}
+            inputs = {name: torch.from_numpy(feed[name]).to(self._device, non_blocking=True) for name in self._specs}
+            y = self._forward(inputs)[self._output]
+        return {self._output: y.cpu().numpy()}
+
+    def pipeline_adapter(self, batch_size: int):
+        if self._device.type != "cuda" or not self.is_active or self._output_width is None:
+            return None
+        from .torch_runner import TorchCudaAdapter, _pinned_allocate
+
+        outputs = {self._output: ((self._output_width,), np.dtype(np.float32))}
+        return TorchCudaAdapter(self._device, self._forward, outputs), _pinned_allocate
 
 
 class DeviceGatherHeadRunner(ModuleRunner):
@@ -107,14 +122,14 @@ class DeviceGatherHeadRunner(ModuleRunner):
     """
 
     def __init__(self, module, inputs: dict[str, TensorSpec], output: str, info: ModelInfo, device: str = "cuda",
-                 backend: str = "torch-cuda"):  # fmt: skip
+                 backend: str = "torch-cuda", output_width: int | None = None):  # fmt: skip
         specs = {}
         for name, spec in inputs.items():
             if name == HEAD_NEIGHBORS:
                 specs["neighbor_index"] = TensorSpec("neighbor_index", ("batch", "n_neighbors"), "int64")
             else:
                 specs[name] = spec
-        super().__init__(module, specs, output, info, device, backend)
+        super().__init__(module, specs, output, info, device, backend, output_width)
         self._table = None
 
     def load_table(self, table: np.ndarray) -> None:
@@ -126,18 +141,11 @@ class DeviceGatherHeadRunner(ModuleRunner):
     def deactivate_impl(self) -> None:
         self._table = None
 
-    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
+    def _forward(self, inputs: dict) -> dict:
         if self._table is None:
             raise RuntimeError(f"{self.name}: load_table() the slide's embeddings before infer()")
-        with torch.inference_mode():
-            args = []
-            for name in self._specs:
-                t = torch.from_numpy(feed[name]).to(self._device, non_blocking=True)
-                args.append(self._table[t + 1] if name == "neighbor_index" else t)  # (B, K) -> (B, K, H)
-            y = self._module(*args)
-        return {self._output: y.float().cpu().numpy()}
+        gathered = {name: self._table[t + 1] if name == "neighbor_index" else t for name, t in inputs.items()}
+        return super()._forward(gathered)  # (B, K) indices -> (B, K, H) embeddings
 
 
 @dataclass
@@ -203,8 +211,8 @@ def pipeline_from_model(model, device: str = "cpu", precision: str = "fp32", opt
     device_gather = backend == "torch-cuda" if device_gather is None else device_gather
     head_runner = DeviceGatherHeadRunner if device_gather else ModuleRunner
     return IndexedPipeline(
-        ModuleRunner(encoder, enc_specs, "embedding", info, device, backend),
-        head_runner(head, head_specs, OUTPUT, info, device, backend),
+        ModuleRunner(encoder, enc_specs, "embedding", info, device, backend, output_width=h),
+        head_runner(head, head_specs, OUTPUT, info, device, backend, output_width=model.output_size),
         info, h, table_dtype,
     )  # fmt: skip
 
@@ -388,12 +396,9 @@ def predict_indexed(
             address, row = pipeline.head.device_table(n + 1, h)
             pipeline.encoder.infer_into({ENCODER_INPUT: zero}, ENCODER_OUTPUT, address)
             _encode_on_device(pipeline.encoder, own, batch_size, address + row, row, progress)
-        else:
+        else:  # into the table on the host: batch by batch, or through the encoder's pipeline (torch-cuda)
             emb[0] = pipeline.encoder.infer({ENCODER_INPUT: zero})[ENCODER_OUTPUT][0]
-            with _progress(progress, n) as bar:
-                for start, stop, feed in batches({ENCODER_INPUT: own}, batch_size):
-                    emb[1 + start : 1 + stop] = pipeline.encoder.infer(feed, check_inputs=start == 0)[ENCODER_OUTPUT]
-                    bar(stop - start)
+            predict(pipeline.encoder, {ENCODER_INPUT: own}, batch_size, out=emb[1:], progress=progress)
 
         # Pass 2: gather neighbours (in the prefetch thread, or on the device), pool, Rho.
         head_inputs = pipeline.head.get_input_metadata()

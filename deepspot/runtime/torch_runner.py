@@ -162,7 +162,15 @@ class TorchRunner(Runner):
     def pipeline_adapter(self, batch_size: int):
         if self._device.type != "cuda" or not self.is_active:
             return None
-        return TorchCudaAdapter(self), _pinned_allocate
+        outputs = {OUTPUT_NAME: ((self.info.output_size,), np.dtype(np.float32))}
+        return TorchCudaAdapter(self._device, self._forward, outputs), _pinned_allocate
+
+    def _forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model on device tensors (the pipeline's compute step)."""
+        with self._autocast():
+            if self.precision != "fp32" and self.cast == "half":
+                inputs = {k: t.to(_DTYPES[self.precision]) for k, t in inputs.items()}
+            return {OUTPUT_NAME: self._module(**inputs).float()}
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode(), self._autocast():
@@ -180,37 +188,41 @@ def _pinned_allocate(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 class TorchCudaAdapter:
     """The ``torch-cuda`` side of :func:`~deepspot.runtime.pipeline.run_pipeline`: the copy of a batch to the GPU
     on a copy stream, the model on a compute stream that waits for it (on the GPU, not the host), the copy back
-    into the slot's page-locked output buffer on a third stream, so that the three overlap across batches."""
+    into the slot's page-locked output buffer on a third stream, so that the three overlap across batches.
+
+    Args:
+        device: The GPU.
+        forward: ``{name: device tensor} -> {name: float32 device tensor}``: the runner's compute step.
+        outputs: Per output, the shape of one item and the dtype (float32).
+    """
 
     ring = None  # each call's ring: PyTorch's caching host allocator keeps the pinned pages for the next
 
-    def __init__(self, runner: TorchRunner):
-        self.runner = runner
-        device = runner._device
+    def __init__(self, device, forward, outputs):
+        self.device, self.forward, self._outputs = device, forward, outputs
         self.upload, self.compute, self.download = (torch.cuda.Stream(device) for _ in range(3))
 
     def output_specs(self):
-        return {OUTPUT_NAME: ((self.runner.info.output_size,), np.dtype(np.float32))}
+        return self._outputs
 
     def submit(self, slot):
-        r = self.runner
         with torch.cuda.stream(self.upload):
-            inputs = {k: torch.from_numpy(v).to(r._device, non_blocking=True) for k, v in slot.feed.items()}
+            inputs = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in slot.feed.items()}
             uploaded = torch.cuda.Event()
             uploaded.record(self.upload)
-        with torch.cuda.stream(self.compute), torch.inference_mode(), r._autocast():
+        with torch.cuda.stream(self.compute), torch.inference_mode():
             self.compute.wait_event(uploaded)
             for t in inputs.values():
                 t.record_stream(self.compute)  # allocated on the upload stream, used here
-            if r.precision != "fp32" and r.cast == "half":
-                inputs = {k: t.to(_DTYPES[r.precision]) for k, t in inputs.items()}
-            y = r._module(**inputs).float()
+            outputs = self.forward(inputs)
             computed = torch.cuda.Event()
             computed.record(self.compute)
         with torch.cuda.stream(self.download):
             self.download.wait_event(computed)
-            y.record_stream(self.download)
-            torch.from_numpy(slot.result[OUTPUT_NAME]).copy_(y[: slot.result[OUTPUT_NAME].shape[0]], non_blocking=True)
+            for name, y in outputs.items():
+                y.record_stream(self.download)
+                host = slot.result[name]
+                torch.from_numpy(host).copy_(y[: host.shape[0]], non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.download)
         return done
