@@ -272,7 +272,7 @@ def _time_predict(runner, inputs: dict[str, np.ndarray], batch: int, repeats: in
 def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = None,
                until: float | None = None) -> dict:  # fmt: skip
     from deepspot.export import export_onnx
-    from deepspot.runtime import RunnerOptions, load_runner
+    from deepspot.runtime import RunnerOptions
     from deepspot.runtime.bench import get_workload
 
     ok, why = cuda_available()
@@ -321,30 +321,42 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
         if features not in features_by_dtype:  # made once per dtype: at GPU sizes they are gigabytes
             features_by_dtype[features] = _inputs(w, n, np.float16 if features == "fp16" else np.float32)
         inputs = features_by_dtype[features]
-        with load_runner(path, backend, options) as runner:
-            rate = _time_predict(runner, inputs, batch, 3 if smoke else 5)
-            resident = _resident(runner, inputs, batch)
-            how = {
-                "resident_items_per_s": resident,
-                # The overlapping pipeline needs the CUDA runtime through ctypes; without it predict() runs batch by
-                # batch (deepspot doctor says why). Recorded, so that a slow row is not misread.
-                "pipelined": runner.pipeline_adapter(batch) is not None,
-                "providers": runner.session.get_providers() if getattr(runner, "session", None) else None,
-                "precision": runner.info.precision,
-            }
-            tflops = (rates or {}).get(f"{runner.info.precision}_tflops")
-            if tflops:  # what the arithmetic allows: the GEMM rate over the folded graph's FLOPs per spot
-                how["arithmetic_limit_items_per_s"] = tflops * 1e12 / w.flops_per_item(folded=True)
-        rows[name] = {**_rate_row(rate, inputs, n, pinned), **how}
+        rows[name] = _row(_measure, path, backend, options, inputs, batch, smoke, rates, w, n, pinned)
     inputs = features_by_dtype.get("fp32") or _inputs(w, n, np.float32)
     for name, backend, options in ckpt_variants:
         if _over(until):
             rows[name] = SPENT
             continue
-        with load_runner(model, backend, options) as runner:
-            rate = _time_predict(runner, inputs, batch, 3 if smoke else 5)
-        rows[name] = _rate_row(rate, inputs, n, pinned)
+        rows[name] = _row(_measure, model, backend, options, inputs, batch, smoke, rates, w, n, pinned)
     return {"workload": w.name, "items": n, "batch": batch, "rows": rows}
+
+
+def _row(measure, *args) -> dict:
+    """One throughput row, ``measure(*args)``; an error is recorded in it and the other rows go on."""
+    try:
+        return measure(*args)
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)}
+
+
+def _measure(source, backend, options, inputs, batch, smoke, rates, w, n, pinned) -> dict:
+    from deepspot.runtime import load_runner
+
+    with load_runner(source, backend, options) as runner:
+        rate = _time_predict(runner, inputs, batch, 3 if smoke else 5)
+        how = {
+            "resident_items_per_s": _resident(runner, inputs, batch),
+            # The overlapping pipeline needs the CUDA runtime (ctypes for onnxruntime, PyTorch's for torch-cuda);
+            # without it predict() runs batch by batch (deepspot doctor says why). Recorded, so that a slow row is
+            # not misread.
+            "pipelined": runner.pipeline_adapter(batch) is not None,
+            "providers": runner.session.get_providers() if getattr(runner, "session", None) else None,
+            "precision": runner.info.precision,
+        }
+        tflops = (rates or {}).get(f"{runner.info.precision}_tflops")
+        if tflops:  # what the arithmetic allows: the GEMM rate over the folded graph's FLOPs per spot
+            how["arithmetic_limit_items_per_s"] = tflops * 1e12 / w.flops_per_item(folded=True)
+    return {**_rate_row(rate, inputs, n, pinned), **how}
 
 
 def _rate_row(rate: float, inputs: dict[str, np.ndarray], n: int, pinned: float | None) -> dict:
@@ -375,7 +387,15 @@ def slides(smoke: bool, bw: dict | None) -> dict:
         if smoke:
             w, n = w.quick(), 2000
         backends = ["ort-cpu"] if smoke else ["ort-cuda"] if batch else ["ort-cuda", "torch-cuda"]
-        report = run_slide_bench(w, backends, batch, 2 if smoke else 3, 1, n_items=n)
+        try:
+            report = run_slide_bench(w, backends, batch, 2 if smoke else 3, 1, n_items=n)
+        except Exception as e:  # noqa: BLE001  one failing backend must not lose the other's row
+            if len(backends) == 1:
+                raise
+            out.setdefault(name, {"items": n, "rows": {}})["rows"][f"{', '.join(backends)}, batch {batch}"] = {
+                "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)}
+            backends = backends[:1]
+            report = run_slide_bench(w, backends, batch, 2 if smoke else 3, 1, n_items=n)
         own = {"xenium-slide": 1, "visium-slide": 1 + w.bags.get("subspot", 0)}[name]
         per_item = own * w.input_size * 4 + 8 * w.bags.get("neighbors", 0)  # own tiles in fp32 and the int64 indices
         limit = None if pinned is None else pinned * 1e9 / per_item
@@ -433,8 +453,9 @@ def markdown(results: dict) -> str:
                       "arithmetic limit, items/s |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
             for workload, table in tables.items():
                 for variant, row in (table.get("rows") or {}).items():
-                    if "skipped" in row:
-                        lines.append(f"| {workload} | {variant} | skipped: {row['skipped']} | | | |")
+                    if "skipped" in row or "error" in row:
+                        what = f"skipped: {row['skipped']}" if "skipped" in row else f"failed: {row['error'][:160]}"
+                        lines.append(f"| {workload} | {variant} | {what} | | | |")
                         continue
                     frac, resident = row.get("fraction_of_limit"), row.get("resident_items_per_s")
                     arithmetic = row.get("arithmetic_limit_items_per_s")

@@ -84,3 +84,14 @@ def test_a_parity_case_that_cannot_capture_a_cuda_graph_runs_again_without(tmp_p
     failed = suite._case(lambda options: 1 / 0, None)
     assert failed["passed"] is False and "ZeroDivisionError" in failed["error"]
 
+
+
+def test_a_failing_throughput_row_is_recorded_and_the_others_go_on(tmp_path):
+    suite = _suite()
+    row = suite._row(lambda a, b: a / b, 1, 0)
+    assert "ZeroDivisionError" in row["error"] and "traceback" in row
+    assert suite._row(lambda a, b: {"items_per_s": a + b}, 1, 2) == {"items_per_s": 3}
+    run = suite.Suite(tmp_path, budget=1e9, smoke=True)
+    run.results["steps"]["throughput"] = {"status": "ok", "result": {"workload": "w", "rows": {"v": row}}}
+    run.write()
+    assert "| w | v | failed: ZeroDivisionError" in (tmp_path / "gpu_suite.md").read_text()
