@@ -82,3 +82,15 @@ def test_native_tensorrt_engine_build_run_and_checks(artifacts, require, tmp_pat
     assert check_parity(a.checkpoint, plan, "tensorrt", bundle=a.bundle, batch_size=16).passed
     with pytest.raises(CheckpointError, match="onnx_sha256"):
         TrtRunner(plan, onnx_path=artifacts("cell", "neighbors").onnx).activate()
+
+
+@pytest.mark.gpu
+def test_ort_cuda_fp32_is_fp32_and_tf32_is_asked_for(artifacts, require):
+    """onnxruntime's CUDA provider would run fp32 products at TF32 by default; deepspot turns that off unless asked."""
+    require("ort-cuda")
+    a = artifacts()
+    strict = check_parity(a.checkpoint, a.onnx, "ort-cuda", bundle=a.bundle, batch_size=16)
+    assert strict.passed and strict.precision == "fp32"
+    tf32 = check_parity(a.checkpoint, a.onnx, "ort-cuda", bundle=a.bundle, batch_size=16,
+                        options=RunnerOptions(tf32=True))  # fmt: skip
+    assert tf32.passed and tf32.precision == "tf32"
