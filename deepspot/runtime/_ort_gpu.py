@@ -262,20 +262,17 @@ class OrtCudaAdapter:
         runner: The active :class:`~deepspot.runtime.ort.OrtRunner` (with IO binding).
         cuda: The CUDA runtime (:class:`~deepspot.runtime.cuda_libs.CudaRuntime`).
         compute_stream: The session's compute stream.
-        device_type: ``cuda`` (``cpu`` with a host stand-in for ``cuda``: how the tests run it).
 
     Unverified: written against the CUDA runtime and onnxruntime documentation; it has not run on a GPU yet.
     """
 
-    D2D = 3  # cudaMemcpyDeviceToDevice
-
-    def __init__(self, runner, cuda, compute_stream: int, device_type: str = "cuda"):
+    def __init__(self, runner, cuda, compute_stream: int):
         self.ort = import_ort()
         self.runner = runner
         self.io: DeviceIO = runner._io
         self.cuda = cuda
         self.compute = compute_stream
-        self.device_type = device_type
+        self.device_type = runner.device_type  # cpu: ort-cpu with a host stand-in for cuda, as the tests run it
         self.upload, self.download = cuda.stream(), cuda.stream()
         self._pinned: list = []
         self.ring = HostRing(DEFAULT_DEPTH, pinned_allocator(cuda, self._pinned))
@@ -324,11 +321,11 @@ class OrtCudaAdapter:
         if graph is not None:  # into the graph's buffers, run, and out of them: all in order on the compute stream
             for name, value in state["in"].items():
                 dst = graph.inputs[name].data_ptr()
-                cuda.copy_async(dst, value.data_ptr(), slot.feed[name].nbytes, self.D2D, self.compute)
+                cuda.copy_async(dst, value.data_ptr(), slot.feed[name].nbytes, cuda.D2D, self.compute)
             self.runner.session.run_with_iobinding(graph.binding, graphs.run_options(graph.id, synchronize=False))
             for name, value in state["out"].items():
                 src = graph.outputs[name].data_ptr()
-                cuda.copy_async(value.data_ptr(), src, slot.result[name].nbytes, self.D2D, self.compute)
+                cuda.copy_async(value.data_ptr(), src, slot.result[name].nbytes, cuda.D2D, self.compute)
         else:
             options = graphs.uncaptured(False) if graphs is not None else self.no_sync
             if state["binding"] is None or state["constants"] != self.io.constants_version:  # a new slide's table
@@ -340,7 +337,7 @@ class OrtCudaAdapter:
         if self.sink is not None:  # the real rows, to where the next graph reads them
             (name, host), = slot.result.items()
             nbytes = slot.rows * host[0].nbytes
-            cuda.copy_async(self.sink(slot), state["out"][name].data_ptr(), nbytes, self.D2D, self.download)
+            cuda.copy_async(self.sink(slot), state["out"][name].data_ptr(), nbytes, cuda.D2D, self.download)
         else:
             for name, host in slot.result.items():
                 cuda.copy_async(host.ctypes.data, state["out"][name].data_ptr(), host.nbytes, cuda.D2H, self.download)

@@ -279,14 +279,14 @@ def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
 
         device = f"cuda:{o.device}" if name == "torch-cuda" else "cpu"
         precision = o.precision or "fp32"
-        _check_tf32(o, name)
+        _check_gpu_options(o, name)
         return TorchRunner(model, device=device, precision=precision, compile=o.compile, graph=o.torch_graph,
                            tf32=o.tf32)  # fmt: skip
     if kind == "plan":
         from .trt import TrtRunner
 
         return TrtRunner(model, device_id=o.device)
-    _check_tf32(o, name)
+    _check_gpu_options(o, name)
     info, inputs = read_onnx(model)
     graph_precision = info.precision if info else "fp32"
     precision = o.precision or graph_precision
@@ -315,7 +315,7 @@ def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
     return runner
 
 
-def _check_tf32(o: RunnerOptions, backend: str) -> None:
+def _check_gpu_options(o: RunnerOptions, backend: str) -> None:
     """Refuse GPU options a backend would ignore."""
     if o.tf32 and backend in ("torch", "ort-cpu"):
         raise ConfigError(f"tf32 is a math mode of NVIDIA GPUs; the {backend} backend runs on the CPU")

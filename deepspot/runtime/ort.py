@@ -287,7 +287,7 @@ class OrtRunner(Runner):
         if self._adapter is None:  # one per activation: its ring, device buffers and graphs serve every call
             from ._ort_gpu import OrtCudaAdapter
 
-            self._adapter = OrtCudaAdapter(self, self._cuda, self._compute_stream, self.device_type)
+            self._adapter = OrtCudaAdapter(self, self._cuda, self._compute_stream)
         return self._adapter, None
 
     def deactivate_impl(self) -> None:
