@@ -17,8 +17,9 @@ from typing import Any
 
 from ..errors import BackendUnavailableError, ConfigError
 from .artifacts import artifact_kind, read_onnx
+from ._onnxruntime import GPU_INSTALL, OrtInstall, import_ort, ort_install
 from .base import Runner
-from .ort import CPU, CUDA, TRT, install_hint
+from .ort import CPU, CUDA, TRT
 
 log = logging.getLogger("deepspot.runtime")
 
@@ -68,7 +69,7 @@ BACKENDS: dict[str, Backend] = {
             "onnx",
             "cuda",
             "onnxruntime-gpu (CUDA provider) and an NVIDIA GPU",
-            install_hint(CUDA),
+            GPU_INSTALL,
             "ort-cpu",
             (CUDA, CPU),
         ),
@@ -77,7 +78,7 @@ BACKENDS: dict[str, Backend] = {
             "onnx",
             "cuda",
             "onnxruntime-gpu with TensorRT, and an NVIDIA GPU",
-            install_hint(TRT),
+            "install onnxruntime-gpu with TensorRT: pip install 'deepspot[gpu,tensorrt]'",
             "ort-cuda",
             (TRT, CUDA, CPU),
         ),
@@ -102,24 +103,27 @@ class Probe:
     cuda: bool = False
     tensorrt: bool = False
     torch: bool = True
+    ort: OrtInstall | None = None  # which onnxruntime package is installed (for the hint when a provider is missing)
 
     @classmethod
     def detect(cls, torch_cuda: bool = True) -> "Probe":
         """Probe this machine; ``torch_cuda=False`` skips asking PyTorch for a GPU (importing torch takes seconds,
         and only ``torch-cuda`` and ``tensorrt`` need the answer)."""
         providers: tuple[str, ...] = ()
-        if importlib.util.find_spec("onnxruntime") is not None:
-            import onnxruntime
-
-            providers = tuple(onnxruntime.get_available_providers())
+        install = ort_install()
+        if install.module is not None:
+            try:
+                providers = tuple(import_ort().get_available_providers())
+            except BackendUnavailableError:  # a broken install: no providers, and the reason says how to repair it
+                pass
         has_trt = importlib.util.find_spec("tensorrt") is not None
         if importlib.util.find_spec("torch") is None:  # a serving install: the ONNX backends need no PyTorch
-            return cls(providers, False, has_trt, torch=False)
+            return cls(providers, False, has_trt, torch=False, ort=install)
         if not torch_cuda:
-            return cls(providers, False, has_trt)
+            return cls(providers, False, has_trt, ort=install)
         import torch
 
-        return cls(providers, torch.cuda.is_available(), has_trt)
+        return cls(providers, torch.cuda.is_available(), has_trt, ort=install)
 
 
 def unavailable_reason(name: str, probe: Probe) -> str | None:
@@ -127,7 +131,15 @@ def unavailable_reason(name: str, probe: Probe) -> str | None:
     b = get_backend(name)
     missing = [p for p in b.providers if p not in probe.providers]
     if missing:
-        return f"backend {name!r} needs {b.needs}: onnxruntime here has no {missing[0]}; {b.install}"
+        install = probe.ort
+        if install and install.problem():  # both packages in one folder, or a module deleted under its package
+            return f"backend {name!r} needs {b.needs}: {install.problem()}"
+        hint = b.install
+        if install and missing[0] in (CUDA, TRT):
+            hint = install.gpu_hint("gpu" if missing[0] == CUDA else "gpu,tensorrt")
+        if install and install.module is None:
+            return f"backend {name!r} needs {b.needs}: onnxruntime is not installed; {hint}"
+        return f"backend {name!r} needs {b.needs}: onnxruntime here has no {missing[0]}; {hint}"
     if b.runs == "model" and not probe.torch:
         return f"backend {name!r} needs PyTorch, which is not installed: {get_backend('torch').install}"
     if name == "tensorrt" and not probe.torch:  # the native runner's device buffers and streams are torch's

@@ -93,17 +93,22 @@ def diagnose() -> Report:
     from .backends import BACKENDS, Probe, unavailable_reason
 
     report = Report()
+    probe = Probe.detect()
+    ort = probe.ort
+    # The package that `import onnxruntime` loads: with both packages installed (one hiding the other on the path,
+    # or both in one folder), the first distribution found by name is not necessarily the one that runs.
     report.versions = {
         "deepspot": __version__,
         "python": platform.python_version(),
         "numpy": _version("numpy"),
         "onnx": _version("onnx"),
-        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
-        "onnxruntime package": "onnxruntime-gpu" if _version("onnxruntime-gpu") else (
-            "onnxruntime" if _version("onnxruntime") else None),
-        "torch": _version("torch"),
-        "tensorrt": _version("tensorrt"),
-    }  # fmt: skip
+        "onnxruntime": ort.version or (" + ".join(f"{p.name} {p.version}" for p in ort.owners) or None),
+        "onnxruntime package": ort.package or ("a mix of both" if len(ort.owners) > 1 else None),
+        "onnxruntime module": None if ort.module is None else str(ort.module),
+    }
+    if ort.note():
+        report.versions["onnxruntime note"] = ort.note()
+    report.versions |= {"torch": _version("torch"), "tensorrt": _version("tensorrt")}
     report.machine = {"platform": platform.platform(), "cpu": _cpu()}
     torch_gpu = None
     if importlib.util.find_spec("torch") is not None:
@@ -117,7 +122,6 @@ def diagnose() -> Report:
         from .cuda_libs import preload_cuda_libraries
 
         report.libraries = {**_cuda_versions(), **preload_cuda_libraries()}
-    probe = Probe.detect()
     report.versions["onnxruntime providers"] = ", ".join(probe.providers) or None
     for name in BACKENDS:
         why = unavailable_reason(name, probe)

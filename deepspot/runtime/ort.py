@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailableError, ConfigError, InputError
-from ._onnxruntime import import_ort  # noqa: F401  (moved there so that _ort_gpu need not import this module)
+from ._onnxruntime import import_ort, ort_install
 from .base import ModelInfo, Runner, TensorSpec, check_feed, conform_feed
 from .profiles import Profile, trt_profile_options
 
@@ -168,9 +168,9 @@ def session_from_onnx(
 
 def install_hint(provider: str) -> str:
     if provider == TRT:
-        return "install onnxruntime-gpu with TensorRT: pip install 'deepspot[gpu,tensorrt]'"
+        return "onnxruntime-gpu with TensorRT: " + ort_install().gpu_hint("gpu,tensorrt")
     if provider == CUDA:
-        return "install onnxruntime-gpu instead of onnxruntime: pip uninstall -y onnxruntime && pip install 'deepspot[gpu]'"
+        return ort_install().gpu_hint()
     return "pip install 'deepspot[cpu]'"
 
 
