@@ -399,7 +399,8 @@ def slides(smoke: bool, bw: dict | None) -> dict:
         own = {"xenium-slide": 1, "visium-slide": 1 + w.bags.get("subspot", 0)}[name]
         per_item = own * w.input_size * 4 + 8 * w.bags.get("neighbors", 0)  # own tiles in fp32 and the int64 indices
         limit = None if pinned is None else pinned * 1e9 / per_item
-        rows = out.setdefault(name, {"items": n, "rows": {}})["rows"]
+        out.setdefault(name, {"items": n, "rows": {}})["eager_baseline"] = report.baseline  # what the ratios are to
+        rows = out[name]["rows"]
         for r in report.results:
             if batch and "indexed" not in r.backend:
                 continue  # the per-item baseline is measured once, in the workload-batch run
@@ -415,6 +416,14 @@ def slides(smoke: bool, bw: dict | None) -> dict:
 
 
 # -- report -----------------------------------------------------------------------------------------------------------
+def _eager_rate(table: dict) -> float | None:
+    """The eager PyTorch row's rate of a throughput table (on the GPU; on the CPU in a smoke run), if it ran."""
+    for variant, row in (table.get("rows") or {}).items():
+        if "eager" in variant and row.get("items_per_s"):
+            return row["items_per_s"]
+    return None
+
+
 def markdown(results: dict) -> str:
     lines = [f"# deepspot GPU suite, {results['date']}{' (smoke run on the CPU)' if results['smoke'] else ''}", ""]
     steps = results["steps"]
@@ -449,20 +458,28 @@ def markdown(results: dict) -> str:
                 lines.append(f"| {case} | {row.get('passed', row.get('skipped'))} | {detail} |")
         else:
             tables = {result.get("workload", name): result} if name == "throughput" else result
-            lines += ["| workload | variant | items/s | fraction of bus limit | graph alone on the device, items/s | "
-                      "arithmetic limit, items/s |", "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+            lines += ["| workload | variant | items/s | fraction of bus limit | x eager | graph alone on the device, "
+                      "items/s | arithmetic limit, items/s |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
             for workload, table in tables.items():
+                eager = _eager_rate(table)
                 for variant, row in (table.get("rows") or {}).items():
                     if "skipped" in row or "error" in row:
                         what = f"skipped: {row['skipped']}" if "skipped" in row else f"failed: {row['error'][:160]}"
-                        lines.append(f"| {workload} | {variant} | {what} | | | |")
+                        lines.append(f"| {workload} | {variant} | {what} | | | | |")
                         continue
                     frac, resident = row.get("fraction_of_limit"), row.get("resident_items_per_s")
                     arithmetic = row.get("arithmetic_limit_items_per_s")
+                    ratio = row.get("ratio_to_eager_per_item") or (row["items_per_s"] / eager if eager else None)
                     lines.append(f"| {workload} | {variant} | {row['items_per_s']:,.0f} | "
                                  f"{'-' if frac is None else f'{frac:.0%}'} | "
+                                 f"{'-' if ratio is None else f'{ratio:.2f}'} | "
                                  f"{'-' if resident is None else f'{resident:,.0f}'} | "
                                  f"{'-' if arithmetic is None else f'{arithmetic:,.0f}'} |")  # fmt: skip
+            for workload, table in tables.items():
+                baseline = table.get("eager_baseline") or next(
+                    (v for v in (table.get("rows") or {}) if "eager" in v and "items_per_s" in table["rows"][v]), None)
+                if baseline:
+                    lines.append(f"\n{workload}: x eager is against {baseline}")
             for workload, table in tables.items():
                 for variant, row in (table.get("rows") or {}).items():
                     if row.get("phases_s"):

@@ -1,7 +1,7 @@
 """Whole-slide benchmarks (``visium-slide``, ``xenium-slide``): the indexed layout against the eager per-item model.
 
 The baseline is what users run today: the eager PyTorch model in the per-item layout, every item carrying copies of
-its neighbours' tiles. Its throughput does not depend on the slide's size, so it is timed on one batch of the
+its neighbours' tiles, on the CPU, or on the GPU (at the workload's GPU batch) when the indexed backends run there. Its throughput does not depend on the slide's size, so it is timed on one batch of the
 slide's items (their neighbour bags gathered from the index). Each indexed backend runs both passes over the whole
 slide per repeat. Runs alternate, baseline first, and the ratio is the median of the paired per-repeat ratios, as
 ``BENCHMARKS.md`` asks.
@@ -39,6 +39,12 @@ def indexed_flops_per_item(w: Workload) -> float:
     tiles = 1 + w.bags.get("subspot", 0)
     return float(tiles * w.n_ensemble * w.input_size * w.phi2rho_size * 2 + w.multiplier * w.phi2rho_size *
                  w.output_size * 2)  # fmt: skip
+
+
+def baseline_device(on_gpu: bool, torch_cuda: bool) -> str:
+    """Where the eager baseline runs: on the GPU when the indexed backends do and PyTorch sees it, else on the CPU
+    (the baseline's row and the report's ``baseline`` name the device, so a CPU baseline is not read as the GPU's)."""
+    return "cuda" if on_gpu and torch_cuda else "cpu"
 
 
 def run_slide_bench(
@@ -88,10 +94,13 @@ def run_slide_bench(
     batch = batch_size or (w.batch_gpu if on_gpu else max(w.batch_cpu, 256))
 
     # The baseline's batch: the slide's first items, with their neighbour bags gathered as the per-item layout has.
+    # GPU figures are set beside eager PyTorch on the same GPU (BENCHMARKS.md), at the workload's GPU batch.
     inputs, gather = dense_from_index(slide, model.mode)
-    dense_batch = min(batch_size or w.batch_cpu, n)
+    base_device = baseline_device(on_gpu, torch.cuda.is_available())
+    dense_batch = min(batch_size or (w.batch_gpu if base_device == "cuda" else w.batch_cpu), n)
     _, _, dense_feed = next(batches(inputs, dense_batch, {k_: v.dtype for k_, v in inputs.items()}, prepare=gather))
-    baseline = TorchRunner(model, name="torch (eager, per-item)").activate()
+    base_name = f"{'torch-cuda' if base_device == 'cuda' else 'torch'} (eager, per-item)"
+    baseline = TorchRunner(model, device=base_device, name=base_name).activate()
 
     pipelines: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="deepspot-slide-bench-", dir=workdir) as tmp:
@@ -163,8 +172,8 @@ def run_slide_bench(
     dense_flops, folded = w.flops_per_item(), w.flops_per_item(folded=True)
     indexed_flops = indexed_flops_per_item(w)
     base = per_repeat["baseline"]
-    results = [backend_result("torch (eager, per-item)", "cpu", len(dense_feed["neighbors"]), per_repeat["baseline"], base,
-                       latency["baseline"], peaks["baseline"], dense_flops, folded, rate)]  # fmt: skip
+    results = [backend_result(base_name, base_device, len(dense_feed["neighbors"]), per_repeat["baseline"], base,
+                              latency["baseline"], peaks["baseline"], dense_flops, folded, rate)]  # fmt: skip
     for name, p in pipelines.items():
         r = backend_result(f"{p.backend} (indexed, table {table_phrase(locations[name])})", p.head.device, batch, per_repeat[name], base,
                     latency[name], peaks[name], indexed_flops, indexed_flops, rate)  # fmt: skip
@@ -187,6 +196,7 @@ def run_slide_bench(
         warmup=warmup,
         results=results,
         peak_rss_scope=peak_rss_scope(scoped),
+        baseline=base_name,
     )  # fmt: skip
 
 

@@ -229,12 +229,21 @@ def test_slide_generators():
     assert cells.shape == (100, 44) and not (cells == np.arange(100)[:, None]).any()  # the cell itself excluded
 
 
+def test_a_gpu_slide_benchmark_sets_the_gpu_backends_beside_eager_pytorch_on_the_gpu():
+    from deepspot.runtime.slide_bench import baseline_device
+
+    assert baseline_device(on_gpu=True, torch_cuda=True) == "cuda"
+    assert baseline_device(on_gpu=False, torch_cuda=True) == "cpu"
+    assert baseline_device(on_gpu=True, torch_cuda=False) == "cpu"  # a CPU build of PyTorch: named so in the report
+
+
 def test_quick_slide_benchmark_reports_ratios():
     from deepspot.runtime.bench import run_bench
 
     report = run_bench("xenium-slide", ["torch", "ort-cpu"], repeats=1, warmup=0, quick=True, n_items=300)
     names = [r.backend for r in report.results]
     assert names[0] == "torch (eager, per-item)" and any("indexed" in n for n in names[1:])
+    assert report.baseline == names[0] and report.results[0].device == "cpu"
     assert all(r.items_per_s > 0 and r.ratio_to_torch > 0 for r in report.results)
     assert report.workload["n_items"] == 300
     for r in report.results[1:]:  # each pass of the indexed layout, timed: what bounds a slide
