@@ -11,7 +11,8 @@ done; a step that fails records its error and the suite goes on):
 3. ``parity``: ``ort-cuda`` (fp32, tf32, fp16) and ``torch-cuda`` (fp32, tf32, fp16, bf16) against the eager fp32
    model on the CPU, every forward mode of both families (at reduced sizes), and the indexed layout;
 4. ``throughput``: ``visium-uni`` on ``ort-cuda`` (with and without CUDA graphs), ``torch-cuda`` (the exporter's
-   graph) and eager PyTorch on the GPU, with fp32 and fp16 features, through the overlapping pipeline, each with
+   graph) and eager PyTorch on the GPU, with fp32 and fp16 features (the torch runners take fp16 features as they
+   are and cast them on the GPU), through the overlapping pipeline, each with
    ``fraction_of_limit`` = items/s / (pinned bandwidth / input bytes per item); fp32 features also with TF32 products
    and with an fp16 graph (strict fp32 arithmetic may bound them below the bus), and for each ``ort-cuda`` row the
    rate of the graph alone on a batch already on the device (``resident_items_per_s``): what bounds it, measured;
@@ -248,6 +249,15 @@ def _inputs(w, n: int, dtype) -> dict[str, np.ndarray]:
     return {k: v.astype(dtype, copy=False) for k, v in w.inputs(n, seed=0).items()}
 
 
+def _features(w, n: int, features: str, made: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The seeded features in ``features`` (fp32 or fp16): cast from the other dtype's if that was made already (at
+    GPU sizes drawing them takes tens of seconds, casting a few)."""
+    dtype = np.float16 if features == "fp16" else np.float32
+    if made:
+        return {k: v.astype(dtype) for k, v in next(iter(made.values())).items()}
+    return _inputs(w, n, dtype)
+
+
 def _resident(runner, inputs: dict[str, np.ndarray], batch: int) -> float | None:
     """The graph alone on one batch already on the device (items/s): what bounds the pipeline if not the bus."""
     if not hasattr(runner, "resident_rate") or getattr(runner, "_io", None) is None:
@@ -306,11 +316,16 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
             ("ort-cuda fp32 features, TF32, CUDA graph", paths["fp32"], "ort-cuda", tf32, "fp32"),
             ("ort-cuda fp32 features, fp16 graph, CUDA graph", paths["fp16-compute"], "ort-cuda", plain, "fp32"),
         ]
-    ckpt_variants = [("torch eager", "torch", RunnerOptions())] if smoke else [
-        ("torch-cuda eager (GPU)", "torch-cuda", RunnerOptions()),
-        ("torch-cuda export graph fp32", "torch-cuda", RunnerOptions(torch_graph="export")),
-        ("torch-cuda export graph fp16", "torch-cuda", RunnerOptions(torch_graph="export", precision="fp16")),
-    ]
+    ckpt_variants = [("torch eager", "torch", RunnerOptions(), "fp32"),
+                     ("torch eager, fp16 features", "torch", RunnerOptions(io="fp16"), "fp16")] if smoke else [
+        ("torch-cuda eager (GPU)", "torch-cuda", RunnerOptions(), "fp32"),
+        ("torch-cuda eager (GPU), fp16 features", "torch-cuda", RunnerOptions(io="fp16"), "fp16"),
+        ("torch-cuda export graph fp32", "torch-cuda", RunnerOptions(torch_graph="export"), "fp32"),
+        ("torch-cuda export graph fp32, fp16 features", "torch-cuda", RunnerOptions(torch_graph="export", io="fp16"),
+         "fp16"),
+        ("torch-cuda export graph fp16, fp16 features", "torch-cuda",
+         RunnerOptions(torch_graph="export", precision="fp16", io="fp16"), "fp16"),
+    ]  # fmt: skip
     if not smoke and not ok:
         return {"skipped": why}
     features_by_dtype = {}
@@ -319,14 +334,16 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
             rows[name] = SPENT
             continue
         if features not in features_by_dtype:  # made once per dtype: at GPU sizes they are gigabytes
-            features_by_dtype[features] = _inputs(w, n, np.float16 if features == "fp16" else np.float32)
+            features_by_dtype[features] = _features(w, n, features, features_by_dtype)
         inputs = features_by_dtype[features]
         rows[name] = _row(_measure, path, backend, options, inputs, batch, smoke, rates, w, n, pinned)
-    inputs = features_by_dtype.get("fp32") or _inputs(w, n, np.float32)
-    for name, backend, options in ckpt_variants:
+    for name, backend, options, features in ckpt_variants:
         if _over(until):
             rows[name] = SPENT
             continue
+        if features not in features_by_dtype:
+            features_by_dtype[features] = _features(w, n, features, features_by_dtype)
+        inputs = features_by_dtype[features]
         rows[name] = _row(_measure, model, backend, options, inputs, batch, smoke, rates, w, n, pinned)
     return {"workload": w.name, "items": n, "batch": batch, "rows": rows}
 

@@ -238,6 +238,9 @@ class RunnerOptions:
             times faster, not fp32-exact (the ``tf32`` row of the parity tolerances). Off by default, so that fp32
             means fp32: onnxruntime's CUDA provider and TensorRT turn it on unless told otherwise. GPU backends only.
         cache_dir: TensorRT engine and timing caches.
+        io: The features' dtype as the runner takes them, ``fp32`` or ``fp16``: fp16 features cross the bus as they
+            are (half the bytes) and are cast on the device. The torch backends take either (``None``: fp32); an
+            ONNX graph's is fixed at export (``deepspot export --io fp16``), and given here it must match.
     """
 
     device: int = 0
@@ -250,6 +253,7 @@ class RunnerOptions:
     cuda_graph: bool | None = None
     tf32: bool = False
     cache_dir: Path | None = None
+    io: str | None = None
 
 
 def load_runner(
@@ -285,6 +289,20 @@ def load_runner(
     return runner
 
 
+def _check_io(io: str | None, inputs: dict[str, Any], model: Any) -> None:
+    """A feature dtype asked of a graph must be the one it was exported with (a graph's input dtype is fixed)."""
+    if io is None:
+        return
+    dtypes = {"fp32": "float32", "fp16": "float16"}
+    if io not in dtypes:
+        raise ConfigError(f"unknown feature dtype {io!r}; expected one of: {', '.join(dtypes)}")
+    have = {spec.dtype for spec in inputs.values() if spec.dtype.startswith("float")}
+    if have and have != {dtypes[io]}:
+        exported = "fp16" if have == {"float16"} else "fp32"
+        raise ConfigError(f"{model} takes {exported} features (its input dtype is fixed at export); export it with "
+                          f"--io {io} to take {io} features")  # fmt: skip
+
+
 def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
     if name in ("torch", "torch-cuda"):
         from .torch_runner import TorchRunner
@@ -293,13 +311,16 @@ def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
         precision = o.precision or "fp32"
         _check_gpu_options(o, name)
         return TorchRunner(model, device=device, precision=precision, compile=o.compile, graph=o.torch_graph,
-                           tf32=o.tf32)  # fmt: skip
+                           tf32=o.tf32, io=o.io or "fp32")  # fmt: skip
     if kind == "plan":
         from .trt import TrtRunner
 
-        return TrtRunner(model, device_id=o.device)
+        runner = TrtRunner(model, device_id=o.device)
+        _check_io(o.io, runner.get_input_metadata(), model)
+        return runner
     _check_gpu_options(o, name)
     info, inputs = read_onnx(model)
+    _check_io(o.io, inputs, model)
     graph_precision = info.precision if info else "fp32"
     precision = o.precision or graph_precision
     if name == "tensorrt":

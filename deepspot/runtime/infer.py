@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data import MAX_BAG
+from ..data import FEATURE_KEYS, MAX_BAG
 from ..errors import ConfigError, DeepSpotError
 from ..fileio import atomic_path, check_clobber, ensure_free_space, preallocate, remove_leftovers, temp_prefix
 from .backends import RunnerOptions, load_runner
@@ -107,10 +107,12 @@ class ModelSession:
             self._hash = model_fingerprint(self.model)
         return self._hash
 
-    def dense(self, batch_size: int, bag_sizes: dict[str, int]):
+    def dense(self, batch_size: int, bag_sizes: dict[str, int], fp16_features: bool = False):
         if self._runner is None:
             self.options.batch_size = batch_size
             self.options.bag_sizes = bag_sizes
+            if fp16_features and self.options.io is None and self.backend == "torch-cuda":
+                self.options.io = "fp16"  # the bundle's fp16 features cross the bus as they are (half the bytes)
             runner = load_runner(self.model, self.backend, self.options, self.allow_fallback)
             if runner.info is None:
                 raise ConfigError(f"{self.model}: not exported by deepspot (no model metadata); cannot match it to the bundle")
@@ -219,7 +221,8 @@ def infer(
 
 def _infer_dense(session, data, output, batch_size, inverse_transform, progress, max_bag, no_clobber) -> InferResult:
     bag_sizes = {k: int(data[k].shape[1]) for k in ("subspot", "neighbors") if k in data and data[k].ndim == 3}
-    runner = session.dense(batch_size, bag_sizes)
+    features = {data[k].dtype for k in FEATURE_KEYS if k in data}
+    runner = session.dense(batch_size, bag_sizes, fp16_features=features == {np.dtype(np.float16)})
     info = runner.info
     mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
     prepare = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from ..errors import BackendUnavailableError, ConfigError
 from .base import OUTPUT_NAME, ModelInfo, Runner, TensorSpec
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+IO_DTYPES = {"fp32": "float32", "fp16": "float16"}
 CASTS = ("auto", "autocast", "half")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -47,6 +49,9 @@ class TorchRunner(Runner):
         name: Runner name in reports.
         tf32: On CUDA, let fp32 matrix products use TF32 tensor cores while the runner is active (PyTorch's
             process-wide switch, set on :meth:`activate` and restored on :meth:`deactivate`).
+        io: The features' dtype as the runner takes them: ``fp32``, or ``fp16`` (fp16 features cross the bus as
+            they are, half the bytes, and are cast to the compute dtype on the device), as an ONNX graph exported
+            with ``--io fp16`` takes them.
     """
 
     backend = "torch"
@@ -61,7 +66,10 @@ class TorchRunner(Runner):
         graph: str = "eager",
         name: str | None = None,
         tf32: bool = False,
+        io: str = "fp32",
     ):
+        if io not in IO_DTYPES:
+            raise ConfigError(f"unknown feature dtype {io!r}; expected one of: {', '.join(IO_DTYPES)}")
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
         if cast not in CASTS:
@@ -96,7 +104,8 @@ class TorchRunner(Runner):
         self.compile = compile
         self.graph = graph
         self._module = None
-        self._specs = self.info.input_specs()
+        self.io = io
+        self._specs = {k: replace(v, dtype=IO_DTYPES[io]) for k, v in self.info.input_specs().items()}
         self._pinned: dict[str, torch.Tensor] = {}
 
     @property
@@ -155,9 +164,14 @@ class TorchRunner(Runner):
             staged = buf[: t.numel()].view(t.shape)
             staged.copy_(t)
             t = staged.to(self._device, non_blocking=True)
+        return self._compute_dtype(t)
+
+    def _compute_dtype(self, t: torch.Tensor) -> torch.Tensor:
+        """Features on the device, in the dtype the module computes with (fp16 features made fp32 for an fp32 or
+        autocast module; any features made half for a half module)."""
         if self.precision != "fp32" and self.cast == "half":
-            t = t.to(_DTYPES[self.precision])
-        return t
+            return t.to(_DTYPES[self.precision])
+        return t if t.dtype == torch.float32 else t.float()
 
     def pipeline_adapter(self, batch_size: int):
         if self._device.type != "cuda" or not self.is_active:
@@ -168,8 +182,7 @@ class TorchRunner(Runner):
     def _forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The model on device tensors (the pipeline's compute step)."""
         with self._autocast():
-            if self.precision != "fp32" and self.cast == "half":
-                inputs = {k: t.to(_DTYPES[self.precision]) for k, t in inputs.items()}
+            inputs = {k: self._compute_dtype(t) for k, t in inputs.items()}
             return {OUTPUT_NAME: self._module(**inputs).float()}
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

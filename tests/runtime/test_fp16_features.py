@@ -48,3 +48,72 @@ def test_values_beyond_fp16_range_are_refused():
         cast_features({"spot": np.array([[1e5]], np.float32)}, "fp16")
     with pytest.raises(InputError, match="unknown feature dtype 'int8'"):
         cast_features({}, "int8")
+
+
+@pytest.mark.parametrize("precision, graph", [("fp32", "eager"), ("fp32", "export"), ("fp16", "eager")])
+def test_the_torch_runners_take_fp16_features_as_they_are_and_cast_them_on_the_device(precision, graph):
+    import deepspot
+    from deepspot.runtime.stream import predict
+    from deepspot.runtime.torch_runner import TorchRunner
+
+    model = deepspot.create_model("spot", "subspot_neighbors", n_ensemble=3, random_seed=0, input_size=16,
+                                  output_size=5, phi2rho_size=8)  # fmt: skip
+    rng = np.random.default_rng(0)
+    feed = {"spot": rng.normal(size=(40, 1, 16)), "subspot": rng.normal(size=(40, 4, 16)),
+            "neighbors": rng.normal(size=(40, 3, 16))}  # fmt: skip
+    f16 = {k: v.astype(np.float16) for k, v in feed.items()}
+    with TorchRunner(model, precision=precision, graph=graph, io="fp16") as r16, \
+            TorchRunner(model, precision=precision, graph=graph) as r32:  # fmt: skip
+        assert {s.dtype for s in r16.get_input_metadata().values()} == {"float16"}
+        # fp16 -> fp32 is exact, so the same model on the same values gives the same bits.
+        expected = r32.infer({k: v.astype(np.float32) for k, v in f16.items()})["expression"]
+        np.testing.assert_array_equal(r16.infer(f16)["expression"], expected)
+        # Streamed through the pipeline's ring, the batches stay fp16 on the host (half the bytes to copy).
+        seen = []
+        infer = r16.infer_impl
+        r16.infer_impl = lambda batch: seen.append({a.dtype for a in batch.values()}) or infer(batch)
+        np.testing.assert_array_equal(predict(r16, f16, 16, pipelined=True), expected)
+        assert seen and all(dtypes == {np.dtype(np.float16)} for dtypes in seen)
+
+
+def test_a_feature_dtype_asked_of_a_graph_must_be_the_one_it_was_exported_with(tmp_path):
+    import deepspot
+    from deepspot.errors import ConfigError
+    from deepspot.export import export_onnx
+    from deepspot.runtime import RunnerOptions, load_runner
+
+    model = deepspot.create_model("spot", "spot", n_ensemble=2, random_seed=0, input_size=8, output_size=3,
+                                  phi2rho_size=4)  # fmt: skip
+    export_onnx(model, tmp_path / "m32.onnx", validate=False)
+    export_onnx(model, tmp_path / "m16.onnx", io_dtype="fp16", precision="fp16", validate=False)
+    with pytest.raises(ConfigError, match=r"takes fp32 features .*export it with --io fp16"):
+        load_runner(tmp_path / "m32.onnx", "ort-cpu", RunnerOptions(io="fp16"))
+    with pytest.raises(ConfigError, match=r"takes fp16 features"):
+        load_runner(tmp_path / "m16.onnx", "ort-cpu", RunnerOptions(io="fp32"))
+    with pytest.raises(ConfigError, match="unknown feature dtype 'fp8'"):
+        load_runner(tmp_path / "m16.onnx", "ort-cpu", RunnerOptions(io="fp8"))
+    assert load_runner(tmp_path / "m16.onnx", "ort-cpu", RunnerOptions(io="fp16")) is not None
+    assert load_runner(model, "torch", RunnerOptions(io="fp16")).get_input_metadata()["spot"].dtype == "float16"
+
+
+def test_infer_sends_an_fp16_bundle_to_torch_cuda_as_fp16(monkeypatch, tmp_path):
+    import importlib
+
+    infer_module = importlib.import_module("deepspot.runtime.infer")  # the module (the package exports a function)
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def load_runner(model, backend, options, allow_fallback):
+        asked.append((backend, options.io))
+        raise Stop
+
+    monkeypatch.setattr(infer_module, "load_runner", load_runner)
+    for backend in ("torch-cuda", "torch"):
+        with pytest.raises(Stop):
+            infer_module.ModelSession("m.safetensors", backend).dense(64, {}, fp16_features=True)
+    with pytest.raises(Stop):
+        infer_module.ModelSession("m.safetensors", "torch-cuda").dense(64, {}, fp16_features=False)
+    # torch-cuda: the bus carries fp16; on the CPU there is no bus, and the prefetch thread casts as before.
+    assert asked == [("torch-cuda", "fp16"), ("torch", None), ("torch-cuda", None)]
