@@ -507,6 +507,9 @@ def load_pipeline(model, backend: str | None = None, options=None, allow_fallbac
     if options.tf32:
         raise ConfigError("tf32 in the indexed layout needs an indexed export on ort-cuda or tensorrt; the torch "
                           "pipeline computes in fp32")  # fmt: skip
+    if options.io not in (None, "fp32"):
+        raise ConfigError(f"io={options.io} is for the dense layout on the torch backends; the torch indexed pipeline "
+                          "takes fp32 features (an fp16 bundle's are cast batch by batch)")  # fmt: skip
     selection = select_backend(requested, allow_fallback, kind="model")
     device = f"cuda:{options.device}" if selection.backend == "torch-cuda" else "cpu"
     pipeline = pipeline_from_model(model, device, options.precision or "fp32", table_dtype=table_dtype,

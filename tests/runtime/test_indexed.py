@@ -307,3 +307,12 @@ def test_max_pooling_while_gathering_keeps_nan_like_torch(tmp_path, backend):
     np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
     finite = ~np.isnan(expected)
     np.testing.assert_allclose(got[finite], expected[finite], rtol=0, atol=1e-5 * (1 + np.abs(expected[finite]).max()))
+
+
+def test_fp16_io_is_refused_by_the_torch_indexed_pipeline_not_ignored():
+    from deepspot.errors import ConfigError
+    from deepspot.runtime import RunnerOptions
+
+    model = _model(NEIGHBOR_MODES[-1])
+    with pytest.raises(ConfigError, match="io=fp16 is for the dense layout"):
+        load_pipeline(model, "torch", RunnerOptions(io="fp16"))
