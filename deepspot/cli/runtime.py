@@ -398,8 +398,9 @@ def bench(
 ) -> None:
     """Throughput of each backend against the eager PyTorch model, measured side by side in one process.
 
-    Whole-slide workloads run each backend in the indexed layout over the slide and compare it with the eager model in
-    the per-item layout."""
+    On a GPU the baseline is eager PyTorch on the same GPU, and each GPU backend's row gives its fraction of the
+    bus-fed limit (host-to-device bandwidth measured in the same run). Whole-slide workloads run each backend in the
+    indexed layout over the slide and compare it with the eager model in the per-item layout."""
     from ..runtime.bench import run_bench
 
     onnx_model = model is not None and model.suffix.lower() == ".onnx"
@@ -434,6 +435,7 @@ def print_bench(report) -> None:
     from rich.table import Table
 
     w = report.workload
+    bus = getattr(report, "bus_gb_per_s", None)
     table = Table(
         title=f"{w['name']}: {w['family']}/{w['mode']}, D={w['input_size']} H={w['phi2rho_size']} "
         f"E={w['n_ensemble']} G={w['output_size']}"
@@ -452,8 +454,13 @@ def print_bench(report) -> None:
         "GFLOP/s",
         "of GEMM",
         "of bound",
+        *(["of bus"] if bus else []),
     ):
         table.add_column(column, justify="left" if column in ("backend", "device") else "right")
+
+    def percent(x) -> str:
+        return "-" if x is None else f"{x:.0%}"
+
     for r in report.results:
         table.add_row(
             r.backend,
@@ -465,11 +472,20 @@ def print_bench(report) -> None:
             f"{r.p95_ms:.1f}",
             f"{r.peak_rss_mb:,.0f}",
             f"{r.gflops:.1f}",
-            f"{r.fraction_of_gemm:.0%}",
-            f"{r.fraction_of_bound:.0%}",
+            percent(r.fraction_of_gemm),
+            percent(r.fraction_of_bound),
+            *([percent(r.fraction_of_bus)] if bus else []),
         )
     console = _console()
     console.print(table)
+    if bus:
+        console.print(
+            f"Host-to-device bandwidth, measured in this run: {bus['pinned_gb_per_s']:.1f} GB/s from page-locked "
+            f"memory, {bus['pageable_gb_per_s']:.1f} GB/s from pageable. A GPU backend's 'of bus' is its rate over "
+            "the bus-fed limit (page-locked bandwidth / input bytes per item, BENCHMARKS.md); the CPU's GEMM rate "
+            "does not bound it, so its 'of GEMM' and 'of bound' are '-'. A GPU backend streams "
+            "several batches per repeat through the overlapping pipeline; its latencies are per batch."
+        )
     console.print(
         f"GEMM fp32 (4096x1024 @ 1024x5120): {report.gemm_gflops:.1f} GFLOP/s; "
         f"{report.flops_per_item / 1e6:.1f} MFLOP per item as BENCHMARKS.md counts it "

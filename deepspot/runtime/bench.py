@@ -4,7 +4,9 @@ Machines here are shared and noisy, so the figure that counts is the ratio to ea
 process, on the same inputs, with the backends' timed runs alternating; absolute items/s are kept for the record.
 Each backend gets warm-up runs, then ``repeats`` timed repeats; throughput is the median over repeats, latency the
 p50 and p95 over every timed batch. The machine's own fp32 GEMM rate is measured in the same run, and the fraction
-of it achieved is reported with the FLOPs per item as BENCHMARKS.md defines them.
+of it achieved is reported with the FLOPs per item as BENCHMARKS.md defines them. On a GPU the bus is the limit
+(BENCHMARKS.md): GPU backends are set beside eager PyTorch on the same GPU and against the bus-fed limit, from the
+host-to-device bandwidth measured in the same run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from .bench_common import (  # noqa: F401  (moved to bench_common; re-exported, 
     Gemm,
     Workload,
     backend_result,
+    bus_bandwidth,
+    bus_figures,
     computes_folded,
     gemm_rate,
     get_workload,
@@ -52,7 +56,10 @@ def run_bench(
 
     Args:
         workload: A name from :data:`WORKLOADS` or a :class:`Workload`.
-        backends: Backends to measure; ``torch`` (the eager model on the CPU, the baseline) is always added.
+        backends: Backends to measure. The eager model is always added as the baseline: on the CPU (``torch``), or
+            on the GPU (``torch-cuda (eager)``) when a GPU backend is measured and PyTorch sees the GPU. A GPU backend
+            streams several batches per repeat through the overlapping pipeline and is set against the bus-fed
+            limit, with the host-to-device bandwidth measured in the same run.
         batch_size: Items per batch; default the workload's CPU or GPU batch, per backend.
         repeats: Timed repeats per backend (the median is reported; BENCHMARKS.md asks for at least 5).
         warmup: Untimed runs per backend first.
@@ -90,28 +97,61 @@ def run_bench(
                                workdir, n_items=n_items, cli=cli)  # fmt: skip
     if cli:
         raise ConfigError("--cli times `deepspot infer` on a whole slide: use it with visium-slide or xenium-slide")
-    names = ["torch"] + [b for b in dict.fromkeys(backends) if b != "torch"]
-    for name in names:
+    requested = list(dict.fromkeys(backends))
+    for name in requested:
         get_backend(name)
+    # The baseline: eager PyTorch on the CPU, or on the GPU when GPU backends are measured (BENCHMARKS.md sets GPU
+    # figures beside eager PyTorch on the same GPU); a CPU build of PyTorch keeps it on the CPU, named so.
+    gpu = any(BACKENDS[name].device == "cuda" for name in requested)
+    device = (options or RunnerOptions()).device
+    base = EAGER_GPU if gpu and torch.cuda.is_available() else "torch"
+    names = [base] + [name for name in requested if name != base]
     torch.set_num_threads(physical_cores())
     model = model if model is not None else w.build_model(seed)
     runners: dict[str, Any] = {}
+    feeds = Feeds(w, seed)
     with tempfile.TemporaryDirectory(prefix="deepspot-bench-", dir=workdir) as tmp:
         onnx_path = None
-        if any(BACKENDS[n].runs == "onnx" for n in names):
+        if any(BACKENDS[n].runs == "onnx" for n in names if n != EAGER_GPU):
             onnx_path = Path(tmp) / "model.onnx"
             export_onnx(model, onnx_path, validate=False)
         try:
             for name in names:
-                batch = batch_size or (w.batch_gpu if BACKENDS[name].device == "cuda" else w.batch_cpu)
+                cuda = name == EAGER_GPU or BACKENDS[name].device == "cuda"
+                batch = batch_size or (w.batch_gpu if cuda else w.batch_cpu)
                 o = replace(options or RunnerOptions(), batch_size=batch, bag_sizes=dict(w.bags))
-                source = model if BACKENDS[name].runs == "model" else onnx_path
-                runner = TorchRunner(model) if name == "torch" else load_runner(source, name, o, allow_fallback)
-                runners[name] = (runner.activate(), w.inputs(batch, seed))
-            return _measure(w, runners, repeats, warmup)
+                source = model if name == EAGER_GPU or BACKENDS[name].runs == "model" else onnx_path
+                if name == EAGER_GPU:
+                    runner = TorchRunner(model, device=f"cuda:{device}", name=EAGER_GPU)
+                elif name == "torch":
+                    runner = TorchRunner(model)
+                else:
+                    runner = load_runner(source, name, o, allow_fallback)
+                runners[name] = (runner.activate(), feeds.get(batch * (GPU_STREAM_BATCHES if cuda else 1)), batch)
+            return _measure(w, runners, repeats, warmup, baseline=base)
         finally:
-            for runner, _ in runners.values():
+            for runner, _, _ in runners.values():
                 runner.deactivate()
+
+
+#: The eager baseline's name when GPU backends are measured.
+EAGER_GPU = "torch-cuda (eager)"
+#: Batches a GPU backend streams per timed repeat: through the overlapping pipeline, as ``deepspot infer`` runs them
+#: (copies of one batch under the compute of another), not one batch copied and computed in turn.
+GPU_STREAM_BATCHES = 8
+
+
+class Feeds:
+    """The workload's seeded inputs by number of items, made once and shared by the backends that take as many."""
+
+    def __init__(self, w: Workload, seed: int):
+        self.w, self.seed = w, seed
+        self._made: dict[int, dict] = {}
+
+    def get(self, n: int) -> dict:
+        if n not in self._made:
+            self._made[n] = self.w.inputs(n, self.seed)
+        return self._made[n]
 
 
 def _bench_onnx(w: Workload, path: Path, backends, batch_size, repeats, warmup, seed, options, allow_fallback):
@@ -140,21 +180,40 @@ def _bench_onnx(w: Workload, path: Path, backends, batch_size, repeats, warmup, 
                 phi2rho_size=int(info.config.get("phi2rho_size") or w.phi2rho_size),
                 n_ensemble=int(info.config.get("n_ensemble") or w.n_ensemble))  # fmt: skip
     runners: dict[str, Any] = {}
+    feeds = Feeds(w, seed)
     try:
         for name in names:
-            batch = batch_size or (w.batch_gpu if BACKENDS[name].device == "cuda" else w.batch_cpu)
+            cuda = BACKENDS[name].device == "cuda"
+            batch = batch_size or (w.batch_gpu if cuda else w.batch_cpu)
             o = replace(options or RunnerOptions(), batch_size=batch, bag_sizes=dict(w.bags))
-            runners[name] = (load_runner(path, name, o, allow_fallback).activate(), w.inputs(batch, seed))
+            feed = feeds.get(batch * (GPU_STREAM_BATCHES if cuda else 1))
+            runners[name] = (load_runner(path, name, o, allow_fallback).activate(), feed, batch)
         return _measure(w, runners, repeats, warmup, baseline=names[0])
     finally:
-        for runner, _ in runners.values():
+        for runner, _, _ in runners.values():
             runner.deactivate()
 
 
-def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int, baseline: str = "torch") -> BenchReport:
-    for runner, feed in runners.values():
-        for _ in range(warmup):
-            runner.infer(feed)
+def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int, baseline: str = "torch",
+             bus: dict[str, float] | None = None) -> BenchReport:  # fmt: skip
+    """Time each runner, alternating. ``runners``: name -> (runner, feed, batch). A CPU runner runs its one batch per
+    repeat; a GPU runner streams its feed (several batches) through :func:`~deepspot.runtime.stream.predict`, the
+    overlapping pipeline, and its row gets the fraction of the bus-fed limit, with the host-to-device bandwidth
+    measured in the same run (``bus``: given, for tests)."""
+    from .stream import predict
+
+    def run(runner, feed, batch, check: bool = False) -> None:
+        if runner.device.startswith("cuda"):
+            predict(runner, feed, batch)  # checks its first batch
+        else:
+            runner.infer(feed, check_inputs=check)
+
+    for runner, feed, batch in runners.values():
+        for i in range(warmup):
+            run(runner, feed, batch, check=i == 0)
+    gpu = [runner.device for runner, _, _ in runners.values() if runner.device.startswith("cuda")]
+    if gpu and bus is None:
+        bus = bus_bandwidth(int(gpu[0].partition(":")[2] or 0))
     per_repeat: dict[str, list[float]] = {name: [] for name in runners}
     latencies: dict[str, list[float]] = {name: [] for name in runners}
     peaks: dict[str, float] = {name: 0.0 for name in runners}
@@ -162,22 +221,24 @@ def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int, ba
     gemm_probe = Gemm()
     for _ in range(repeats):
         gemm_probe.time_once()  # the GEMM rate is sampled between the backends' runs, under the same noise
-        for name, (runner, feed) in runners.items():  # alternating: noise hits every backend alike
+        for name, (runner, feed, batch) in runners.items():  # alternating: noise hits every backend alike
+            n = len(next(iter(feed.values())))
             scoped = reset_peak_rss() and scoped
             start = time.perf_counter()
-            runner.infer(feed, check_inputs=False)
+            run(runner, feed, batch)
             elapsed = time.perf_counter() - start
             peaks[name] = max(peaks[name], peak_rss_mb())
-            latencies[name].append(elapsed)
-            per_repeat[name].append(len(next(iter(feed.values()))) / elapsed)
+            latencies[name].append(elapsed * batch / n)  # per batch
+            per_repeat[name].append(n / elapsed)
     gemm = gemm_probe.median
     flops, folded = w.flops_per_item(), w.flops_per_item(folded=True)
     base = per_repeat[baseline]
     # GFLOP/s and "of GEMM" count what each backend computes (the eager model: every Rho; the folded graphs: one).
     results = [
-        backend_result(runner.name, runner.device, len(next(iter(feed.values()))), per_repeat[name], base,
-                       latencies[name], peaks[name], folded if computes_folded(runner) else flops, folded, gemm)
-        for name, (runner, feed) in runners.items()
+        bus_figures(backend_result(runner.name, runner.device, batch, per_repeat[name], base, latencies[name],
+                                   peaks[name], folded if computes_folded(runner) else flops, folded, gemm),
+                    sum(a[:1].nbytes for a in feed.values()), bus)
+        for name, (runner, feed, batch) in runners.items()
     ]  # fmt: skip
     return BenchReport(
         workload={**asdict(w), "flops_definition": "BENCHMARKS.md, per-item layout"},
@@ -190,5 +251,6 @@ def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int, ba
         warmup=warmup,
         results=results,
         peak_rss_scope=peak_rss_scope(scoped),
-        baseline="torch" if baseline == "torch" else runners[baseline][0].name,
+        baseline=runners[baseline][0].name,
+        bus_gb_per_s=bus,
     )

@@ -231,11 +231,15 @@ class BackendResult:
     p95_ms: float = 0.0
     peak_rss_mb: float = 0.0
     gflops: float = 0.0
-    fraction_of_gemm: float = 0.0
-    fraction_of_bound: float = 0.0
+    fraction_of_gemm: float | None = 0.0
+    fraction_of_bound: float | None = 0.0
     repeats_items_per_s: list[float] = field(default_factory=list)
     flops_per_item: float = 0.0  # what this backend computes: the eager model's unfolded graph or the folded one
     phases_s: dict[str, float] = field(default_factory=dict)  # whole slides: median seconds of each pass
+    # A GPU backend: the bytes of one item's inputs that cross the bus, and the fraction of the bus-fed limit reached
+    # (its "of GEMM" and "of bound" are None there: the CPU's GEMM rate does not bound it).
+    input_bytes_per_item: int | None = None
+    fraction_of_bus: float | None = None
 
 
 @dataclass
@@ -253,6 +257,7 @@ class BenchReport:
     results: list[BackendResult]
     peak_rss_scope: str = "per backend (VmHWM reset before each timed run)"
     baseline: str = "torch"
+    bus_gb_per_s: dict[str, float] | None = None  # host-to-device, pinned and pageable, when a GPU backend ran
 
     def result(self, backend: str) -> BackendResult:
         return next(r for r in self.results if r.backend == backend)
@@ -264,6 +269,42 @@ class BenchReport:
         with atomic_path(path) as tmp:
             Path(tmp).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return Path(path)
+
+
+def bus_bandwidth(device: int = 0, nbytes: int = 256 << 20, repeats: int = 5, cuda: Any = None) -> dict[str, float]:
+    """The host-to-device copy rate (GB/s) from page-locked and from pageable memory: the bus that feeds a GPU backend
+    (BENCHMARKS.md, "On a GPU: the bus is the limit"). Median of ``repeats`` copies of ``nbytes`` after a warm-up,
+    through the CUDA runtime (no PyTorch needed; ``cuda``: a stand-in for tests)."""
+    from ._cuda import pinned_array
+    from .cuda_libs import CudaRuntime
+
+    cuda = cuda or CudaRuntime(device)
+    keep: list = []
+    target = cuda.malloc(nbytes)
+    try:
+        pinned = pinned_array(cuda, (nbytes,), np.uint8, keep)
+        pinned.fill(1)
+        pageable = np.ones(nbytes, np.uint8)
+        out = {}
+        for kind, source in (("pinned", pinned), ("pageable", pageable)):
+            times = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                cuda.copy(target, source.ctypes.data, nbytes, cuda.H2D)  # returns once the copy has ended
+                times.append(time.perf_counter() - start)
+            out[f"{kind}_gb_per_s"] = nbytes / float(np.median(times[1:])) / 1e9
+        return out
+    finally:
+        for ptr in keep:
+            cuda.free_host(ptr)
+        cuda.free(target)
+
+
+def bus_fraction(items_per_s: float, bytes_per_item: int, gb_per_s: float | None) -> float | None:
+    """The fraction of the bus-fed limit (``gb_per_s`` over the input bytes of one item) that ``items_per_s`` is."""
+    if not gb_per_s or bytes_per_item <= 0:
+        return None
+    return items_per_s / (gb_per_s * 1e9 / bytes_per_item)
 
 
 def machine_info() -> dict[str, Any]:
@@ -331,6 +372,21 @@ def backend_result(
         repeats_items_per_s=list(items_per_s),
         flops_per_item=flops,
     )
+
+
+def on_gpu(result: BackendResult) -> bool:
+    return result.device.startswith("cuda")
+
+
+def bus_figures(result: BackendResult, bytes_per_item: int, bus: dict[str, float] | None) -> BackendResult:
+    """Make a GPU backend's row say what bounds it: the fraction of the bus-fed limit (pinned bandwidth over the
+    item's input bytes) instead of the fractions of the CPU's GEMM rate."""
+    if not on_gpu(result):
+        return result
+    result.input_bytes_per_item = int(bytes_per_item)
+    result.fraction_of_bus = bus_fraction(result.items_per_s, bytes_per_item, (bus or {}).get("pinned_gb_per_s"))
+    result.fraction_of_gemm = result.fraction_of_bound = None
+    return result
 
 
 def computes_folded(runner: Any) -> bool:

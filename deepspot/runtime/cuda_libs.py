@@ -148,6 +148,15 @@ class CudaRuntime:
     def free_host(self, ptr: ctypes.c_void_p) -> None:
         self._call("cudaFreeHost", ptr)
 
+    def malloc(self, nbytes: int) -> int:
+        """Device memory (``cudaMalloc``); the address."""
+        ptr = ctypes.c_void_p()
+        self._call("cudaMalloc", ctypes.byref(ptr), ctypes.c_size_t(max(nbytes, 1)))
+        return ptr.value or 0
+
+    def free(self, ptr: int) -> None:
+        self._call("cudaFree", ctypes.c_void_p(ptr))
+
     def stream(self) -> int:
         handle = ctypes.c_void_p()
         self._call("cudaStreamCreateWithFlags", ctypes.byref(handle), ctypes.c_uint(self.NON_BLOCKING))

@@ -27,6 +27,8 @@ from .bench_common import (
     Gemm,
     Workload,
     backend_result,
+    bus_bandwidth,
+    bus_figures,
     machine_info,
     peak_rss_mb,
     peak_rss_scope,
@@ -169,21 +171,31 @@ def run_slide_bench(
                 p.__exit__(None, None, None)
 
     rate = gemm.median
+    bus = None
+    gpu_devices = [p.head.device for p in pipelines.values() if str(p.head.device).startswith("cuda")]
+    if gpu_devices:  # what feeds the GPU backends: the host-to-device bus, measured in the same run
+        bus = bus_bandwidth(int(str(gpu_devices[0]).partition(":")[2] or 0))
+    # Bytes per item that cross the bus in the indexed layout: the item's own tile and sub-spots (fp32) and its
+    # neighbour indices (int64); its neighbours' features do not (they are gathered from the table on the device).
+    own_tiles = 1 + w.bags.get("subspot", 0)
+    bus_bytes = own_tiles * w.input_size * 4 + 8 * k
     dense_flops, folded = w.flops_per_item(), w.flops_per_item(folded=True)
     indexed_flops = indexed_flops_per_item(w)
     base = per_repeat["baseline"]
     results = [backend_result(base_name, base_device, len(dense_feed["neighbors"]), per_repeat["baseline"], base,
                               latency["baseline"], peaks["baseline"], dense_flops, folded, rate)]  # fmt: skip
+    bus_figures(results[0], w.tiles * w.input_size * 4, bus)  # the per-item layout: every tile crosses the bus
     for name, p in pipelines.items():
         r = backend_result(f"{p.backend} (indexed, table {table_phrase(locations[name])})", p.head.device, batch, per_repeat[name], base,
                     latency[name], peaks[name], indexed_flops, indexed_flops, rate)  # fmt: skip
         r.phases_s = {phase: float(np.median([t[phase] for t in phases[name]])) for phase in phases[name][0]}
-        results.append(r)
+        results.append(bus_figures(r, bus_bytes, bus))
         if name in cli_runs:
             key = f"cli:{name}"
-            results.append(backend_result(f"{p.backend} (CLI: deepspot infer, start-up included)", p.head.device, batch,
-                                          per_repeat[key], base, latency[key], peaks[key], indexed_flops,
-                                          indexed_flops, rate))  # fmt: skip
+            cli_row = backend_result(f"{p.backend} (CLI: deepspot infer, start-up included)", p.head.device, batch,
+                                     per_repeat[key], base, latency[key], peaks[key], indexed_flops, indexed_flops,
+                                     rate)  # fmt: skip
+            results.append(bus_figures(cli_row, bus_bytes, bus))
     return BenchReport(
         workload={**asdict(w), "n_items": n, "flops_definition": "per-item: BENCHMARKS.md; indexed: own tile and "
                   "sub-spots through Phi, one folded Rho", "latency": "per-item: one batch; indexed: whole slide"},
@@ -197,6 +209,7 @@ def run_slide_bench(
         results=results,
         peak_rss_scope=peak_rss_scope(scoped),
         baseline=base_name,
+        bus_gb_per_s=bus,
     )  # fmt: skip
 
 

@@ -32,6 +32,7 @@ class HostCuda:
     def __init__(self):
         self._ids = itertools.count(1)
         self.host: dict[int, np.ndarray] = {}
+        self.device: dict[int, np.ndarray] = {}  # cudaMalloc's memory
         self.streams: set[int] = set()
         self.events: set[int] = set()
         self.allocations = 0
@@ -45,6 +46,14 @@ class HostCuda:
 
     def free_host(self, ptr: ctypes.c_void_p) -> None:
         del self.host[ptr.value]
+
+    def malloc(self, nbytes: int) -> int:
+        buf = np.empty(max(nbytes, 1), dtype=np.uint8)
+        self.device[buf.ctypes.data] = buf
+        return buf.ctypes.data
+
+    def free(self, ptr: int) -> None:
+        del self.device[ptr]
 
     def stream(self) -> int:
         handle = next(self._ids)

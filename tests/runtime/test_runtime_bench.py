@@ -75,3 +75,56 @@ def test_peak_memory_reading():
         block = bytearray(64 << 20)  # touch 64 MiB: the high-water mark must move
         block[::4096] = b"x" * len(block[::4096])
         assert peak_rss_mb() >= before + 32
+
+
+def test_the_bus_bandwidth_probe_copies_through_the_cuda_runtime_and_frees_what_it_took():
+    from .graph_replay import HostCuda
+
+    from deepspot.runtime.bench_common import bus_bandwidth, bus_fraction
+
+    cuda = HostCuda()
+    bus = bus_bandwidth(nbytes=1 << 20, repeats=3, cuda=cuda)
+    assert set(bus) == {"pinned_gb_per_s", "pageable_gb_per_s"} and all(v > 0 for v in bus.values())
+    assert cuda.copies == 2 * 4 and not cuda.host and not cuda.device  # warm-up + 3 each; all freed
+    # 50 GB/s and 64 KiB per item (visium-uni in fp32): about 763k items/s is the bus-fed limit.
+    assert bus_fraction(381_470, 65536, 50.0) == pytest.approx(0.5, rel=1e-4)
+    assert bus_fraction(1.0, 65536, None) is None
+
+
+def test_a_gpu_backend_streams_batches_and_is_measured_against_the_bus(tmp_path):
+    """On a GPU the bench streams several batches per repeat through predict() and reports the fraction of the
+    bus-fed limit instead of the CPU's GEMM. A CPU runner that says it is on a GPU stands in for one here."""
+    import deepspot
+    from deepspot.cli.runtime import print_bench
+    from deepspot.runtime.bench import _measure
+    from deepspot.runtime.torch_runner import TorchRunner
+
+    w = get_workload("visium-uni").quick()
+    model = w.build_model(0)
+    streamed = []
+
+    class StandInGpu(TorchRunner):
+        device = "cuda:0"
+
+        def infer(self, feed, check_inputs=True):
+            streamed.append(len(next(iter(feed.values()))))
+            return super().infer(feed, check_inputs)
+
+    batch = 16
+    runners = {
+        "torch": (TorchRunner(model).activate(), w.inputs(batch, 0), batch),
+        "gpu": (StandInGpu(model, name="stand-in").activate(), w.inputs(4 * batch, 0), batch),
+    }
+    bus = {"pinned_gb_per_s": 50.0, "pageable_gb_per_s": 10.0}
+    report = _measure(w, runners, repeats=2, warmup=1, bus=bus)
+    cpu, gpu = report.results
+    assert streamed and set(streamed) == {batch}  # batches of 16 through predict(), not one call of 64 items
+    assert len(streamed) == 4 * (1 + 2)  # four batches in the warm-up and in each repeat
+    per_item = sum(a[:1].nbytes for a in runners["gpu"][1].values())
+    assert gpu.input_bytes_per_item == per_item == w.tiles * w.input_size * 4
+    assert gpu.fraction_of_bus == pytest.approx(gpu.items_per_s * per_item / 50e9)
+    assert gpu.fraction_of_gemm is None and gpu.fraction_of_bound is None
+    assert cpu.fraction_of_bus is None and cpu.fraction_of_gemm > 0 and report.bus_gb_per_s == bus
+    print_bench(report)  # renders the GPU row's "-" and the bus column without failing
+    for runner, _, _ in runners.values():
+        runner.deactivate()
