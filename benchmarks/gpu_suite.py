@@ -6,7 +6,8 @@ Steps, each written to ``DIR/gpu_suite.json`` and ``DIR/gpu_suite.md`` as soon a
 done; a step that fails records its error and the suite goes on):
 
 1. ``doctor``: versions, GPU, driver, CUDA and cuDNN libraries, and which backends run;
-2. ``bandwidth``: host-to-device copies from page-locked and from pageable memory (256 MiB, median of 5);
+2. ``bandwidth``: host-to-device copies from page-locked and from pageable memory (256 MiB, median of 5), and the
+   host's staging copies on 1-8 threads (``benchmarks/staging_copy.py``);
    ``gemm``: the GPU's matrix-product rate at fp32, TF32 and fp16 (each throughput row's ``arithmetic_limit``);
 3. ``parity``: ``ort-cuda`` (fp32, tf32, fp16) and ``torch-cuda`` (fp32, tf32, fp16, bf16) against the eager fp32
    model on the CPU, every forward mode of both families (at reduced sizes), and the indexed layout;
@@ -26,6 +27,7 @@ the suite is tested where there is no GPU. Written without a GPU at hand: the fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -39,6 +41,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/staging_copy.py
 
 MODES = {"spot": ("spot", "subspot", "neighbors", "subspot_neighbors"), "cell": ("cell", "neighbors")}
 
@@ -102,9 +105,14 @@ def doctor() -> dict:
 
 
 def bandwidth(smoke: bool) -> dict:
+    # The host's side of the pipeline: staging copies into page-locked buffers (and predictions out of them) on 1 to
+    # 8 threads. If their rate is below the pinned bandwidth, the staging copy, not the bus, bounds a row.
+    from staging_copy import measure
+
+    staging = measure(mib=16 if smoke else 256, repeats=3 if smoke else 5)
     ok, why = cuda_available()
     if not ok:
-        return {"skipped": why}
+        return {"skipped": why, "host_staging_copy": staging}
     import torch
 
     nbytes = (16 if smoke else 256) << 20
@@ -121,6 +129,7 @@ def bandwidth(smoke: bool) -> dict:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
         out[f"{kind}_gb_per_s"] = nbytes / statistics.median(times[1:]) / 1e9
+    out["host_staging_copy"] = staging
     return out
 
 
@@ -315,6 +324,9 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
         variants += [
             ("ort-cuda fp32 features, TF32, CUDA graph", paths["fp32"], "ort-cuda", tf32, "fp32"),
             ("ort-cuda fp32 features, fp16 graph, CUDA graph", paths["fp16-compute"], "ort-cuda", plain, "fp32"),
+            # The staging copies on one thread, as before they were split: what the threads add, side by side.
+            ("ort-cuda fp32 features, CUDA graph, 1 staging thread", paths["fp32"], "ort-cuda",
+             RunnerOptions(cuda_graph=True, batch_size=batch), "fp32", 1),
         ]
     ckpt_variants = [("torch eager", "torch", RunnerOptions(), "fp32"),
                      ("torch eager, fp16 features", "torch", RunnerOptions(io="fp16"), "fp16")] if smoke else [
@@ -329,14 +341,15 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
     if not smoke and not ok:
         return {"skipped": why}
     features_by_dtype = {}
-    for name, path, backend, options, features in variants:
+    for name, path, backend, options, features, *threads in variants:
         if _over(until):
             rows[name] = SPENT
             continue
         if features not in features_by_dtype:  # made once per dtype: at GPU sizes they are gigabytes
             features_by_dtype[features] = _features(w, n, features, features_by_dtype)
         inputs = features_by_dtype[features]
-        rows[name] = _row(_measure, path, backend, options, inputs, batch, smoke, rates, w, n, pinned)
+        with _copy_threads(threads[0] if threads else None):
+            rows[name] = _row(_measure, path, backend, options, inputs, batch, smoke, rates, w, n, pinned)
     for name, backend, options, features in ckpt_variants:
         if _over(until):
             rows[name] = SPENT
@@ -346,6 +359,23 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
         inputs = features_by_dtype[features]
         rows[name] = _row(_measure, model, backend, options, inputs, batch, smoke, rates, w, n, pinned)
     return {"workload": w.name, "items": n, "batch": batch, "rows": rows}
+
+
+@contextlib.contextmanager
+def _copy_threads(threads: int | None):
+    """``DEEPSPOT_COPY_THREADS`` for one row (the staging copies' threads), restored afterwards."""
+    import os
+
+    before = os.environ.get("DEEPSPOT_COPY_THREADS")
+    if threads is not None:
+        os.environ["DEEPSPOT_COPY_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("DEEPSPOT_COPY_THREADS", None)
+        else:
+            os.environ["DEEPSPOT_COPY_THREADS"] = before
 
 
 def _row(measure, *args) -> dict:
@@ -476,7 +506,8 @@ def markdown(results: dict) -> str:
         else:
             tables = {result.get("workload", name): result} if name == "throughput" else result
             lines += ["| workload | variant | items/s | fraction of bus limit | x eager | graph alone on the device, "
-                      "items/s | arithmetic limit, items/s |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+                      "items/s | arithmetic limit, items/s |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
             for workload, table in tables.items():
                 eager = _eager_rate(table)
                 for variant, row in (table.get("rows") or {}).items():

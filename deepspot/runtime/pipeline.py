@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import ConfigError
+from ._copy import copy_rows, default_copy_threads
 
 Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 DEFAULT_DEPTH = 3  # ring slots: one being filled, two in flight
@@ -155,6 +156,7 @@ def run_pipeline(
     fixed_batch: bool = False,
     prepare: Callable[[int, int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     ring: HostRing | None = None,
+    copy_threads: int | None = None,
 ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
     """Stream ``inputs`` through ``adapter`` in batches; yield ``(start, stop, outputs)`` in order of ``start``.
 
@@ -173,6 +175,8 @@ def run_pipeline(
         prepare: Finishes a feed in the prefetch thread (the indexed layout gathers neighbour embeddings there); its
             result is staged into the slot.
         ring: A ring to reuse across calls (its buffers stay allocated); default the adapter's own, if it has one.
+        copy_threads: Threads that stage each batch into its slot (one core's memory copy is slower than the bus;
+            default :func:`~deepspot.runtime._copy.default_copy_threads`).
 
     Raises:
         Whatever the prefetch thread or the adapter raised, once, after the thread has stopped.
@@ -181,6 +185,7 @@ def run_pipeline(
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     n = next(iter(inputs.values())).shape[0]
     dtypes = dict(dtypes or {})
+    threads = copy_threads or default_copy_threads()
     ring = ring if ring is not None else getattr(adapter, "ring", None) or HostRing(depth, allocate)
     specs = adapter.output_specs()
     filled: queue.Queue = queue.Queue()
@@ -196,7 +201,7 @@ def run_pipeline(
         views = {}
         for name, a in feed.items():
             view = ring.buffer(slot.inputs, name, (rows,) + a.shape[1:], dtypes.get(name, np.float32))
-            view[: end - start] = a  # the bundle's pages are read here, in this thread
+            copy_rows(view[: end - start], a, threads)  # the bundle's pages are read here, off the main thread
             if rows > end - start:
                 view[end - start :] = 0  # padding: finite, independent of the real rows, dropped on the way out
             views[name] = view

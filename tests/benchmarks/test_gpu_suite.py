@@ -24,6 +24,8 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     names = ("doctor", "bandwidth", "gemm", "parity", "throughput", "slides")
     assert [steps[s]["status"] for s in names] == ["ok"] * len(names)
     assert "skipped" in steps["bandwidth"]["result"] and "skipped" in steps["gemm"]["result"]  # said, not hidden
+    staging = steps["bandwidth"]["result"]["host_staging_copy"]  # the host's side is measured without a GPU too
+    assert set(staging["gb_per_s"]) == {"1", "2", "4", "8"} and all(r > 0 for r in staging["gb_per_s"].values())
     assert all(row["passed"] for row in steps["parity"]["result"].values())
     rows = steps["throughput"]["result"]["rows"]
     assert rows["ort-cpu fp16 features"]["input_bytes_per_item"] * 2 == rows["ort-cpu fp32 features"]["input_bytes_per_item"]
