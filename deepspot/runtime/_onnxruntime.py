@@ -135,7 +135,7 @@ def import_ort():
         if install.problem():
             raise BackendUnavailableError(f"onnxruntime does not import: {install.problem()}") from None
         if install.packages:
-            first = install.packages[0]
+            first = (install.owners or install.packages)[0]  # the package whose module failed, if one owns it
             raise BackendUnavailableError(
                 f"{first} is installed but does not import ({e}): pip install --force-reinstall --no-deps "
                 f"{first.name}=={first.version}"

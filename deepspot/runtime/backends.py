@@ -104,26 +104,28 @@ class Probe:
     tensorrt: bool = False
     torch: bool = True
     ort: OrtInstall | None = None  # which onnxruntime package is installed (for the hint when a provider is missing)
+    ort_error: str | None = None  # why an installed onnxruntime does not import, with the fix
 
     @classmethod
     def detect(cls, torch_cuda: bool = True) -> "Probe":
         """Probe this machine; ``torch_cuda=False`` skips asking PyTorch for a GPU (importing torch takes seconds,
         and only ``torch-cuda`` and ``tensorrt`` need the answer)."""
         providers: tuple[str, ...] = ()
-        install = ort_install()
+        install, error = ort_install(), None
         if install.module is not None:
             try:
                 providers = tuple(import_ort().get_available_providers())
-            except BackendUnavailableError:  # a broken install: no providers, and the reason says how to repair it
-                pass
+            except BackendUnavailableError as e:  # a broken install: no providers, and why, with how to repair it
+                error = str(e)
         has_trt = importlib.util.find_spec("tensorrt") is not None
+        ort = {"ort": install, "ort_error": error}
         if importlib.util.find_spec("torch") is None:  # a serving install: the ONNX backends need no PyTorch
-            return cls(providers, False, has_trt, torch=False, ort=install)
+            return cls(providers, False, has_trt, torch=False, **ort)
         if not torch_cuda:
-            return cls(providers, False, has_trt, ort=install)
+            return cls(providers, False, has_trt, **ort)
         import torch
 
-        return cls(providers, torch.cuda.is_available(), has_trt, ort=install)
+        return cls(providers, torch.cuda.is_available(), has_trt, **ort)
 
 
 def unavailable_reason(name: str, probe: Probe) -> str | None:
@@ -134,6 +136,8 @@ def unavailable_reason(name: str, probe: Probe) -> str | None:
         install = probe.ort
         if install and install.problem():  # both packages in one folder, or a module deleted under its package
             return f"backend {name!r} needs {b.needs}: {install.problem()}"
+        if probe.ort_error:  # installed, but it does not import
+            return f"backend {name!r} needs {b.needs}: {probe.ort_error}"
         hint = b.install
         if install and missing[0] in (CUDA, TRT):
             hint = install.gpu_hint("gpu" if missing[0] == CUDA else "gpu,tensorrt")

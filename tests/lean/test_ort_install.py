@@ -94,3 +94,19 @@ def test_doctor_reports_the_onnxruntime_that_is_imported():
     assert versions["onnxruntime"] == onnxruntime.__version__
     assert Path(versions["onnxruntime module"]) == Path(onnxruntime.__file__).resolve().parent
     assert versions["onnxruntime package"] in ("onnxruntime", "onnxruntime-gpu")
+
+
+def test_an_onnxruntime_that_does_not_import_says_why_and_how_to_repair_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    site = Path(_site(tmp_path / "site", ("onnxruntime-gpu", "1.31.1")))
+    (site / "onnxruntime" / "__init__.py").write_text(
+        "raise ImportError('libcublasLt.so.13: cannot open shared object file')\n")  # fmt: skip
+    code = ("from deepspot.runtime.backends import Probe, unavailable_reason; "
+            "print(unavailable_reason('ort-cuda', Probe.detect(torch_cuda=False)))")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert "onnxruntime-gpu 1.31.1" in out and "does not import (libcublasLt.so.13: cannot open" in out
+    assert "pip install --force-reinstall --no-deps onnxruntime-gpu==1.31.1" in out
