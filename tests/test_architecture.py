@@ -41,8 +41,12 @@ def test_imports_flow_one_way(module, forbidden):
 
 
 WITHOUT_ORT = """
+import importlib.metadata
 import sys
-sys.modules["onnxruntime"] = None  # as if neither onnxruntime nor onnxruntime-gpu were installed
+sys.modules["onnxruntime"] = None  # as if neither onnxruntime nor onnxruntime-gpu were installed: no module,
+_distributions = importlib.metadata.distributions  # and no distribution (else it is a broken install, said so)
+importlib.metadata.distributions = lambda **kw: (
+    [] if kw.get("name") in ("onnxruntime", "onnxruntime-gpu") else _distributions(**kw))
 from pathlib import Path
 from deepspot import DeepSpotError, create_model
 from deepspot.export import export_onnx
