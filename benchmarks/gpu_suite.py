@@ -8,7 +8,8 @@ done; a step that fails records its error and the suite goes on):
 1. ``doctor``: versions, GPU, driver, CUDA and cuDNN libraries, and which backends run;
 2. ``bandwidth``: host-to-device copies from page-locked and from pageable memory (256 MiB, median of 5), and the
    host's staging copies on 1-8 threads (``benchmarks/staging_copy.py``);
-   ``gemm``: the GPU's matrix-product rate at fp32, TF32 and fp16 (each throughput row's ``arithmetic_limit``);
+   ``gemm``: the GPU's matrix-product rate at fp32, TF32 and fp16 (each throughput row's ``arithmetic_limit``) and
+   its memory bandwidth (with the graph's memory traffic per item, each ONNX row's ``memory_limit``);
 3. ``parity``: ``ort-cuda`` (fp32, tf32, fp16) and ``torch-cuda`` (fp32, tf32, fp16, bf16) against the eager fp32
    model on the CPU, every forward mode of both families (at reduced sizes), and the indexed layout;
 4. ``throughput``: ``visium-uni`` on ``ort-cuda`` (with and without CUDA graphs), ``torch-cuda`` (the exporter's
@@ -170,6 +171,19 @@ def gemm(smoke: bool) -> dict:
             out[f"{name}_tflops"] = 2.0 * m * k * n / statistics.median(times[2:]) / 1e12
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+    # The GPU's memory bandwidth, bytes read plus written by a device-to-device copy: over a graph's memory traffic
+    # per item (deepspot.export.info.traffic_per_item), what the unfused elementwise work (the median) allows.
+    nbytes = (16 if smoke else 1024) << 20
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    out["hbm_gb_per_s"] = 2 * nbytes / statistics.median(times[2:]) / 1e9
     return out
 
 
@@ -406,6 +420,13 @@ def _measure(source, backend, options, inputs, batch, smoke, rates, w, n, pinned
         tflops = (rates or {}).get(f"{runner.info.precision}_tflops")
         if tflops:  # what the arithmetic allows: the GEMM rate over the folded graph's FLOPs per spot
             how["arithmetic_limit_items_per_s"] = tflops * 1e12 / w.flops_per_item(folded=True)
+        hbm = (rates or {}).get("hbm_gb_per_s")
+        if isinstance(source, Path):  # an ONNX graph: what its memory traffic allows, run unfused
+            from deepspot.export.info import traffic_per_item
+
+            how["memory_bytes_per_item"] = traffic_per_item(source, batch, dict(w.bags))
+            if hbm:
+                how["memory_limit_items_per_s"] = hbm * 1e9 / how["memory_bytes_per_item"]
     return {**_rate_row(rate, inputs, n, pinned), **how}
 
 
@@ -509,23 +530,25 @@ def markdown(results: dict) -> str:
         else:
             tables = {result.get("workload", name): result} if name == "throughput" else result
             lines += ["| workload | variant | items/s | fraction of bus limit | x eager | graph alone on the device, "
-                      "items/s | arithmetic limit, items/s |",
-                      "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+                      "items/s | arithmetic limit, items/s | memory limit, items/s |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
             for workload, table in tables.items():
                 eager = _eager_rate(table)
                 for variant, row in (table.get("rows") or {}).items():
                     if "skipped" in row or "error" in row:
                         what = f"skipped: {row['skipped']}" if "skipped" in row else f"failed: {row['error'][:160]}"
-                        lines.append(f"| {workload} | {variant} | {what} | | | | |")
+                        lines.append(f"| {workload} | {variant} | {what} | | | | | |")
                         continue
                     frac, resident = row.get("fraction_of_limit"), row.get("resident_items_per_s")
                     arithmetic = row.get("arithmetic_limit_items_per_s")
+                    memory = row.get("memory_limit_items_per_s")
                     ratio = row.get("ratio_to_eager_per_item") or (row["items_per_s"] / eager if eager else None)
                     lines.append(f"| {workload} | {variant} | {row['items_per_s']:,.0f} | "
                                  f"{'-' if frac is None else f'{frac:.0%}'} | "
                                  f"{'-' if ratio is None else f'{ratio:.2f}'} | "
                                  f"{'-' if resident is None else f'{resident:,.0f}'} | "
-                                 f"{'-' if arithmetic is None else f'{arithmetic:,.0f}'} |")  # fmt: skip
+                                 f"{'-' if arithmetic is None else f'{arithmetic:,.0f}'} | "
+                                 f"{'-' if memory is None else f'{memory:,.0f}'} |")  # fmt: skip
             for workload, table in tables.items():
                 baseline = table.get("eager_baseline") or next(
                     (v for v in (table.get("rows") or {}) if "eager" in v and "items_per_s" in table["rows"][v]), None)

@@ -208,3 +208,52 @@ def model_info(path: str | os.PathLike, check_weights: bool = False) -> ModelInf
     if check_weights:
         _raise_nonfinite(nonfinite, str(path))
     return replace(copy.deepcopy(info), path=path)
+
+
+#: Ops that onnxruntime runs without moving the tensor's bytes (a view, or a shape computation).
+_FREE_OPS = {"Reshape", "Flatten", "Unsqueeze", "Squeeze", "Shape", "Constant", "Identity"}
+_ELEM_BYTES = {1: 4, 10: 2, 16: 2, 11: 8, 7: 8, 6: 4, 9: 1}
+
+
+def traffic_per_item(path: str | os.PathLike, batch: int, bags: dict[str, int]) -> float:
+    """Bytes of memory an unfused run of the graph reads and writes per item, at ``batch`` items per run: each node
+    reads its inputs (weights included, shared by the batch) and writes its outputs; views and shape computations
+    are free. On a GPU that fuses nothing (onnxruntime's CUDA provider, for the elementwise median network), memory
+    bandwidth over this figure bounds the items per second.
+
+    Raises:
+        CheckpointError: Missing or unreadable file, or a graph whose shapes cannot be inferred at these sizes.
+    """
+    import onnx
+    from onnx import shape_inference
+
+    model = _load(path)
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for i, dim in enumerate(dims):
+            if dim.HasField("dim_value"):
+                continue
+            size = batch if i == 0 else bags.get(value.name, 1)
+            dim.ClearField("dim_param")
+            dim.dim_value = size
+    try:
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
+    except onnx.shape_inference.InferenceError as e:
+        raise CheckpointError(f"{path}: its shapes cannot be inferred at batch {batch} ({e})") from None
+    sizes: dict[str, int] = {}
+    for value in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        t = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
+        if all(dims) or not dims:
+            sizes[value.name] = int(np.prod(dims)) * _ELEM_BYTES.get(t.elem_type, 4)
+    for init in inferred.graph.initializer:
+        sizes[init.name] = int(np.prod(init.dims)) * _ELEM_BYTES.get(init.data_type, 4)
+    total = 0
+    for node in inferred.graph.node:
+        if node.op_type in _FREE_OPS:
+            continue
+        for name in (*node.input, *node.output):
+            if name and name not in sizes:
+                raise CheckpointError(f"{path}: the size of {name!r} cannot be inferred at batch {batch}")
+            total += sizes.get(name, 0)
+    return total / batch

@@ -31,6 +31,9 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     assert rows["ort-cpu fp16 features"]["input_bytes_per_item"] * 2 == rows["ort-cpu fp32 features"]["input_bytes_per_item"]
     assert all(row["items_per_s"] > 0 and "fraction_of_limit" in row for row in rows.values())
     assert rows["ort-cpu fp32 features"]["pipelined"] is False and rows["ort-cpu fp32 features"]["precision"] == "fp32"
+    # the graphs' memory traffic per spot (the memory limit needs the GPU's bandwidth): the fp16 graph moves less
+    traffic = {k: rows[f"ort-cpu {k} features"]["memory_bytes_per_item"] for k in ("fp32", "fp16")}
+    assert 0 < traffic["fp16"] < traffic["fp32"]
     slides = steps["slides"]["result"]["xenium-slide"]["rows"]
     assert set(slides["ort-cpu (indexed, table in memory), batch 256"]["phases_s"]) == {"encoder", "table", "head"}
     markdown = (tmp_path / "gpu_suite.md").read_text()
