@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import ConfigError, InputError
 from ..modes import get_mode
-from .median import lower_median_of
+from .median import lower_median_of, median_network
 from .specs import TORCH_DTYPES, check_precision, resolve_io_dtype
 
 
@@ -86,6 +86,7 @@ class FusedPhi(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, n_members: int, blocks: int | None = None):
         super().__init__()
         self.n_members = n_members
+        median_network(n_members)  # made now, not while torch.compile traces the forward
         self.width = weight.shape[0] // n_members
         self.blocks = phi_blocks(self.width) if blocks is None else int(blocks)
         if self.blocks < 1 or self.width % self.blocks:
@@ -120,6 +121,7 @@ class PhiEnsemble(nn.Module):
     def __init__(self, phis: nn.ModuleList):
         super().__init__()
         self.members = phis
+        median_network(len(phis))  # made now, not while torch.compile traces the forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lower_median_of([phi(x) for phi in self.members])

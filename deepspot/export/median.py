@@ -155,13 +155,30 @@ def selection_network(n: int, position: int | None = None) -> tuple[Comparator, 
     position = (n - 1) // 2 if position is None else position
     if not 0 <= position < n:
         raise ValueError(f"position {position} out of range for n={n}")
-    pruned = [prune(network, position) for network in sorting_network_candidates(n)]
-    return tuple(min(pruned, key=lambda net: sum(c.ops for c in net)))
+    best: list[Comparator] | None = None
+    for network in sorting_network_candidates(n):  # a plain loop, not min(key=): torch.compile traces it unbroken
+        pruned = prune(network, position)
+        if best is None or sum(c.ops for c in pruned) < sum(c.ops for c in best):
+            best = pruned
+    return tuple(best)
 
 
 def network_ops(n: int) -> int:
     """Number of elementwise ``Min``/``Max`` ops in the lower-median network for ``n`` inputs."""
     return sum(c.ops for c in selection_network(n))
+
+
+#: The lower-median networks built so far, by ensemble size: a plain dict, which ``torch.compile`` reads as a
+#: constant (it traces through ``functools.cache`` wrappers with a warning, rebuilding the network).
+_NETWORKS: dict[int, tuple[Comparator, ...]] = {}
+
+
+def median_network(n: int) -> tuple[Comparator, ...]:
+    """The lower-median network for ``n`` inputs; call it when a module is built, so that a compiled forward finds it
+    made."""
+    if n not in _NETWORKS:
+        _NETWORKS[n] = selection_network(n)
+    return _NETWORKS[n]
 
 
 def lower_median_of(values: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -170,7 +187,8 @@ def lower_median_of(values: Sequence[torch.Tensor]) -> torch.Tensor:
     Exports to ONNX as ``Min``/``Max`` ops only.
     """
     values = list(values)
-    for c in selection_network(len(values)):
+    network = _NETWORKS.get(len(values)) or median_network(len(values))
+    for c in network:
         lo = torch.minimum(values[c.i], values[c.j]) if c.need_min else None
         hi = torch.maximum(values[c.i], values[c.j]) if c.need_max else None
         # A half that no later step reads is not computed; its slot keeps a stale value that is never used.

@@ -170,3 +170,25 @@ def test_rejects_an_empty_ensemble_and_bad_positions():
         selection_network(0)
     with pytest.raises(ValueError):
         selection_network(3, 3)
+
+
+def test_torch_compile_traces_the_export_module_in_one_graph():
+    """``--compile`` on torch-cuda fuses the median's Min/Max passes only if dynamo sees the whole forward: no graph
+    break (``min(key=)`` broke it) and no re-tracing of the network's construction (``functools.cache``)."""
+    import warnings
+
+    import deepspot
+    from deepspot.export import build_export_module
+
+    explain = getattr(getattr(torch, "_dynamo", None), "explain", None)
+    if explain is None:
+        pytest.skip("this PyTorch has no torch._dynamo.explain")
+    model = deepspot.create_model("spot", "subspot_neighbors", n_ensemble=10, random_seed=0, input_size=16,
+                                  output_size=4, phi2rho_size=8)  # fmt: skip
+    module = build_export_module(model).eval()
+    x = {"spot": torch.randn(4, 1, 16), "subspot": torch.randn(4, 9, 16), "neighbors": torch.randn(4, 6, 16)}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        report = explain(module)(**x)
+    assert report.graph_break_count == 0 and report.graph_count == 1
+    assert not [w for w in seen if "lru_cache" in str(w.message)]
