@@ -114,24 +114,11 @@ def bandwidth(smoke: bool) -> dict:
     ok, why = cuda_available()
     if not ok:
         return {"skipped": why, "host_staging_copy": staging}
-    import torch
+    # The product's own probe (the CUDA runtime through ctypes, as the ort-cuda pipeline uses it): if it fails here,
+    # that pipeline cannot run either.
+    from deepspot.runtime.bench_common import bus_bandwidth
 
-    nbytes = (16 if smoke else 256) << 20
-    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    out = {}
-    for kind, pinned in (("pinned", True), ("pageable", False)):
-        host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-        host.fill_(1)
-        times = []
-        for _ in range(6):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            device.copy_(host, non_blocking=pinned)
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        out[f"{kind}_gb_per_s"] = nbytes / statistics.median(times[1:]) / 1e9
-    out["host_staging_copy"] = staging
-    return out
+    return {**bus_bandwidth(nbytes=(16 if smoke else 256) << 20), "host_staging_copy": staging}
 
 
 def _model(family: str, mode: str, smoke: bool, seed: int = 0):
@@ -435,24 +422,24 @@ def _measure(source, backend, options, inputs, batch, smoke, rates, w, n, pinned
 
 
 def _rate_row(rate: float, inputs: dict[str, np.ndarray], n: int, pinned: float | None) -> dict:
+    from deepspot.runtime.bench_common import bus_fraction
+
     per_item = sum(a[:1].nbytes for a in inputs.values())
-    limit = None if pinned is None else pinned * 1e9 / per_item
     return {
         "items_per_s": rate,
         "input_bytes_per_item": per_item,
-        "bus_limit_items_per_s": limit,
-        "fraction_of_limit": None if limit is None else rate / limit,
+        "bus_limit_items_per_s": None if pinned is None else pinned * 1e9 / per_item,
+        "fraction_of_limit": bus_fraction(rate, per_item, pinned),
     }
 
 
-def slides(smoke: bool, bw: dict | None) -> dict:
+def slides(smoke: bool) -> dict:
     from deepspot.runtime.bench import get_workload
     from deepspot.runtime.slide_bench import run_slide_bench
 
     ok, why = cuda_available()
     if not smoke and not ok:
         return {"skipped": why}
-    pinned = (bw or {}).get("pinned_gb_per_s")
     out = {}
     # The workload's GPU batch (what deepspot infer uses there), and for xenium-slide also 4096 cells: an indexed
     # batch carries one tile per cell, so a larger one costs little memory and may amortise the per-batch overhead.
@@ -471,9 +458,9 @@ def slides(smoke: bool, bw: dict | None) -> dict:
                 "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)}
             backends = backends[:1]
             report = run_slide_bench(w, backends, batch, 2 if smoke else 3, 1, n_items=n)
-        own = {"xenium-slide": 1, "visium-slide": 1 + w.bags.get("subspot", 0)}[name]
-        per_item = own * w.input_size * 4 + 8 * w.bags.get("neighbors", 0)  # own tiles in fp32 and the int64 indices
-        limit = None if pinned is None else pinned * 1e9 / per_item
+        # The bench's own bus figures: the bandwidth it measured, and the bytes that cross per item (the indexed
+        # layout: own tiles and neighbour indices; the per-item baseline: every tile).
+        pinned = (report.bus_gb_per_s or {}).get("pinned_gb_per_s")
         out.setdefault(name, {"items": n, "rows": {}})["eager_baseline"] = report.baseline  # what the ratios are to
         rows = out[name]["rows"]
         for r in report.results:
@@ -482,9 +469,10 @@ def slides(smoke: bool, bw: dict | None) -> dict:
             rows[f"{r.backend}, batch {r.batch_size}"] = {
                 "items_per_s": r.items_per_s,
                 "ratio_to_eager_per_item": r.ratio_to_torch,
-                "input_bytes_per_item": per_item,
-                "bus_limit_items_per_s": limit,
-                "fraction_of_limit": None if limit is None else r.items_per_s / limit,
+                "input_bytes_per_item": r.input_bytes_per_item,
+                "bus_limit_items_per_s": pinned * 1e9 / r.input_bytes_per_item if pinned and r.input_bytes_per_item
+                else None,
+                "fraction_of_limit": r.fraction_of_bus,
                 "phases_s": r.phases_s,  # encoder pass, table to the device, head pass: what bounds the slide
             }
     return out
@@ -583,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     share = args.budget / 3
     suite.step("parity", parity, args.smoke, work, suite.start + share)
     suite.step("throughput", throughput, args.smoke, work, bw, rates, suite.start + 2 * share)
-    suite.step("slides", slides, args.smoke, bw)
+    suite.step("slides", slides, args.smoke)
     print((args.out / "gpu_suite.md").read_text())
     return 0 if all(s["status"] != "failed" for s in suite.results["steps"].values()) else 1
 

@@ -212,7 +212,6 @@ def model_info(path: str | os.PathLike, check_weights: bool = False) -> ModelInf
 
 #: Ops that onnxruntime runs without moving the tensor's bytes (a view, or a shape computation).
 _FREE_OPS = {"Reshape", "Flatten", "Unsqueeze", "Squeeze", "Shape", "Constant", "Identity"}
-_ELEM_BYTES = {1: 4, 10: 2, 16: 2, 11: 8, 7: 8, 6: 4, 9: 1}
 
 
 def traffic_per_item(path: str | os.PathLike, batch: int, bags: dict[str, int]) -> float:
@@ -226,6 +225,10 @@ def traffic_per_item(path: str | os.PathLike, batch: int, bags: dict[str, int]) 
     """
     import onnx
     from onnx import shape_inference
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    def nbytes(dims, elem_type: int) -> int:
+        return int(np.prod(dims)) * tensor_dtype_to_np_dtype(elem_type).itemsize
 
     model = _load(path)
     for value in model.graph.input:
@@ -245,9 +248,9 @@ def traffic_per_item(path: str | os.PathLike, batch: int, bags: dict[str, int]) 
         t = value.type.tensor_type
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]
         if all(dims) or not dims:
-            sizes[value.name] = int(np.prod(dims)) * _ELEM_BYTES.get(t.elem_type, 4)
+            sizes[value.name] = nbytes(dims, t.elem_type)
     for init in inferred.graph.initializer:
-        sizes[init.name] = int(np.prod(init.dims)) * _ELEM_BYTES.get(init.data_type, 4)
+        sizes[init.name] = nbytes(init.dims, init.data_type)
     total = 0
     for node in inferred.graph.node:
         if node.op_type in _FREE_OPS:

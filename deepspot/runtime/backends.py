@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import BackendUnavailableError, ConfigError
 from .artifacts import artifact_kind, read_onnx
 from ._onnxruntime import GPU_INSTALL, OrtInstall, import_ort, ort_install
@@ -295,13 +297,14 @@ def load_runner(
 
 def _check_io(io: str | None, inputs: dict[str, Any], model: Any) -> None:
     """A feature dtype asked of a graph must be the one it was exported with (a graph's input dtype is fixed)."""
+    from ..data import FEATURE_DTYPES
+
     if io is None:
         return
-    dtypes = {"fp32": "float32", "fp16": "float16"}
-    if io not in dtypes:
-        raise ConfigError(f"unknown feature dtype {io!r}; expected one of: {', '.join(dtypes)}")
+    if io not in FEATURE_DTYPES:
+        raise ConfigError(f"unknown feature dtype {io!r}; expected one of: {', '.join(FEATURE_DTYPES)}")
     have = {spec.dtype for spec in inputs.values() if spec.dtype.startswith("float")}
-    if have and have != {dtypes[io]}:
+    if have and have != {np.dtype(FEATURE_DTYPES[io]).name}:
         exported = "fp16" if have == {"float16"} else "fp32"
         raise ConfigError(f"{model} takes {exported} features (its input dtype is fixed at export); export it with "
                           f"--io {io} to take {io} features")  # fmt: skip

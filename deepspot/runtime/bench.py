@@ -11,6 +11,7 @@ host-to-device bandwidth measured in the same run.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -109,7 +110,7 @@ def run_bench(
     torch.set_num_threads(physical_cores())
     model = model if model is not None else w.build_model(seed)
     runners: dict[str, Any] = {}
-    feeds = Feeds(w, seed)
+    feeds = _feeds(w, seed)
     with tempfile.TemporaryDirectory(prefix="deepspot-bench-", dir=workdir) as tmp:
         onnx_path = None
         if any(BACKENDS[n].runs == "onnx" for n in names if n != EAGER_GPU):
@@ -127,7 +128,7 @@ def run_bench(
                     runner = TorchRunner(model)
                 else:
                     runner = load_runner(source, name, o, allow_fallback)
-                runners[name] = (runner.activate(), feeds.get(batch * (GPU_STREAM_BATCHES if cuda else 1)), batch)
+                runners[name] = (runner.activate(), feeds(batch * (GPU_STREAM_BATCHES if cuda else 1)), batch)
             return _measure(w, runners, repeats, warmup, baseline=base)
         finally:
             for runner, _, _ in runners.values():
@@ -136,22 +137,18 @@ def run_bench(
 
 #: The eager baseline's name when GPU backends are measured.
 EAGER_GPU = "torch-cuda (eager)"
+
+
+def _feeds(w: Workload, seed: int):
+    """The workload's seeded inputs by number of items, made once and shared by the backends that take as many."""
+    return functools.cache(lambda n: w.inputs(n, seed))
+
+
 #: Batches a GPU backend streams per timed repeat: through the overlapping pipeline, as ``deepspot infer`` runs them
 #: (copies of one batch under the compute of another), not one batch copied and computed in turn.
 GPU_STREAM_BATCHES = 8
 
 
-class Feeds:
-    """The workload's seeded inputs by number of items, made once and shared by the backends that take as many."""
-
-    def __init__(self, w: Workload, seed: int):
-        self.w, self.seed = w, seed
-        self._made: dict[int, dict] = {}
-
-    def get(self, n: int) -> dict:
-        if n not in self._made:
-            self._made[n] = self.w.inputs(n, self.seed)
-        return self._made[n]
 
 
 def _bench_onnx(w: Workload, path: Path, backends, batch_size, repeats, warmup, seed, options, allow_fallback):
@@ -180,13 +177,13 @@ def _bench_onnx(w: Workload, path: Path, backends, batch_size, repeats, warmup, 
                 phi2rho_size=int(info.config.get("phi2rho_size") or w.phi2rho_size),
                 n_ensemble=int(info.config.get("n_ensemble") or w.n_ensemble))  # fmt: skip
     runners: dict[str, Any] = {}
-    feeds = Feeds(w, seed)
+    feeds = _feeds(w, seed)
     try:
         for name in names:
             cuda = BACKENDS[name].device == "cuda"
             batch = batch_size or (w.batch_gpu if cuda else w.batch_cpu)
             o = replace(options or RunnerOptions(), batch_size=batch, bag_sizes=dict(w.bags))
-            feed = feeds.get(batch * (GPU_STREAM_BATCHES if cuda else 1))
+            feed = feeds(batch * (GPU_STREAM_BATCHES if cuda else 1))
             runners[name] = (load_runner(path, name, o, allow_fallback).activate(), feed, batch)
         return _measure(w, runners, repeats, warmup, baseline=names[0])
     finally:

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import FEATURE_DTYPES
 from ..errors import BackendUnavailableError, ConfigError
 from .base import OUTPUT_NAME, ModelInfo, Runner, TensorSpec
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-IO_DTYPES = {"fp32": "float32", "fp16": "float16"}
 CASTS = ("auto", "autocast", "half")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -68,8 +68,8 @@ class TorchRunner(Runner):
         tf32: bool = False,
         io: str = "fp32",
     ):
-        if io not in IO_DTYPES:
-            raise ConfigError(f"unknown feature dtype {io!r}; expected one of: {', '.join(IO_DTYPES)}")
+        if io not in FEATURE_DTYPES:
+            raise ConfigError(f"unknown feature dtype {io!r}; expected one of: {', '.join(FEATURE_DTYPES)}")
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {precision!r}; expected one of: {', '.join(PRECISIONS)}")
         if cast not in CASTS:
@@ -105,7 +105,8 @@ class TorchRunner(Runner):
         self.graph = graph
         self._module = None
         self.io = io
-        self._specs = {k: replace(v, dtype=IO_DTYPES[io]) for k, v in self.info.input_specs().items()}
+        dtype = np.dtype(FEATURE_DTYPES[io]).name
+        self._specs = {k: replace(v, dtype=dtype) for k, v in self.info.input_specs().items()}
         self._pinned: dict[str, torch.Tensor] = {}
 
     @property
