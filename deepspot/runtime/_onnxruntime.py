@@ -21,6 +21,8 @@ PACKAGES = ("onnxruntime", "onnxruntime-gpu")
 #: How to replace the CPU package by the GPU one.
 GPU_INSTALL = ("install onnxruntime-gpu instead of onnxruntime: pip uninstall -y onnxruntime && "
                "pip install 'deepspot[gpu]'")
+#: What to check when the software is in place but the GPU is not reached (no driver, no visible device).
+DRIVER_HINT = "check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES"
 
 
 @dataclass(frozen=True)

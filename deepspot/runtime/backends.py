@@ -19,9 +19,9 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, ConfigError
 from .artifacts import artifact_kind, read_onnx
-from ._onnxruntime import GPU_INSTALL, OrtInstall, import_ort, ort_install
+from ._onnxruntime import DRIVER_HINT, GPU_INSTALL, OrtInstall, import_ort, ort_install
 from .base import Runner
-from .ort import CPU, CUDA, TRT
+from .ort import CPU, CUDA, TRT, load_hint
 
 log = logging.getLogger("deepspot.runtime")
 
@@ -107,11 +107,16 @@ class Probe:
     torch: bool = True
     ort: OrtInstall | None = None  # which onnxruntime package is installed (for the hint when a provider is missing)
     ort_error: str | None = None  # why an installed onnxruntime does not import, with the fix
+    torch_cuda_build: str | None = None  # torch.version.cuda when PyTorch was asked for a GPU (None: a CPU build)
+    # GPU providers that onnxruntime lists but that cannot run (a library that does not load, no usable GPU), with
+    # why and what to do (onnxruntime lists them all the same, then runs on the CPU)
+    provider_problems: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def detect(cls, torch_cuda: bool = True) -> "Probe":
+    def detect(cls, torch_cuda: bool = True, load_providers: bool = True) -> "Probe":
         """Probe this machine; ``torch_cuda=False`` skips asking PyTorch for a GPU (importing torch takes seconds,
-        and only ``torch-cuda`` and ``tensorrt`` need the answer)."""
+        and only ``torch-cuda`` and ``tensorrt`` need the answer), ``load_providers=False`` skips loading the GPU
+        providers' libraries (the CUDA stack, a second or so; only ``ort-cuda`` and ``ort-trt`` need it)."""
         providers: tuple[str, ...] = ()
         install, error = ort_install(), None
         if install.module is not None:
@@ -120,20 +125,35 @@ class Probe:
             except BackendUnavailableError as e:  # a broken install: no providers, and why, with how to repair it
                 error = str(e)
         has_trt = importlib.util.find_spec("tensorrt") is not None
-        ort = {"ort": install, "ort_error": error}
+        ort = {"ort": install, "ort_error": error, "provider_problems": {}}
+        gpu_providers = [p for p in (CUDA, TRT) if p in providers]
+        if load_providers and gpu_providers:
+            from .cuda_libs import cuda_device_error, installed_provider_error, preload_cuda_libraries
+
+            preload_cuda_libraries()
+            for provider in gpu_providers:
+                failed = installed_provider_error(provider)
+                if failed:
+                    why = f"{provider} is listed but does not load ({failed}); {load_hint(provider, failed)}"
+                    ort["provider_problems"][provider] = why
+                elif failed := cuda_device_error(0):  # GPU 0 exists wherever a GPU does
+                    ort["provider_problems"][provider] = f"{provider} finds no usable GPU ({failed}); {DRIVER_HINT}"
         if importlib.util.find_spec("torch") is None:  # a serving install: the ONNX backends need no PyTorch
             return cls(providers, False, has_trt, torch=False, **ort)
         if not torch_cuda:
             return cls(providers, False, has_trt, **ort)
         import torch
 
-        return cls(providers, torch.cuda.is_available(), has_trt, **ort)
+        return cls(providers, torch.cuda.is_available(), has_trt, torch_cuda_build=torch.version.cuda, **ort)
 
 
 def unavailable_reason(name: str, probe: Probe) -> str | None:
     """Why backend ``name`` cannot run here, with the install hint; ``None`` when it can."""
     b = get_backend(name)
     missing = [p for p in b.providers if p not in probe.providers]
+    failed = [p for p in b.providers if p in probe.provider_problems]
+    if failed and not missing:
+        return f"backend {name!r} needs {b.needs}: {probe.provider_problems[failed[0]]}"
     if missing:
         install = probe.ort
         if install and install.problem():  # both packages in one folder, or a module deleted under its package
@@ -156,6 +176,11 @@ def unavailable_reason(name: str, probe: Probe) -> str | None:
     if name == "tensorrt" and not probe.tensorrt:
         return f"backend {name!r} needs {b.needs}: the tensorrt package is not installed; {b.install}"
     if b.device == "cuda" and not probe.cuda and not b.providers:
+        if probe.torch_cuda_build:  # the right PyTorch, but no driver or no visible GPU: reinstalling would not help
+            return (
+                f"backend {name!r} needs {b.needs}: PyTorch is a CUDA {probe.torch_cuda_build} build but sees no GPU; "
+                f"{DRIVER_HINT}"
+            )
         return f"backend {name!r} needs {b.needs}: PyTorch sees no CUDA GPU; {b.install}"
     return None
 
@@ -200,7 +225,8 @@ def select_backend(
             chain.append(name)
             name = get_backend(name).fallback if allow_fallback else None
         probe = Probe.detect(torch_cuda=any(get_backend(n).device == "cuda" and not get_backend(n).providers
-                                            for n in chain))  # fmt: skip
+                                            for n in chain),
+                             load_providers=any(p != CPU for n in chain for p in get_backend(n).providers))  # fmt: skip
     reasons: list[str] = []
     name: str | None = requested
     while name is not None:

@@ -6,8 +6,8 @@ moved the toolkit's libraries into one ``nvidia/cu13/lib`` folder, which older `
 issue #29198), and onnxruntime lists the CUDA provider as available even when loading it fails, then runs on the
 CPU (issue #23372). So:
 
-- :func:`preload_cuda_libraries` calls ``preload_dlls`` where onnxruntime has it and then loads, with
-  ``RTLD_GLOBAL``, what it missed from the ``nvidia`` folders of ``site-packages`` (``cu13/lib`` included);
+- :func:`preload_cuda_libraries` loads, with ``RTLD_GLOBAL``, the libraries of the ``nvidia`` folders on the path
+  (``cu13/lib`` included), then calls ``preload_dlls`` where onnxruntime has it, for what else it loads;
 - :func:`provider_load_error` says which library a provider failed to load, by loading the provider's own shared
   library and reading the linker's message;
 - :class:`CudaRuntime` wraps the CUDA runtime calls of the pipeline (page-locked allocation, streams, events,
@@ -19,9 +19,11 @@ onnxruntime documentation.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
+import io
 import os
 import site
 import sys
@@ -57,17 +59,15 @@ def find_library(pattern: str) -> Path | None:
 def preload_cuda_libraries() -> dict[str, str]:
     """Load the CUDA libraries before the first CUDA session; return ``{library: where it came from or why not}``.
 
+    The ``nvidia`` wheels' folders on the path come first. ``onnxruntime.preload_dlls`` looks for them only beside
+    onnxruntime's own folder, so it misses them when onnxruntime-gpu lies in another folder than the CUDA wheels (a
+    ``--target`` folder, a user site, a second venv on ``PYTHONPATH``) and prints a line for each library it cannot
+    load. Called after the explicit loads, it finds those already loaded; what it still prints goes into the report,
+    not onto the user's output.
+
     Safe to call on machines without CUDA (everything is reported as not found) and cached: it runs once.
     """
     report: dict[str, str] = {}
-    try:
-        import onnxruntime
-
-        if hasattr(onnxruntime, "preload_dlls"):
-            onnxruntime.preload_dlls(directory="")  # nvidia site packages, then the default paths
-            report["onnxruntime.preload_dlls"] = "called"
-    except Exception as e:  # noqa: BLE001  a failing preload must not stop the explicit loads below
-        report["onnxruntime.preload_dlls"] = f"failed: {e}"
     for pattern in CUDA_LIBRARIES:
         path = find_library(pattern)
         if path is None:
@@ -78,6 +78,17 @@ def preload_cuda_libraries() -> dict[str, str]:
             report[pattern] = str(path)
         except OSError as e:
             report[pattern] = f"failed to load: {e}"
+    try:
+        import onnxruntime
+
+        if hasattr(onnxruntime, "preload_dlls"):
+            said = io.StringIO()
+            with contextlib.redirect_stdout(said):
+                onnxruntime.preload_dlls(directory="")  # nvidia site packages, then the default paths
+            words = " ".join(said.getvalue().split())
+            report["onnxruntime.preload_dlls"] = f"called; it said: {words[:400]}" if words else "called"
+    except Exception as e:  # noqa: BLE001  the explicit loads above are done; a failing preload only gets reported
+        report["onnxruntime.preload_dlls"] = f"failed: {e}"
     return report
 
 
@@ -102,7 +113,25 @@ def provider_load_error(provider: str) -> str | None:
     try:
         ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
-        return str(e).replace(str(path.parent) + os.sep, "")
+        message = str(e).replace(str(path.parent) + os.sep, "")
+        if "libcuda.so" in message:  # the driver's library, which no wheel provides
+            message += " (libcuda.so.1 comes with the NVIDIA driver: none is installed or visible here)"
+        return message
+    return None
+
+
+def installed_provider_error(provider: str) -> str | None:
+    """Why a provider whose library is installed does not load; ``None`` when it loads or is not in this build
+    (onnxruntime lists CUDA and TensorRT whether or not their libraries load)."""
+    return provider_load_error(provider) if provider_library(provider) is not None else None
+
+
+def cuda_device_error(device_id: int = 0) -> str | None:
+    """Why the CUDA runtime cannot use GPU ``device_id`` (no driver, no device, a bad index), or ``None``."""
+    try:
+        CudaRuntime(device_id)
+    except CudaError as e:
+        return str(e)
     return None
 
 
@@ -195,7 +224,9 @@ class CudaRuntime:
 __all__ = [
     "CudaError",
     "CudaRuntime",
+    "cuda_device_error",
     "find_library",
+    "installed_provider_error",
     "nvidia_library_dirs",
     "preload_cuda_libraries",
     "provider_load_error",

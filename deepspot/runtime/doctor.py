@@ -124,13 +124,7 @@ def diagnose() -> Report:
         report.libraries = {**_cuda_versions(), **preload_cuda_libraries()}
     report.versions["onnxruntime providers"] = ", ".join(probe.providers) or None
     for name in BACKENDS:
-        why = unavailable_reason(name, probe)
-        if why is None and name in ("ort-cuda", "ort-trt"):
-            from .cuda_libs import provider_load_error
-
-            provider = "CUDAExecutionProvider" if name == "ort-cuda" else "TensorrtExecutionProvider"
-            error = provider_load_error(provider)
-            why = None if error is None else f"{provider} is listed but does not load: {error}"
+        why = unavailable_reason(name, probe)  # a GPU provider listed but not loading included
         report.backends[name] = {
             "available": why is None,
             "why not": why,

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BackendUnavailableError, ConfigError, InputError
-from ._onnxruntime import import_ort, ort_install
+from ._onnxruntime import DRIVER_HINT, import_ort, ort_install
 from .base import ModelInfo, Runner, TensorSpec, check_feed, conform_feed
 from .profiles import Profile, trt_profile_options
 
@@ -140,10 +140,20 @@ def session_from_onnx(
         raise BackendUnavailableError(f"onnxruntime has no {missing[0]} here; {install_hint(missing[0])}")
     if model_bytes is None and not Path(path).is_file():
         raise CheckpointError(f"{path}: no such ONNX file")
+    head = providers[0]
+    device_id = 0 if isinstance(head, str) else int(dict(head[1]).get("device_id", 0))
     if names[0] != CPU:
-        from .cuda_libs import preload_cuda_libraries
+        from .cuda_libs import cuda_device_error, installed_provider_error, preload_cuda_libraries
 
         preload_cuda_libraries()  # before the first CUDA session: CUDA 13 wheels' libraries included
+        # A provider whose library cannot load, or that would find no GPU, is refused before a session is made:
+        # onnxruntime would print an error block of its own and run on the CPU.
+        error = installed_provider_error(names[0])
+        if error is not None:
+            raise BackendUnavailableError(f"{names[0]} failed to load ({error}); {load_hint(names[0], error)}")
+        error = cuda_device_error(device_id)
+        if error is not None:
+            raise BackendUnavailableError(f"{names[0]} cannot use GPU {device_id} ({error}); {DRIVER_HINT}")
     try:
         options = session_options(threads, optimization)
         source = str(path) if model_bytes is None else model_bytes
@@ -156,14 +166,36 @@ def session_from_onnx(
         raise CheckpointError(f"{path}: onnxruntime cannot load it ({first})") from None
     if names[0] not in session.get_providers():
         # onnxruntime lists a GPU provider as available even when loading it fails, then runs on the CPU.
-        from .cuda_libs import provider_load_error
+        from .cuda_libs import cuda_device_error, provider_load_error
 
-        why = provider_load_error(names[0]) or "see onnxruntime's log above"
+        load = provider_load_error(names[0])
+        why = load or cuda_device_error(device_id) or "see onnxruntime's log above"
+        hint = load_hint(names[0], load) if load else DRIVER_HINT
         raise BackendUnavailableError(
-            f"{names[0]} failed to load ({why}); onnxruntime fell back to {session.get_providers()[0]}. "
-            f"{install_hint(names[0])}"
+            f"{names[0]} failed to load ({why}); onnxruntime fell back to {session.get_providers()[0]}. {hint}"
         )
     return session
+
+
+#: The CUDA stack's libraries that the nvidia wheels (or a CUDA toolkit on the linker's path) provide.
+_CUDA_STACK = ("libcudart", "libcublas", "libcudnn", "libcurand", "libcufft", "libnvrtc")
+
+
+def load_hint(provider: str, error: str) -> str:
+    """What to do when ``provider`` is installed but cannot run, by what its loader said (``error``)."""
+    if "libcuda.so" in error:  # the driver's library: nothing pip can fix
+        return DRIVER_HINT
+    if any(lib in error for lib in _CUDA_STACK):
+        try:
+            from onnxruntime.capi.build_and_package_info import cuda_version
+        except ImportError:
+            cuda_version = "its"
+        return (
+            f"onnxruntime-gpu needs the CUDA {cuda_version} and cuDNN 9 libraries: "
+            "pip install 'onnxruntime-gpu[cuda,cudnn]' nvidia-cublas (a CUDA build of PyTorch brings them too), "
+            "or put a CUDA toolkit's lib64 on LD_LIBRARY_PATH"
+        )
+    return install_hint(provider)
 
 
 def install_hint(provider: str) -> str:

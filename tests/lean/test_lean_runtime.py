@@ -139,7 +139,9 @@ def test_gpu_backends_without_their_packages_say_what_to_install(tmp_path, backe
     if reason is None:
         pytest.skip(f"{backend} can run here")
     result = no_torch("infer", ONNX, "-i", SLIDE, "-o", tmp_path / "p.npy", "--backend", backend, "--no-progress")
-    assert result.returncode == 2 and "pip install" in result.stderr and "Traceback" not in result.stderr
+    # what to install, or (onnxruntime-gpu installed but no driver) what to check
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "pip install" in result.stderr or "check the NVIDIA driver" in result.stderr
     assert not (tmp_path / "p.npy").exists()
 
 

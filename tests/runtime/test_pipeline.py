@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from typer.testing import CliRunner
 from deepspot.cli import app
 from deepspot.errors import BackendUnavailableError
 from deepspot.runtime import cuda_libs
+from deepspot.runtime.backends import Probe, unavailable_reason
 from deepspot.runtime.pipeline import HostAdapter, HostRing, run_pipeline
 
 G = 3
@@ -245,33 +248,138 @@ def test_cuda_13_wheels_consolidated_folder_is_found(tmp_path, monkeypatch):
     assert cuda_libs.find_library("libcudnn.so.*").name == "libcudnn.so.9"
 
 
+def test_the_wheels_libraries_load_before_preload_dlls_and_its_complaints_go_into_the_report(
+    tmp_path, monkeypatch, capsys
+):
+    # onnxruntime-gpu in a --target folder misses the venv's nvidia wheels, and preload_dlls prints a line for each
+    # library it cannot load (seen with onnxruntime-gpu 1.31.1 in a folder of its own beside torch 2.11's wheels).
+    lib = tmp_path / "nvidia" / "cu13" / "lib"
+    lib.mkdir(parents=True)
+    (lib / "libcudart.so.13").write_bytes(b"")
+    calls: list[str] = []
+
+    def cdll(name, mode=0):
+        calls.append(str(name))
+
+    def preload_dlls(directory=None):
+        calls.append("preload_dlls")
+        print("Failed to load libcublasLt.so.13: libcublasLt.so.13: cannot open shared object file")
+
+    fake = types.SimpleNamespace(preload_dlls=preload_dlls)
+    monkeypatch.setitem(sys.modules, "onnxruntime", fake)
+    monkeypatch.setattr(cuda_libs.site, "getsitepackages", lambda: [str(tmp_path)])
+    monkeypatch.setattr(cuda_libs.sys, "path", [])
+    monkeypatch.setattr(cuda_libs.ctypes, "CDLL", cdll)
+    cuda_libs.preload_cuda_libraries.cache_clear()
+    try:
+        report = cuda_libs.preload_cuda_libraries()
+    finally:
+        cuda_libs.preload_cuda_libraries.cache_clear()
+    assert calls == [str(lib / "libcudart.so.13"), "preload_dlls"]
+    assert report["libcudart.so.*"] == str(lib / "libcudart.so.13")
+    assert report["onnxruntime.preload_dlls"].startswith("called; it said: Failed to load libcublasLt.so.13")
+    assert capsys.readouterr().out == ""
+
+
 def test_preloading_on_a_machine_without_cuda_reports_instead_of_failing():
     report = cuda_libs.preload_cuda_libraries()
     assert "libcudart.so.*" in report and all(isinstance(v, str) for v in report.values())
 
 
-def test_a_provider_that_falls_back_to_the_cpu_is_an_error_naming_the_library(tmp_path, monkeypatch, artifacts):
+def _cuda_listed(monkeypatch, session) -> None:
+    """onnxruntime-gpu as it looks without a usable GPU: CUDA listed, and ``session`` for the sessions it makes."""
     import onnxruntime
 
+    listed = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: listed)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+
+
+class _NoSession:
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("a session was made although the provider's library cannot load")
+
+
+class _FellBack:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def get_providers(self):
+        return ["CPUExecutionProvider"]  # what onnxruntime does when the CUDA provider fails to load
+
+
+def _gpu_checks(monkeypatch, library_error=None, device_error=None) -> list[int]:
+    """What the checks before a session find: the provider's library error and the CUDA runtime's device error."""
+    asked: list[int] = []
+    monkeypatch.setattr(cuda_libs, "installed_provider_error", lambda provider: library_error)
+    monkeypatch.setattr(cuda_libs, "cuda_device_error", lambda device_id: asked.append(device_id) or device_error)
+    return asked
+
+
+def test_a_provider_that_falls_back_to_the_cpu_is_an_error_naming_the_library(monkeypatch, artifacts):
     from deepspot.runtime import ort as ort_module
 
     model = artifacts("cell", "cell").onnx  # made before onnxruntime is faked below
-
-    class FellBack:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def get_providers(self):
-            return ["CPUExecutionProvider"]  # what onnxruntime does when the CUDA provider fails to load
-
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(onnxruntime, "InferenceSession", FellBack)
+    _cuda_listed(monkeypatch, _FellBack)
+    _gpu_checks(monkeypatch)  # both pass; the session falls back all the same
     monkeypatch.setattr(cuda_libs, "provider_load_error", lambda p: "libcudnn.so.9: cannot open shared object file")
-    with pytest.raises(BackendUnavailableError, match=r"CUDAExecutionProvider failed to load \(libcudnn\.so\.9: cannot"):
+    with pytest.raises(BackendUnavailableError, match=r"CUDAExecutionProvider failed to load \(libcudnn\.so\.9: cannot "
+                       r".*fell back to CPUExecutionProvider\. onnxruntime-gpu needs the CUDA"):
+        ort_module.session_from_onnx(model, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(cuda_libs, "provider_load_error", lambda p: None)
+    with pytest.raises(BackendUnavailableError, match=r"\(see onnxruntime's log above\).*check the NVIDIA driver"):
         ort_module.session_from_onnx(model, ["CUDAExecutionProvider", "CPUExecutionProvider"])
 
 
-def test_provider_load_error_names_a_missing_provider():
+@pytest.mark.parametrize(
+    "error, hint",
+    [
+        ("libcuda.so.1: cannot open shared object file (libcuda.so.1 comes with the NVIDIA driver: none is installed "
+         "or visible here)", "check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES"),
+        ("libcublasLt.so.13: cannot open shared object file",
+         "pip install 'onnxruntime-gpu[cuda,cudnn]' nvidia-cublas"),
+    ],
+)  # fmt: skip
+def test_a_provider_whose_library_cannot_load_is_refused_before_a_session(monkeypatch, artifacts, error, hint):
+    from deepspot.runtime import ort as ort_module
+
+    model = artifacts("cell", "cell").onnx  # made before onnxruntime is faked below
+    _cuda_listed(monkeypatch, _NoSession)
+    _gpu_checks(monkeypatch, library_error=error)
+    with pytest.raises(BackendUnavailableError) as caught:
+        ort_module.session_from_onnx(model, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    message = str(caught.value)
+    assert message.startswith(f"CUDAExecutionProvider failed to load ({error}); ") and hint in message
+    assert "deepspot[gpu]" not in message  # onnxruntime-gpu is installed: reinstalling it would not help
+
+
+def test_a_gpu_the_cuda_runtime_cannot_use_is_refused_before_a_session(monkeypatch, artifacts):
+    from deepspot.runtime import ort as ort_module
+
+    model = artifacts("cell", "cell").onnx
+    _cuda_listed(monkeypatch, _NoSession)
+    asked = _gpu_checks(monkeypatch, device_error="cudaSetDevice failed: invalid device ordinal (error 101)")
+    expected = r"^CUDAExecutionProvider cannot use GPU 3 \(cudaSetDevice failed: invalid device ordinal \(error 101\)\)"
+    with pytest.raises(BackendUnavailableError, match=expected) as caught:
+        ort_module.session_from_onnx(model, [("CUDAExecutionProvider", {"device_id": "3"}), "CPUExecutionProvider"])
+    assert asked == [3]
+    assert str(caught.value).endswith("); check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES")
+
+
+def test_cuda_device_error_reports_the_runtime_error(monkeypatch):
+    def fails(device_id=0):
+        raise cuda_libs.CudaError("cudaSetDevice failed: no CUDA-capable device is detected (error 100)")
+
+    monkeypatch.setattr(cuda_libs, "CudaRuntime", fails)
+    assert cuda_libs.cuda_device_error(0) == "cudaSetDevice failed: no CUDA-capable device is detected (error 100)"
+    monkeypatch.setattr(cuda_libs, "CudaRuntime", lambda device_id=0: object())
+    assert cuda_libs.cuda_device_error(0) is None
+
+
+def test_provider_load_error_names_a_missing_provider(tmp_path, monkeypatch):
+    # an onnxruntime without the CUDA provider's library (the CPU package)
+    monkeypatch.setitem(sys.modules, "onnxruntime", types.SimpleNamespace(__file__=str(tmp_path / "__init__.py")))
+    assert cuda_libs.provider_library("CUDAExecutionProvider") is None
     assert "not part of this onnxruntime build" in cuda_libs.provider_load_error("CUDAExecutionProvider")
     assert cuda_libs.provider_load_error("NoSuchExecutionProvider") == "NoSuchExecutionProvider is not part of this onnxruntime build"
 
@@ -283,11 +391,16 @@ def test_doctor_reports_every_backend_and_exits_0():
     report = json.loads(result.output)
     assert set(report["backends"]) == {"torch", "torch-cuda", "ort-cpu", "ort-cuda", "ort-trt", "tensorrt"}
     assert report["backends"]["ort-cpu"]["available"] is True
-    assert report["backends"]["ort-cuda"]["available"] is False and "onnxruntime-gpu" in report["backends"]["ort-cuda"]["why not"]
+    probe = Probe.detect()
+    for name, row in report["backends"].items():  # what selection would say, GPU providers' load errors included
+        why = unavailable_reason(name, probe)
+        assert (row["available"], row["why not"]) == (why is None, why)
     assert report["backends"]["tensorrt"]["verified on a GPU"] is False
     assert report["versions"]["onnxruntime"] and report["versions"]["deepspot"]
     table = CliRunner().invoke(app, ["doctor"])
-    assert table.exit_code == 0 and "unverified" in table.output and "deepspot[gpu]" in table.output
+    assert table.exit_code == 0 and "unverified" in table.output
+    if "CUDAExecutionProvider" not in probe.providers:  # the CPU package: the hint is to install the GPU one
+        assert "onnxruntime-gpu" in report["backends"]["ort-cuda"]["why not"] and "deepspot[gpu]" in table.output
 
 
 @pytest.mark.gpu

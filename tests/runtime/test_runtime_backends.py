@@ -76,6 +76,79 @@ def test_available_backend_is_chosen_as_asked():
     assert "tensorrt package" in unavailable_reason("tensorrt", Probe((TRT, CUDA, CPU), True, False))
 
 
+def test_a_cuda_build_of_pytorch_without_a_gpu_is_not_told_to_install_one():
+    # torch 2.11+cu130 on a machine with no driver: reinstalling PyTorch would not help
+    cuda_build = Probe(providers=(CPU,), cuda=False, tensorrt=False, torch_cuda_build="13.0")
+    reason = unavailable_reason("torch-cuda", cuda_build)
+    assert "PyTorch is a CUDA 13.0 build but sees no GPU" in reason and "nvidia-smi" in reason
+    assert "install a CUDA build" not in reason
+    assert "install a CUDA build of PyTorch" in unavailable_reason("torch-cuda", CPU_ONLY)
+
+
+def test_a_provider_missing_the_driver_library_says_it_is_the_driver(tmp_path, monkeypatch):
+    from deepspot.runtime import cuda_libs
+
+    library = tmp_path / "libonnxruntime_providers_cuda.so"
+
+    def cdll(name, mode=0):
+        raise OSError(f"{library}: libcuda.so.1: cannot open shared object file: No such file or directory")
+
+    monkeypatch.setattr(cuda_libs, "provider_library", lambda provider: library)
+    monkeypatch.setattr(cuda_libs.ctypes, "CDLL", cdll)
+    error = cuda_libs.provider_load_error("CUDAExecutionProvider")
+    assert error.startswith("libonnxruntime_providers_cuda.so: libcuda.so.1: cannot open shared object file")
+    assert "comes with the NVIDIA driver" in error
+
+
+NO_DRIVER = "libcuda.so.1: cannot open shared object file (libcuda.so.1 comes with the NVIDIA driver)"
+
+
+def test_a_listed_provider_that_cannot_run_is_unavailable_and_can_be_fallen_back_from():
+    # onnxruntime-gpu lists CUDA and TensorRT whether or not they can run (onnxruntime issue #23372)
+    no_driver = Probe(providers=(TRT, CUDA, CPU), provider_problems={CUDA: "CUDA: no driver", TRT: "TensorRT: no"})
+    assert unavailable_reason("ort-cuda", no_driver).endswith("GPU: CUDA: no driver")
+    with pytest.warns(FallbackWarning, match="'ort-cuda' to 'ort-cpu'"):
+        assert select_backend("ort-cuda", allow_fallback=True, probe=no_driver).backend == "ort-cpu"
+    with pytest.raises(BackendUnavailableError, match="CUDA: no driver"):
+        select_backend("ort-cuda", probe=no_driver)
+    no_tensorrt = Probe(providers=(TRT, CUDA, CPU), provider_problems={TRT: "TensorRT: no"})
+    with pytest.warns(FallbackWarning, match="'ort-trt' to 'ort-cuda'"):
+        assert select_backend("ort-trt", allow_fallback=True, probe=no_tensorrt).backend == "ort-cuda"
+
+
+@pytest.mark.parametrize(
+    "library, device, expected",
+    [
+        (NO_DRIVER, None, f"CUDAExecutionProvider is listed but does not load ({NO_DRIVER}); check the NVIDIA driver"),
+        ("libcudnn.so.9: cannot open shared object file", None, "pip install 'onnxruntime-gpu[cuda,cudnn]'"),
+        (None, "cudaSetDevice failed: no CUDA-capable device is detected (error 100)",
+         "CUDAExecutionProvider finds no usable GPU (cudaSetDevice failed: no CUDA-capable device is detected "
+         "(error 100)); check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES"),
+        (None, None, None),
+    ],
+)  # fmt: skip
+def test_the_probe_tries_the_gpu_providers_only_when_asked(monkeypatch, library, device, expected):
+    from deepspot.runtime import backends, cuda_libs
+
+    class Listed:
+        @staticmethod
+        def get_available_providers():
+            return [CUDA, CPU]
+
+    tried: list[str] = []
+    monkeypatch.setattr(backends, "import_ort", lambda: Listed)
+    monkeypatch.setattr(cuda_libs, "preload_cuda_libraries", lambda: tried.append("preload") or {})
+    monkeypatch.setattr(cuda_libs, "installed_provider_error", lambda p: tried.append(p) or library)
+    monkeypatch.setattr(cuda_libs, "cuda_device_error", lambda device_id: tried.append(device_id) or device)
+    assert Probe.detect(torch_cuda=False, load_providers=False).provider_problems == {} and tried == []
+    problems = Probe.detect(torch_cuda=False).provider_problems
+    assert tried == (["preload", CUDA] if library else ["preload", CUDA, 0])
+    if expected is None:
+        assert problems == {}
+    else:
+        assert expected in problems[CUDA] and "deepspot[gpu]" not in problems[CUDA]
+
+
 def test_a_plan_cannot_fall_back():
     with pytest.raises(BackendUnavailableError, match="tensorrt"):
         select_backend("tensorrt", allow_fallback=True, probe=CPU_ONLY, kind="plan")

@@ -94,7 +94,6 @@ def test_the_bus_bandwidth_probe_copies_through_the_cuda_runtime_and_frees_what_
 def test_a_gpu_backend_streams_batches_and_is_measured_against_the_bus(tmp_path):
     """On a GPU the bench streams several batches per repeat through predict() and reports the fraction of the
     bus-fed limit instead of the CPU's GEMM. A CPU runner that says it is on a GPU stands in for one here."""
-    import deepspot
     from deepspot.cli.runtime import print_bench
     from deepspot.runtime.bench import _measure
     from deepspot.runtime.torch_runner import TorchRunner
