@@ -126,6 +126,44 @@ def installed_provider_error(provider: str) -> str | None:
     return provider_load_error(provider) if provider_library(provider) is not None else None
 
 
+def _dotted(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}"  # CUDA encodes 13.0 as 13000
+
+
+def cuda_versions() -> dict[str, str]:
+    """The versions of the CUDA runtime, of the driver's CUDA API and of cuDNN that this process finds, or why not.
+
+    No GPU is needed: nothing here picks a device, so a machine with the libraries and a missing or broken driver
+    still reports them.
+    """
+    preload_cuda_libraries()
+    found: dict[str, str] = {}
+    path = find_library("libcudart.so.*")
+    try:
+        lib = ctypes.CDLL(str(path) if path else "libcudart.so", mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        found["cuda runtime"] = f"not found ({e})"
+    else:
+        runtime, driver = ctypes.c_int(), ctypes.c_int()
+        lib.cudaRuntimeGetVersion(ctypes.byref(runtime))
+        code = lib.cudaDriverGetVersion(ctypes.byref(driver))  # 0 where no driver is installed
+        found["cuda runtime"] = f"{_dotted(runtime.value)} ({path or 'libcudart.so'})"
+        if code != 0:  # a driver that does not answer, or one the runtime cannot use
+            lib.cudaGetErrorString.restype = ctypes.c_char_p
+            found["cuda driver api"] = f"unknown ({lib.cudaGetErrorString(code).decode()}, error {code})"
+        else:
+            found["cuda driver api"] = _dotted(driver.value) if driver.value else "none (no NVIDIA driver)"
+    cudnn = find_library("libcudnn.so.*")
+    try:
+        lib = ctypes.CDLL(str(cudnn) if cudnn else "libcudnn.so.9")
+        lib.cudnnGetVersion.restype = ctypes.c_size_t
+        v = lib.cudnnGetVersion()
+        found["cudnn"] = f"{v // 10000}.{v % 10000 // 100}.{v % 100}"
+    except (OSError, AttributeError):
+        found["cudnn"] = "not found"
+    return found
+
+
 def cuda_device_error(device_id: int = 0) -> str | None:
     """Why the CUDA runtime cannot use GPU ``device_id`` (no driver, no device, a bad index), or ``None``."""
     try:
@@ -225,6 +263,7 @@ __all__ = [
     "CudaError",
     "CudaRuntime",
     "cuda_device_error",
+    "cuda_versions",
     "find_library",
     "installed_provider_error",
     "nvidia_library_dirs",

@@ -6,7 +6,6 @@ Every probe is guarded: a missing package, driver or GPU is a line of the report
 
 from __future__ import annotations
 
-import ctypes
 import importlib.metadata
 import importlib.util
 import platform
@@ -66,31 +65,11 @@ def _nvidia_smi() -> dict[str, str | None]:
     return {"name": name, "driver": driver, "memory": memory, "count": str(len(out))}
 
 
-def _cuda_versions() -> dict[str, str]:
-    from .cuda_libs import CudaError, CudaRuntime, find_library
-
-    found: dict[str, str] = {}
-    try:
-        runtime, driver = CudaRuntime().version()
-        found["cuda runtime"] = f"{runtime // 1000}.{runtime % 1000 // 10}"
-        found["cuda driver api"] = f"{driver // 1000}.{driver % 1000 // 10}"
-    except (CudaError, OSError, AttributeError) as e:
-        found["cuda runtime"] = f"not usable ({str(e).splitlines()[0][:120]})"
-    cudnn = find_library("libcudnn.so.*")
-    try:
-        lib = ctypes.CDLL(str(cudnn) if cudnn else "libcudnn.so.9")
-        lib.cudnnGetVersion.restype = ctypes.c_size_t
-        v = lib.cudnnGetVersion()
-        found["cudnn"] = f"{v // 10000}.{v % 10000 // 100}.{v % 100}"
-    except (OSError, AttributeError):
-        found["cudnn"] = "not found"
-    return found
-
-
 def diagnose() -> Report:
     """Probe this machine; never raises for something that is missing."""
     from .._version import __version__
     from .backends import BACKENDS, Probe, unavailable_reason
+    from .ort import CUDA, TRT
 
     report = Report()
     probe = Probe.detect()
@@ -118,10 +97,11 @@ def diagnose() -> Report:
         if torch.cuda.is_available():
             torch_gpu = torch.cuda.get_device_name(0)
     report.gpu = {**_nvidia_smi(), "torch sees": torch_gpu}
-    if report.gpu.get("name") or torch_gpu:
-        from .cuda_libs import preload_cuda_libraries
+    cuda_software = report.versions.get("torch cuda build") or {CUDA, TRT} & set(probe.providers)
+    if report.gpu.get("name") or torch_gpu or cuda_software:  # the libraries' versions even where no GPU is seen
+        from .cuda_libs import cuda_versions, preload_cuda_libraries
 
-        report.libraries = {**_cuda_versions(), **preload_cuda_libraries()}
+        report.libraries = {**cuda_versions(), **preload_cuda_libraries()}
     report.versions["onnxruntime providers"] = ", ".join(probe.providers) or None
     for name in BACKENDS:
         why = unavailable_reason(name, probe)  # a GPU provider listed but not loading included

@@ -384,6 +384,53 @@ def test_provider_load_error_names_a_missing_provider(tmp_path, monkeypatch):
     assert cuda_libs.provider_load_error("NoSuchExecutionProvider") == "NoSuchExecutionProvider is not part of this onnxruntime build"
 
 
+class _FakeCudart:
+    """libcudart and libcudnn as ``cuda_versions`` calls them, with the versions (and driver error) given."""
+
+    def __init__(self, driver: int, code: int = 0):
+        self.driver, self.code = driver, code
+        self.cudaGetErrorString = lambda code: b"CUDA driver version is insufficient for CUDA runtime version"
+        self.cudnnGetVersion = lambda: 91900
+
+    def cudaRuntimeGetVersion(self, ref):
+        ref._obj.value = 13000
+        return 0
+
+    def cudaDriverGetVersion(self, ref):
+        ref._obj.value = self.driver
+        return self.code
+
+
+@pytest.mark.parametrize(
+    "driver, code, expected",
+    [(13010, 0, "13.1"), (0, 0, "none (no NVIDIA driver)"),
+     (0, 35, "unknown (CUDA driver version is insufficient for CUDA runtime version, error 35)")],
+)  # fmt: skip
+def test_cuda_versions_need_no_gpu(monkeypatch, driver, code, expected):
+    fake = _FakeCudart(driver, code)
+    monkeypatch.setattr(cuda_libs, "preload_cuda_libraries", lambda: {})
+    monkeypatch.setattr(cuda_libs, "find_library", lambda pattern: None)
+    monkeypatch.setattr(cuda_libs.ctypes, "CDLL", lambda name, mode=0: fake)
+    found = cuda_libs.cuda_versions()
+    assert found == {"cuda runtime": "13.0 (libcudart.so)", "cuda driver api": expected, "cudnn": "9.19.0"}
+
+
+def test_doctor_reports_the_cuda_libraries_where_a_gpu_provider_is_listed_without_a_gpu(monkeypatch):
+    from deepspot.runtime import backends, doctor
+    from deepspot.runtime._onnxruntime import ort_install
+
+    listed = Probe(providers=("CUDAExecutionProvider", "CPUExecutionProvider"), ort=ort_install())
+    monkeypatch.setattr(backends.Probe, "detect", classmethod(lambda cls, **kwargs: listed))
+    monkeypatch.setattr(doctor, "_nvidia_smi", lambda: {"name": None, "driver": None, "note": "no nvidia-smi"})
+    monkeypatch.setattr(cuda_libs, "cuda_versions", lambda: {"cuda runtime": "13.0", "cudnn": "9.19.0"})
+    monkeypatch.setattr(cuda_libs, "preload_cuda_libraries", lambda: {"libcudart.so.*": "/x/libcudart.so.13"})
+    report = doctor.diagnose()
+    assert report.libraries == {"cuda runtime": "13.0", "cudnn": "9.19.0", "libcudart.so.*": "/x/libcudart.so.13"}
+    monkeypatch.setattr(backends.Probe, "detect", classmethod(lambda cls, **kwargs: Probe(ort=ort_install())))
+    if doctor.diagnose().versions.get("torch cuda build") is None:  # a CPU build of PyTorch, and no GPU provider
+        assert doctor.diagnose().libraries == {}
+
+
 # -- deepspot doctor ---------------------------------------------------------------------------------------------------
 def test_doctor_reports_every_backend_and_exits_0():
     result = CliRunner().invoke(app, ["doctor", "--json"])
