@@ -126,6 +126,29 @@ def installed_provider_error(provider: str) -> str | None:
     return provider_load_error(provider) if provider_library(provider) is not None else None
 
 
+# -- the CUDA runtime, through ctypes -----------------------------------------------------------------------------
+class CudaError(RuntimeError):
+    """A CUDA runtime call failed."""
+
+
+def load_cudart() -> tuple[Any, str]:
+    """The CUDA runtime library (the nvidia wheels' on the path first, else the linker's) and where it came from."""
+    preload_cuda_libraries()
+    path = find_library("libcudart.so.*")
+    name = str(path) if path else "libcudart.so"
+    try:
+        return ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL), name
+    except OSError as e:
+        raise CudaError(f"the CUDA runtime (libcudart) cannot be loaded: {e}") from None
+
+
+def cuda_error_string(lib: Any, code: int) -> str:
+    """A CUDA runtime error code in words, with the code."""
+    get = lib.cudaGetErrorString
+    get.restype = ctypes.c_char_p
+    return f"{get(code).decode()} (error {code})"
+
+
 def _dotted(version: int) -> str:
     return f"{version // 1000}.{version % 1000 // 10}"  # CUDA encodes 13.0 as 13000
 
@@ -136,21 +159,18 @@ def cuda_versions() -> dict[str, str]:
     No GPU is needed: nothing here picks a device, so a machine with the libraries and a missing or broken driver
     still reports them.
     """
-    preload_cuda_libraries()
     found: dict[str, str] = {}
-    path = find_library("libcudart.so.*")
     try:
-        lib = ctypes.CDLL(str(path) if path else "libcudart.so", mode=ctypes.RTLD_GLOBAL)
-    except OSError as e:
+        lib, name = load_cudart()
+    except CudaError as e:
         found["cuda runtime"] = f"not found ({e})"
     else:
         runtime, driver = ctypes.c_int(), ctypes.c_int()
         lib.cudaRuntimeGetVersion(ctypes.byref(runtime))
         code = lib.cudaDriverGetVersion(ctypes.byref(driver))  # 0 where no driver is installed
-        found["cuda runtime"] = f"{_dotted(runtime.value)} ({path or 'libcudart.so'})"
+        found["cuda runtime"] = f"{_dotted(runtime.value)} ({name})"
         if code != 0:  # a driver that does not answer, or one the runtime cannot use
-            lib.cudaGetErrorString.restype = ctypes.c_char_p
-            found["cuda driver api"] = f"unknown ({lib.cudaGetErrorString(code).decode()}, error {code})"
+            found["cuda driver api"] = f"unknown ({cuda_error_string(lib, code)})"
         else:
             found["cuda driver api"] = _dotted(driver.value) if driver.value else "none (no NVIDIA driver)"
     cudnn = find_library("libcudnn.so.*")
@@ -165,17 +185,24 @@ def cuda_versions() -> dict[str, str]:
 
 
 def cuda_device_error(device_id: int = 0) -> str | None:
-    """Why the CUDA runtime cannot use GPU ``device_id`` (no driver, no device, a bad index), or ``None``."""
+    """Why the CUDA runtime cannot use GPU ``device_id`` (no runtime, no driver, no GPU, no such index), or ``None``.
+
+    It asks for the number of GPUs only, which makes no CUDA context: a cohort's worker on GPU 3 must not make one on
+    GPU 0 by asking.
+    """
     try:
-        CudaRuntime(device_id)
+        lib, _ = load_cudart()
     except CudaError as e:
         return str(e)
+    count = ctypes.c_int()
+    code = lib.cudaGetDeviceCount(ctypes.byref(count))
+    if code != 0:
+        return f"cudaGetDeviceCount failed: {cuda_error_string(lib, code)}"
+    if not 0 <= device_id < count.value:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = "" if visible is None else f" with CUDA_VISIBLE_DEVICES={visible!r}"
+        return f"there is no GPU {device_id}: the CUDA runtime sees {count.value}{where}"
     return None
-
-
-# -- the CUDA runtime, through ctypes -----------------------------------------------------------------------------
-class CudaError(RuntimeError):
-    """A CUDA runtime call failed."""
 
 
 class CudaRuntime:
@@ -185,20 +212,13 @@ class CudaRuntime:
     NON_BLOCKING, DISABLE_TIMING = 0x01, 0x02
 
     def __init__(self, device_id: int = 0):
-        preload_cuda_libraries()
-        path = find_library("libcudart.so.*")
-        try:
-            self.lib = ctypes.CDLL(str(path) if path else "libcudart.so", mode=ctypes.RTLD_GLOBAL)
-        except OSError as e:
-            raise CudaError(f"the CUDA runtime (libcudart) cannot be loaded: {e}") from None
+        self.lib, _ = load_cudart()
         self._call("cudaSetDevice", ctypes.c_int(device_id))
 
     def _call(self, name: str, *args: Any) -> None:
         code = getattr(self.lib, name)(*args)
         if code != 0:
-            get = self.lib.cudaGetErrorString
-            get.restype = ctypes.c_char_p
-            raise CudaError(f"{name} failed: {get(code).decode()} (error {code})")
+            raise CudaError(f"{name} failed: {cuda_error_string(self.lib, code)}")
 
     def version(self) -> tuple[int, int]:
         """``(runtime, driver)`` versions as CUDA encodes them (13000 for 13.0)."""
@@ -263,9 +283,11 @@ __all__ = [
     "CudaError",
     "CudaRuntime",
     "cuda_device_error",
+    "cuda_error_string",
     "cuda_versions",
     "find_library",
     "installed_provider_error",
+    "load_cudart",
     "nvidia_library_dirs",
     "preload_cuda_libraries",
     "provider_load_error",

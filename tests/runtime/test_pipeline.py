@@ -366,14 +366,38 @@ def test_a_gpu_the_cuda_runtime_cannot_use_is_refused_before_a_session(monkeypat
     assert str(caught.value).endswith("); check the NVIDIA driver (nvidia-smi) and CUDA_VISIBLE_DEVICES")
 
 
-def test_cuda_device_error_reports_the_runtime_error(monkeypatch):
-    def fails(device_id=0):
-        raise cuda_libs.CudaError("cudaSetDevice failed: no CUDA-capable device is detected (error 100)")
+@pytest.mark.parametrize(
+    "count, code, device, expected",
+    [
+        (0, 35, 0,
+         "cudaGetDeviceCount failed: CUDA driver version is insufficient for CUDA runtime version (error 35)"),
+        (2, 0, 3, "there is no GPU 3: the CUDA runtime sees 2 with CUDA_VISIBLE_DEVICES='0,1'"),
+        (4, 0, 3, None),
+    ],
+)  # fmt: skip
+def test_cuda_device_error_asks_for_the_count_and_makes_no_context(monkeypatch, count, code, device, expected):
+    class Cudart:
+        cudaGetErrorString = staticmethod(lambda code: b"CUDA driver version is insufficient for CUDA runtime version")
 
-    monkeypatch.setattr(cuda_libs, "CudaRuntime", fails)
-    assert cuda_libs.cuda_device_error(0) == "cudaSetDevice failed: no CUDA-capable device is detected (error 100)"
-    monkeypatch.setattr(cuda_libs, "CudaRuntime", lambda device_id=0: object())
-    assert cuda_libs.cuda_device_error(0) is None
+        @staticmethod
+        def cudaGetDeviceCount(ref):
+            ref._obj.value = count
+            return code
+
+        def __getattr__(self, name):  # cudaSetDevice and the rest would make a context: not to be called
+            raise AssertionError(f"{name} was called")
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(cuda_libs, "load_cudart", lambda: (Cudart(), "libcudart.so"))
+    assert cuda_libs.cuda_device_error(device) == expected
+
+
+def test_cuda_device_error_names_a_runtime_that_does_not_load(monkeypatch):
+    def missing():
+        raise cuda_libs.CudaError("the CUDA runtime (libcudart) cannot be loaded: libcudart.so: cannot open")
+
+    monkeypatch.setattr(cuda_libs, "load_cudart", missing)
+    assert cuda_libs.cuda_device_error(0) == "the CUDA runtime (libcudart) cannot be loaded: libcudart.so: cannot open"
 
 
 def test_provider_load_error_names_a_missing_provider(tmp_path, monkeypatch):
@@ -404,7 +428,7 @@ class _FakeCudart:
 @pytest.mark.parametrize(
     "driver, code, expected",
     [(13010, 0, "13.1"), (0, 0, "none (no NVIDIA driver)"),
-     (0, 35, "unknown (CUDA driver version is insufficient for CUDA runtime version, error 35)")],
+     (0, 35, "unknown (CUDA driver version is insufficient for CUDA runtime version (error 35))")],
 )  # fmt: skip
 def test_cuda_versions_need_no_gpu(monkeypatch, driver, code, expected):
     fake = _FakeCudart(driver, code)
