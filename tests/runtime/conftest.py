@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,28 +19,27 @@ D, H, E, G = 16, 8, 10, 5  # tiny sizes: every test stays fast on 2 cores
 BAGS = {"subspot": 3, "neighbors": 4}
 
 
-def _ort_provider(name: str) -> bool:
-    if importlib.util.find_spec("onnxruntime") is None:
-        return False
-    import onnxruntime
+@functools.cache
+def _probe():
+    from deepspot.runtime.backends import Probe
 
-    return name in onnxruntime.get_available_providers()
+    return Probe.detect()
+
+
+def _backend(name: str) -> tuple[bool, str]:
+    """Whether backend ``name`` runs here, by the product's own probe: a GPU provider that onnxruntime lists but
+    that cannot load or finds no GPU (onnxruntime-gpu without TensorRT's libraries) skips, with the product's reason."""
+    from deepspot.runtime.backends import unavailable_reason
+
+    reason = unavailable_reason(name, _probe())
+    return reason is None, str(reason)
 
 
 NEEDS = {
-    "cuda": (lambda: torch.cuda.is_available(), "needs an NVIDIA GPU (torch.cuda.is_available() is False)"),
-    "ort-cuda": (
-        lambda: torch.cuda.is_available() and _ort_provider("CUDAExecutionProvider"),
-        "needs onnxruntime-gpu with the CUDA provider, and a GPU",
-    ),
-    "ort-trt": (
-        lambda: torch.cuda.is_available() and _ort_provider("TensorrtExecutionProvider"),
-        "needs onnxruntime-gpu with the TensorRT provider, and a GPU",
-    ),
-    "tensorrt": (
-        lambda: torch.cuda.is_available() and importlib.util.find_spec("tensorrt") is not None,
-        "needs the tensorrt package and a GPU",
-    ),
+    "cuda": lambda: (torch.cuda.is_available(), "needs an NVIDIA GPU (torch.cuda.is_available() is False)"),
+    "ort-cuda": lambda: _backend("ort-cuda"),
+    "ort-trt": lambda: _backend("ort-trt"),
+    "tensorrt": lambda: _backend("tensorrt"),
 }
 
 
@@ -49,8 +48,8 @@ def require():
     """``require("cuda")``: skip the test, with the reason, where the hardware or package is missing."""
 
     def check(what: str) -> None:
-        available, reason = NEEDS[what]
-        if not available():
+        available, reason = NEEDS[what]()
+        if not available:
             pytest.skip(reason)
 
     return check
