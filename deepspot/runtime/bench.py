@@ -121,12 +121,12 @@ def run_bench(
                 cuda = name == EAGER_GPU or BACKENDS[name].device == "cuda"
                 batch = batch_size or (w.batch_gpu if cuda else w.batch_cpu)
                 o = replace(options or RunnerOptions(), batch_size=batch, bag_sizes=dict(w.bags))
-                source = model if name == EAGER_GPU or BACKENDS[name].runs == "model" else onnx_path
                 if name == EAGER_GPU:
                     runner = TorchRunner(model, device=f"cuda:{device}", name=EAGER_GPU)
                 elif name == "torch":
                     runner = TorchRunner(model)
                 else:
+                    source = model if BACKENDS[name].runs == "model" else onnx_path
                     runner = load_runner(source, name, o, allow_fallback)
                 runners[name] = (runner.activate(), feeds(batch * (GPU_STREAM_BATCHES if cuda else 1)), batch)
             return _measure(w, runners, repeats, warmup, baseline=base)
@@ -147,8 +147,6 @@ def _feeds(w: Workload, seed: int):
 #: Batches a GPU backend streams per timed repeat: through the overlapping pipeline, as ``deepspot infer`` runs them
 #: (copies of one batch under the compute of another), not one batch copied and computed in turn.
 GPU_STREAM_BATCHES = 8
-
-
 
 
 def _bench_onnx(w: Workload, path: Path, backends, batch_size, repeats, warmup, seed, options, allow_fallback):

@@ -33,6 +33,16 @@ def _plain_predictions(path, inputs):
         return [predict(plain, x, 8, pipelined=False) for x in (inputs, _scaled(inputs, 0.5))]
 
 
+def _graph_case(artifacts, replaying, cuda_graph, cuda):
+    """The inputs of a tiny model, what a plain runner predicts for them (and for them halved), and a device runner
+    on ``cuda`` whose stand-in session captures graphs or not."""
+    a = artifacts()
+    inputs = a.inputs()
+    expected = _plain_predictions(a.onnx, inputs)
+    replaying.cuda_graphs = cuda_graph
+    return inputs, expected, _device_runner(a.onnx, cuda_graph, cuda=cuda)
+
+
 def _scaled(inputs, factor):
     return {k: (v * factor).astype(v.dtype) for k, v in inputs.items()}
 
@@ -62,12 +72,8 @@ def test_the_stand_in_session_replays_on_the_captured_buffers(artifacts):
 def test_the_pipeline_adapter_serves_every_call(artifacts, replaying, cuda_graph):
     """Several calls on one active runner (a cohort's slides, a benchmark's repeats): right answers every time, one
     ring allocated once, before the first batch runs, and every run naming its graph."""
-    a = artifacts()
-    inputs = a.inputs()
-    expected = _plain_predictions(a.onnx, inputs)
     cuda = HostCuda()
-    replaying.cuda_graphs = cuda_graph
-    runner = _device_runner(a.onnx, cuda_graph, cuda=cuda)
+    inputs, expected, runner = _graph_case(artifacts, replaying, cuda_graph, cuda)
     with runner:
         adapter, _ = runner.pipeline_adapter(8)
         allocations_at_submit = []
@@ -190,12 +196,8 @@ def test_the_pipeline_orders_its_streams_with_events(artifacts, replaying, cuda_
     order the events allow: each batch's upload, run and download must be ordered by events alone."""
     from .graph_replay import AsyncHostCuda
 
-    a = artifacts()
-    inputs = a.inputs()
-    expected = _plain_predictions(a.onnx, inputs)
     cuda = AsyncHostCuda()
-    replaying.cuda_graphs = cuda_graph
-    runner = _device_runner(a.onnx, cuda_graph, cuda=cuda)
+    inputs, expected, runner = _graph_case(artifacts, replaying, cuda_graph, cuda)
     compute = cuda.stream()
     with runner:
         runner._compute_stream = compute
