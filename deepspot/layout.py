@@ -29,6 +29,7 @@ from scipy.spatial import cKDTree
 
 from .data import save_bundle
 from .errors import InputError
+from .fileio import check_clobber
 from .modes import check_family
 
 COORD_KEYS = ("x_array", "y_array", "x_pixel", "y_pixel")
@@ -293,8 +294,11 @@ def read_h5_features(path: str | Path, coords: Mapping[str, np.ndarray], source:
     The ``.h5`` holds ``features`` ``(T, D)`` and ``coords`` ``(T, 2)``: each tile's top-left corner ``(x, y)`` in
     level-0 pixels, with the tile's size in the ``patch_size_level0`` (TRIDENT) or ``patch_size`` (CLAM) attribute;
     without one, coordinates are taken as tile centres. An item at pixel row ``x_pixel`` and column ``y_pixel`` (the
-    reference's names) takes the tile whose centre is nearest, within ``tolerance`` pixels (default: half a tile, or
-    1 px for centres).
+    reference's names) takes the tile whose centre is nearest along both axes (the Chebyshev distance), within
+    ``tolerance`` pixels on each axis (default: half a tile, so an item takes the tile it lies in; 1 px for centres).
+    The model's input is a tile centred on its item, so each item needs its own tile (tiles extracted at the items'
+    positions): a grid tiling with several items in one tile is refused, not silently shared. The ``.h5`` has no
+    sub-tiles, so the bundle has no ``subspot`` array.
 
     Raises:
         InputError: Missing datasets or coordinates, an item with no tile within the tolerance, or a tile claimed
@@ -325,19 +329,21 @@ def read_h5_features(path: str | Path, coords: Mapping[str, np.ndarray], source:
     centres = tiles + (size / 2 if size else 0.0)
     tol = tolerance if tolerance is not None else (size / 2 if size else 1.0)
     points = np.column_stack([coords["y_pixel"], coords["x_pixel"]])  # (x, y) = (column, row)
-    dist, nearest = cKDTree(centres).query(points)
+    dist, nearest = cKDTree(centres).query(points, p=np.inf)  # the largest per-axis offset: inside the tile or not
     far = np.nonzero(dist > tol)[0]
     if far.size:
         i = int(far[0])
         raise InputError(
             f"{path}: {far.size} item(s) have no tile within {tol:g} px; the first, at row {coords['x_pixel'][i]:g}, "
-            f"column {coords['y_pixel'][i]:g}, is {dist[i]:.1f} px from the nearest tile centre"
+            f"column {coords['y_pixel'][i]:g}, is {dist[i]:.1f} px from the nearest tile centre on one axis"
         )
     taken, counts = np.unique(nearest, return_counts=True)
     if (counts > 1).any():
-        tile = int(taken[np.argmax(counts > 1)])
-        raise InputError(f"{path}: tile {tile} at {tiles[tile].tolist()} is the nearest of several items; positions "
-                         "do not match one tile per item")  # fmt: skip
+        first = int(np.argmax(counts > 1))
+        tile = int(taken[first])
+        raise InputError(f"{path}: tile {tile} at {tiles[tile].tolist()} holds {int(counts[first])} items; the model "
+                         "takes a tile centred on each item, so extract the tiles at the items' positions, one per "
+                         "item, not on a grid")  # fmt: skip
     return Features(features[nearest], None)
 
 
@@ -402,9 +408,11 @@ def write_sample_bundles(
     max_neighbors: int | None = None,
     dtype: str = "fp32",
     all_spots: bool = False,
+    no_clobber: bool = False,
 ) -> dict[str, dict[str, np.ndarray]]:
     """The reference's multi-sample layout: one bundle per value of ``obs[by]``, ``out/<sample>.npz``, each with its
-    neighbours chosen within the sample; as :func:`write_bundle` otherwise. Returns the arrays by sample."""
+    neighbours chosen within the sample; as :func:`write_bundle` otherwise. With ``no_clobber``, a sample whose bundle
+    exists is refused before any is written. Returns the arrays by sample."""
     barcodes, columns = _read_sample(obs, by, all_spots)
     if by not in columns:
         raise InputError(f"{obs}: no {by!r} column to split the samples by")
@@ -413,6 +421,8 @@ def write_sample_bundles(
     bad = [g for g in names if g in ("", ".", "..") or "/" in g or "\\" in g]
     if bad:
         raise InputError(f"{obs}: sample name {bad[0]!r} cannot name a file")
+    for name in names:
+        check_clobber(Path(out) / f"{name}.npz", no_clobber)
     built = {}
     for name in names:  # all built (and checked) before any is written
         sub_barcodes, sub_columns = _select(barcodes, columns, np.array([g == name for g in groups]))

@@ -55,7 +55,10 @@ def bundle(
         "(a barcode column; Space Ranger's tissue_positions.csv works)."
     ),
     out: Path = typer.Option(
-        ..., "-o", "--output", help="Output bundle: a .npz file, or a directory of .npy files (a folder with --by)."
+        ...,
+        "-o",
+        "--output",
+        help="Output bundle: a .npz file, or a directory of .npy files (a folder with --by); replaced if it exists.",
     ),
     family: str = typer.Option("spot", "--family", help="spot (Visium) or cell (Xenium)."),
     radius: float = typer.Option(1.0, "--radius", help="Spots: neighbours within this distance on both array axes."),
@@ -71,9 +74,11 @@ def bundle(
     by: Optional[str] = typer.Option(
         None, "--by", help="Split by this obs column (the reference's sampleID): OUT/<sample>.npz, neighbours within it."
     ),
+    no_clobber: bool = typer.Option(False, "--no-clobber", help=NO_CLOBBER_HELP),
 ) -> None:
     """Build a feature bundle from the reference's layout, with neighbours chosen the reference's way."""
     from ..errors import ConfigError
+    from ..fileio import check_clobber
     from ..layout import write_bundle, write_sample_bundles
 
     if (features is None) == (features_h5 is None):
@@ -81,9 +86,10 @@ def bundle(
     source = features or features_h5
     options = (family, radius, k, index, max_neighbors, dtype, all_spots)
     if by is None:
+        check_clobber(out, no_clobber)
         written = {out.name: write_bundle(out, source, obs, *options)}
     else:
-        written = write_sample_bundles(out, source, obs, by, *options)
+        written = write_sample_bundles(out, source, obs, by, *options, no_clobber=no_clobber)
     for name, arrays in written.items():
         own = "spot" if family == "spot" else "cell"
         n, d = arrays[own].shape[0], arrays[own].shape[-1]

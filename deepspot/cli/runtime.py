@@ -91,7 +91,9 @@ def _bag_sizes(text: Optional[str]) -> dict[str, int]:
 @app.command()
 @handle_errors
 def infer(
-    model: Path = typer.Argument(..., help="An .onnx file, a TensorRT .plan, or a checkpoint (runs on torch)."),
+    model: Path = typer.Argument(
+        ..., help="An .onnx file, an indexed export's folder, a TensorRT .plan, or a checkpoint (runs on torch)."
+    ),
     more: Optional[List[Path]] = typer.Argument(
         None, metavar="[BUNDLE]...", help="More bundles of a cohort, as in --input A.npz B.npz C.npz (a shell glob)."
     ),
@@ -112,7 +114,9 @@ def infer(
         None, "--manifest", help="Cohort: a CSV with slide and input columns (optional output)."
     ),
     format: str = typer.Option("h5ad", "--format", help="Cohort: output format, h5ad, npz or npy."),
-    shard: Optional[str] = typer.Option(None, "--shard", help="Cohort: I/N, this job's share of the slides."),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", help="Cohort: I/N (I in 0..N-1), this job's share of the slides."
+    ),
     force: bool = typer.Option(False, "--force", help="Cohort: redo slides whose output is up to date."),
     verify: bool = typer.Option(False, "--verify", help="Cohort: compare inputs by SHA-256, not size and mtime."),
     devices: Optional[str] = typer.Option(
@@ -237,7 +241,8 @@ def parity(
         help="The reference checkpoint (.safetensors, or a reference .pkl/.ckpt); with --expected, the model to check.",
     ),
     model: Optional[Path] = typer.Argument(
-        None, help="What to check: an .onnx file, a .plan, or a checkpoint (torch backends)."
+        None,
+        help="What to check: an .onnx file, an indexed export's folder, a .plan, or a checkpoint (torch backends).",
     ),
     expected: Optional[Path] = typer.Option(
         None,

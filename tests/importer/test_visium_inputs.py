@@ -112,6 +112,22 @@ def test_trident_h5_features_matched_by_position(tmp_path):
     bad = run("bundle", "--features-h5", tmp_path / "far.h5", "--obs", h5ad, "-o", tmp_path / "x.npz")
     assert bad.exit_code == 2 and "have no tile within 50 px" in bad.output
     assert not (tmp_path / "x.npz").exists()
+    # A spot near its tile's corner lies inside the tile (45 px off on both axes: 63.6 px from the centre in a
+    # straight line, more than half a tile) and takes it.
+    with h5py.File(tmp_path / "corner.h5", "w") as f:
+        f["features"] = feats
+        f.create_dataset("coords", data=np.column_stack([pxl_col - 5, pxl_row - 5])).attrs["patch_size_level0"] = 100
+    result = run("bundle", "--features-h5", tmp_path / "corner.h5", "--obs", h5ad, "-o", tmp_path / "c.npz")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(load_bundle(tmp_path / "c.npz")["spot"][:, 0], feats)
+    # Tiles on a grid much coarser than the spots: several spots in one tile is refused, not shared.
+    with h5py.File(tmp_path / "grid.h5", "w") as f:
+        grid = np.stack(np.meshgrid(np.arange(0, 5000, 2000), np.arange(0, 5000, 2000)), -1).reshape(-1, 2)
+        f["features"] = rng.standard_normal((len(grid), D)).astype(np.float32)
+        f.create_dataset("coords", data=grid).attrs["patch_size_level0"] = 2000
+    bad = run("bundle", "--features-h5", tmp_path / "grid.h5", "--obs", h5ad, "-o", tmp_path / "g.npz")
+    assert bad.exit_code == 2 and "items; the model takes a tile centred on each item" in bad.output, bad.output
+    assert len(bad.output.strip().splitlines()) == 1 and not (tmp_path / "g.npz").exists()
 
 
 def test_samples_split_by_sample_id_with_neighbours_inside_each(tmp_path):
@@ -136,3 +152,23 @@ def test_samples_split_by_sample_id_with_neighbours_inside_each(tmp_path):
         assert b["neighbor_index"].max() < 9  # neighbours never cross into the other sample
     missing = run("bundle", "--features", folder, "--obs", tmp_path / "obs.csv", "--by", "donor", "-o", tmp_path / "x")
     assert missing.exit_code == 2 and "no 'donor' column" in missing.output
+    # --no-clobber: an existing sample bundle is refused before any is written; without it, they are replaced.
+    (tmp_path / "bundles" / "S1.npz").unlink()
+    before = (tmp_path / "bundles" / "S2.npz").stat().st_mtime_ns
+    kept = run("bundle", "--features", folder, "--obs", tmp_path / "obs.csv", "--by", "sampleID", "--no-clobber",
+               "-o", tmp_path / "bundles")  # fmt: skip
+    assert kept.exit_code == 2 and "S2.npz: already exists" in kept.output, kept.output
+    assert not (tmp_path / "bundles" / "S1.npz").exists()
+    assert (tmp_path / "bundles" / "S2.npz").stat().st_mtime_ns == before
+
+
+def test_bundle_no_clobber_refuses_an_existing_output(tmp_path):
+    h5ad, folder, *_ = visium(tmp_path)
+    out = tmp_path / "b.npz"
+    out.write_bytes(b"keep me")
+    refused = run("bundle", "--features", folder, "--obs", h5ad, "-o", out, "--no-clobber")
+    assert refused.exit_code == 2 and "already exists, and --no-clobber forbids" in refused.output
+    assert out.read_bytes() == b"keep me"
+    replaced = run("bundle", "--features", folder, "--obs", h5ad, "-o", out)
+    assert replaced.exit_code == 0, replaced.output
+    assert len(load_bundle(out).barcodes) == 14
