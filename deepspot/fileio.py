@@ -129,18 +129,52 @@ def file_sha256(path: str | Path) -> str:
 
 
 # -- temporary files and what a killed process leaves ---------------------------------------------------------------
+def _host_tag() -> str:
+    """Eight hex digits naming this machine and PID namespace: its host name, its boot and the namespace's id.
+
+    A process id means something only there: a shared output folder (a cluster's file system, a container's volume)
+    also holds the temporary files of runs elsewhere, whose ids say nothing about the processes here.
+    """
+    import hashlib
+    import socket
+
+    parts = [socket.gethostname()]
+    for source in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(os.readlink(source) if source.endswith("/pid") else Path(source).read_text().strip())
+        except OSError:
+            parts.append("")
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
+
+
+_HOST_TAG = None
+
+
+def host_tag() -> str:
+    """:func:`_host_tag`, computed once per process."""
+    global _HOST_TAG
+    if _HOST_TAG is None:
+        _HOST_TAG = _host_tag()
+    return _HOST_TAG
+
+
 def temp_prefix(name: str) -> str:
-    """The prefix of deepspot's hidden temporary files: ``.<name>.pid<N>.``, so that a later run can tell the files
-    of a process that died (SIGKILL runs no clean-up) from those of one still writing."""
-    return f".{name}.pid{os.getpid()}."
+    """The prefix of deepspot's hidden temporary files: ``.<name>.pid<N>-<host>.``, so that a later run on the same
+    machine can tell the files of a process that died (SIGKILL runs no clean-up) from those of one still writing;
+    ``<host>`` is :func:`host_tag`, so files of runs on other machines are never taken for a dead process's."""
+    return f".{name}.pid{os.getpid()}-{host_tag()}."
 
 
 def leftover_pid(name: str) -> int | None:
-    """The process id in the name of one of deepspot's temporary files, else ``None``."""
-    if not name.startswith(".") or ".pid" not in name:
+    """The process id in the name of one of deepspot's temporary files made on this machine, else ``None``."""
+    import re
+
+    if not name.startswith("."):
         return None
-    digits = name.split(".pid", 1)[1].split(".", 1)[0]
-    return int(digits) if digits.isdigit() else None
+    for digits, tag in re.findall(r"\.pid(\d+)-([0-9a-f]{8})\.", name):
+        if tag == host_tag():
+            return int(digits)
+    return None
 
 
 def _alive(pid: int) -> bool:

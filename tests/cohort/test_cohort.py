@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import deepspot
 from deepspot.cli import app
 from deepspot.data import save_bundle, synth_bundle
+from deepspot.fileio import host_tag
 from deepspot.runtime.cohort import in_shard, plan_slides
 
 runner = CliRunner()
@@ -147,13 +148,17 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path, model):
             dead += 1
         except ProcessLookupError:
             break
-    stale = [out / f".predictions.pid{dead}.abc.tmp.npy", out / f".deepspot-embeddings.pid{dead}.x.tmp.npy",
-             out / f".s1.npz.pid{dead}.y.tmp.npz"]  # fmt: skip
-    alive = out / f".predictions.pid{os.getppid()}.abc.tmp.npy"  # a run still writing: kept
-    for p in stale + [alive]:
+    here = host_tag()
+    stale = [out / f".predictions.pid{dead}-{here}.abc.tmp.npy", out / f".s1.npz.pid{dead}-{here}.y.tmp.npz",
+             out / f".deepspot-embeddings.pid{dead}-{here}.x.tmp.npy"]  # fmt: skip
+    alive = out / f".predictions.pid{os.getppid()}-{here}.abc.tmp.npy"  # a run still writing: kept
+    # A run on another machine sharing the folder (a cluster's file system): its process id means nothing here, so
+    # its file is kept even though no process here has that id.
+    elsewhere = out / f".s2.npz.pid{dead}-{'0' * 8 if here != '0' * 8 else '1' * 8}.z.tmp.npz"
+    for p in stale + [alive, elsewhere]:
         p.write_bytes(b"x" * 100)
     assert run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npz").exit_code == 0
-    assert not any(p.exists() for p in stale) and alive.exists()
+    assert not any(p.exists() for p in stale) and alive.exists() and elsewhere.exists()
 
 
 def test_plan_refuses_unclear_requests(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 
 import deepspot
 from deepspot.data import load_bundle, save_bundle, synth_bundle
+from deepspot.fileio import host_tag
 
 D = 64
 
@@ -144,7 +145,7 @@ def test_a_sigkill_leaves_files_that_the_next_run_removes(tmp_path, slide):
     proc.kill()  # SIGKILL: no clean-up can run
     proc.wait()
     left = hidden(tmp_path)
-    assert left and all(f".pid{proc.pid}." in name for name in left)
+    assert left and all(f".pid{proc.pid}-{host_tag()}." in name for name in left)
     small = save_bundle(tmp_path.parent / f"{tmp_path.name}-small.npz", synth_bundle("cell", "neighbors", 10, D, 8, n_neighbors=8))
     done = start("infer", slide["ckpt"], "-i", small, "-o", tmp_path / "other.npy", "--no-progress")
     _, err = done.communicate(timeout=60)
