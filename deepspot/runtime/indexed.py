@@ -170,6 +170,16 @@ class IndexedPipeline:
     def backend(self) -> str:
         return self.head.backend
 
+    def feature_dtypes(self) -> dict[str, str]:
+        """The graphs' types for the bundle's feature arrays: the own tile's (the encoder's input) and the
+        sub-spots' (the head's), float16 in an export with fp16 inputs."""
+        own = self.info.mode_spec.bags[0].name
+        dtypes = {own: next(iter(self.encoder.get_input_metadata().values())).dtype}
+        head = self.head.get_input_metadata()
+        if "subspot" in head:
+            dtypes["subspot"] = head["subspot"].dtype
+        return dtypes
+
     def __enter__(self) -> "IndexedPipeline":
         self.encoder.activate()
         self.head.activate()
@@ -323,9 +333,15 @@ def embedding_table(n: int, h: int, dtype: np.dtype, location: str, folder: Path
 
 
 def check_indexed_inputs(
-    arrays: Mapping[str, np.ndarray], info: ModelInfo, source: str = "input", max_bag: int = MAX_BAG
+    arrays: Mapping[str, np.ndarray],
+    info: ModelInfo,
+    source: str = "input",
+    max_bag: int = MAX_BAG,
+    dtypes: Mapping[str, Any] | None = None,
 ) -> int:
-    """Check an indexed bundle's arrays against the model: own tiles, sub-spots, the index; return ``N``."""
+    """Check an indexed bundle's arrays against the model: own tiles, sub-spots, the index; return ``N``.
+
+    Values must be finite once cast to the graphs' input types (``dtypes`` by bundle array; float32 by default)."""
     from ..data import check_bag_size, check_neighbor_index
     from .stream import report_nonfinite
 
@@ -342,7 +358,7 @@ def check_indexed_inputs(
             raise InputError(f"{source}: {name!r} has {a.shape[0]} rows, {own!r} has {n}")
         if a.ndim == 3 and name == "subspot":
             check_bag_size(name, a.shape[1], source, max_bag)
-        report_nonfinite(a, name, source)
+        report_nonfinite(a, name, source, (dtypes or {}).get(name, np.float32))
     check_neighbor_index(arrays["neighbor_index"], n, source=source, max_bag=max_bag)
     return int(n)
 
@@ -413,7 +429,7 @@ def predict_indexed(
         pool_while_gathering = neighbor_pool(info) == "max"
 
         def gather(start: int, stop: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            idx = feed.pop("neighbor_index") + 1
+            idx = feed.pop("neighbor_index").astype(np.int64, copy=False) + 1  # a small int type would wrap
             if pool_while_gathering and idx.shape[1] > 1:
                 # Max-pool as the rows are gathered, one neighbour column at a time (B x H stays in cache), instead
                 # of writing the (B, K, H) bag for the head to read back: the head gets a bag of one, and pooling a

@@ -226,15 +226,16 @@ def _infer_dense(session, data, output, batch_size, inverse_transform, progress,
     info = runner.info
     mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
     prepare = None
+    dtypes = {name: spec.dtype for name, spec in runner.get_input_metadata().items()}  # the graph's: fp16 or fp32
     if data.layout == "indexed" and mode.has_neighbors:
         # A per-item graph on an indexed bundle: gather each batch's neighbour bags from the index.
         from .indexed import check_indexed_inputs, dense_from_index
 
-        n = check_indexed_inputs(data.arrays, info, source=str(data.path), max_bag=max_bag)
+        n = check_indexed_inputs(data.arrays, info, source=str(data.path), max_bag=max_bag, dtypes=dtypes)
         inputs, prepare = dense_from_index(data.arrays, mode)
     else:
         inputs = data.inputs(mode)
-        n = check_inputs(inputs, info, source=str(data.path), max_bag=max_bag)
+        n = check_inputs(inputs, info, source=str(data.path), max_bag=max_bag, dtypes=dtypes)
     if inverse_transform and info.scaler is None and not info.fold_scaler:
         raise ConfigError(f"{session.model}: the model has no scaler, so there is no original scale to map back to")
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
@@ -306,7 +307,8 @@ def _infer_indexed(session, data, output, batch_size, inverse_transform, progres
     mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
     if not mode.has_neighbors:
         raise ConfigError(f"mode {mode.name!r} has no neighbours, so it has no indexed layout; use --layout dense")
-    n = check_indexed_inputs(data.arrays, info, source=str(data.path), max_bag=max_bag)
+    n = check_indexed_inputs(data.arrays, info, source=str(data.path), max_bag=max_bag,
+                             dtypes=pipeline.feature_dtypes())  # fmt: skip
     if inverse_transform and info.scaler is None and not info.fold_scaler:
         raise ConfigError(f"{session.model}: the model has no scaler, so there is no original scale to map back to")
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)

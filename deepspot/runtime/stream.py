@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 from rich.progress import (
@@ -34,12 +35,18 @@ CHECK_CHUNK_BYTES = 64 << 20  # finiteness is checked this many bytes at a time,
 
 
 def check_inputs(
-    inputs: Mapping[str, np.ndarray], info: ModelInfo, source: str = "input", max_bag: int = MAX_BAG
+    inputs: Mapping[str, np.ndarray],
+    info: ModelInfo,
+    source: str = "input",
+    max_bag: int = MAX_BAG,
+    dtypes: Mapping[str, Any] | None = None,
 ) -> int:
     """Check model inputs before anything runs; return the number of items.
 
     Names, ranks and feature sizes against the model's metadata, equal item counts, bag sizes up to ``max_bag``,
-    then finite values, chunk by chunk so that memory stays bounded on a memory-mapped bundle.
+    then finite values, chunk by chunk so that memory stays bounded on a memory-mapped bundle: finite once cast to
+    the graph's input dtype (``dtypes``, by input name; float32 by default), so that an fp32 bundle with a value
+    beyond float16's range is refused by an fp16-input graph instead of becoming inf in it.
 
     Raises:
         InputError: The first problem; a non-finite value is reported with its input name and row index.
@@ -72,33 +79,45 @@ def check_inputs(
             raise InputError(f"{source}: {name!r} has {a.shape[0]} rows, {next(iter(specs))!r} has {n}")
         n = a.shape[0]
     for name in specs:
-        report_nonfinite(inputs[name], name, source)
+        report_nonfinite(inputs[name], name, source, (dtypes or {}).get(name, np.float32))
     return int(n)
 
 
-def report_nonfinite(a: np.ndarray, name: str, source: str) -> None:
-    """Raise :class:`InputError` naming the first row of ``a`` that is not finite once cast to float32."""
-    row = first_nonfinite_row(a)
+def report_nonfinite(a: np.ndarray, name: str, source: str, dtype: Any = np.float32) -> None:
+    """Raise :class:`InputError` naming the first row of ``a`` that is not finite once cast to ``dtype`` (the graph's
+    input type; float32, or float16 for an fp16-input graph)."""
+    target = _cast_target(a, dtype)
+    row = first_nonfinite_row(a, target=target)
     if row is not None:
         what = "a non-finite value (NaN or inf)"
         if np.isfinite(np.asarray(a[row], dtype=np.float64)).all():
-            what = "a value beyond float32's range (it would become inf)"
+            what = f"a value beyond {target.name}'s range (it would become inf)"
         raise InputError(f"{source}: {name!r} holds {what} in row {row}")
 
 
-def first_nonfinite_row(a: np.ndarray, chunk_bytes: int = CHECK_CHUNK_BYTES) -> int | None:
+def _cast_target(a: np.ndarray, dtype: Any) -> np.dtype:
+    """The type ``a``'s values end up in: the graph's ``dtype`` where it is floating point, else float32."""
+    target = np.dtype(dtype) if dtype is not None else np.dtype(np.float32)
+    return target if target.kind == "f" else np.dtype(np.float32)
+
+
+def first_nonfinite_row(a: np.ndarray, chunk_bytes: int = CHECK_CHUNK_BYTES, target: Any = np.float32) -> int | None:
     """Index of the first row of ``a`` with a NaN or inf, reading ``chunk_bytes`` at a time; ``None`` if none.
 
-    Values of a wider type than float32 count as infinite where they lie beyond float32's range: the graphs take
-    float32, and the cast would turn them into inf.
+    Values of a wider type than ``target`` (the graph's input type) count as infinite where the cast to it would
+    make them inf (float64 beyond float32's range; float32 beyond float16's).
     """
     row_bytes = max(1, a[:1].nbytes)
     step = max(1, chunk_bytes // row_bytes)
-    wide = a.dtype.kind == "f" and a.dtype.itemsize > 4
-    limit = float(np.finfo(np.float32).max)
+    target = np.dtype(target)
+    narrowing = a.dtype.kind == "f" and a.dtype.itemsize > target.itemsize
     for start in range(0, a.shape[0], step):
         chunk = a[start : start + step]
-        ok = np.isfinite(chunk) if not wide else np.abs(chunk) <= limit  # NaN compares False: caught too
+        if narrowing:
+            with np.errstate(over="ignore", invalid="ignore"):
+                ok = np.isfinite(chunk.astype(target))  # exactly what the cast does, rounding at the edge included
+        else:
+            ok = np.isfinite(chunk)
         bad = ~ok.reshape(min(step, a.shape[0] - start), -1).all(axis=1)
         release_rows(a, start, start + step)
         if bad.any():
@@ -196,7 +215,13 @@ def predict(
     n = next(iter(inputs.values())).shape[0]
     g = runner.info.output_size if runner.info else None
     specs = runner.get_input_metadata()
-    dtypes = {k: specs[k].dtype if k in specs else inputs[k].dtype for k in inputs}
+    # Every input the graph takes gets its dtype, those that ``prepare`` makes too (the staging buffers of the
+    # pipeline are allocated at it); an input only ``prepare`` reads keeps its own, indices widened to int64 so that
+    # arithmetic on them (``+ 1``) cannot wrap in a small integer type.
+    dtypes = {k: spec.dtype for k, spec in specs.items()}
+    for k, a in inputs.items():
+        if k not in specs:
+            dtypes[k] = np.dtype(np.int64) if a.dtype.kind in "iu" else a.dtype
     pipeline = runner.pipeline_adapter(batch_size) if pipelined is not False else None
     if pipeline is None and pipelined:
         from .pipeline import HostAdapter

@@ -117,3 +117,71 @@ def test_infer_sends_an_fp16_bundle_to_torch_cuda_as_fp16(monkeypatch, tmp_path)
         infer_module.ModelSession("m.safetensors", "torch-cuda").dense(64, {}, fp16_features=False)
     # torch-cuda: the bus carries fp16; on the CPU there is no bus, and the prefetch thread casts as before.
     assert asked == [("torch-cuda", "fp16"), ("torch", None), ("torch-cuda", None)]
+
+
+@pytest.mark.parametrize("layout", ["dense", "index", "indexed"])
+def test_fp32_values_beyond_fp16s_range_are_refused_by_an_fp16_input_graph(tmp_path, layout):
+    """The check before the run is against the graph's input type: a value an fp32 bundle holds that the cast to
+    float16 would make inf is refused naming its row, never written as an inf or NaN prediction."""
+    from deepspot.data import save_bundle, synth_bundle, synth_slide
+    from deepspot.export import export_onnx
+    from deepspot.export.indexed import export_indexed
+    from deepspot.factory import create_model
+
+    model = create_model("cell", "neighbors", input_size=8, output_size=3, phi2rho_size=4, n_ensemble=3,
+                         random_seed=0).eval()  # fmt: skip
+    if layout == "dense":
+        arrays = synth_bundle("cell", "neighbors", 20, 8, 3, seed=0, n_neighbors=4)
+        arrays["neighbors"][7, 2, 3] = 1e5  # finite in float32, inf in float16
+        name = "neighbors"
+    else:  # an index bundle, through the per-item graph (bags gathered per batch) or the indexed export
+        arrays = synth_slide("cell", 20, 8, 4, seed=0)
+        arrays["cell"][7, 3] = -1e5
+        name = "cell"
+    bundle = save_bundle(tmp_path / "b.npz", arrays)
+    graph = tmp_path / "m16"
+    if layout == "indexed":
+        export_indexed(model, graph, precision="fp16", io_dtype="fp16")
+    else:
+        graph = graph.with_suffix(".onnx")
+        export_onnx(model, graph, precision="fp16", io_dtype="fp16")
+    dense = [] if layout == "indexed" else ["--layout", "dense"]
+    result = CliRunner().invoke(app, ["infer", str(graph), "-i", str(bundle), "-o", str(tmp_path / "p.npy"), *dense])
+    assert result.exit_code == 2, result.output
+    assert f"{name!r} holds a value beyond float16's range (it would become inf) in row 7" in result.output
+    assert not (tmp_path / "p.npy").exists()
+    # The same values through an fp32 graph are fine.
+    export_onnx(model, tmp_path / "m32.onnx")
+    run("infer", tmp_path / "m32.onnx", "-i", bundle, "-o", tmp_path / "p32.npy", "--layout", "dense")
+    assert np.isfinite(np.load(tmp_path / "p32.npy")).all()
+
+
+def test_inputs_made_per_batch_are_staged_at_the_graphs_dtype(tmp_path, monkeypatch):
+    """The pipeline's staging buffers take the graph's dtype for the inputs ``prepare`` makes (the neighbour bags of
+    an index bundle), not float32: an fp16 graph's device buffers, bound to those, would otherwise get the wrong type
+    (and twice the bytes would cross the bus)."""
+    from deepspot.data import synth_slide
+    from deepspot.export import export_onnx
+    from deepspot.factory import create_model
+    from deepspot.modes import get_mode
+    from deepspot.runtime import load_runner, predict
+    from deepspot.runtime import pipeline as pl
+    from deepspot.runtime.indexed import dense_from_index
+
+    model = create_model("cell", "neighbors", input_size=8, output_size=3, phi2rho_size=4, n_ensemble=3,
+                         random_seed=0).eval()  # fmt: skip
+    export_onnx(model, tmp_path / "m16.onnx", precision="fp16", io_dtype="fp16")
+    inputs, gather = dense_from_index(synth_slide("cell", 40, 8, 4, seed=0), get_mode("cell", "neighbors"))
+    staged = []
+    submit = pl.HostAdapter.submit
+
+    def spy(self, slot):
+        staged.append({k: v.dtype for k, v in slot.feed.items()})
+        return submit(self, slot)
+
+    monkeypatch.setattr(pl.HostAdapter, "submit", spy)
+    with load_runner(tmp_path / "m16.onnx", "ort-cpu") as r:
+        piped = predict(r, inputs, 16, prepare=gather, pipelined=True)
+        plain = predict(r, inputs, 16, prepare=gather, pipelined=False)
+    assert len(staged) == 3 and all(s == {"cell": np.float16, "neighbors": np.float16} for s in staged), staged
+    np.testing.assert_array_equal(piped, plain)

@@ -316,3 +316,27 @@ def test_fp16_io_is_refused_by_the_torch_indexed_pipeline_not_ignored():
     model = _model(NEIGHBOR_MODES[-1])
     with pytest.raises(ConfigError, match="io=fp16 is for the dense layout"):
         load_pipeline(model, "torch", RunnerOptions(io="fp16"))
+
+
+@pytest.mark.parametrize("layout", ["indexed", "dense"])
+def test_a_small_integer_index_type_gives_the_same_predictions(layout):
+    """A uint8 index of a 256-item slide holds 255, which ``+ 1`` (row 0 of the table is the zero row) would wrap to
+    0 in its own type: indices are widened to int64 before any arithmetic."""
+    mode = get_mode("cell", "neighbors")
+    model = _model(mode)
+    arrays = _graph(mode, n=256)
+    arrays["neighbor_index"][arrays["neighbor_index"] < 0] = 255
+    arrays["neighbor_index"][:, 0] = 255
+    expected = _dense_reference(model, arrays)
+    small = dict(arrays, neighbor_index=arrays["neighbor_index"].astype(np.uint8))
+    if layout == "indexed":
+        with load_pipeline(model, "torch", batch_size=64) as pipeline:
+            out, _ = predict_indexed(pipeline, small, batch_size=64, table="memory")
+    else:
+        from deepspot.runtime import load_runner, predict
+        from deepspot.runtime.indexed import dense_from_index
+
+        inputs, gather = dense_from_index(small, mode)
+        with load_runner(model, "torch") as r:
+            out = predict(r, inputs, 64, prepare=gather)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
