@@ -188,12 +188,32 @@ def write_anndata(
             raise InputError(f"{path}: coordinate {name!r} has shape {values.shape}, expected ({n},)")
         obs[name] = values
     var = pd.DataFrame(index=pd.Index(var_names, name=None))
-    adata = ad.AnnData(X=x, obs=obs, var=var, uns=_h5ad_safe(dict(uns or {})))
+    # Everything but X through anndata; X is then written into the file a block of rows at a time, so a slide's
+    # memory-mapped predictions never need to be resident at once (anndata would write them in one piece).
+    adata = ad.AnnData(obs=obs, var=var, uns=_h5ad_safe(dict(uns or {})))
     if "x_pixel" in obs.columns and "y_pixel" in obs.columns:
         adata.obsm["spatial"] = np.column_stack([obs["y_pixel"].to_numpy(), obs["x_pixel"].to_numpy()])
     with atomic_path(path, no_clobber=no_clobber) as tmp:
         adata.write_h5ad(tmp)
+        _write_x(tmp, x)
     return path
+
+
+def _write_x(path: Path, x: np.ndarray, block_bytes: int = 64 << 20) -> None:
+    """Add ``x`` to an ``.h5ad`` as its dense ``X`` (anndata's ``array`` encoding), ``block_bytes`` of rows at a time,
+    each block's pages of a memory-mapped ``x`` given back once written."""
+    import h5py
+
+    from ._pages import release_rows
+
+    with h5py.File(path, "r+") as f:
+        dataset = f.create_dataset("X", shape=x.shape, dtype=np.float32)
+        dataset.attrs["encoding-type"] = "array"
+        dataset.attrs["encoding-version"] = "0.2.0"
+        step = max(1, block_bytes // max(1, x.shape[1] * 4))
+        for start in range(0, x.shape[0], step):
+            dataset[start : start + step] = x[start : start + step]
+            release_rows(x, start, start + step)
 
 
 def _h5ad_safe(value: Any) -> Any:

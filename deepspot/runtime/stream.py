@@ -28,7 +28,7 @@ from rich.text import Text
 from ..data import MAX_BAG, check_bag_size
 from ..errors import ConfigError, InputError
 from ._copy import copy_rows, default_copy_threads
-from ._pages import release_rows
+from .._pages import release_rows
 from .base import OUTPUT_NAME, ModelInfo, Runner
 
 CHECK_CHUNK_BYTES = 64 << 20  # finiteness is checked this many bytes at a time, whatever the bundle's size

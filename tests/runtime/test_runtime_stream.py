@@ -194,7 +194,7 @@ def _rss_file_mb() -> float | None:
 
 def test_streamed_pages_are_given_back(tmp_path):
     """Rows already streamed leave the resident set, so peak memory does not grow with the number of items."""
-    from deepspot.runtime._pages import release_rows
+    from deepspot._pages import release_rows
 
     if _rss_file_mb() is None:
         pytest.skip("needs Linux /proc/self/status")
@@ -208,3 +208,46 @@ def test_streamed_pages_are_given_back(tmp_path):
     assert touched - before > 32 and touched - after > 32
     assert float(np.asarray(x[100:101]).sum()) == 4096  # the data is still there, read back from the file
     release_rows(np.ones((3, 3)), 0, 3)  # ordinary memory: nothing to do
+
+
+def test_pages_of_private_mappings_are_kept_and_views_release_their_own_rows(tmp_path):
+    """A copy-on-write mapping (``mmap_mode="c"``) holds its writes only in its pages: dropping them would revert the
+    rows to the file. A view of a memory map (``emb[1:]``) releases its own rows, not rows shifted by its offset."""
+    from deepspot._pages import _mapping, release_rows
+
+    np.save(tmp_path / "x.npy", np.zeros((2048, 1024), dtype=np.float32))
+    private = np.load(tmp_path / "x.npy", mmap_mode="c")
+    private[:] = 7.0
+    release_rows(private, 0, len(private))
+    assert (private == 7.0).all()
+    shared = np.load(tmp_path / "x.npy", mmap_mode="r+")
+    assert _mapping(shared[1:])[1] == _mapping(shared)[1]  # the mapping's start, whichever view asks
+    shared[:] = 3.0
+    release_rows(shared[1:], 0, 2047)  # a shared mapping: the writes are in the file
+    assert (shared == 3.0).all()
+
+
+def test_h5ad_predictions_are_written_a_block_at_a_time(tmp_path):
+    """The ``.h5ad``'s X is copied from the memory-mapped predictions in blocks whose pages are given back, so writing
+    a slide's predictions does not hold them all resident; the file reads back as anndata wrote it."""
+    ad = pytest.importorskip("anndata")
+    from deepspot.anndata_io import write_anndata
+
+    if _rss_file_mb() is None:
+        pytest.skip("needs Linux /proc/self/status")
+    rng = np.random.default_rng(0)
+    x = np.lib.format.open_memmap(tmp_path / "p.npy", mode="w+", dtype=np.float32, shape=(8192, 2048))  # 64 MiB
+    x[:] = rng.standard_normal((1, 2048), dtype=np.float32)
+    x[::7] = 2.5
+    x.flush()
+    x = np.load(tmp_path / "p.npy", mmap_mode="r")
+    before = _rss_file_mb()
+    coords = {"x_pixel": np.arange(8192.0), "y_pixel": np.zeros(8192)}
+    genes = [f"g{j}" for j in range(2048)]
+    write_anndata(tmp_path / "p.h5ad", x, genes=genes, obs_coords=coords, uns={"deepspot": {"backend": "ort-cpu"}})
+    assert _rss_file_mb() - before < 32
+    back = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert back.X.dtype == np.float32 and back.shape == (8192, 2048)
+    np.testing.assert_array_equal(back.X, x)
+    assert list(back.var_names[:2]) == ["g0", "g1"] and back.obsm["spatial"].shape == (8192, 2)
+    assert back.uns["deepspot"]["backend"] == "ort-cpu"

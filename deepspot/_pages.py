@@ -16,12 +16,13 @@ _PAGE = mmap.PAGESIZE
 
 
 def _mapping(a: np.ndarray) -> tuple[mmap.mmap, int] | None:
-    """The ``mmap`` behind ``a`` and that mapping's start address, or ``None`` for ordinary memory."""
+    """The ``mmap`` behind ``a`` and that mapping's start address, or ``None`` for ordinary memory and for a private
+    (copy-on-write) mapping, whose dropped pages would lose what was written to them."""
     base = a
-    while base is not None and not isinstance(base, np.memmap):
-        base = base.base if isinstance(base, np.ndarray) else None
-    mm = getattr(base, "_mmap", None) if base is not None else None
-    if mm is None or not hasattr(mm, "madvise"):
+    while isinstance(base, np.ndarray) and isinstance(base.base, np.ndarray):
+        base = base.base  # up to the array made on the mapping itself (a view of a memmap is a memmap too)
+    mm = getattr(base, "_mmap", None) if isinstance(base, np.memmap) else None
+    if mm is None or not hasattr(mm, "madvise") or base.mode == "c":
         return None
     # np.memmap maps from the allocation-granularity boundary below its offset; the array starts inside.
     start = base.ctypes.data - (int(base.offset) % mmap.ALLOCATIONGRANULARITY)
