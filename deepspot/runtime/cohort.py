@@ -5,10 +5,11 @@ predicts each slide into ``OUT/<slide>.<format>``, written atomically. ``OUT/coh
 status, items, seconds, output, and what made it (the model's SHA-256, the input's size and modification time or,
 with ``verify``, its SHA-256); it is rewritten atomically after each slide, so a run killed at any point leaves only
 whole outputs and a record of them, and the same command run again finishes exactly the slides that are missing.
-A slide that fails is recorded with its one-line error and does not stop the others.
+A slide that fails, for whatever reason, is recorded with its one-line error and does not stop the others.
 
 ``shard="I/N"`` keeps the slides whose name hashes to ``I`` modulo ``N``: N jobs with the same slide list cover each
-slide exactly once, whatever order they list them in. ``devices=[...]`` starts one worker process per device and
+slide exactly once, whatever order they list them in. Each shard keeps its own record, ``OUT/cohort.shard-I-of-N.json``,
+so shards running at once into one folder never overwrite each other's; resuming reads every record in the folder. ``devices=[...]`` starts one worker process per device and
 hands out slides as workers free up; across a cluster, a workflow engine fans out slides (``workflow/Snakefile``).
 """
 
@@ -31,6 +32,11 @@ from ..fileio import atomic_path, file_sha256, remove_leftovers
 
 FORMATS = ("h5ad", "npz", "npy")
 RECORD = "cohort.json"
+
+
+def record_name(shard: tuple[int, int] | None) -> str:
+    """``cohort.json``, or ``cohort.shard-I-of-N.json`` for shard ``(I, N)``: one writer per file."""
+    return RECORD if shard is None else f"cohort.shard-{shard[0]}-of-{shard[1]}.json"
 
 
 @dataclass
@@ -173,12 +179,22 @@ def input_fingerprint(path: Path, verify: bool) -> dict[str, Any]:
 
 
 def read_record(output_dir: Path) -> dict[str, dict[str, Any]]:
-    """The previous run's ``cohort.json`` by slide name (empty when there is none or it is unreadable)."""
-    try:
-        data = json.loads((output_dir / RECORD).read_text())
-        return {s["name"]: s for s in data.get("slides", []) if isinstance(s, dict) and "name" in s}
-    except (OSError, ValueError, TypeError, KeyError):
-        return {}
+    """What earlier runs recorded, by slide name: ``cohort.json`` and every shard's record, the most recently
+    written last (so it wins); an unreadable record counts as none."""
+    records = [output_dir / RECORD, *output_dir.glob("cohort.shard-*-of-*.json")]
+    found = []
+    for path in records:
+        try:
+            found.append((path.stat().st_mtime_ns, json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    slides: dict[str, dict[str, Any]] = {}
+    for _, data in sorted(found, key=lambda item: item[0]):
+        try:
+            slides.update({s["name"]: s for s in data.get("slides", []) if isinstance(s, dict) and "name" in s})
+        except (AttributeError, TypeError):
+            continue
+    return slides
 
 
 def is_up_to_date(slide: Slide, previous: dict[str, Any] | None, model_hash: str | None, verify: bool) -> bool:
@@ -191,8 +207,9 @@ def is_up_to_date(slide: Slide, previous: dict[str, Any] | None, model_hash: str
     return recorded == input_fingerprint(slide.input, verify) if slide.input.exists() else False
 
 
-def write_record(output_dir: Path, statuses: dict[str, SlideStatus], settings: dict[str, Any]) -> Path:
-    path = output_dir / RECORD
+def write_record(output_dir: Path, statuses: dict[str, SlideStatus], settings: dict[str, Any],
+                 shard: tuple[int, int] | None = None) -> Path:  # fmt: skip
+    path = output_dir / record_name(shard)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({"settings": settings, "slides": [asdict(s) for s in statuses.values()]}, indent=1))
     return path
@@ -242,27 +259,74 @@ def _run_slides(model: Any, slides: Iterable[Slide], settings: CohortSettings, d
                 status.status, status.error = "failed", str(e)
             except OSError as e:
                 status.status, status.error = "failed", f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
+            except Exception as e:  # noqa: BLE001  a backend's own error (onnxruntime's, CUDA out of memory): this
+                # slide fails, with the error's first line, and the others still run; Ctrl-C and SIGTERM still stop.
+                first = (str(e).strip().splitlines() or [""])[0]
+                status.status, status.error = "failed", f"{type(e).__name__}: {first}" if first else type(e).__name__
             status.seconds = time.perf_counter() - start
             report(status)
 
 
-def _worker(model: Any, slides: list[Slide], settings: CohortSettings, device: str, todo, done) -> None:
-    """A device's worker process: takes slide indices from ``todo`` until it is empty, reports to ``done``."""
+class _Stopped(BaseException):
+    """Raised in a worker on SIGTERM (the parent stopping it), so that its temporary files are removed."""
+
+
+def _stop(signum, frame) -> None:
+    raise _Stopped()
+
+
+def _worker(model: Any, slides: list[Slide], settings: CohortSettings, device: str, taken, done) -> None:
+    """A device's worker process: takes the next slide index from the shared counter ``taken`` until none is left,
+    reports to ``done``. SIGTERM (the parent stopping the cohort) unwinds the slide in progress, so its temporary
+    files go with it."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
+    signal.signal(signal.SIGTERM, _stop)
 
     def take():
         while True:
-            try:
-                yield slides[todo.get_nowait()]
-            except queue.Empty:
+            with taken.get_lock():
+                i = taken.value
+                taken.value += 1
+            if i >= len(slides):
                 return
+            yield slides[i]
 
     try:
         _run_slides(model, take(), settings, device, done.put)
+    except _Stopped:
+        return
     except BaseException as e:  # noqa: BLE001  a worker that cannot start (no such GPU) reports it and ends
         done.put(("worker-failed", device, f"{type(e).__name__}: {e}"))
+
+
+def check_setup(model: Any, backend: str | None, devices: Sequence[str] | None) -> None:
+    """Refuse, before any slide runs, what would fail every slide the same way: a ``--devices`` entry that is neither
+    a GPU index nor ``cpu``, GPU indices for a backend that runs on the CPU (or the reverse), and a backend that
+    cannot run here.
+
+    Raises:
+        ConfigError: A device list that does not fit the backend.
+        BackendUnavailableError: The backend cannot run on this machine.
+    """
+    from .artifacts import artifact_kind
+    from .backends import DEFAULT_BACKEND, get_backend, select_backend
+    from .indexed import is_indexed_folder
+
+    kind = "onnx" if is_indexed_folder(model) else artifact_kind(model)
+    name = backend or DEFAULT_BACKEND[kind]
+    on_gpu = get_backend(name).device == "cuda"
+    for d in devices or ():
+        if d != "cpu" and not d.isdigit():
+            raise ConfigError(f"--devices: {d!r} is neither a GPU index (0, 1, ...) nor cpu")
+    gpus = [d for d in devices or () if d != "cpu"]
+    if gpus and not on_gpu:
+        raise ConfigError(f"--devices {','.join(devices)} names GPUs, but backend {name!r} runs on the CPU; add "
+                          "--backend ort-cuda (or torch-cuda), or give --devices cpu,cpu for CPU workers")  # fmt: skip
+    if on_gpu and devices and len(gpus) < len(devices):
+        raise ConfigError(f"--devices {','.join(devices)}: backend {name!r} runs on a GPU, so give GPU indices only")
+    select_backend(name, kind=kind)  # says why the backend cannot run here, once, instead of once per slide
 
 
 def run_cohort(
@@ -292,6 +356,7 @@ def run_cohort(
     from .infer import model_fingerprint
 
     settings = settings or CohortSettings()
+    check_setup(model, settings.backend, devices)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     remove_leftovers(output_dir)  # each slide's own output folder is swept by infer() before it writes there
@@ -316,34 +381,37 @@ def run_cohort(
         if verify and status.status == "done":
             status.input_fingerprint = input_fingerprint(Path(status.input), True)
         statuses[status.name] = status
-        write_record(output_dir, statuses, record_settings)
+        write_record(output_dir, statuses, record_settings, shard)
         if on_status is not None:
             on_status(status)
 
     for status in list(statuses.values()):
         if on_status is not None:
             on_status(status)
-    write_record(output_dir, statuses, record_settings)
+    write_record(output_dir, statuses, record_settings, shard)
     if not devices:
         _run_slides(model, todo, settings, None, report)
     else:
         _run_workers(model, todo, settings, list(devices), report)
     order = {s.name: i for i, s in enumerate(slides)}
     ordered = dict(sorted(statuses.items(), key=lambda kv: order[kv[0]]))
-    return CohortResult(list(ordered.values()), write_record(output_dir, ordered, record_settings))
+    return CohortResult(list(ordered.values()), write_record(output_dir, ordered, record_settings, shard))
 
 
 def _run_workers(model, todo: list[Slide], settings: CohortSettings, devices: list[str], report) -> None:
+    if not todo:
+        return
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
-    tasks, results = ctx.Queue(), ctx.Queue()
-    for i in range(len(todo)):
-        tasks.put(i)
-    workers = [ctx.Process(target=_worker, args=(model, todo, settings, d, tasks, results), daemon=True)
-               for d in devices]  # fmt: skip
+    # Slides are handed out by a shared counter, not a queue of indices: a queue's feeder thread would block the
+    # parent's exit on a full pipe when no worker is left to read it (thousands of slides, every worker failed).
+    taken, results = ctx.Value("q", 0), ctx.Queue()
+    workers = [ctx.Process(target=_worker, args=(model, todo, settings, d, taken, results), daemon=True)
+               for d in devices[: len(todo)]]  # fmt: skip  (no more workers than slides)
     for w in workers:
         w.start()
     pending = {s.name for s in todo}
     failures = []
+    finished = False
     try:
         while pending:
             try:
@@ -357,11 +425,19 @@ def _run_workers(model, todo: list[Slide], settings: CohortSettings, devices: li
                 continue
             pending.discard(item.name)
             report(item)
+        finished = True
     finally:
+        if finished:  # every slide reported: the workers are ending by themselves
+            for w in workers:
+                w.join(timeout=10)
         for w in workers:
             if w.is_alive():
-                w.terminate()
-            w.join(timeout=5)
+                w.terminate()  # SIGTERM: the worker removes the temporary files of the slide it was on
+        for w in workers:
+            w.join(timeout=10)
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
     for name in sorted(pending):  # slides no worker could take (every worker failed)
         slide = next(s for s in todo if s.name == name)
         why = "; ".join(failures) or "its worker process ended unexpectedly"

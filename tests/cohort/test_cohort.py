@@ -112,6 +112,64 @@ def test_shards_cover_every_slide_exactly_once(tmp_path, model):
     assert run("infer", model, "-i", *slides, "--output-dir", out, "--shard", "3/3").exit_code == 2
 
 
+def test_shards_sharing_a_folder_keep_their_own_records_and_resume(tmp_path, model):
+    """Shard jobs writing into one folder (the README's example) each keep a record of their own, so none overwrites
+    another's, and a shard run again skips what any record says is done."""
+    names = [f"slide{i:02d}" for i in range(8)]
+    slides = make_slides(tmp_path / "in", names, n=4)
+    out = tmp_path / "out"
+    for i in range(2):
+        result = run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy", "--shard", f"{i}/2")
+        assert result.exit_code == 0, result.output
+        assert f"cohort.shard-{i}-of-2.json" in result.output.replace("\n", "")
+    records = sorted(p.name for p in out.glob("cohort*.json"))
+    assert records == ["cohort.shard-0-of-2.json", "cohort.shard-1-of-2.json"]
+    again = run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy", "--shard", "0/2")
+    mine = sum(in_shard(n, (0, 2)) for n in names)
+    assert f"0 done, {mine} skipped" in again.output
+    whole = run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy")  # no shard: reads both records
+    assert "0 done, 8 skipped" in whole.output and (out / "cohort.json").is_file()
+
+
+def test_a_backend_error_fails_its_slide_only(tmp_path, model, monkeypatch):
+    """An error that is not deepspot's own (onnxruntime's, CUDA running out of memory) fails the slide it happened
+    on, with its first line, and the cohort goes on."""
+    import importlib
+
+    from deepspot.runtime import cohort
+
+    infer = importlib.import_module("deepspot.runtime.infer")  # the module (the package exports the function)
+    real = infer.infer
+
+    def flaky(model, bundle, *args, **kwargs):
+        if Path(bundle).stem == "s2":
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code\nstack trace...")
+        return real(model, bundle, *args, **kwargs)
+
+    monkeypatch.setattr(infer, "infer", flaky)
+    slides = make_slides(tmp_path / "in")
+    result = cohort.run_cohort(model, cohort.plan_slides(slides, None, tmp_path / "out", "npy"), tmp_path / "out")
+    status = {s.name: s for s in result.slides}
+    assert status["s1"].status == status["s3"].status == "done"
+    assert status["s2"].status == "failed"
+    assert status["s2"].error == "RuntimeError: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code"
+
+
+@pytest.mark.parametrize("devices, backend, message", [
+    ("bogus", None, "--devices: 'bogus' is neither a GPU index (0, 1, ...) nor cpu"),
+    ("0,1", None, "names GPUs, but backend 'ort-cpu' runs on the CPU"),
+    ("cpu,cpu", "ort-cuda", "backend 'ort-cuda' runs on a GPU, so give GPU indices only"),
+    ("0,1", "ort-cuda", "backend 'ort-cuda' needs"),  # no GPU here: said once, not once per slide
+])
+def test_a_cohort_setup_that_fails_every_slide_is_refused_up_front(tmp_path, model, devices, backend, message):
+    slides = make_slides(tmp_path / "in", ["a", "b"])
+    args = ["--backend", backend] if backend else []
+    result = run("infer", model, "-i", *slides, "--output-dir", tmp_path / "out", "--devices", devices, *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_manifest_with_names_outputs_and_relative_paths(tmp_path, model):
     make_slides(tmp_path / "in")
     manifest = tmp_path / "slides.csv"

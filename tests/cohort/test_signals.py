@@ -88,6 +88,20 @@ def test_sigterm_during_a_cohort(tmp_path, slide):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_stopping_a_cohort_with_workers_leaves_nothing_behind(tmp_path, slide, sig, code):
+    """The parent stops its workers with SIGTERM; each removes the temporary files of the slide it was on."""
+    out = tmp_path / "out"
+    proc = start("infer", slide["ckpt"], "-i", slide["dense"], slide["indexed"], "--output-dir", out, "--format", "npz",
+                 "--batch-size", "64", "--no-progress", "--devices", "cpu,cpu", "--table", "mmap")  # fmt: skip
+    assert wait_for(lambda: out.is_dir() and len([p for p in out.iterdir() if p.name.startswith(".predictions")]) == 2)
+    got, err = stop(proc, sig)
+    assert got == code and "Traceback" not in err, err
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+    assert not (out / "dense.npz").exists() and not (out / "indexed.npz").exists()
+
+
+@pytest.mark.slow
 def test_sigterm_during_train_and_export_and_bundle(tmp_path, slide):
     proc = start("train", "--data", slide["dense"], "--family", "cell", "--mode", "neighbors", "--epochs", "50",
                  "--no-progress", "-o", tmp_path / "run")  # fmt: skip
