@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, UnusedInputWarning
-from .fileio import atomic_path
+from .fileio import atomic_path, temporary_folder
 from .modes import Mode, get_mode
 
 FEATURE_KEYS = ("spot", "cell", "subspot", "neighbors")
@@ -263,12 +262,19 @@ def cast_features(arrays: Mapping[str, np.ndarray], dtype: str = "fp32") -> dict
     return out
 
 
+#: Suffixes that name files of other kinds: a bundle "x.h5ad" or "x.npy" would be a folder of that name, surely a slip.
+NOT_A_BUNDLE = (".npy", ".h5ad", ".h5", ".hdf5", ".csv", ".tsv", ".txt", ".json", ".onnx", ".safetensors", ".pkl",
+                ".ckpt", ".pt", ".pth", ".plan", ".zip", ".yaml", ".yml")  # fmt: skip
+
+
 def save_bundle(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
     """Write arrays as a bundle, atomically: ``.npz`` for a path ending in ``.npz``, else a directory of ``.npy``."""
     path = Path(path)
     unknown = [k for k in arrays if k not in KNOWN_KEYS]
     if unknown:
         raise InputError(f"unknown bundle array {unknown[0]!r}; a bundle holds {', '.join(KNOWN_KEYS)}")
+    if path.suffix.lower() in NOT_A_BUNDLE:
+        raise InputError(f"{path}: a bundle is a .npz file or a folder of .npy files; {path.suffix} names neither")
     if path.suffix == ".npz":
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
@@ -279,7 +285,7 @@ def save_bundle(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{path}: output folder {parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    tmp = temporary_folder(path)
     try:
         for k, v in arrays.items():
             np.save(tmp / f"{k}.npy", np.asarray(v), allow_pickle=False)

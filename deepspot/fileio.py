@@ -7,7 +7,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import DeepSpotError
@@ -91,6 +91,18 @@ def atomic_path(path: str | Path, suffix: str | None = None, no_clobber: bool = 
         raise
 
 
+def temporary_folder(final: str | Path) -> Path:
+    """A hidden folder beside ``final`` to write into and then rename onto it, with the permissions of any new folder
+    (``mkdtemp`` makes it private, 0700: a Triton server or a colleague on a shared cluster could not read it)."""
+    final = Path(final)
+    parent = final.parent if str(final.parent) else Path(".")
+    folder = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    return folder
+
+
 def check_output_folder(path: str | Path, what: str = "output") -> Path:
     """Refuse, before any work, an output whose folder does not exist or is not writable.
 
@@ -109,12 +121,38 @@ def check_output_folder(path: str | Path, what: str = "output") -> Path:
     return path
 
 
-def check_output_file(path: str | Path, what: str = "output") -> Path:
-    """:func:`check_output_folder`, and ``path`` must not be an existing directory."""
+def check_output_file(
+    path: str | Path, what: str = "output", inputs: Iterable[object] = (), suffix: str | None = None
+) -> Path:
+    """:func:`check_output_folder`, ``path`` must not be an existing directory, nor one of ``inputs``
+    (:func:`refuse_inputs`), and with ``suffix`` it must end in it (a report given a checkpoint's name by mistake
+    would replace the checkpoint)."""
     path = check_output_folder(path, what)
     if path.is_dir():
         raise DeepSpotError(f"{path}: is a directory; give a file name")
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise DeepSpotError(f"{path}: {what} writes a {suffix} file; give a name ending in {suffix}")
+    refuse_inputs(path, inputs, what)
     return path
+
+
+def refuse_inputs(output: str | Path, inputs: Iterable[object], what: str = "output") -> None:
+    """Refuse an output that is one of the run's ``inputs`` (the same file, also through a link, or a file inside an
+    input folder), before any work: writing it would destroy what the run reads. Inputs that are not paths, or do
+    not exist, are passed over.
+
+    Raises:
+        DeepSpotError: ``output`` is an input, naming it.
+    """
+    output = Path(output)
+    target = output.resolve()
+    for source in inputs:
+        if not isinstance(source, (str, os.PathLike)) or not str(source) or not Path(source).exists():
+            continue
+        source = Path(source)
+        same = target == source.resolve() or (output.exists() and os.path.samefile(output, source))
+        if same or (source.is_dir() and target.is_relative_to(source.resolve())):
+            raise DeepSpotError(f"{output}: is an input of this run ({source}); write the {what} elsewhere")
 
 
 def file_sha256(path: str | Path) -> str:

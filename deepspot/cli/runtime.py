@@ -283,7 +283,7 @@ def parity(
     if report is not None:
         from ..fileio import check_output_file
 
-        check_output_file(report, "--report")  # before the comparison, not after it
+        check_output_file(report, "--report", [checkpoint, model, input, expected], ".json")  # before the comparison
     if expected is not None:
         if model is not None:
             fail("with --expected, give only the model to check (the stored outputs are the reference)")
@@ -414,7 +414,7 @@ def bench(
     if json_out is not None:
         from ..fileio import check_output_file
 
-        check_output_file(json_out, "--json")  # before the benchmark, not after it
+        check_output_file(json_out, "--json", [model], ".json")  # before the benchmark, not after it
     with _announce_fallbacks():
         report = run_bench(
             workload,

@@ -32,7 +32,7 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import CheckpointError, ConfigError, DeepSpotError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, refuse_inputs
 from .metadata import DEFAULT_OPSET, METADATA_FORMAT, METADATA_VERSION, metadata_value  # noqa: F401  (re-exported)
 from .graph import ExportModule, build_export_module, check_mode
 from .specs import ExportSpec, check_precision, get_spec, resolve_io_dtype
@@ -212,11 +212,15 @@ def check_opset(opset: int) -> int:
     return int(opset)
 
 
-def check_output(output: str | os.PathLike) -> Path:
-    """Refuse an output that cannot be a file before any work is done (atomic writing catches the rest)."""
+def check_output(output: str | os.PathLike, source: object = None) -> Path:
+    """Refuse an output that cannot be a file before any work is done (atomic writing catches the rest): a folder, a
+    name without ``.onnx`` (what ``infer`` and ``info`` take ONNX files by), the checkpoint being exported."""
     path = Path(output)
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder; give the path of the .onnx file to write")
+    if path.suffix.lower() != ".onnx":
+        raise ConfigError(f"{path}: the output of an ONNX export must end in .onnx")
+    refuse_inputs(path, [source], "ONNX file")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise DeepSpotError(f"{path}: output folder {folder} does not exist")
@@ -276,7 +280,7 @@ def export_onnx(
     check_precision(precision)
     io_dtype = resolve_io_dtype(precision, io_dtype)
     opset = check_opset(opset)
-    path = check_output(output)
+    path = check_output(output, model_or_checkpoint)
 
     t = time.perf_counter()
     model, source = load_model(model_or_checkpoint)

@@ -180,12 +180,12 @@ def export_indexed(
     import hashlib
     import json
     import shutil
-    import tempfile
     from pathlib import Path
 
     import onnx
 
     from ..errors import DeepSpotError
+    from ..fileio import temporary_folder
     from .exporter import DEFAULT_OPSET, build_metadata, check_graph, check_opset, load_model, set_metadata
     from .graph import build_export_module
     from .specs import check_precision, resolve_io_dtype
@@ -230,7 +230,7 @@ def export_indexed(
         set_metadata(graph, meta, dense)
         check_graph(graph)
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    tmp = temporary_folder(out)
     try:
         for name, graph in graphs.items():
             onnx.save_model(graph, str(tmp / name))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailableError, CheckpointError, ConfigError
+from ..fileio import temporary_folder
 
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
@@ -351,7 +352,7 @@ def write_triton_repository(
     repo.mkdir(parents=True, exist_ok=True)
     target = repo / name
     # Written into a hidden sibling, then renamed: Triton polling the repository never sees half a model.
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+    staging = temporary_folder(target)
     try:
         (staging / str(version)).mkdir()
         shutil.copyfile(onnx_path, staging / str(version) / "model.onnx")

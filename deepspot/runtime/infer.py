@@ -21,7 +21,15 @@ import numpy as np
 
 from ..data import FEATURE_KEYS, MAX_BAG
 from ..errors import ConfigError, DeepSpotError
-from ..fileio import atomic_path, check_clobber, ensure_free_space, preallocate, remove_leftovers, temp_prefix
+from ..fileio import (
+    atomic_path,
+    check_clobber,
+    ensure_free_space,
+    preallocate,
+    refuse_inputs,
+    remove_leftovers,
+    temp_prefix,
+)
 from .backends import RunnerOptions, load_runner
 from .stream import check_inputs, predict
 
@@ -72,14 +80,9 @@ def check_output_path(output: str | Path, inputs: Sequence[Any] = (), no_clobber
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
         raise DeepSpotError(f"{output}: output folder {folder} does not exist")
-    target = output.resolve()
-    for source in inputs:
-        if not isinstance(source, (str, os.PathLike)) or not Path(source).exists():
-            continue
-        source = Path(source)
-        same = target == source.resolve() or (output.exists() and os.path.samefile(output, source))
-        if same or (source.is_dir() and target.is_relative_to(source.resolve())):
-            raise DeepSpotError(f"{output}: is an input of this run ({source}); write the predictions elsewhere")
+    if output.is_dir():
+        raise DeepSpotError(f"{output}: is a directory; give a file name")
+    refuse_inputs(output, inputs, "predictions")
     check_clobber(output, no_clobber)
     remove_leftovers(folder)  # what an earlier run here left when it was killed (SIGKILL runs no clean-up)
     return output

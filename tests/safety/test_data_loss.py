@@ -74,6 +74,45 @@ def test_an_output_that_is_an_input_is_refused(tmp_path, models, bundle):
     assert bundle.read_bytes() == before and leftovers(tmp_path) == []
 
 
+def test_no_command_writes_over_its_own_inputs_or_a_file_of_another_kind(tmp_path, models, bundle):
+    """export, parity --report and bench --json refuse to write over what they read; a report must be .json, an
+    export .onnx, a bundle .npz or a folder: a slip in a name never replaces a checkpoint, a model or a bundle."""
+    import shutil
+
+    ckpt = Path(shutil.copy(models["ckpt"], tmp_path / "m.safetensors"))
+    onnx_file = Path(shutil.copy(models["onnx"], tmp_path / "m.onnx"))
+    kept = {path: path.read_bytes() for path in (ckpt, onnx_file, bundle)}
+    one_line(run("export", ckpt, "-o", ckpt), "must end in .onnx")
+    one_line(run("export", ckpt, "-o", tmp_path / "model"), "must end in .onnx")
+    os.link(onnx_file, tmp_path / "same.onnx")
+    one_line(run("export", tmp_path / "same.onnx", "-o", onnx_file), "is an input of this run")
+    one_line(run("parity", ckpt, onnx_file, "--random", "8", "--report", onnx_file), "--report writes a .json file")
+    report = tmp_path / "r.json"
+    os.link(bundle, report)
+    one_line(run("parity", ckpt, onnx_file, "-i", report, "--report", report), "is an input of this run")
+    one_line(run("bench", "--quick", "--json", ckpt), "--json writes a .json file")
+    for target in ("x.h5ad", "x.txt"):
+        one_line(run("synth", "--family", "cell", "--n", "10", tmp_path / target), "a bundle is a .npz file or a folder")
+        assert not (tmp_path / target).exists()
+    (tmp_path / "dir.npy").mkdir()
+    one_line(run("infer", onnx_file, "-i", bundle, "-o", tmp_path / "dir.npy"), "dir.npy: is a directory")
+    assert {path: path.read_bytes() for path in kept} == kept and leftovers(tmp_path) == []
+
+
+def test_folders_are_written_with_the_permissions_of_any_new_folder(tmp_path, models):
+    """Written in a private temporary folder, then renamed: the result must not stay private (0700), or a Triton
+    server or a colleague on a shared cluster could not read it."""
+    umask = os.umask(0o022)
+    try:
+        assert run("export", models["ckpt"], "--layout", "indexed", "-o", tmp_path / "indexed").exit_code == 0
+        assert run("synth", "--family", "cell", "--n", "10", tmp_path / "bundle").exit_code == 0
+        assert run("triton", models["onnx"], tmp_path / "repo", "--name", "m", "--kind", "cpu").exit_code == 0
+    finally:
+        os.umask(umask)
+    for folder in (tmp_path / "indexed", tmp_path / "bundle", tmp_path / "repo" / "m"):
+        assert folder.stat().st_mode & 0o777 == 0o755, folder
+
+
 def test_no_clobber_on_every_command_that_writes(tmp_path, models, bundle, reference_ckpt):
     cases = {
         "infer": (tmp_path / "p.npy", ["infer", models["onnx"], "-i", bundle, "-o"]),
