@@ -40,23 +40,34 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(workers, thread_name_prefix="deepspot-copy")
 
 
-def copy_rows(dst: np.ndarray, src: np.ndarray, threads: int = 1) -> None:
+def copy_rows(dst: np.ndarray, src: np.ndarray, threads: int = 1, check_finite: bool = False) -> int | None:
     """``dst[...] = src`` (same rows; cast as assignment casts), split by rows across ``threads`` threads, the calling
-    thread among them. Returns when every row is copied; an error in any part is raised here."""
+    thread among them. Returns when every row is copied; an error in any part is raised here.
+
+    With ``check_finite``, each thread also checks the rows it has just copied (still in its cache) and the first row
+    holding a NaN or inf is returned; ``None`` when every row is finite (or without the check).
+    """
     rows = len(src)
     parts = min(threads, rows, max(1, src.nbytes // MIN_CHUNK_BYTES), max(1, dst.nbytes // MIN_CHUNK_BYTES))
     if parts <= 1:
-        np.copyto(dst, src, casting="unsafe")
-        return
+        return _copy_part(dst, src, check_finite, 0)
     bounds = np.linspace(0, rows, parts + 1).astype(int)
-    futures = [_pool(threads - 1).submit(np.copyto, dst[a:b], src[a:b], casting="unsafe")
+    futures = [_pool(threads - 1).submit(_copy_part, dst[a:b], src[a:b], check_finite, a)
                for a, b in zip(bounds[1:-1], bounds[2:])]  # fmt: skip
     try:
-        np.copyto(dst[: bounds[1]], src[: bounds[1]], casting="unsafe")
+        first = _copy_part(dst[: bounds[1]], src[: bounds[1]], check_finite, 0)
     finally:
         wait(futures)  # every part ends before this returns or raises: no thread writes into dst afterwards
-    for future in futures:
-        future.result()  # the first part's error, if one failed
+    found = [first] + [future.result() for future in futures]  # the first part's error, if one failed
+    return next((row for row in found if row is not None), None)
+
+
+def _copy_part(dst: np.ndarray, src: np.ndarray, check_finite: bool, offset: int) -> int | None:
+    np.copyto(dst, src, casting="unsafe")
+    if not check_finite or dst.size == 0:
+        return None
+    bad = ~np.isfinite(dst.reshape(len(dst), -1)).all(axis=1)
+    return offset + int(np.argmax(bad)) if bad.any() else None
 
 
 __all__ = ["MIN_CHUNK_BYTES", "copy_rows", "default_copy_threads"]

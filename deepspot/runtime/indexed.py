@@ -373,6 +373,7 @@ def predict_indexed(
     table: str = "auto",
     table_folder: Path | None = None,
     timings: dict[str, float] | None = None,
+    check_finite: bool = False,
 ) -> tuple[np.ndarray, str]:
     """Run both passes over a slide; write into ``out`` (allocated if ``None``); return it and the table location.
 
@@ -389,6 +390,7 @@ def predict_indexed(
         timings: Filled with the seconds of each phase: ``encoder`` (pass 1), ``table`` (the finished table copied
             to the device; about 0 where the encoder writes it there or the head gathers on the host) and ``head``
             (pass 2).
+        check_finite: Raise at the first prediction that is NaN or inf (see :func:`~.stream.predict`).
     """
     info = pipeline.info
     mode = info.mode_spec
@@ -448,7 +450,8 @@ def predict_indexed(
         clock["table"] = time.perf_counter()
         # Batch by batch, or through the head's overlapping pipeline where it has one (ort-cuda).
         out = predict(pipeline.head, inputs, batch_size, out=out, inverse_transform=inverse_transform,
-                      progress=progress, prepare=None if device_gather else gather)  # fmt: skip
+                      progress=progress, prepare=None if device_gather else gather,
+                      check_finite=check_finite)  # fmt: skip
         clock["head"] = time.perf_counter()
     if timings is not None:
         marks = list(clock.values())

@@ -248,7 +248,7 @@ def _infer_dense(session, data, output, batch_size, inverse_transform, progress,
     with prediction_file(output, n, info.output_size, *meta, no_clobber=no_clobber) as out:
         start = time.perf_counter()
         predict(runner, inputs, batch_size, out=out, inverse_transform=inverse_transform, progress=progress,
-                prepare=prepare)  # fmt: skip
+                prepare=prepare, check_finite=True)  # fmt: skip
         seconds = time.perf_counter() - start
     selection = getattr(runner, "selection", None)
     return InferResult(
@@ -321,7 +321,7 @@ def _infer_indexed(session, data, output, batch_size, inverse_transform, progres
     with prediction_file(output, n, info.output_size, *meta, no_clobber=no_clobber) as out:
         start = time.perf_counter()
         _, location = predict_indexed(pipeline, data.arrays, batch_size, out, inverse_transform, progress, table,
-                                      table_folder=folder)  # fmt: skip
+                                      table_folder=folder, check_finite=True)  # fmt: skip
         seconds = time.perf_counter() - start
     selection = getattr(pipeline.head, "selection", None)
     return InferResult(

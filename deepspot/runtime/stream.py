@@ -26,12 +26,29 @@ from rich.progress import (
 from rich.text import Text
 
 from ..data import MAX_BAG, check_bag_size
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, DeepSpotError, InputError
 from ._copy import copy_rows, default_copy_threads
 from .._pages import release_rows
 from .base import OUTPUT_NAME, ModelInfo, Runner
 
 CHECK_CHUNK_BYTES = 64 << 20  # finiteness is checked this many bytes at a time, whatever the bundle's size
+
+
+class NonFinitePrediction(DeepSpotError):
+    """A prediction came out NaN or inf although every input was finite: the model overflowed."""
+
+    def __init__(self, row: int):
+        self.row = row
+        super().__init__(
+            f"the prediction for item {row} is not finite (NaN or inf) although its inputs are: the model overflows "
+            "on them (an fp16 model's range ends at 65504; an fp32 export does not); nothing was written"
+        )
+
+
+def _raise_nonfinite(y: np.ndarray, start: int) -> None:
+    ok = np.isfinite(y.reshape(len(y), -1)).all(axis=1)
+    if not ok.all():
+        raise NonFinitePrediction(start + int(np.argmin(ok)))
 
 
 def check_inputs(
@@ -200,6 +217,7 @@ def predict(
     prepare: Callable[[int, int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     pipelined: bool | None = None,
     fixed_batch: bool = False,
+    check_finite: bool = False,
 ) -> np.ndarray:
     """Run ``runner`` over every item in batches; write into ``out`` (allocated if ``None``) and return it.
 
@@ -211,6 +229,10 @@ def predict(
     pipeline of :mod:`deepspot.runtime.pipeline` (``pipelined=None``, the default); ``pipelined=False`` turns it
     off, and ``pipelined=True`` runs the pipeline's ring on the host for runners without one (tests, comparisons).
     ``fixed_batch`` pads the last batch to ``batch_size`` rows (CUDA graph replay).
+
+    ``check_finite`` checks each batch's predictions as they are written and raises :class:`NonFinitePrediction` at
+    the first that is NaN or inf: with inputs checked finite, that is the model overflowing (an fp16 graph's range
+    ends at 65504), and a prediction of NaN must not pass for a result.
     """
     n = next(iter(inputs.values())).shape[0]
     g = runner.info.output_size if runner.info else None
@@ -231,7 +253,7 @@ def predict(
                                {OUTPUT_NAME: (g_out, np.dtype(np.float32))}), None  # fmt: skip
     if pipeline is not None:
         return _predict_pipelined(runner, inputs, batch_size, out, inverse_transform, progress, prepare, pipeline,
-                                  dtypes, fixed_batch)  # fmt: skip
+                                  dtypes, fixed_batch, check_finite)  # fmt: skip
     with _progress(progress, n) as bar:
         for start, stop, feed in batches(inputs, batch_size, dtypes, prepare=prepare):
             outputs = runner.infer(feed, check_inputs=start == 0)
@@ -241,13 +263,15 @@ def predict(
             if out is None:
                 out = np.empty((n, g or y.shape[1]), dtype=np.float32)
             out[start:stop] = y
+            if check_finite:
+                _raise_nonfinite(y, start)
             release_rows(out, start, stop)  # written pages stay in the file, not in this process
             bar(stop - start)
     return out
 
 
 def _predict_pipelined(runner, inputs, batch_size, out, inverse_transform, progress, prepare, pipeline, dtypes,
-                       fixed_batch):  # fmt: skip
+                       fixed_batch, check_finite=False):  # fmt: skip
     from .pipeline import run_pipeline
 
     adapter, allocate = pipeline
@@ -262,7 +286,10 @@ def _predict_pipelined(runner, inputs, batch_size, out, inverse_transform, progr
             y = outputs.get(OUTPUT_NAME, next(iter(outputs.values())))
             if inverse_transform:
                 y = runner.info.inverse_transform(y)
-            copy_rows(out[start:stop], y, threads)  # on several threads: one core copies slower than the bus
+            # On several threads (one core copies slower than the bus); each checks the rows it copied, in cache.
+            bad = copy_rows(out[start:stop], y, threads, check_finite=check_finite)
+            if bad is not None:
+                raise NonFinitePrediction(start + bad)
             for v in inputs.values():
                 release_rows(v, start, stop)
             release_rows(out, start, stop)

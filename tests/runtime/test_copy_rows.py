@@ -74,3 +74,14 @@ def test_default_threads_leave_cores_for_the_rest_and_can_be_set(monkeypatch):
         monkeypatch.setenv("DEEPSPOT_COPY_THREADS", bad)
         with pytest.raises(ConfigError, match="DEEPSPOT_COPY_THREADS must be a whole number"):
             default_copy_threads()
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_the_copy_finds_the_first_row_that_is_not_finite(threads):
+    src = np.ones((4096, 128), np.float32)  # 2 MiB: split into parts with 4 threads
+    dst = np.empty_like(src)
+    assert copy_rows(dst, src, threads, check_finite=True) is None
+    src[3000, 5], src[3500, 0], src[100, 7] = np.inf, np.nan, -np.inf
+    assert copy_rows(dst, src, threads, check_finite=True) == 100
+    np.testing.assert_array_equal(dst, src)  # copied whole all the same
+    assert copy_rows(dst, src, threads) is None  # without the check, nothing is looked at

@@ -185,3 +185,46 @@ def test_inputs_made_per_batch_are_staged_at_the_graphs_dtype(tmp_path, monkeypa
         plain = predict(r, inputs, 16, prepare=gather, pipelined=False)
     assert len(staged) == 3 and all(s == {"cell": np.float16, "neighbors": np.float16} for s in staged), staged
     np.testing.assert_array_equal(piped, plain)
+
+
+@pytest.mark.parametrize("how", ["onnx-fp16-weights", "torch-fp16", "indexed-fp16", "pipelined"])
+def test_a_model_that_overflows_is_an_error_not_nan_predictions(tmp_path, how):
+    """Inputs within float16's range can still overflow inside an fp16 model: the predictions are checked as they
+    are written, and a NaN or inf is one line naming the item, with nothing written."""
+    from deepspot import save
+    from deepspot.data import save_bundle, synth_bundle, synth_slide
+    from deepspot.export import export_onnx
+    from deepspot.export.indexed import export_indexed
+    from deepspot.factory import create_model
+    from deepspot.runtime.stream import NonFinitePrediction
+
+    model = create_model("cell", "neighbors", input_size=8, output_size=3, phi2rho_size=4, n_ensemble=3,
+                         random_seed=0).eval()  # fmt: skip
+    arrays = synth_slide("cell", 40, 8, 4, seed=0) if how == "indexed-fp16" else synth_bundle(
+        "cell", "neighbors", 40, 8, 3, seed=0, n_neighbors=4)  # fmt: skip
+    arrays["cell"][29] *= 6e4  # within float16's range (65504), but Phi's products are not
+    bundle = save_bundle(tmp_path / "b.npz", arrays)
+    if how == "pipelined":  # the GPU pipeline's writer, run on the host: the check rides on the threads' copies
+        from deepspot.runtime import load_runner, predict
+
+        export_onnx(model, tmp_path / "m16.onnx", precision="fp16")
+        inputs = {"cell": arrays["cell"][:, None], "neighbors": arrays["neighbors"]}
+        with load_runner(tmp_path / "m16.onnx", "ort-cpu") as r, pytest.raises(NonFinitePrediction, match="item 29"):
+            predict(r, inputs, 16, pipelined=True, check_finite=True)
+        return
+    if how == "onnx-fp16-weights":
+        export_onnx(model, tmp_path / "m16.onnx", precision="fp16")
+        args = [tmp_path / "m16.onnx"]
+    elif how == "indexed-fp16":
+        export_indexed(model, tmp_path / "m16", precision="fp16")
+        args = [tmp_path / "m16"]
+    else:
+        args = [save(model, tmp_path / "m.safetensors"), "--precision", "fp16"]
+    result = CliRunner().invoke(app, ["infer", *map(str, args), "-i", str(bundle), "-o", str(tmp_path / "p.npz")])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+    first = 29  # in the indexed slide, the first item with 29 among its neighbours comes first
+    if "neighbor_index" in arrays:
+        first = min(29, int(np.nonzero((arrays["neighbor_index"] == 29).any(axis=1))[0].min()))
+    assert len(lines) == 1 and f"the prediction for item {first} is not finite" in lines[0], result.output
+    assert not (tmp_path / "p.npz").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
