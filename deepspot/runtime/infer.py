@@ -280,7 +280,8 @@ LAYOUTS = ("dense", "indexed")
 
 
 def resolve_layout(layout: str | None, data, model: Any) -> str:
-    """The layout to run: as asked, else ``indexed`` for an indexed export or a bundle with ``neighbor_index``.
+    """The layout to run: as asked, else ``indexed`` for an indexed export or a bundle with ``neighbor_index`` (a
+    per-item graph then says how to run it: ``--layout dense`` gathers the bags per batch).
 
     Raises:
         ConfigError: Unknown layout, or an indexed run asked of a bundle without ``neighbor_index``.
@@ -289,9 +290,15 @@ def resolve_layout(layout: str | None, data, model: Any) -> str:
 
     if layout is not None and layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {layout!r}; expected one of: {', '.join(LAYOUTS)}")
+    indexed_export = is_indexed_folder(model)
     if layout is None:
-        layout = "indexed" if data.layout == "indexed" or is_indexed_folder(model) else "dense"
+        layout = "indexed" if data.layout == "indexed" or indexed_export else "dense"
     if layout == "indexed" and "neighbor_index" not in data:
+        if indexed_export:
+            raise ConfigError(
+                f"{data.path}: holds neighbour features, and {model} is an indexed export, which takes neighbour "
+                "indices: build the bundle with deepspot bundle --index, or run the per-item .onnx export"
+            )
         raise ConfigError(
             f"{data.path}: the indexed layout needs 'neighbor_index' in the bundle (deepspot bundle --index); "
             "this bundle holds neighbour features, so run it with --layout dense"

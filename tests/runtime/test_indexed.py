@@ -340,3 +340,19 @@ def test_a_small_integer_index_type_gives_the_same_predictions(layout):
         with load_runner(model, "torch") as r:
             out = predict(r, inputs, 64, prepare=gather)
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_indexed_export_on_a_bundle_of_neighbour_features_says_what_to_do(tmp_path):
+    """The advice must not go in circles: --layout dense cannot run an indexed export, so the message says to build
+    the bundle with --index, or to run the per-item export."""
+    mode = NEIGHBOR_MODES[0]
+    model, ckpt, slide, bundle = _files(tmp_path, mode)
+    folder = export_indexed(model, tmp_path / "indexed")
+    dense = {k: v for k, v in slide.items() if k != "neighbor_index"}
+    dense["neighbors"] = densify(slide[mode.bags[0].name], slide["neighbor_index"])
+    save_bundle(tmp_path / "dense.npz", dense)
+    result = runner.invoke(app, ["infer", str(folder), "-i", str(tmp_path / "dense.npz"), "-o", str(tmp_path / "p.npy")])
+    assert result.exit_code == 2
+    advice = "which takes neighbour indices: build the bundle with deepspot bundle --index, or run the per-item .onnx"
+    assert advice in result.output
+    assert not (tmp_path / "p.npy").exists()
