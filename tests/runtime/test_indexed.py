@@ -351,7 +351,8 @@ def test_an_indexed_export_on_a_bundle_of_neighbour_features_says_what_to_do(tmp
     dense = {k: v for k, v in slide.items() if k != "neighbor_index"}
     dense["neighbors"] = densify(slide[mode.bags[0].name], slide["neighbor_index"])
     save_bundle(tmp_path / "dense.npz", dense)
-    result = runner.invoke(app, ["infer", str(folder), "-i", str(tmp_path / "dense.npz"), "-o", str(tmp_path / "p.npy")])
+    args = ["infer", str(folder), "-i", str(tmp_path / "dense.npz"), "-o", str(tmp_path / "p.npy")]
+    result = runner.invoke(app, args)
     assert result.exit_code == 2
     advice = "which takes neighbour indices: build the bundle with deepspot bundle --index, or run the per-item .onnx"
     assert advice in result.output
