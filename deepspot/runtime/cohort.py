@@ -242,7 +242,7 @@ def _run_slides(model: Any, slides: Iterable[Slide], settings: CohortSettings, d
                             cuda_graph=settings.cuda_graph)  # fmt: skip
     if device not in (None, "cpu"):
         options.device = int(device)
-    with ModelSession(model, settings.backend, options, table_dtype=settings.table_dtype) as session:
+    with ModelSession(model, settings.backend, options, table_dtype=settings.table_dtype, shared=True) as session:
         for slide in slides:
             status = SlideStatus(slide.name, "done", str(slide.input), str(slide.output), device=device)
             start = time.perf_counter()

@@ -92,12 +92,15 @@ class ModelSession:
     """A model loaded once per process: its runner (dense layout) and its pipeline (indexed layout) are built on first
     use and stay active until :meth:`close`, so a cohort of slides pays for loading and building once.
 
-    Args: as :func:`infer`'s.
+    Args: as :func:`infer`'s, and ``shared``: the session serves several bundles (a cohort), so nothing is fitted to
+    the first one (``torch-cuda`` takes an fp16 bundle's features as they are only for a bundle of its own: in a
+    cohort, a later fp32 slide would be cast to fp16, and its results would depend on the order of the slides).
     """
 
     def __init__(self, model: Any, backend: str | None = None, options: RunnerOptions | None = None,
-                 allow_fallback: bool = False, table_dtype: str = "fp32"):  # fmt: skip
+                 allow_fallback: bool = False, table_dtype: str = "fp32", shared: bool = False):  # fmt: skip
         self.model, self.backend, self.allow_fallback, self.table_dtype = model, backend, allow_fallback, table_dtype
+        self.shared = shared
         self.options = options or RunnerOptions()
         self._runner = None
         self._pipeline = None
@@ -114,7 +117,7 @@ class ModelSession:
         if self._runner is None:
             self.options.batch_size = batch_size
             self.options.bag_sizes = bag_sizes
-            if fp16_features and self.options.io is None and self.backend == "torch-cuda":
+            if fp16_features and self.options.io is None and self.backend == "torch-cuda" and not self.shared:
                 self.options.io = "fp16"  # the bundle's fp16 features cross the bus as they are (half the bytes)
             runner = load_runner(self.model, self.backend, self.options, self.allow_fallback)
             if runner.info is None:

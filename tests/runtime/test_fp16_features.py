@@ -115,8 +115,11 @@ def test_infer_sends_an_fp16_bundle_to_torch_cuda_as_fp16(monkeypatch, tmp_path)
             infer_module.ModelSession("m.safetensors", backend).dense(64, {}, fp16_features=True)
     with pytest.raises(Stop):
         infer_module.ModelSession("m.safetensors", "torch-cuda").dense(64, {}, fp16_features=False)
+    # A cohort's session is not fitted to its first slide: a later fp32 slide would be cast to fp16.
+    with pytest.raises(Stop):
+        infer_module.ModelSession("m.safetensors", "torch-cuda", shared=True).dense(64, {}, fp16_features=True)
     # torch-cuda: the bus carries fp16; on the CPU there is no bus, and the prefetch thread casts as before.
-    assert asked == [("torch-cuda", "fp16"), ("torch", None), ("torch-cuda", None)]
+    assert asked == [("torch-cuda", "fp16"), ("torch", None), ("torch-cuda", None), ("torch-cuda", None)]
 
 
 @pytest.mark.parametrize("layout", ["dense", "index", "indexed"])
