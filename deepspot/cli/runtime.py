@@ -113,7 +113,9 @@ def infer(
     manifest: Optional[Path] = typer.Option(
         None, "--manifest", help="Cohort: a CSV with slide and input columns (optional output)."
     ),
-    format: str = typer.Option("h5ad", "--format", help="Cohort: output format, h5ad, npz or npy."),
+    format: Optional[str] = typer.Option(
+        None, "--format", help="Cohort: output format, h5ad (the default), npz or npy."
+    ),
     shard: Optional[str] = typer.Option(
         None, "--shard", help="Cohort: I/N (I in 0..N-1), this job's share of the slides."
     ),
@@ -166,14 +168,26 @@ def infer(
             raise ConfigError("a cohort writes one output per slide into --output-dir; -o and --no-clobber are for one bundle")
         if output_dir is None:
             raise ConfigError("a cohort (several bundles or --manifest) needs --output-dir")
+        # What a cohort does not take is refused, not ignored.
+        single = {"--allow-fallback": allow_fallback, "--compile": compile, "--cache-dir": cache_dir,
+                  "--torch-graph": torch_graph != "eager", "--device": device != 0}  # fmt: skip
+        given = [name for name, value in single.items() if value]
+        if given:
+            hint = "; a cohort's workers take --devices" if given[0] == "--device" else ""
+            raise ConfigError(f"{given[0]} is for one bundle (-o), not a cohort{hint}")
         from ..runtime.cohort import CohortSettings
 
         settings = CohortSettings(backend, batch_size, inverse_transform, layout, table, table_dtype, max_bag, precision,
                                   threads, tf32, cuda_graph)  # fmt: skip
-        _cohort(model, bundles, manifest, output_dir, format, shard, force, verify, devices, settings)
+        _cohort(model, bundles, manifest, output_dir, format or "h5ad", shard, force, verify, devices, settings)
         return
     if len(bundles) != 1 or output is None:
         raise ConfigError("give one bundle with -i and its output with -o (or several bundles with --output-dir)")
+    cohort_only = {"--format": format, "--shard": shard, "--force": force, "--verify": verify, "--devices": devices}
+    given = [name for name, value in cohort_only.items() if value]
+    if given:
+        hint = " (-o's suffix says the format)" if given[0] == "--format" else ""
+        raise ConfigError(f"{given[0]} is for a cohort (--output-dir), not one bundle with -o{hint}")
     with _announce_fallbacks():
         result = run_infer(
             model,

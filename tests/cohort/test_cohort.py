@@ -228,3 +228,27 @@ def test_plan_refuses_unclear_requests(tmp_path):
         plan_slides([tmp_path / "a.npz"], None, tmp_path, "csv")
     with pytest.raises(InputError, match="appears twice"):
         plan_slides([tmp_path / "a" / "x.npz", tmp_path / "b" / "x.npz"], None, tmp_path)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--allow-fallback"], "--allow-fallback is for one bundle (-o), not a cohort"),
+    (["--device", "1"], "--device is for one bundle (-o), not a cohort; a cohort's workers take --devices"),
+    (["--compile"], "--compile is for one bundle (-o), not a cohort"),
+])
+def test_options_a_cohort_does_not_take_are_refused_not_ignored(tmp_path, model, extra, message):
+    slides = make_slides(tmp_path / "in", ["a", "b"])
+    result = run("infer", model, "-i", *slides, "--output-dir", tmp_path / "out", *extra)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--format", "npz"], "--format is for a cohort (--output-dir), not one bundle with -o (-o's suffix says"),
+    (["--shard", "0/2"], "--shard is for a cohort (--output-dir), not one bundle with -o"),
+    (["--devices", "cpu,cpu"], "--devices is for a cohort"),
+])
+def test_cohort_options_with_one_bundle_are_refused_not_ignored(tmp_path, model, extra, message):
+    slides = make_slides(tmp_path / "in", ["a"])
+    result = run("infer", model, "-i", slides[0], "-o", tmp_path / "p.npy", *extra)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "p.npy").exists()
