@@ -432,11 +432,13 @@ def neighbor_index_radius(coords: np.ndarray, radius: float, max_neighbors: int)
 
 
 def neighbor_index_knn(coords: np.ndarray, k: int) -> np.ndarray:
-    """The ``k`` nearest items of each item, the item itself excluded, nearest first: ``(N, k)``."""
+    """The ``k`` nearest items of each item, the item itself excluded, nearest first: ``(N, k)``; ``-1`` (a zero row)
+    where a slide has fewer than ``k + 1`` items."""
     from scipy.spatial import cKDTree
 
-    _, idx = cKDTree(coords).query(coords, k=k + 1)
-    return idx[:, 1:].astype(np.int64)
+    dist, idx = cKDTree(coords).query(coords, k=k + 1)
+    dist, idx = dist[:, 1:], idx[:, 1:]  # scipy reports a missing neighbour as distance inf and index N
+    return np.where(np.isfinite(dist), idx, -1).astype(np.int64)
 
 
 def synth_slide(

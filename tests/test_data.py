@@ -82,3 +82,10 @@ def test_compressed_npz_is_read_in_memory(tmp_path):
     bundle = load_bundle(tmp_path / "c.npz")
     np.testing.assert_array_equal(bundle["cell"], arrays["cell"])
     assert bundle.validate("cell", "cell") == get_mode("cell", "cell")
+
+
+def test_nearest_neighbours_of_a_slide_smaller_than_k_are_padded_with_minus_one():
+    from deepspot.data import neighbor_index_knn
+
+    index = neighbor_index_knn(np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]]), 4)
+    np.testing.assert_array_equal(index, [[1, 2, -1, -1], [0, 2, -1, -1], [1, 0, -1, -1]])

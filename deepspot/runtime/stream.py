@@ -254,6 +254,8 @@ def predict(
     if pipeline is not None:
         return _predict_pipelined(runner, inputs, batch_size, out, inverse_transform, progress, prepare, pipeline,
                                   dtypes, fixed_batch, check_finite)  # fmt: skip
+    if out is None and n == 0 and g:
+        out = np.empty((0, g), dtype=np.float32)  # no batch to size it by: an empty (0, G), as the pipeline gives
     with _progress(progress, n) as bar:
         for start, stop, feed in batches(inputs, batch_size, dtypes, prepare=prepare):
             outputs = runner.infer(feed, check_inputs=start == 0)

@@ -251,3 +251,15 @@ def test_h5ad_predictions_are_written_a_block_at_a_time(tmp_path):
     np.testing.assert_array_equal(back.X, x)
     assert list(back.var_names[:2]) == ["g0", "g1"] and back.obsm["spatial"].shape == (8192, 2)
     assert back.uns["deepspot"]["backend"] == "ort-cpu"
+
+
+def test_predict_on_no_items_gives_an_empty_array_on_both_paths(artifacts):
+    from deepspot.runtime import load_runner
+    from deepspot.runtime.stream import predict
+
+    a = artifacts("cell", "neighbors")
+    empty = {k: v[:0] for k, v in a.inputs().items()}
+    with load_runner(a.onnx, "ort-cpu") as r:
+        for pipelined in (False, True):
+            out = predict(r, empty, 8, pipelined=pipelined)
+            assert out.shape == (0, a.model.output_size) and out.dtype == np.float32
