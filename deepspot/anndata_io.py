@@ -9,13 +9,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import BackendUnavailableError, InputError
+from .errors import BackendUnavailableError, DeepSpotWarning, InputError
 from .fileio import atomic_path
 
 COORD_COLUMNS = ("x_array", "y_array", "x_pixel", "y_pixel")
@@ -188,9 +189,17 @@ def write_anndata(
             raise InputError(f"{path}: coordinate {name!r} has shape {values.shape}, expected ({n},)")
         obs[name] = values
     var = pd.DataFrame(index=pd.Index(var_names, name=None))
+    for what, names, fix in (("barcodes", obs_names, "obs_names_make_unique"),
+                             ("gene names", var_names, "var_names_make_unique")):  # fmt: skip
+        repeated = len(names) - len(set(names))
+        if repeated:
+            warnings.warn(f"{path}: {repeated} {what} repeat an earlier one, so they are not unique in the .h5ad "
+                          f"(adata.{fix}() makes them unique)", DeepSpotWarning, stacklevel=2)  # fmt: skip
     # Everything but X through anndata; X is then written into the file a block of rows at a time, so a slide's
     # memory-mapped predictions never need to be resident at once (anndata would write them in one piece).
-    adata = ad.AnnData(obs=obs, var=var, uns=_h5ad_safe(dict(uns or {})))
+    with warnings.catch_warnings():  # anndata's own "not unique" warning: said above, in one line
+        warnings.filterwarnings("ignore", message=".*(Observation|Variable) names are not unique.*")
+        adata = ad.AnnData(obs=obs, var=var, uns=_h5ad_safe(dict(uns or {})))
     if "x_pixel" in obs.columns and "y_pixel" in obs.columns:
         adata.obsm["spatial"] = np.column_stack([obs["y_pixel"].to_numpy(), obs["x_pixel"].to_numpy()])
     with atomic_path(path, no_clobber=no_clobber) as tmp:

@@ -355,6 +355,11 @@ def _read_sample(obs, by: str | None, all_spots: bool):
     from .anndata_io import read_obs
 
     barcodes, columns = read_obs(obs, extra=(by,) if by else ())
+    seen: set[str] = set()
+    for barcode in barcodes:  # features are found by barcode: a repeated one would give two items the same tile
+        if barcode in seen:
+            raise InputError(f"{obs}: barcode {barcode!r} appears more than once; barcodes name the items")
+        seen.add(barcode)
     if "in_tissue" in columns and not all_spots:
         barcodes, columns = _select(barcodes, columns, columns["in_tissue"] > 0)
         if not barcodes:

@@ -172,3 +172,12 @@ def test_bundle_no_clobber_refuses_an_existing_output(tmp_path):
     replaced = run("bundle", "--features", folder, "--obs", h5ad, "-o", out)
     assert replaced.exit_code == 0, replaced.output
     assert len(load_bundle(out).barcodes) == 14
+
+
+def test_a_barcode_that_appears_twice_is_refused(tmp_path):
+    _, folder, barcodes, *_ = visium(tmp_path)
+    (tmp_path / "obs.csv").write_text("barcode,x_array,y_array\n" + "".join(
+        f"{b},{i},0\n" for i, b in enumerate(barcodes[:3] + barcodes[:1])))  # fmt: skip
+    result = run("bundle", "--features", folder, "--obs", tmp_path / "obs.csv", "-o", tmp_path / "b.npz")
+    assert result.exit_code == 2 and f"barcode {barcodes[0]!r} appears more than once" in result.output
+    assert not (tmp_path / "b.npz").exists()

@@ -263,3 +263,19 @@ def test_predict_on_no_items_gives_an_empty_array_on_both_paths(artifacts):
         for pipelined in (False, True):
             out = predict(r, empty, 8, pipelined=pipelined)
             assert out.shape == (0, a.model.output_size) and out.dtype == np.float32
+
+
+def test_repeated_names_in_an_h5ad_are_one_warning_of_ours(tmp_path):
+    pytest.importorskip("anndata")
+    import warnings
+
+    from deepspot.anndata_io import write_anndata
+    from deepspot.errors import DeepSpotWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_anndata(tmp_path / "p.h5ad", np.zeros((3, 2), np.float32), barcodes=["a", "b", "a"], genes=["g", "g"])
+    messages = [(w.category, str(w.message)) for w in caught]
+    assert [c for c, _ in messages] == [DeepSpotWarning, DeepSpotWarning], messages  # anndata's own is not repeated
+    assert "1 barcodes repeat an earlier one" in messages[0][1] and "obs_names_make_unique" in messages[0][1]
+    assert "1 gene names repeat" in messages[1][1]
