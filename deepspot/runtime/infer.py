@@ -11,6 +11,7 @@ import contextlib
 import os
 import tempfile
 import time
+import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..data import FEATURE_KEYS, MAX_BAG
-from ..errors import ConfigError, DeepSpotError
+from ..errors import ConfigError, DeepSpotError, DeepSpotWarning
 from ..fileio import (
     atomic_path,
     check_clobber,
@@ -242,6 +243,7 @@ def _infer_dense(session, data, output, batch_size, inverse_transform, progress,
     else:
         inputs = data.inputs(mode)
         n = check_inputs(inputs, info, source=str(data.path), max_bag=max_bag, dtypes=dtypes)
+    _warn_if_empty(n, data)
     if inverse_transform and info.scaler is None and not info.fold_scaler:
         raise ConfigError(f"{session.model}: the model has no scaler, so there is no original scale to map back to")
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
@@ -322,6 +324,7 @@ def _infer_indexed(session, data, output, batch_size, inverse_transform, progres
         raise ConfigError(f"mode {mode.name!r} has no neighbours, so it has no indexed layout; use --layout dense")
     n = check_indexed_inputs(data.arrays, info, source=str(data.path), max_bag=max_bag,
                              dtypes=pipeline.feature_dtypes())  # fmt: skip
+    _warn_if_empty(n, data)
     if inverse_transform and info.scaler is None and not info.fold_scaler:
         raise ConfigError(f"{session.model}: the model has no scaler, so there is no original scale to map back to")
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
@@ -339,6 +342,12 @@ def _infer_indexed(session, data, output, batch_size, inverse_transform, progres
         selection.requested if selection else pipeline.backend, batch_size, inverse_transform or info.fold_scaler,
         "indexed", location,
     )  # fmt: skip
+
+
+def _warn_if_empty(n: int, data) -> None:
+    if n == 0:  # a valid bundle (a slide with no tissue spots), but more often a mistake upstream: say so
+        warnings.warn(f"{data.path}: the bundle holds no items, so the predictions have no rows", DeepSpotWarning,
+                      stacklevel=3)  # fmt: skip
 
 
 def _coords(data) -> dict[str, np.ndarray]:

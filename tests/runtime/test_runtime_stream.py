@@ -279,3 +279,20 @@ def test_repeated_names_in_an_h5ad_are_one_warning_of_ours(tmp_path):
     assert [c for c, _ in messages] == [DeepSpotWarning, DeepSpotWarning], messages  # anndata's own is not repeated
     assert "1 barcodes repeat an earlier one" in messages[0][1] and "obs_names_make_unique" in messages[0][1]
     assert "1 gene names repeat" in messages[1][1]
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_a_bundle_without_items_gives_empty_predictions_and_says_so(tmp_path, artifacts, suffix):
+    from typer.testing import CliRunner
+
+    from deepspot.cli import app
+    from deepspot.data import save_bundle
+
+    a = artifacts("cell", "neighbors")
+    empty = save_bundle(tmp_path / "empty.npz", {k: v if k == "genes" else v[:0] for k, v in a.arrays.items()})
+    result = CliRunner().invoke(app, ["infer", str(a.onnx), "-i", str(empty), "-o", str(tmp_path / f"p{suffix}")])
+    assert result.exit_code == 0, result.output
+    assert "Warning: " in result.output
+    assert "the bundle holds no items, so the predictions have no rows" in result.output
+    got = np.load(tmp_path / f"p{suffix}")
+    assert (got if suffix == ".npy" else got["predictions"]).shape == (0, a.model.output_size)
