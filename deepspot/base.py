@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_seed
 from .errors import ConfigError, InputError
 from .layers import Phi, Rho, phi_bag, rho_mean
 from .modes import Mode, get_mode
@@ -41,6 +42,7 @@ class DeepSetModel(nn.Module):
         for name in ("p", "p_phi", "p_rho"):
             if config[name] is not None and not 0.0 <= float(config[name]) < 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1), got {config[name]!r}")
+        check_seed(int(config["random_seed"]), "random_seed")  # before fix_seed, which NumPy would refuse
         # Store the canonical reference name of the mode, whichever name the caller used.
         config[f"{self.family}_context"] = self.mode.reference
         self.config: dict[str, Any] = config

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .base import DeepSetModel
+from .checks import finite_at_least
 from .errors import ConfigError, InputError
 from .scaler import Scaler
 
@@ -63,6 +64,17 @@ class TrainConfig:
             raise ConfigError(f"unknown monitor {self.monitor!r}; expected one of: {', '.join(MONITORS)}")
         if self.patience < 1:
             raise ConfigError(f"patience must be at least 1, got {self.patience}")
+        finite_at_least(self.min_delta, "min_delta")
+
+
+def check_optimizer(lr: float, weight_decay: float) -> None:
+    """Refuse a learning rate or weight decay that AdamW cannot use (or that is not a finite number).
+
+    Raises:
+        ConfigError: ``lr`` or ``weight_decay`` is not a finite number >= 0.
+    """
+    finite_at_least(float(lr), "--lr")  # 0 is allowed, as AdamW allows it: the weights stay as built
+    finite_at_least(float(weight_decay), "--weight-decay")
 
 
 def _as_tensors(inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -138,6 +150,7 @@ def fit(
         stored on ``model.history``; with ``normalize`` the fitted scaler is stored on ``model.scaler``.
     """
     config = config or TrainConfig()
+    check_optimizer(model.config["lr"], model.config["weight_decay"])
     x = _as_tensors(inputs)
     y = torch.from_numpy(np.array(target, dtype=np.float32))
     model.parse_inputs(**{k: v[:1] for k, v in x.items()})  # names and shapes, before any work

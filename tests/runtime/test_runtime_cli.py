@@ -218,3 +218,10 @@ def test_a_bundle_array_the_model_does_not_take_is_named_in_a_warning(artifacts,
     warnings_ = [line for line in result.output.splitlines() if line.startswith("Warning: ")]
     assert len(warnings_) == 1 and "'subspot'" in warnings_[0] and "does not take" in warnings_[0], result.output
     assert "warnings.warn" not in result.output
+
+
+@pytest.mark.parametrize("seed", [-3, 2**32])
+def test_quickstart_refuses_a_seed_out_of_range_before_any_work(tmp_path, seed):
+    result = run("quickstart", "--workdir", tmp_path / "qs", "--seed", seed)
+    one_line_error(result, f"--seed must lie in 0..4294967295, got {seed}")
+    assert not (tmp_path / "qs").exists()
