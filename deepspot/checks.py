@@ -86,6 +86,6 @@ def check_memory(nbytes: int, what: str) -> None:
     free = available + (_meminfo("SwapFree") or 0)
     if nbytes > free:
         raise ConfigError(
-            f"not enough memory: {what} needs at least {nbytes / 2**30:,.1f} GiB, and {free / 2**30:,.1f} GiB is "
-            "available; ask for less"
+            f"not enough memory for {what}: at least {nbytes / 2**30:,.1f} GiB is needed and {free / 2**30:,.1f} GiB "
+            "is available; ask for less"
         )

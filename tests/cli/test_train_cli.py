@@ -78,7 +78,7 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, args, message):
         (["--neighbors", "0"], "--neighbors must be at least 1, got 0"),
         (["--family", "cell", "--neighbors", "-1"], "--neighbors must be at least 1, got -1"),
         (["--seed", "-1"], "--seed must be at least 0, got -1"),
-        (["--n", "100000000", "--input-size", "1048576"], "not enough memory: a bundle of --n 100000000 items"),
+        (["--n", "100000000", "--input-size", "1048576"], "not enough memory for a bundle of --n 100000000 items"),
     ],
 )
 def test_synth_refuses_sizes_and_seeds_it_cannot_use(tmp_path, args, message):

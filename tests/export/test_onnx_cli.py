@@ -177,6 +177,15 @@ def test_untrained_export_needs_sizes(tmp_path):
     assert result.exit_code == 2 and "--input-size and --output-size" in result.output
 
 
+def test_untrained_export_larger_than_the_memory_is_refused_before_any_work(tmp_path):
+    args = ["export", "--family", "spot", "--input-size", "100000000", "--output-size", "100000", "-o",
+            str(tmp_path / "u.onnx")]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output and result.output.count("\n") == 1
+    assert "not enough memory for the weights of a spot model of input_size 100000000" in result.output
+    assert _leftovers(tmp_path) == []
+
+
 def test_fold_scaler_without_scaler_exits_2(tmp_path):
     args = [
         "export",
