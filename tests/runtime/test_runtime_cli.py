@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from deepspot import checkpoint
+from deepspot.data import save_bundle
 from deepspot.cli import app
 
 cli = CliRunner()
@@ -225,3 +226,34 @@ def test_quickstart_refuses_a_seed_out_of_range_before_any_work(tmp_path, seed):
     result = run("quickstart", "--workdir", tmp_path / "qs", "--seed", seed)
     one_line_error(result, f"--seed must lie in 0..4294967295, got {seed}")
     assert not (tmp_path / "qs").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--random", -5], "--random must be at least 1, got -5"),
+        (["--random", 0], "--random must be at least 1, got 0"),
+        (["--random", 10**9], "not enough memory for --random 1000000000 items"),
+        (["--batch-size", 0], "--batch-size must be at least 1, got 0"),
+        (["--atol", -1], "--atol must be a finite number of at least 0, got -1.0"),
+        (["--atol", "nan"], "--atol must be a finite number of at least 0, got nan"),
+        (["--rtol", "inf"], "--rtol must be a finite number of at least 0, got inf"),
+        (["--seed", -1], "--seed must be at least 0, got -1"),
+    ],
+)
+def test_parity_refuses_options_it_cannot_use_before_any_work(artifacts, tmp_path, args, message):
+    a = artifacts()
+    report = tmp_path / "parity.json"
+    one_line_error(run("parity", a.checkpoint, a.onnx, *args, "--report", report), message)
+    assert not report.exists()
+
+
+def test_parity_on_a_bundle_without_items_exits_2(artifacts, tmp_path):
+    a = artifacts()
+    empty = {k: v if k == "genes" else v[:0] for k, v in a.arrays.items()}
+    bundle = save_bundle(tmp_path / "empty.npz", empty)
+    one_line_error(run("parity", a.checkpoint, a.onnx, "-i", bundle), "empty.npz: has no items")
+    np.save(tmp_path / "expected.npy", np.zeros((0, a.arrays["target"].shape[1]), np.float32))
+    one_line_error(run("parity", a.onnx, "--expected", tmp_path / "expected.npy", "-i", bundle),
+                   "expected.npy: has no items")  # fmt: skip
+
