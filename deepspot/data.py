@@ -403,6 +403,7 @@ def check_neighbor_index(
 
 def check_bag_size(name: str, size: int, source: str, max_bag: int = MAX_BAG) -> None:
     """Refuse a bag larger than ``max_bag`` (memory grows with it: Phi runs on every tile of every bag)."""
+    at_least(max_bag, "--max-bag")
     if size > max_bag:
         raise InputError(
             f"{source}: {name!r} has bags of {size} tiles, more than the limit of {max_bag}; "

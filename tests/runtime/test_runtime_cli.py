@@ -257,3 +257,64 @@ def test_parity_on_a_bundle_without_items_exits_2(artifacts, tmp_path):
     one_line_error(run("parity", a.onnx, "--expected", tmp_path / "expected.npy", "-i", bundle),
                    "expected.npy: has no items")  # fmt: skip
 
+
+def _too_many_threads() -> int:
+    from deepspot.checks import available_cpus
+
+    return available_cpus() + 1  # harmless if it were taken: the test must not start thousands of threads
+
+
+def test_infer_refuses_counts_below_1_and_more_threads_than_cpus(artifacts, tmp_path):
+    from deepspot.checks import available_cpus
+
+    a = artifacts()
+    out = tmp_path / "p.npy"
+    cpus = available_cpus()
+    for args, message in [
+        (["--batch-size", 0], "--batch-size must be at least 1, got 0"),
+        (["--max-bag", 0], "--max-bag must be at least 1, got 0"),
+        (["--max-bag", -3], "--max-bag must be at least 1, got -3"),
+        (["--threads", _too_many_threads()], f"--threads must lie in 1..{cpus} (the CPUs this process may use)"),
+        (["--threads", 0], f"--threads must lie in 1..{cpus}"),
+        (["--threads", -1], f"--threads must lie in 1..{cpus}"),
+    ]:
+        one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", out, *args), message)
+        assert not out.exists()
+    # A cohort refuses them before any slide runs, not once per slide.
+    cohort = tmp_path / "cohort"
+    for args in (["--threads", _too_many_threads()], ["--batch-size", 0], ["--max-bag", 0]):
+        one_line_error(run("infer", a.onnx, "-i", a.bundle, a.bundle, "--output-dir", cohort, *args), args[0])
+    assert not cohort.exists()
+
+
+def test_bench_refuses_counts_below_1_and_more_threads_than_cpus(tmp_path):
+    report = tmp_path / "bench.json"
+    for args, message in [
+        (["--quick", "--batch-size", -1], "--batch-size must be at least 1, got -1"),
+        (["--quick", "--batch-size", 0], "--batch-size must be at least 1, got 0"),
+        (["--quick", "--repeats", 0], "--repeats must be at least 1, got 0"),
+        (["--quick", "--warmup", -1], "--warmup must be at least 0, got -1"),
+        (["--quick", "--threads", _too_many_threads()], "--threads must lie in 1.."),
+        (["--quick", "--threads", 0], "--threads must lie in 1.."),
+        (["--workload", "xenium-slide", "--quick", "--items", 0], "needs at least 2 items, got 0"),
+    ]:
+        one_line_error(run("bench", *args, "--json", report), message)
+        assert not report.exists()
+
+
+def test_runner_options_and_bag_limits_are_checked_for_python_callers_too():
+    from deepspot.data import check_bag_size
+    from deepspot.errors import ConfigError
+    from deepspot.runtime.backends import RunnerOptions
+    from deepspot.runtime.ort import session_options
+
+    for bad in (10_000, 0, -1):
+        with pytest.raises(ConfigError, match=f"--threads must lie in 1..[0-9]+ .*, got {bad}"):
+            RunnerOptions(threads=bad)
+    with pytest.raises(ConfigError, match="--threads must lie in"):
+        session_options(threads=10_000)
+    with pytest.raises(ConfigError, match="--batch-size must be at least 1, got 0"):
+        RunnerOptions(batch_size=0)
+    assert RunnerOptions(threads=1).threads == 1 and RunnerOptions().threads is None
+    with pytest.raises(ConfigError, match="--max-bag must be at least 1, got 0"):
+        check_bag_size("neighbors", 1, "bundle", max_bag=0)
