@@ -209,11 +209,13 @@ def fit(
                 loss.backward()
                 optimizer.step()
                 epoch_losses.append(float(loss.detach().item()))
+                _check_loss(epoch_losses[-1], "training", epoch, model.config["lr"])
                 progress.update(task, advance=1, loss=epoch_losses[-1])
             history["train_loss"].extend(epoch_losses)
             history["epoch_train_loss"].append(float(np.mean(epoch_losses)))
             if xv is not None:
                 val_losses = evaluate(model, xv, yv, config.batch_size)
+                _check_loss(float(np.mean(val_losses)), "validation", epoch, model.config["lr"])
                 history["val_loss"].extend(val_losses)
                 history["epoch_val_loss"].append(float(np.mean(val_losses)))
             if config.early_stopping:
@@ -229,6 +231,14 @@ def fit(
     model.eval()
     model.history = history
     return history
+
+
+def _check_loss(loss: float, which: str, epoch: int, lr: float) -> None:
+    """Stop at the first loss that is not a finite number: the weights are lost, and more epochs would waste time."""
+    if not math.isfinite(loss):
+        raise ConfigError(
+            f"training diverged: the {which} loss is {loss} in epoch {epoch + 1}; try a lower --lr (got {lr:g})"
+        )
 
 
 def _progress(enabled: bool, total: int):

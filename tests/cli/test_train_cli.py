@@ -106,6 +106,21 @@ def test_synth_and_training_refuse_bad_values_from_python_too():
         fit(model, {"spot": data["spot"]}, data["target"])
 
 
+@pytest.mark.parametrize("val_fraction, which", [("0.1", "validation"), ("0", "training")])
+def test_training_that_diverges_stops_with_an_error_and_writes_nothing(tmp_path, val_fraction, which):
+    bundle = tmp_path / "b.npz"
+    runner.invoke(app, ["synth", "--n", "300", "--input-size", "16", "--genes", "8", str(bundle)])
+    out = tmp_path / "run"
+    args = ["train", "--data", str(bundle), "--family", "spot", "-o", str(out), "--no-progress", "--epochs", "3",
+            "--n-ensemble", "2", "--phi2rho-size", "16", "--lr", "1e10", "--val-fraction", val_fraction]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().count("\n") == 0 and "Traceback" not in result.output
+    assert f"training diverged: the {which} loss is " in result.output and " in epoch " in result.output
+    assert "try a lower --lr (got 1e+10)" in result.output
+    assert not out.exists()
+
+
 def test_missing_bundle(tmp_path):
     result = runner.invoke(app, ["train", "--data", str(tmp_path / "x.npz"), "--family", "spot", "--out",
                                  str(tmp_path / "run")])  # fmt: skip
