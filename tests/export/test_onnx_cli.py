@@ -215,6 +215,29 @@ def test_info_on_missing_and_corrupt_files(tmp_path):
     assert result.exit_code == 2 and "not a readable ONNX model" in result.output
 
 
+def test_info_on_an_indexed_export_describes_both_graphs(tmp_path):
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "data" / "spot-indexed"
+    result = runner.invoke(app, ["info", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "an indexed export (deepspot export --layout indexed), two graphs" in result.output
+    assert f"encoder: {folder / 'encoder.onnx'}" in result.output and f"head: {folder / 'head.onnx'}" in result.output
+    result = runner.invoke(app, ["info", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["layout"] == "indexed" and sorted(payload["graphs"]) == ["encoder", "head"]
+    assert payload["graphs"]["head"]["metadata"]["role"] == "head"
+    # A folder that is not an indexed export, or half of one, is one line naming what is missing.
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "a folder without encoder.onnx and head.onnx, so neither an ONNX file nor an indexed export" in result.output
+    (tmp_path / "head.onnx").write_bytes((folder / "head.onnx").read_bytes())
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no encoder.onnx; an indexed export holds encoder.onnx and head.onnx" in result.output
+
+
 @pytest.mark.parametrize("suffix", [".ckpt", ".pkl"])
 @pytest.mark.parametrize("name", ["spot_subspot_neighbors", "cell_neighbors_max"])
 def test_reference_files_export_with_their_own_mode(reference_dir, run_onnx, tmp_path, name, suffix):
