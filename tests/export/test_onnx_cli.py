@@ -126,6 +126,13 @@ def test_missing_checkpoint(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_the_folder_train_writes_names_the_checkpoint_in_it(saved, tmp_path):
+    result = runner.invoke(app, ["export", str(saved.parent), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert f"it is the folder `deepspot train` writes: pass {saved}" in result.output
+    assert _leftovers(tmp_path) == ["ckpt"]
+
+
 def test_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(np.random.default_rng(0).bytes(1000))

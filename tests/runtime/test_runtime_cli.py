@@ -318,3 +318,21 @@ def test_runner_options_and_bag_limits_are_checked_for_python_callers_too():
     assert RunnerOptions(threads=1).threads == 1 and RunnerOptions().threads is None
     with pytest.raises(ConfigError, match="--max-bag must be at least 1, got 0"):
         check_bag_size("neighbors", 1, "bundle", max_bag=0)
+
+
+def test_the_folder_train_writes_given_for_a_model_names_the_checkpoint_in_it(artifacts, tmp_path):
+    import shutil
+
+    a = artifacts()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copyfile(a.checkpoint, run_dir / "model.safetensors")
+    hint = f"run: not a model file; it is the folder `deepspot train` writes: pass {run_dir / 'model.safetensors'}"
+    one_line_error(run("infer", run_dir, "-i", a.bundle, "-o", tmp_path / "p.npy"), hint)
+    one_line_error(run("bench", "--model", run_dir, "--quick"), hint)
+    parity = run("parity", run_dir, a.onnx, "--random", 4)
+    one_line_error(parity, f"run: no such checkpoint file; it is the folder `deepspot train` writes: pass {run_dir}/")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(run("infer", empty, "-i", a.bundle, "-o", tmp_path / "p.npy"), "empty: a folder, not a model file")
+    assert not (tmp_path / "p.npy").exists()
