@@ -91,7 +91,10 @@ def export_command(
 
     from ..fileio import check_clobber
 
-    if (checkpoint is None) == (family is None):
+    if checkpoint is None and family is None:
+        raise ConfigError("give the CHECKPOINT to export, or --family (with --input-size and --output-size) for an "
+                          "untrained model")  # fmt: skip
+    if checkpoint is not None and family is not None:
         raise ConfigError("give either a CHECKPOINT or --family (with --input-size and --output-size), not both")
     check_clobber(output, no_clobber)
     triton_options = dict(name=name, max_batch=max_batch, instances=instances, kind=kind, tensorrt=tensorrt, fp16=fp16)

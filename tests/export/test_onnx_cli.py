@@ -179,6 +179,13 @@ def test_bad_options_exit_2(saved, tmp_path, extra, message):
     assert result.exit_code == 2 and message in result.output
 
 
+def test_export_without_a_checkpoint_or_a_family_says_one_is_needed(tmp_path):
+    result = runner.invoke(app, ["export", "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "give the CHECKPOINT to export, or --family" in result.output and "not both" not in result.output
+    assert _leftovers(tmp_path) == []
+
+
 def test_untrained_export_needs_sizes(tmp_path):
     result = runner.invoke(app, ["export", "--family", "cell", "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "--input-size and --output-size" in result.output
