@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import check_memory, check_seed
 from .errors import ConfigError, InputError
 from .layers import Phi, Rho, phi_bag, rho_mean
 from .modes import Mode, get_mode
@@ -41,6 +42,8 @@ class DeepSetModel(nn.Module):
         for name in ("p", "p_phi", "p_rho"):
             if config[name] is not None and not 0.0 <= float(config[name]) < 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1), got {config[name]!r}")
+        check_seed(int(config["random_seed"]), "random_seed")  # before fix_seed, which NumPy would refuse
+        self._check_memory(config)
         # Store the canonical reference name of the mode, whichever name the caller used.
         config[f"{self.family}_context"] = self.mode.reference
         self.config: dict[str, Any] = config
@@ -63,6 +66,17 @@ class DeepSetModel(nn.Module):
         self.rho = nn.ModuleList(
             Rho(h * self.mode.multiplier, config["output_size"], self.p_rho) for _ in range(self.n_ensemble_rho)
         )
+
+    def _check_memory(self, config: dict[str, Any]) -> None:
+        """Refuse, before allocating, weights larger than the memory available (fp32, gradients not counted)."""
+        if torch.empty(0).is_meta:
+            return  # built on the meta device (to check a file's shapes): nothing is allocated
+        d, g, h = int(config["input_size"]), int(config["output_size"]), int(config["phi2rho_size"])
+        n_phi, n_rho = (config["n_ensemble"] if config[f"n_ensemble_{x}"] is None else config[f"n_ensemble_{x}"]
+                        for x in ("phi", "rho"))  # fmt: skip
+        weights = int(n_phi) * (d + 1) * h + int(n_rho) * (h * self.mode.multiplier + 1) * g
+        check_memory(4 * weights, f"the weights of a {self.family} model of input_size {d}, output_size {g} and "
+                                  f"phi2rho_size {h}")  # fmt: skip
 
     # -- properties ---------------------------------------------------------------------------------------------
     @property

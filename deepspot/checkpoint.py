@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from ._version import __version__
 from .assemble import from_parts, shapes_of
-from .errors import CheckpointError
+from .errors import CheckpointError, folder_hint
 from .fileio import atomic_path, file_sha256
 
 FORMAT = "deepspot-checkpoint"
@@ -61,7 +61,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def _open(path: Path, with_tensors: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The metadata, and the tensors once their shapes have been checked against it (before any is read)."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file{folder_hint(path)}")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import at_least, check_memory
 from .errors import InputError, UnusedInputWarning
 from .fileio import atomic_path, temporary_folder
 from .modes import Mode, get_mode
@@ -323,11 +324,19 @@ def synth_bundle(
         n_subspots: Sub-spots per spot ``S``.
         n_neighbors: Neighbours per item ``K`` (default 6 for spots, 8 for cells).
         noise: Standard deviation of the noise added to the targets.
+
+    Raises:
+        ConfigError: A size below 1, a negative seed, or a bundle larger than the memory available.
     """
     m = get_mode(family, mode)
-    if n < 1 or input_size < 1 or genes < 1:
-        raise InputError("n, input_size and genes must be positive")
     k = n_neighbors if n_neighbors is not None else (6 if family == "spot" else 8)
+    for value, option in ((n, "--n"), (input_size, "--input-size"), (genes, "--genes"), (n_subspots, "--subspots"),
+                          (k, "--neighbors")):  # fmt: skip
+        at_least(value, option)
+    at_least(seed, "--seed", 0)
+    tiles = 1 + n_subspots * ("subspot" in m.input_names) + k * ("neighbors" in m.input_names)
+    check_memory(4 * n * (tiles * input_size + genes),
+                 f"a bundle of --n {n} items with {tiles} tiles of --input-size {input_size}")  # fmt: skip
     rng = np.random.default_rng(seed)
     own = m.bags[0].name
     # Hidden structure shared by all items, then per-item features.
@@ -400,6 +409,7 @@ def check_neighbor_index(
 
 def check_bag_size(name: str, size: int, source: str, max_bag: int = MAX_BAG) -> None:
     """Refuse a bag larger than ``max_bag`` (memory grows with it: Phi runs on every tile of every bag)."""
+    at_least(max_bag, "--max-bag")
     if size > max_bag:
         raise InputError(
             f"{source}: {name!r} has bags of {size} tiles, more than the limit of {max_bag}; "

@@ -7,6 +7,8 @@ the CLI can print it as one line and exit with code 2 instead of showing a trace
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class DeepSpotError(Exception):
     """Base class of every error caused by the user's input."""
@@ -46,6 +48,19 @@ def torch_missing_message(what: str, module: str = "torch") -> str:
         f"{what} needs PyTorch, and {module} is not installed: {TORCH_EXTRA} (on a GPU server, install your CUDA "
         "build of torch first); running exported .onnx models needs no PyTorch"
     )
+
+
+#: The checkpoint ``deepspot train`` writes into its output folder.
+TRAINED_CHECKPOINT = "model.safetensors"
+
+
+def folder_hint(path) -> str:
+    """What to add when the folder ``deepspot train`` writes is given for a model file: the checkpoint in it to pass
+    (``''`` for any other path)."""
+    path = Path(path)
+    if path.is_dir() and (path / TRAINED_CHECKPOINT).is_file():
+        return f"; it is the folder `deepspot train` writes: pass {path / TRAINED_CHECKPOINT}"
+    return ""
 
 
 def require_torch(what: str):

@@ -371,7 +371,8 @@ def _build(features, names, columns, family, radius, k, index, max_neighbors, dt
     from .data import cast_features
 
     coords = {c: v for c, v in columns.items() if c in COORD_KEYS}
-    h5 = Path(features).suffix.lower() in (".h5", ".hdf5")
+    # A file is never a folder of .npy files: whatever its name (.h5, .hdf5, .h5ad), it is read as a slide's .h5.
+    h5 = Path(features).is_file() or Path(features).suffix.lower() in (".h5", ".hdf5")
     feats = read_h5_features(features, coords, source) if h5 else None
     arrays = build_bundle(features, names, coords, family, radius, k, index, max_neighbors, source=source, feats=feats)
     return cast_features(arrays, dtype)

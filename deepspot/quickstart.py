@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .checks import check_seed
 from .errors import DeepSpotError
 
 FAMILY, MODE = "spot", "subspot_neighbors"
@@ -56,6 +57,7 @@ def run_quickstart(
         seed: Seed of the synthetic data, the initial weights and the random inputs.
         log: Called with a line as each step starts.
     """
+    check_seed(seed)
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix="deepspot-quickstart-") as tmp:
             return _run(Path(tmp), seed, log)

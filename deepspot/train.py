@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .base import DeepSetModel
+from .checks import finite_at_least
 from .errors import ConfigError, InputError
 from .scaler import Scaler
 
@@ -63,6 +64,17 @@ class TrainConfig:
             raise ConfigError(f"unknown monitor {self.monitor!r}; expected one of: {', '.join(MONITORS)}")
         if self.patience < 1:
             raise ConfigError(f"patience must be at least 1, got {self.patience}")
+        finite_at_least(self.min_delta, "min_delta")
+
+
+def check_optimizer(lr: float, weight_decay: float) -> None:
+    """Refuse a learning rate or weight decay that AdamW cannot use (or that is not a finite number).
+
+    Raises:
+        ConfigError: ``lr`` or ``weight_decay`` is not a finite number >= 0.
+    """
+    finite_at_least(float(lr), "--lr")  # 0 is allowed, as AdamW allows it: the weights stay as built
+    finite_at_least(float(weight_decay), "--weight-decay")
 
 
 def _as_tensors(inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -138,6 +150,7 @@ def fit(
         stored on ``model.history``; with ``normalize`` the fitted scaler is stored on ``model.scaler``.
     """
     config = config or TrainConfig()
+    check_optimizer(model.config["lr"], model.config["weight_decay"])
     x = _as_tensors(inputs)
     y = torch.from_numpy(np.array(target, dtype=np.float32))
     model.parse_inputs(**{k: v[:1] for k, v in x.items()})  # names and shapes, before any work
@@ -196,11 +209,13 @@ def fit(
                 loss.backward()
                 optimizer.step()
                 epoch_losses.append(float(loss.detach().item()))
+                _check_loss(epoch_losses[-1], "training", epoch, model.config["lr"])
                 progress.update(task, advance=1, loss=epoch_losses[-1])
             history["train_loss"].extend(epoch_losses)
             history["epoch_train_loss"].append(float(np.mean(epoch_losses)))
             if xv is not None:
                 val_losses = evaluate(model, xv, yv, config.batch_size)
+                _check_loss(float(np.mean(val_losses)), "validation", epoch, model.config["lr"])
                 history["val_loss"].extend(val_losses)
                 history["epoch_val_loss"].append(float(np.mean(val_losses)))
             if config.early_stopping:
@@ -216,6 +231,14 @@ def fit(
     model.eval()
     model.history = history
     return history
+
+
+def _check_loss(loss: float, which: str, epoch: int, lr: float) -> None:
+    """Stop at the first loss that is not a finite number: the weights are lost, and more epochs would waste time."""
+    if not math.isfinite(loss):
+        raise ConfigError(
+            f"training diverged: the {which} loss is {loss} in epoch {epoch + 1}; try a lower --lr (got {lr:g})"
+        )
 
 
 def _progress(enabled: bool, total: int):

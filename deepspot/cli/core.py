@@ -89,6 +89,14 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             # The file system refused (no such folder, no permission, disk full): the user's to fix, in one line.
             where = f"{e.filename}: " if e.filename else ""
             fail(f"{where}{e.strerror or e}")
+        except MemoryError as e:
+            # The last line of defence: options are checked against the memory up front where a size is known.
+            fail(_out_of_memory(e))
+        except RuntimeError as e:
+            # PyTorch's CPU allocator says so with a RuntimeError, not a MemoryError.
+            if CPU_ALLOCATOR_FAILED not in str(e):
+                raise
+            fail(_out_of_memory(e))
         except KeyboardInterrupt:
             typer.echo("Interrupted.", err=True)
             raise typer.Exit(INTERRUPTED) from None
@@ -97,6 +105,19 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(TERMINATED) from None
 
     return wrapper
+
+
+#: What PyTorch's CPU allocator says when it cannot allocate (``RuntimeError: [enforce fail at alloc_cpu.cpp...]``).
+CPU_ALLOCATOR_FAILED = "can't allocate memory"
+
+
+def _out_of_memory(e: BaseException) -> str:
+    """One line for an allocation that failed: what was asked for, when the error says, on its last line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    detail = lines[-1] if lines else type(e).__name__
+    if CPU_ALLOCATOR_FAILED in detail:
+        detail = detail[detail.index(CPU_ALLOCATOR_FAILED) :].split(" Error code")[0].rstrip(".")
+    return f"not enough memory for this request ({detail}); ask for less"
 
 
 def _version(value: bool) -> None:

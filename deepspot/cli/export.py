@@ -91,7 +91,10 @@ def export_command(
 
     from ..fileio import check_clobber
 
-    if (checkpoint is None) == (family is None):
+    if checkpoint is None and family is None:
+        raise ConfigError("give the CHECKPOINT to export, or --family (with --input-size and --output-size) for an "
+                          "untrained model")  # fmt: skip
+    if checkpoint is not None and family is not None:
         raise ConfigError("give either a CHECKPOINT or --family (with --input-size and --output-size), not both")
     check_clobber(output, no_clobber)
     triton_options = dict(name=name, max_batch=max_batch, instances=instances, kind=kind, tensorrt=tensorrt, fp16=fp16)
@@ -186,22 +189,34 @@ def triton_command(
 @app.command("info")
 @handle_errors
 def info_command(
-    model: Path = typer.Argument(..., help="An ONNX file."),
+    model: Path = typer.Argument(..., help="An ONNX file, or an indexed export's folder (both its graphs)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
 ) -> None:
     """Print an ONNX model's inputs and outputs with their dynamic axes, and its deepspot metadata."""
-    from ..export import model_info
+    from ..export import indexed_export_info, model_info
 
+    if model.is_dir():
+        graphs = indexed_export_info(model)
+        if as_json:
+            payload = {k: _info_payload(v) for k, v in graphs.items()}
+            typer.echo(json.dumps({"path": str(model), "layout": "indexed", "graphs": payload}, indent=2))
+        else:
+            typer.echo(f"{model}: an indexed export (deepspot export --layout indexed), two graphs")
+            typer.echo("\n\n".join(f"{role}: {info.format()}" for role, info in graphs.items()))
+        return
     info = model_info(model)
     if as_json:
-        payload = {
-            "path": str(info.path),
-            "opset": info.opset,
-            "producer": info.producer,
-            "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in info.inputs],
-            "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in info.outputs],
-            "metadata": info.metadata,
-        }
-        typer.echo(json.dumps(payload, indent=2))
+        typer.echo(json.dumps(_info_payload(info), indent=2))
     else:
         typer.echo(info.format())
+
+
+def _info_payload(info) -> dict:
+    return {
+        "path": str(info.path),
+        "opset": info.opset,
+        "producer": info.producer,
+        "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in info.inputs],
+        "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in info.outputs],
+        "metadata": info.metadata,
+    }

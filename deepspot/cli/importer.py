@@ -77,12 +77,17 @@ def bundle(
     no_clobber: bool = typer.Option(False, "--no-clobber", help=NO_CLOBBER_HELP),
 ) -> None:
     """Build a feature bundle from the reference's layout, with neighbours chosen the reference's way."""
-    from ..errors import ConfigError
+    from ..errors import ConfigError, InputError
     from ..fileio import check_clobber
     from ..layout import write_bundle, write_sample_bundles
 
     if (features is None) == (features_h5 is None):
         raise ConfigError("give the features either as --features FOLDER or as --features-h5 SLIDE.h5")
+    if features_h5 is not None and not features_h5.is_file():
+        what = "no such file"
+        if features_h5.is_dir():
+            what = "a folder; give a folder of <barcode>.npy files as --features"
+        raise InputError(f"{features_h5}: {what} (--features-h5 takes the slide's .h5 of tile features)")
     source = features or features_h5
     options = (family, radius, k, index, max_neighbors, dtype, all_spots)
     if by is None:

@@ -159,9 +159,16 @@ def infer(
     table_dtype: str = typer.Option("fp32", help="Indexed layout from a checkpoint: table dtype, fp32 or fp16."),
 ) -> None:
     """Stream a feature bundle (or a cohort of them) through a model and write the predictions atomically."""
+    from ..checks import at_least, check_threads
     from ..errors import ConfigError
     from ..runtime import infer as run_infer
 
+    # Here, not only in the library: `infer` takes a batch size of 0 for the default, and a cohort's workers would
+    # fail each slide in turn on an option that is wrong for all of them.
+    if batch_size is not None:
+        at_least(batch_size, "--batch-size")
+    at_least(max_bag, "--max-bag")
+    check_threads(threads)
     bundles = list(input or []) + list(more or [])
     if output_dir is not None or manifest is not None or len(bundles) > 1:
         if output is not None or no_clobber:
@@ -434,7 +441,7 @@ def bench(
             workload,
             names,
             batch_size=batch_size,
-            repeats=repeats or (3 if quick else 5),
+            repeats=(3 if quick else 5) if repeats is None else repeats,
             warmup=warmup,
             quick=quick,
             options=_options(device, precision, threads, compile, torch_graph=torch_graph),

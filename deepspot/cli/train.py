@@ -100,14 +100,17 @@ def train(
 ) -> None:
     """Train a DeepSpot or DeepCell on a feature bundle; write DIR/model.safetensors, history.json and loss.png."""
     from ..checkpoint import save
+    from ..checks import check_seed
     from ..data import load_bundle
     from ..errors import InputError
     from ..factory import create_model
     from ..fileio import atomic_path, check_clobber, check_output_folder
     from ..modes import DEFAULT_MODE, check_family
-    from ..train import TrainConfig, fit, plot_loss
+    from ..train import TrainConfig, check_optimizer, fit, plot_loss
 
     check_family(family)
+    check_optimizer(lr, weight_decay)
+    check_seed(random_seed, "--random-seed")
     check_clobber(out / "model.safetensors", no_clobber)
     mode = mode or DEFAULT_MODE[family]
     kwargs = dict(

@@ -6,7 +6,8 @@ Public API:
 - :func:`build_export_module`: the same computation as an ``nn.Module`` (fused, folded, export-friendly median),
   without writing ONNX; the runtime uses it.
 - :func:`validate_onnx`: parity of an ONNX file with its PyTorch model on onnxruntime, as a report.
-- :func:`read_model_metadata` and :func:`model_info`: what an exported file holds.
+- :func:`read_model_metadata` and :func:`model_info`: what an exported file holds; :func:`indexed_export_info`: the
+  two graphs of an indexed export's folder.
 - :data:`EXPORT_SPECS` / :func:`get_spec`: one declarative spec per forward mode (names, dynamic axes, example
   inputs, tolerances).
 - :func:`lower_median` / :func:`lower_median_of`: ``torch.median``'s lower median as a min/max network.
@@ -23,7 +24,7 @@ import importlib
 _LAZY = {
     "exporter": ("DEFAULT_OPSET", "ExportResult", "export_onnx", "state_dict_hash"),
     "graph": ("ExportModule", "build_export_module", "fold_rho_ensemble", "fuse_phi_ensemble"),
-    "info": ("ModelInfo", "TensorInfo", "model_info", "read_model_metadata"),
+    "info": ("ModelInfo", "TensorInfo", "indexed_export_info", "model_info", "read_model_metadata"),
     "median": ("lower_median", "lower_median_of", "selection_network"),
     "triton": ("TritonRepository", "write_triton_repository"),
     "specs": ("EXPORT_SPECS", "PRECISIONS", "ExportSpec", "Tolerance", "get_spec"),
@@ -66,6 +67,7 @@ __all__ = [
     "fold_rho_ensemble",
     "fuse_phi_ensemble",
     "get_spec",
+    "indexed_export_info",
     "lower_median",
     "lower_median_of",
     "model_info",

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..errors import CheckpointError, ConfigError, DeepSpotError
+from ..errors import CheckpointError, ConfigError, DeepSpotError, folder_hint
 from ..fileio import atomic_path, refuse_inputs
 from .metadata import DEFAULT_OPSET, METADATA_FORMAT, METADATA_VERSION, metadata_value  # noqa: F401  (re-exported)
 from .graph import ExportModule, build_export_module, check_mode
@@ -103,7 +103,7 @@ def load_model(source: nn.Module | str | os.PathLike) -> tuple[nn.Module, dict[s
 
     path = Path(source)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file{folder_hint(path)}")
     try:
         model = checkpoint.load(path)
     except ModuleNotFoundError as e:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CheckpointError
-from .metadata import METADATA_FORMAT, metadata_value
+from .metadata import ENCODER_FILE, HEAD_FILE, METADATA_FORMAT, metadata_value
 
 _ELEM_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 7: "int64", 6: "int32"}
 
@@ -98,6 +98,11 @@ def _load(path: str | os.PathLike):
     import onnx
 
     path = Path(path)
+    if path.is_dir():
+        if (path / HEAD_FILE).is_file():
+            raise CheckpointError(f"{path}: an indexed export's folder, not an ONNX file; give {path / ENCODER_FILE} "
+                                  f"or {path / HEAD_FILE}")  # fmt: skip
+        raise CheckpointError(f"{path}: a folder, not an ONNX file")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such ONNX file")
     try:
@@ -208,6 +213,24 @@ def model_info(path: str | os.PathLike, check_weights: bool = False) -> ModelInf
     if check_weights:
         _raise_nonfinite(nonfinite, str(path))
     return replace(copy.deepcopy(info), path=path)
+
+
+def indexed_export_info(folder: str | os.PathLike) -> dict[str, ModelInfo]:
+    """What an indexed export's folder holds: ``{"encoder": ModelInfo, "head": ModelInfo}``.
+
+    Raises:
+        CheckpointError: Not a folder, or a folder without both graphs (or with one that is not an ONNX model).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder of an indexed export")
+    if not any((folder / name).is_file() for name in (ENCODER_FILE, HEAD_FILE)):
+        raise CheckpointError(f"{folder}: a folder without {ENCODER_FILE} and {HEAD_FILE}, so neither an ONNX file "
+                              "nor an indexed export")  # fmt: skip
+    for name in (ENCODER_FILE, HEAD_FILE):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: no {name}; an indexed export holds {ENCODER_FILE} and {HEAD_FILE}")
+    return {"encoder": model_info(folder / ENCODER_FILE), "head": model_info(folder / HEAD_FILE)}
 
 
 #: Ops that onnxruntime runs without moving the tensor's bytes (a view, or a shape computation).

@@ -293,8 +293,11 @@ def check_triton_options(name: str | None = None, max_batch: int = 256, instance
         check_name(name)
     if kind not in KINDS:
         raise ConfigError(f"unknown instance kind {kind!r}; expected gpu or cpu")
-    if not 1 <= max_batch <= MAX_BATCH_LIMIT or not 1 <= instances <= 64 or version < 1:
-        raise ConfigError(f"need 1 <= --max-batch <= {MAX_BATCH_LIMIT}, 1 <= --instances <= 64 and version >= 1")
+    for value, option, top in ((max_batch, "--max-batch", MAX_BATCH_LIMIT), (instances, "--instances", 64)):
+        if not 1 <= value <= top:
+            raise ConfigError(f"{option} must lie in 1..{top}, got {value}")
+    if version < 1:
+        raise ConfigError(f"the model version must be at least 1, got {version}")
     if fp16 and not tensorrt:
         raise ConfigError("--fp16 applies to --tensorrt (onnxruntime's CUDA provider runs the graph as exported)")
     if tensorrt and kind != "gpu":

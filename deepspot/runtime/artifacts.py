@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, folder_hint
 from ..metacheck import check_genes, check_scaler, check_size
 from .base import ModelInfo, TensorSpec
 
@@ -31,6 +31,11 @@ def artifact_kind(model: Any) -> str:
     if suffix in PLAN_SUFFIXES:
         return "plan"
     known = ", ".join(CHECKPOINT_SUFFIXES + ONNX_SUFFIXES + PLAN_SUFFIXES)
+    hint = folder_hint(model)
+    if hint:
+        raise CheckpointError(f"{model}: not a model file{hint}")
+    if Path(model).is_dir():
+        raise CheckpointError(f"{model}: a folder, not a model file; expected a file ending in one of {known}")
     raise CheckpointError(f"{model}: unknown model file type {suffix or '(none)'}; expected one of {known}")
 
 

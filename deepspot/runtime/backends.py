@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import at_least, check_threads
 from ..errors import BackendUnavailableError, ConfigError
 from .artifacts import artifact_kind, read_onnx
 from ._onnxruntime import DRIVER_HINT, GPU_INSTALL, OrtInstall, import_ort, ort_install
@@ -261,7 +262,7 @@ class RunnerOptions:
             precision; TensorRT and torch can lower it).
         batch_size: Largest batch (TensorRT profiles, CUDA graphs).
         bag_sizes: Sizes of the bag axes in the data (TensorRT profiles).
-        threads: Intra-op threads on the CPU.
+        threads: Intra-op threads on the CPU, 1 to the CPUs this process may use (``None``: physical cores).
         compile: ``torch.compile`` the torch backend.
         torch_graph: What the torch backends run: ``eager`` (the model as written, the reference) or ``export``
             (the exporter's module: fused Phi ensemble, folded Rho; what the ONNX graphs compute).
@@ -286,6 +287,11 @@ class RunnerOptions:
     tf32: bool = False
     cache_dir: Path | None = None
     io: str | None = None
+
+    def __post_init__(self):
+        # Checked here, before any work: 10,000 threads made a machine unusable, and a batch of 0 meant the default.
+        check_threads(self.threads)
+        at_least(self.batch_size, "--batch-size")
 
 
 def load_runner(

@@ -18,6 +18,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from ..checks import at_least
 from ..errors import ConfigError
 from .bench_common import (  # noqa: F401  (moved to bench_common; re-exported, the names users import from here)
     WORKLOADS,
@@ -82,8 +83,10 @@ def run_bench(
 
     w = get_workload(workload) if isinstance(workload, str) else workload
     w = w.quick() if quick else w
-    if repeats < 1 or warmup < 0:
-        raise ConfigError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    at_least(repeats, "--repeats")
+    at_least(warmup, "--warmup", 0)
+    if batch_size is not None:
+        at_least(batch_size, "--batch-size")
     if isinstance(model, (str, Path)) and artifact_kind(model) == "onnx":
         return _bench_onnx(w, Path(model), backends, batch_size, repeats, warmup, seed, options, allow_fallback)
     from ..errors import require_torch

@@ -152,8 +152,10 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
         i, n = (int(part) for part in text.split("/"))
     except ValueError:
         raise ConfigError(f"--shard takes I/N with integers, such as 0/4; got {text!r}") from None
+    if n < 1:
+        raise ConfigError(f"--shard {text}: N (the number of shards) must be at least 1, got {n}")
     if not 0 <= i < n:
-        raise ConfigError(f"--shard {text}: I must lie in 0..N-1")
+        raise ConfigError(f"--shard {text}: I must lie in 0..{n - 1}, got {i}")
     return i, n
 
 

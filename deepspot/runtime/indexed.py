@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import available_memory
 from ..data import MAX_BAG
 from ..errors import CheckpointError, ConfigError, InputError
 from ..fileio import ensure_free_space, preallocate, temp_prefix
@@ -300,18 +301,6 @@ def table_location(n: int, h: int, dtype: np.dtype, choice: str = "auto") -> str
 def table_phrase(location: str) -> str:
     """``in memory``, ``in mmap`` or ``on the device``, for reports."""
     return "on the device" if location == "device" else f"in {location}"
-
-
-def available_memory() -> int:
-    """Bytes of memory available to new allocations (``MemAvailable``), or 4 GiB where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
 
 
 @contextlib.contextmanager

@@ -213,6 +213,8 @@ def infer(
     output = check_output_path(output, (bundle, model), no_clobber)
     data = load_bundle(bundle, mmap=True)
     layout = resolve_layout(layout, data, model)
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     batch_size = batch_size or default_batch_size(model, backend, data)
     owned = session is None
     session = session or ModelSession(model, backend, options, allow_fallback, table_dtype)

@@ -9,13 +9,13 @@ graph when every batch has the same shape. ``onnxruntime`` is imported lazily.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..checks import available_cpus, check_threads
 from ..errors import BackendUnavailableError, ConfigError, InputError
 from ._onnxruntime import DRIVER_HINT, import_ort, ort_install
 from .base import ModelInfo, Runner, TensorSpec, check_feed, conform_feed
@@ -38,7 +38,7 @@ _ORT_DTYPES = {
 
 def physical_cores() -> int:
     """Physical cores this process may use (hyper-threads share a core's matrix units, so they add nothing here)."""
-    logical = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    logical = available_cpus()
     cores = set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -61,7 +61,7 @@ def session_options(threads: int | None = None, optimization: str = "all"):
         raise ConfigError(f"unknown optimisation level {optimization!r}; expected {', '.join(OPTIMIZATION_LEVELS)}")
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPTIMIZATION_LEVELS[optimization])
-    so.intra_op_num_threads = threads or physical_cores()
+    so.intra_op_num_threads = physical_cores() if check_threads(threads) is None else threads
     so.inter_op_num_threads = 1  # one chain of large matrix products: parallel branches only steal cores
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # Within a run the workers spin between operators: the median network is hundreds of small elementwise nodes,

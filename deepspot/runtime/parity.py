@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..checks import at_least, check_memory, finite_at_least
+from ..errors import ConfigError, InputError
 from ..fileio import atomic_path
 from .base import Runner
 
@@ -55,10 +56,37 @@ TOLERANCES: Mapping[str, Tolerance] = MappingProxyType(
 
 def tolerance_for(precision: str, atol: float | None = None, rtol: float | None = None) -> Tolerance:
     """The table's tolerance for ``precision``, with ``atol`` / ``rtol`` overridden where given."""
+    _check_tolerances(atol, rtol)
     if precision not in TOLERANCES:
         raise ConfigError(f"no tolerance for precision {precision!r}; expected one of: {', '.join(TOLERANCES)}")
     tol = TOLERANCES[precision]
     return replace(tol, atol=tol.atol if atol is None else atol, rtol=tol.rtol if rtol is None else rtol)
+
+
+def _check_tolerances(atol: float | None, rtol: float | None) -> None:
+    for value, option in ((atol, "--atol"), (rtol, "--rtol")):
+        if value is not None:
+            finite_at_least(float(value), option)
+
+
+def check_parity_options(batch_size: int = 256, n_random: int | None = None, atol: float | None = None,
+                         rtol: float | None = None, seed: int = 0) -> None:  # fmt: skip
+    """Refuse, before any work, options a comparison cannot use.
+
+    Raises:
+        ConfigError: ``batch_size`` or ``n_random`` below 1, a tolerance that is negative, NaN or infinite, or a
+            negative seed.
+    """
+    at_least(batch_size, "--batch-size")
+    if n_random is not None:
+        at_least(n_random, "--random")
+    _check_tolerances(atol, rtol)
+    at_least(seed, "--seed", 0)
+
+
+def _check_items(n: int, source: Any) -> None:
+    if n == 0:
+        raise InputError(f"{source}: has no items; parity needs at least one to compare")
 
 
 @dataclass
@@ -208,11 +236,15 @@ DEFAULT_BAGS = {"subspot": 9, "neighbors": 6, "spot": 1, "cell": 1}
 def random_inputs(info, n: int, bag_sizes: Mapping[str, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded standard-normal inputs for a model; the last neighbour of the first item is a zero row, as the
     reference pads short bags (a zero row is a real input, and every backend must treat it as one)."""
-    rng = np.random.default_rng(seed)
     sizes = {**DEFAULT_BAGS, **(bag_sizes or {})}
+    specs = info.input_specs()
+    tiles_of = {name: 1 if spec.shape[1] == 1 else sizes.get(name, 4) for name, spec in specs.items()}
+    check_memory(4 * n * sum(tiles_of.values()) * info.input_size,
+                 f"--random {n} items of {sum(tiles_of.values())} tiles of {info.input_size} features")  # fmt: skip
+    rng = np.random.default_rng(seed)
     inputs = {}
-    for name, spec in info.input_specs().items():
-        tiles = 1 if spec.shape[1] == 1 else sizes.get(name, 4)
+    for name in specs:
+        tiles = tiles_of[name]
         x = rng.standard_normal((n, tiles, info.input_size), dtype=np.float32)
         if name == "neighbors" and tiles > 1:
             x[0, -1] = 0.0
@@ -258,6 +290,7 @@ def check_parity(
     from .indexed import is_indexed_folder
     from .infer import LAYOUTS
 
+    check_parity_options(batch_size, n_random, atol, rtol, seed)
     if layout is not None and layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {layout!r}; expected one of: {', '.join(LAYOUTS)}")
     if layout is None:
@@ -291,6 +324,7 @@ def check_parity(
             check_neighbor_index(data["neighbor_index"], own.shape[0], source=str(bundle))
             data.arrays["neighbors"] = densify(np.asarray(own), data["neighbor_index"])
         inputs = data.inputs(mode)
+        _check_items(next(iter(inputs.values())).shape[0], bundle)
         options.bag_sizes = {k: int(v.shape[1]) for k, v in inputs.items()}
     runner = load_runner(model, backend, options, allow_fallback)
     info = runner.info
@@ -326,8 +360,11 @@ def check_parity(
 def random_slide(info, n: int, k: int = 6, n_subspots: int = 9, seed: int = 0) -> dict[str, np.ndarray]:
     """A seeded random slide for parity: standard-normal tiles and a random neighbour index that includes ``-1``
     padding, repeated neighbours, an item that is its own neighbour and an item without neighbours."""
-    rng = np.random.default_rng(seed)
     mode = info.mode_spec
+    tiles = 1 + n_subspots * ("subspot" in mode.input_names)
+    check_memory(n * (4 * tiles * info.input_size + 8 * k),
+                 f"--random {n} items of {tiles} tiles of {info.input_size} features")  # fmt: skip
+    rng = np.random.default_rng(seed)
     arrays = {mode.bags[0].name: rng.standard_normal((n, info.input_size), dtype=np.float32)}
     if "subspot" in mode.input_names:
         arrays["subspot"] = rng.standard_normal((n, n_subspots, info.input_size), dtype=np.float32)
@@ -354,6 +391,7 @@ def check_parity_indexed(checkpoint, model, backend=None, bundle=None, n_random=
     from .stream import batches
     from .torch_runner import TorchRunner
 
+    check_parity_options(batch_size, n_random, atol, rtol, seed)
     reference = TorchRunner(checkpoint, name="torch (reference, per-item)")
     ref = reference.info
     pipeline = load_pipeline(model, backend, options, allow_fallback, batch_size)
@@ -371,6 +409,7 @@ def check_parity_indexed(checkpoint, model, backend=None, bundle=None, n_random=
     else:
         arrays = random_slide(ref, n_random or 64, seed=seed)
     n = check_indexed_inputs(arrays, ref, source=str(bundle or "random slide"))
+    _check_items(n, bundle)
     inputs, gather = dense_from_index(arrays, ref.mode_spec)
     want = np.empty((n, ref.output_size), dtype=np.float32)
     with reference:
@@ -399,8 +438,6 @@ def load_expected(path: str | Path) -> np.ndarray:
     Raises:
         InputError: Missing or unreadable file, not 2-D, not floating point, or holding NaN or infinity.
     """
-    from ..errors import InputError
-
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file of expected outputs")
@@ -467,10 +504,11 @@ def check_parity_expected(
     """
     import tempfile
 
-    from ..errors import InputError
     from .infer import infer
 
+    check_parity_options(batch_size, atol=atol, rtol=rtol)
     want = load_expected(expected)
+    _check_items(want.shape[0], expected)
     precision = (getattr(options, "precision", None) or _graph_precision(model)) if isinstance(model, (str, Path)) \
         else "fp32"  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="deepspot-parity-") as tmp:

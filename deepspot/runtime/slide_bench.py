@@ -79,7 +79,7 @@ def run_slide_bench(
     from .stream import batches
     from .torch_runner import TorchRunner
 
-    n = n_items or w.n_items
+    n = w.n_items if n_items is None else n_items
     if n is None or n < 2:
         raise ConfigError(f"a whole-slide benchmark needs at least 2 items, got {n}")
     names = list(dict.fromkeys(backends))

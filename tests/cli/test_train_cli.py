@@ -49,6 +49,12 @@ def test_synth_then_train_writes_the_three_files(tmp_path):
         (["--family", "cell"], "holds 'spot' features, but the model is a cell model"),
         (["--family", "spot", "--loss-func", "mae"], "unknown spot loss 'mae'"),
         (["--family", "spot", "--batch-size", "0"], "batch_size must be at least 1"),
+        (["--family", "spot", "--lr", "-1"], "--lr must be a finite number of at least 0, got -1.0"),
+        (["--family", "spot", "--lr", "nan"], "--lr must be a finite number of at least 0, got nan"),
+        (["--family", "spot", "--weight-decay", "-1"], "--weight-decay must be a finite number of at least 0, got -1"),
+        (["--family", "spot", "--weight-decay", "inf"], "--weight-decay must be a finite number of at least 0"),
+        (["--family", "spot", "--random-seed", "-1"], "--random-seed must lie in 0..4294967295, got -1"),
+        (["--family", "spot", "--min-delta", "nan"], "min_delta must be a finite number of at least 0, got nan"),
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(tmp_path, args, message):
@@ -59,6 +65,59 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
     assert result.output.strip().count("\n") == 0
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n", "0"], "--n must be at least 1, got 0"),
+        (["--input-size", "-2"], "--input-size must be at least 1, got -2"),
+        (["--genes", "0"], "--genes must be at least 1, got 0"),
+        (["--subspots", "0"], "--subspots must be at least 1, got 0"),
+        (["--neighbors", "0"], "--neighbors must be at least 1, got 0"),
+        (["--family", "cell", "--neighbors", "-1"], "--neighbors must be at least 1, got -1"),
+        (["--seed", "-1"], "--seed must be at least 0, got -1"),
+        (["--n", "100000000", "--input-size", "1048576"], "not enough memory for a bundle of --n 100000000 items"),
+    ],
+)
+def test_synth_refuses_sizes_and_seeds_it_cannot_use(tmp_path, args, message):
+    out = tmp_path / "b.npz"
+    result = runner.invoke(app, ["synth", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0
+    assert not out.exists()
+
+
+def test_synth_and_training_refuse_bad_values_from_python_too():
+    from deepspot.errors import ConfigError
+    from deepspot.factory import create_model
+    from deepspot.data import synth_bundle
+    from deepspot.train import fit
+
+    with pytest.raises(ConfigError, match="--subspots must be at least 1"):
+        synth_bundle("spot", "subspot", 10, n_subspots=0)
+    with pytest.raises(ConfigError, match="random_seed must lie in 0..4294967295"):
+        create_model("spot", "spot", input_size=4, output_size=2, random_seed=-1)
+    model = create_model("spot", "spot", input_size=4, output_size=2, n_ensemble=1, phi2rho_size=2, lr=float("inf"))
+    data = synth_bundle("spot", "spot", 10, input_size=4, genes=2)
+    with pytest.raises(ConfigError, match="--lr must be a finite number of at least 0, got inf"):
+        fit(model, {"spot": data["spot"]}, data["target"])
+
+
+@pytest.mark.parametrize("val_fraction, which", [("0.1", "validation"), ("0", "training")])
+def test_training_that_diverges_stops_with_an_error_and_writes_nothing(tmp_path, val_fraction, which):
+    bundle = tmp_path / "b.npz"
+    runner.invoke(app, ["synth", "--n", "300", "--input-size", "16", "--genes", "8", str(bundle)])
+    out = tmp_path / "run"
+    args = ["train", "--data", str(bundle), "--family", "spot", "-o", str(out), "--no-progress", "--epochs", "3",
+            "--n-ensemble", "2", "--phi2rho-size", "16", "--lr", "1e10", "--val-fraction", val_fraction]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().count("\n") == 0 and "Traceback" not in result.output
+    assert f"training diverged: the {which} loss is " in result.output and " in epoch " in result.output
+    assert "try a lower --lr (got 1e+10)" in result.output
     assert not out.exists()
 
 

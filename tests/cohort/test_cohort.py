@@ -252,3 +252,18 @@ def test_cohort_options_with_one_bundle_are_refused_not_ignored(tmp_path, model,
     result = run("infer", model, "-i", slides[0], "-o", tmp_path / "p.npy", *extra)
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "p.npy").exists()
+
+
+def test_shard_and_batch_size_messages_name_what_is_wrong(tmp_path, model):
+    from deepspot.errors import ConfigError
+    from deepspot.runtime import infer
+    from deepspot.runtime.cohort import parse_shard
+
+    with pytest.raises(ConfigError, match="N \\(the number of shards\\) must be at least 1, got 0"):
+        parse_shard("1/0")
+    with pytest.raises(ConfigError, match="I must lie in 0..2, got 3"):
+        parse_shard("3/3")
+    slide = make_slides(tmp_path / "in", ["a"])[0]
+    with pytest.raises(ConfigError, match="--batch-size must be at least 1, got 0"):
+        infer(model, slide, tmp_path / "p.npy", batch_size=0)  # 0 is not "the default" from Python either
+    assert not (tmp_path / "p.npy").exists()

@@ -126,6 +126,13 @@ def test_missing_checkpoint(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+def test_the_folder_train_writes_names_the_checkpoint_in_it(saved, tmp_path):
+    result = runner.invoke(app, ["export", str(saved.parent), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert f"it is the folder `deepspot train` writes: pass {saved}" in result.output
+    assert _leftovers(tmp_path) == ["ckpt"]
+
+
 def test_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(np.random.default_rng(0).bytes(1000))
@@ -172,9 +179,25 @@ def test_bad_options_exit_2(saved, tmp_path, extra, message):
     assert result.exit_code == 2 and message in result.output
 
 
+def test_export_without_a_checkpoint_or_a_family_says_one_is_needed(tmp_path):
+    result = runner.invoke(app, ["export", "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "give the CHECKPOINT to export, or --family" in result.output and "not both" not in result.output
+    assert _leftovers(tmp_path) == []
+
+
 def test_untrained_export_needs_sizes(tmp_path):
     result = runner.invoke(app, ["export", "--family", "cell", "-o", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "--input-size and --output-size" in result.output
+
+
+def test_untrained_export_larger_than_the_memory_is_refused_before_any_work(tmp_path):
+    args = ["export", "--family", "spot", "--input-size", "100000000", "--output-size", "100000", "-o",
+            str(tmp_path / "u.onnx")]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output and result.output.count("\n") == 1
+    assert "not enough memory for the weights of a spot model of input_size 100000000" in result.output
+    assert _leftovers(tmp_path) == []
 
 
 def test_fold_scaler_without_scaler_exits_2(tmp_path):
@@ -204,6 +227,29 @@ def test_info_on_missing_and_corrupt_files(tmp_path):
     bad.write_bytes(b"\x00garbage" * 100)
     result = runner.invoke(app, ["info", str(bad)])
     assert result.exit_code == 2 and "not a readable ONNX model" in result.output
+
+
+def test_info_on_an_indexed_export_describes_both_graphs(tmp_path):
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "data" / "spot-indexed"
+    result = runner.invoke(app, ["info", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "an indexed export (deepspot export --layout indexed), two graphs" in result.output
+    assert f"encoder: {folder / 'encoder.onnx'}" in result.output and f"head: {folder / 'head.onnx'}" in result.output
+    result = runner.invoke(app, ["info", str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["layout"] == "indexed" and sorted(payload["graphs"]) == ["encoder", "head"]
+    assert payload["graphs"]["head"]["metadata"]["role"] == "head"
+    # A folder that is not an indexed export, or half of one, is one line naming what is missing.
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert "a folder without encoder.onnx and head.onnx, so neither an ONNX file nor an indexed export" in result.output
+    (tmp_path / "head.onnx").write_bytes((folder / "head.onnx").read_bytes())
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "no encoder.onnx; an indexed export holds encoder.onnx and head.onnx" in result.output
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".pkl"])

@@ -32,7 +32,12 @@ def test_export_writes_the_onnx_file_and_a_validated_repository(tmp_path):
 
 @pytest.mark.parametrize(
     "extra, needle",
-    [(["--layout", "indexed"], "serves the per-item graph"), (["--fp16"], "--fp16 applies to --tensorrt")],
+    [
+        (["--layout", "indexed"], "serves the per-item graph"),
+        (["--fp16"], "--fp16 applies to --tensorrt"),
+        (["--max-batch", "0"], "Error: --max-batch must lie in 1..65536, got 0\n"),
+        (["--instances", "0"], "Error: --instances must lie in 1..64, got 0\n"),
+    ],
 )
 def test_bad_triton_options_are_refused_before_exporting(tmp_path, extra, needle):
     out = tmp_path / "cell.onnx"

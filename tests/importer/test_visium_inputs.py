@@ -130,6 +130,20 @@ def test_trident_h5_features_matched_by_position(tmp_path):
     assert len(bad.output.strip().splitlines()) == 1 and not (tmp_path / "g.npz").exists()
 
 
+def test_features_h5_that_is_not_a_slides_h5_is_named_for_what_it_is(tmp_path):
+    h5ad, folder, *_ = visium(tmp_path)
+    out = tmp_path / "b.npz"
+    for features, message in [
+        (h5ad, "visium.h5ad: an .h5 of tile features holds 'features' (T, D) and 'coords' (T, 2)"),
+        (tmp_path / "missing.h5", "missing.h5: no such file (--features-h5 takes the slide's .h5 of tile features)"),
+        (folder, "features: a folder; give a folder of <barcode>.npy files as --features"),
+    ]:
+        result = run("bundle", "--features-h5", features, "--obs", h5ad, "-o", out)
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+        assert message in result.output and "no such features folder" not in result.output
+        assert not out.exists()
+
+
 def test_samples_split_by_sample_id_with_neighbours_inside_each(tmp_path):
     import pandas as pd
 

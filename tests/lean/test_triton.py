@@ -89,7 +89,9 @@ def test_cpu_instances_and_rewriting_a_model_replaces_it(tmp_path):
         (ONNX, {"fp16": True}, "--fp16 applies to --tensorrt"),
         (ONNX, {"tensorrt": True, "kind": "cpu"}, "GPU instances"),
         (ONNX, {"kind": "tpu"}, "unknown instance kind"),
-        (ONNX, {"max_batch": 0}, "--max-batch"),
+        (ONNX, {"max_batch": 0}, "--max-batch must lie in 1..65536, got 0"),
+        (ONNX, {"instances": 65}, "--instances must lie in 1..64, got 65"),
+        (ONNX, {"version": 0}, "the model version must be at least 1, got 0"),
         (ONNX, {"name": "a/b"}, "invalid Triton model name"),
         (DATA / "missing.onnx", {}, "no such ONNX file"),
     ],
@@ -104,6 +106,10 @@ def test_refusals_write_nothing(tmp_path, model, options, needle):
 def test_cli_refusal_is_one_line_exit_2(tmp_path):
     result = cli.invoke(app, ["triton", str(INDEXED), str(tmp_path / "repo")])
     assert result.exit_code == 2 and "serve the per-item graph" in result.output
+    # Only the option that is wrong is named: the command has no version option to blame.
+    result = cli.invoke(app, ["triton", str(ONNX), str(tmp_path / "repo"), "--max-batch", "0"])
+    assert result.exit_code == 2 and result.output == "Error: --max-batch must lie in 1..65536, got 0\n"
+    assert not (tmp_path / "repo").exists()
 
 
 @pytest.mark.parametrize(

@@ -171,6 +171,15 @@ def test_parity_fails_against_another_model(tmp_path):
     assert result.exit_code == 1 and "FAIL" in result.output
 
 
+def test_parity_of_the_indexed_layout_on_a_slide_without_items_exits_2(tmp_path):
+    mode = NEIGHBOR_MODES[0]
+    _, ckpt, slide, _ = _files(tmp_path, mode)
+    empty = save_bundle(tmp_path / "empty.npz", {k: v[:0] for k, v in slide.items()})
+    result = runner.invoke(app, ["parity", str(ckpt), str(ckpt), "--input", str(empty), "--layout", "indexed"])
+    assert result.exit_code == 2 and result.output.strip().count("\n") == 0, result.output
+    assert result.output.startswith("Error: ") and "empty.npz: has no items" in result.output
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [

@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from deepspot import checkpoint
+from deepspot.data import save_bundle
 from deepspot.cli import app
 
 cli = CliRunner()
@@ -218,3 +219,120 @@ def test_a_bundle_array_the_model_does_not_take_is_named_in_a_warning(artifacts,
     warnings_ = [line for line in result.output.splitlines() if line.startswith("Warning: ")]
     assert len(warnings_) == 1 and "'subspot'" in warnings_[0] and "does not take" in warnings_[0], result.output
     assert "warnings.warn" not in result.output
+
+
+@pytest.mark.parametrize("seed", [-3, 2**32])
+def test_quickstart_refuses_a_seed_out_of_range_before_any_work(tmp_path, seed):
+    result = run("quickstart", "--workdir", tmp_path / "qs", "--seed", seed)
+    one_line_error(result, f"--seed must lie in 0..4294967295, got {seed}")
+    assert not (tmp_path / "qs").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--random", -5], "--random must be at least 1, got -5"),
+        (["--random", 0], "--random must be at least 1, got 0"),
+        (["--random", 10**9], "not enough memory for --random 1000000000 items"),
+        (["--batch-size", 0], "--batch-size must be at least 1, got 0"),
+        (["--atol", -1], "--atol must be a finite number of at least 0, got -1.0"),
+        (["--atol", "nan"], "--atol must be a finite number of at least 0, got nan"),
+        (["--rtol", "inf"], "--rtol must be a finite number of at least 0, got inf"),
+        (["--seed", -1], "--seed must be at least 0, got -1"),
+    ],
+)
+def test_parity_refuses_options_it_cannot_use_before_any_work(artifacts, tmp_path, args, message):
+    a = artifacts()
+    report = tmp_path / "parity.json"
+    one_line_error(run("parity", a.checkpoint, a.onnx, *args, "--report", report), message)
+    assert not report.exists()
+
+
+def test_parity_on_a_bundle_without_items_exits_2(artifacts, tmp_path):
+    a = artifacts()
+    empty = {k: v if k == "genes" else v[:0] for k, v in a.arrays.items()}
+    bundle = save_bundle(tmp_path / "empty.npz", empty)
+    one_line_error(run("parity", a.checkpoint, a.onnx, "-i", bundle), "empty.npz: has no items")
+    np.save(tmp_path / "expected.npy", np.zeros((0, a.arrays["target"].shape[1]), np.float32))
+    one_line_error(run("parity", a.onnx, "--expected", tmp_path / "expected.npy", "-i", bundle),
+                   "expected.npy: has no items")  # fmt: skip
+
+
+def _too_many_threads() -> int:
+    from deepspot.checks import available_cpus
+
+    return available_cpus() + 1  # harmless if it were taken: the test must not start thousands of threads
+
+
+def test_infer_refuses_counts_below_1_and_more_threads_than_cpus(artifacts, tmp_path):
+    from deepspot.checks import available_cpus
+
+    a = artifacts()
+    out = tmp_path / "p.npy"
+    cpus = available_cpus()
+    for args, message in [
+        (["--batch-size", 0], "--batch-size must be at least 1, got 0"),
+        (["--max-bag", 0], "--max-bag must be at least 1, got 0"),
+        (["--max-bag", -3], "--max-bag must be at least 1, got -3"),
+        (["--threads", _too_many_threads()], f"--threads must lie in 1..{cpus} (the CPUs this process may use)"),
+        (["--threads", 0], f"--threads must lie in 1..{cpus}"),
+        (["--threads", -1], f"--threads must lie in 1..{cpus}"),
+    ]:
+        one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", out, *args), message)
+        assert not out.exists()
+    # A cohort refuses them before any slide runs, not once per slide.
+    cohort = tmp_path / "cohort"
+    for args in (["--threads", _too_many_threads()], ["--batch-size", 0], ["--max-bag", 0]):
+        one_line_error(run("infer", a.onnx, "-i", a.bundle, a.bundle, "--output-dir", cohort, *args), args[0])
+    assert not cohort.exists()
+
+
+def test_bench_refuses_counts_below_1_and_more_threads_than_cpus(tmp_path):
+    report = tmp_path / "bench.json"
+    for args, message in [
+        (["--quick", "--batch-size", -1], "--batch-size must be at least 1, got -1"),
+        (["--quick", "--batch-size", 0], "--batch-size must be at least 1, got 0"),
+        (["--quick", "--repeats", 0], "--repeats must be at least 1, got 0"),
+        (["--quick", "--warmup", -1], "--warmup must be at least 0, got -1"),
+        (["--quick", "--threads", _too_many_threads()], "--threads must lie in 1.."),
+        (["--quick", "--threads", 0], "--threads must lie in 1.."),
+        (["--workload", "xenium-slide", "--quick", "--items", 0], "needs at least 2 items, got 0"),
+    ]:
+        one_line_error(run("bench", *args, "--json", report), message)
+        assert not report.exists()
+
+
+def test_runner_options_and_bag_limits_are_checked_for_python_callers_too():
+    from deepspot.data import check_bag_size
+    from deepspot.errors import ConfigError
+    from deepspot.runtime.backends import RunnerOptions
+    from deepspot.runtime.ort import session_options
+
+    for bad in (10_000, 0, -1):
+        with pytest.raises(ConfigError, match=f"--threads must lie in 1..[0-9]+ .*, got {bad}"):
+            RunnerOptions(threads=bad)
+    with pytest.raises(ConfigError, match="--threads must lie in"):
+        session_options(threads=10_000)
+    with pytest.raises(ConfigError, match="--batch-size must be at least 1, got 0"):
+        RunnerOptions(batch_size=0)
+    assert RunnerOptions(threads=1).threads == 1 and RunnerOptions().threads is None
+    with pytest.raises(ConfigError, match="--max-bag must be at least 1, got 0"):
+        check_bag_size("neighbors", 1, "bundle", max_bag=0)
+
+
+def test_the_folder_train_writes_given_for_a_model_names_the_checkpoint_in_it(artifacts, tmp_path):
+    import shutil
+
+    a = artifacts()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copyfile(a.checkpoint, run_dir / "model.safetensors")
+    hint = f"run: not a model file; it is the folder `deepspot train` writes: pass {run_dir / 'model.safetensors'}"
+    one_line_error(run("infer", run_dir, "-i", a.bundle, "-o", tmp_path / "p.npy"), hint)
+    one_line_error(run("bench", "--model", run_dir, "--quick"), hint)
+    parity = run("parity", run_dir, a.onnx, "--random", 4)
+    one_line_error(parity, f"run: no such checkpoint file; it is the folder `deepspot train` writes: pass {run_dir}/")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    one_line_error(run("infer", empty, "-i", a.bundle, "-o", tmp_path / "p.npy"), "empty: a folder, not a model file")
+    assert not (tmp_path / "p.npy").exists()
