@@ -8,9 +8,10 @@ whole outputs and a record of them, and the same command run again finishes exac
 A slide that fails, for whatever reason, is recorded with its one-line error and does not stop the others.
 
 ``shard="I/N"`` keeps the slides whose name hashes to ``I`` modulo ``N``: N jobs with the same slide list cover each
-slide exactly once, whatever order they list them in. Each shard keeps its own record, ``OUT/cohort.shard-I-of-N.json``,
-so shards running at once into one folder never overwrite each other's; resuming reads every record in the folder. ``devices=[...]`` starts one worker process per device and
-hands out slides as workers free up; across a cluster, a workflow engine fans out slides (``workflow/Snakefile``).
+slide exactly once, whatever order they list them in. Each shard keeps its own record,
+``OUT/cohort.shard-I-of-N.json``, so shards running at once into one folder never overwrite each other's; resuming
+reads every record in the folder. ``devices=[...]`` starts one worker process per device and hands out slides as
+workers free up; across a cluster, a workflow engine fans out slides (``workflow/Snakefile``).
 """
 
 from __future__ import annotations

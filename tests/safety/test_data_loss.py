@@ -92,7 +92,8 @@ def test_no_command_writes_over_its_own_inputs_or_a_file_of_another_kind(tmp_pat
     one_line(run("parity", ckpt, onnx_file, "-i", report, "--report", report), "is an input of this run")
     one_line(run("bench", "--quick", "--json", ckpt), "--json writes a .json file")
     for target in ("x.h5ad", "x.txt"):
-        one_line(run("synth", "--family", "cell", "--n", "10", tmp_path / target), "a bundle is a .npz file or a folder")
+        refused = run("synth", "--family", "cell", "--n", "10", tmp_path / target)
+        one_line(refused, "a bundle is a .npz file or a folder")
         assert not (tmp_path / target).exists()
     (tmp_path / "dir.npy").mkdir()
     one_line(run("infer", onnx_file, "-i", bundle, "-o", tmp_path / "dir.npy"), "dir.npy: is a directory")
