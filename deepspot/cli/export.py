@@ -96,6 +96,23 @@ def export_command(
                           "untrained model")  # fmt: skip
     if checkpoint is not None and family is not None:
         raise ConfigError("give either a CHECKPOINT or --family (with --input-size and --output-size), not both")
+    # Options that would be ignored are refused, naming the first.
+    ignored = []
+    if checkpoint is not None:  # the checkpoint fixes the model: the untrained model's options do not apply
+        untrained = {"--input-size": input_size, "--output-size": output_size, "--phi2rho-size": phi2rho_size,
+                     "--n-ensemble": n_ensemble, "--n-ensemble-phi": n_ensemble_phi,
+                     "--n-ensemble-rho": n_ensemble_rho, "--agg-neighbors": agg_neighbors,
+                     "--random-seed": random_seed if random_seed != 2024 else None}  # fmt: skip
+        ignored += [f"{k} applies to an untrained export (--family) only: the checkpoint fixes the model"
+                    for k, v in untrained.items() if v is not None]  # fmt: skip
+    if triton is None:
+        serving = {"--name": name, "--max-batch": max_batch != 256, "--instances": instances != 1,
+                   "--kind": kind != "gpu", "--tensorrt": tensorrt, "--fp16": fp16}  # fmt: skip
+        ignored += [f"{k} applies to --triton REPO only" for k, v in serving.items() if v]
+    if layout != "indexed" and table_dtype != "fp32":
+        ignored.append("--table-dtype applies to --layout indexed only")
+    if ignored:
+        raise ConfigError(ignored[0])
     check_clobber(output, no_clobber)
     triton_options = dict(name=name, max_batch=max_batch, instances=instances, kind=kind, tensorrt=tensorrt, fp16=fp16)
     if triton is not None:

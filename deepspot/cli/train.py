@@ -102,13 +102,18 @@ def train(
     from ..checkpoint import save
     from ..checks import check_seed
     from ..data import load_bundle
-    from ..errors import InputError
+    from ..errors import ConfigError, InputError
     from ..factory import create_model
     from ..fileio import atomic_path, check_clobber, check_output_folder
     from ..modes import DEFAULT_MODE, check_family
     from ..train import TrainConfig, check_optimizer, fit, plot_loss
 
     check_family(family)
+    if family != "cell" and (agg_neighbors != "max" or emb_size != 1024):
+        option = "--agg-neighbors" if agg_neighbors != "max" else "--emb-size"
+        raise ConfigError(f"{option} applies to the cell family only")
+    if val_data is not None and val_fraction != 0.1:
+        raise ConfigError("give either --val-data or --val-fraction, not both")
     check_optimizer(lr, weight_decay)
     check_seed(random_seed, "--random-seed")
     check_clobber(out / "model.safetensors", no_clobber)

@@ -179,3 +179,14 @@ def test_train_says_epoch_for_one_epoch(tmp_path):
 def test_quickstart_help_gives_the_time_it_takes():
     result = runner.invoke(app, ["quickstart", "--help"])
     assert result.exit_code == 0 and "about 15 seconds" in result.output and "minute" not in result.output
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--family", "spot", "--agg-neighbors", "mean"], "--agg-neighbors applies to the cell family only"),
+    (["--family", "spot", "--emb-size", "512"], "--emb-size applies to the cell family only"),
+    (["--family", "cell", "--val-data", "v.npz", "--val-fraction", "0.2"], "either --val-data or --val-fraction"),
+])
+def test_train_options_that_would_be_ignored_are_refused(tmp_path, extra, message):
+    result = runner.invoke(app, ["train", "--data", str(tmp_path / "b.npz"), "-o", str(tmp_path / "run"), *extra])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "run").exists()

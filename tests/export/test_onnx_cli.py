@@ -265,3 +265,20 @@ def test_reference_files_export_with_their_own_mode(reference_dir, run_onnx, tmp
     feed = {k: arrays[k] for k in meta["input_names"]}
     expected = arrays["prediction"]
     assert np.abs(run_onnx(output, feed) - expected).max() <= 1e-5 * (1 + np.abs(expected).max())
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--input-size", "16"], "--input-size applies to an untrained export (--family) only"),
+    (["--random-seed", "7"], "--random-seed applies to an untrained export (--family) only"),
+    (["--tensorrt"], "--tensorrt applies to --triton REPO only"),
+    (["--max-batch", "64"], "--max-batch applies to --triton REPO only"),
+    (["--table-dtype", "fp16"], "--table-dtype applies to --layout indexed only"),
+])
+def test_options_an_export_would_ignore_are_refused(tmp_path, extra, message):
+    import deepspot
+
+    model = deepspot.create_model("cell", "cell", input_size=4, output_size=2, n_ensemble=2, phi2rho_size=3)
+    ckpt = deepspot.save(model, tmp_path / "m.safetensors")
+    result = CliRunner().invoke(app, ["export", str(ckpt), "-o", str(tmp_path / "m.onnx"), *extra])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "m.onnx").exists()
