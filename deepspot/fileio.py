@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -167,7 +169,8 @@ def file_sha256(path: str | Path) -> str:
 
 
 # -- temporary files and what a killed process leaves ---------------------------------------------------------------
-def _host_tag() -> str:
+@functools.cache
+def host_tag() -> str:
     """Eight hex digits naming this machine and PID namespace: its host name, its boot and the namespace's id.
 
     A process id means something only there: a shared output folder (a cluster's file system, a container's volume)
@@ -185,16 +188,6 @@ def _host_tag() -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:8]
 
 
-_HOST_TAG = None
-
-
-def host_tag() -> str:
-    """:func:`_host_tag`, computed once per process."""
-    global _HOST_TAG
-    if _HOST_TAG is None:
-        _HOST_TAG = _host_tag()
-    return _HOST_TAG
-
 
 def temp_prefix(name: str) -> str:
     """The prefix of deepspot's hidden temporary files: ``.<name>.pid<N>-<host>.``, so that a later run on the same
@@ -205,8 +198,6 @@ def temp_prefix(name: str) -> str:
 
 def leftover_pid(name: str) -> int | None:
     """The process id in the name of one of deepspot's temporary files made on this machine, else ``None``."""
-    import re
-
     if not name.startswith("."):
         return None
     for digits, tag in re.findall(r"\.pid(\d+)-([0-9a-f]{8})\.", name):

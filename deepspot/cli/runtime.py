@@ -163,8 +163,8 @@ def infer(
     from ..errors import ConfigError
     from ..runtime import infer as run_infer
 
-    # Here, not only in the library: `infer` takes a batch size of 0 for the default, and a cohort's workers would
-    # fail each slide in turn on an option that is wrong for all of them.
+    # Here too, not only in the library: a cohort's workers would fail each slide in turn on an option that is wrong
+    # for all of them.
     if batch_size is not None:
         at_least(batch_size, "--batch-size")
     at_least(max_bag, "--max-bag")

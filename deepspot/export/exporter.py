@@ -32,7 +32,7 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import CheckpointError, ConfigError, DeepSpotError, folder_hint
-from ..fileio import atomic_path, refuse_inputs
+from ..fileio import atomic_path, check_output_file
 from .metadata import DEFAULT_OPSET, METADATA_FORMAT, METADATA_VERSION, metadata_value  # noqa: F401  (re-exported)
 from .graph import ExportModule, build_export_module, check_mode
 from .specs import ExportSpec, check_precision, get_spec, resolve_io_dtype
@@ -220,13 +220,7 @@ def check_output(output: str | os.PathLike, source: object = None) -> Path:
         raise ConfigError(f"{path}: is a folder; give the path of the .onnx file to write")
     if path.suffix.lower() != ".onnx":
         raise ConfigError(f"{path}: the output of an ONNX export must end in .onnx")
-    refuse_inputs(path, [source], "ONNX file")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise DeepSpotError(f"{path}: output folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise DeepSpotError(f"{path}: output folder {folder} is not writable")
-    return path
+    return check_output_file(path, "output", [source])
 
 
 # -- the entry point ----------------------------------------------------------------------------------------------

@@ -64,10 +64,14 @@ def copy_rows(dst: np.ndarray, src: np.ndarray, threads: int = 1, check_finite: 
 
 def _copy_part(dst: np.ndarray, src: np.ndarray, check_finite: bool, offset: int) -> int | None:
     np.copyto(dst, src, casting="unsafe")
-    if not check_finite or dst.size == 0:
-        return None
-    bad = ~np.isfinite(dst.reshape(len(dst), -1)).all(axis=1)
-    return offset + int(np.argmax(bad)) if bad.any() else None
+    row = first_nonfinite(dst) if check_finite else None
+    return None if row is None else offset + row
 
 
-__all__ = ["MIN_CHUNK_BYTES", "copy_rows", "default_copy_threads"]
+def first_nonfinite(a: np.ndarray) -> int | None:
+    """The index of the first row of ``a`` holding a NaN or inf, ``None`` if every row is finite."""
+    bad = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+    return int(np.argmax(bad)) if bad.any() else None
+
+
+__all__ = ["MIN_CHUNK_BYTES", "copy_rows", "default_copy_threads", "first_nonfinite"]

@@ -20,14 +20,15 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import at_least
 from ..data import FEATURE_KEYS, MAX_BAG
-from ..errors import ConfigError, DeepSpotError, DeepSpotWarning
+from ..errors import ConfigError, DeepSpotWarning
 from ..fileio import (
     atomic_path,
     check_clobber,
+    check_output_file,
     ensure_free_space,
     preallocate,
-    refuse_inputs,
     remove_leftovers,
     temp_prefix,
 )
@@ -78,14 +79,10 @@ def check_output_path(output: str | Path, inputs: Sequence[Any] = (), no_clobber
     output = Path(output)
     if output.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ConfigError(f"{output}: unknown output type; expected one of {', '.join(OUTPUT_SUFFIXES)}")
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise DeepSpotError(f"{output}: output folder {folder} does not exist")
-    if output.is_dir():
-        raise DeepSpotError(f"{output}: is a directory; give a file name")
-    refuse_inputs(output, inputs, "predictions")
+    check_output_file(output, "output", inputs)
     check_clobber(output, no_clobber)
-    remove_leftovers(folder)  # what an earlier run here left when it was killed (SIGKILL runs no clean-up)
+    # What an earlier run here left when it was killed (SIGKILL runs no clean-up).
+    remove_leftovers(output.parent if str(output.parent) else Path("."))
     return output
 
 
@@ -213,8 +210,8 @@ def infer(
     output = check_output_path(output, (bundle, model), no_clobber)
     data = load_bundle(bundle, mmap=True)
     layout = resolve_layout(layout, data, model)
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    if batch_size is not None:
+        at_least(batch_size, "--batch-size")  # 0 is not "the default"
     batch_size = batch_size or default_batch_size(model, backend, data)
     owned = session is None
     session = session or ModelSession(model, backend, options, allow_fallback, table_dtype)

@@ -27,7 +27,7 @@ from rich.text import Text
 
 from ..data import MAX_BAG, check_bag_size
 from ..errors import ConfigError, DeepSpotError, InputError
-from ._copy import copy_rows, default_copy_threads
+from ._copy import copy_rows, default_copy_threads, first_nonfinite
 from .._pages import release_rows
 from .base import OUTPUT_NAME, ModelInfo, Runner
 
@@ -46,9 +46,9 @@ class NonFinitePrediction(DeepSpotError):
 
 
 def _raise_nonfinite(y: np.ndarray, start: int) -> None:
-    ok = np.isfinite(y.reshape(len(y), -1)).all(axis=1)
-    if not ok.all():
-        raise NonFinitePrediction(start + int(np.argmin(ok)))
+    row = first_nonfinite(y)
+    if row is not None:
+        raise NonFinitePrediction(start + row)
 
 
 def check_inputs(
@@ -103,19 +103,13 @@ def check_inputs(
 def report_nonfinite(a: np.ndarray, name: str, source: str, dtype: Any = np.float32) -> None:
     """Raise :class:`InputError` naming the first row of ``a`` that is not finite once cast to ``dtype`` (the graph's
     input type; float32, or float16 for an fp16-input graph)."""
-    target = _cast_target(a, dtype)
+    target = np.dtype(dtype) if np.dtype(dtype).kind == "f" else np.dtype(np.float32)  # what the values become
     row = first_nonfinite_row(a, target=target)
     if row is not None:
         what = "a non-finite value (NaN or inf)"
         if np.isfinite(np.asarray(a[row], dtype=np.float64)).all():
             what = f"a value beyond {target.name}'s range (it would become inf)"
         raise InputError(f"{source}: {name!r} holds {what} in row {row}")
-
-
-def _cast_target(a: np.ndarray, dtype: Any) -> np.dtype:
-    """The type ``a``'s values end up in: the graph's ``dtype`` where it is floating point, else float32."""
-    target = np.dtype(dtype) if dtype is not None else np.dtype(np.float32)
-    return target if target.kind == "f" else np.dtype(np.float32)
 
 
 def first_nonfinite_row(a: np.ndarray, chunk_bytes: int = CHECK_CHUNK_BYTES, target: Any = np.float32) -> int | None:
@@ -132,13 +126,11 @@ def first_nonfinite_row(a: np.ndarray, chunk_bytes: int = CHECK_CHUNK_BYTES, tar
         chunk = a[start : start + step]
         if narrowing:
             with np.errstate(over="ignore", invalid="ignore"):
-                ok = np.isfinite(chunk.astype(target))  # exactly what the cast does, rounding at the edge included
-        else:
-            ok = np.isfinite(chunk)
-        bad = ~ok.reshape(min(step, a.shape[0] - start), -1).all(axis=1)
+                chunk = chunk.astype(target)  # exactly what the cast does, rounding at the edge included
+        row = first_nonfinite(chunk)
         release_rows(a, start, start + step)
-        if bad.any():
-            return start + int(np.argmax(bad))
+        if row is not None:
+            return start + row
     return None
 
 
