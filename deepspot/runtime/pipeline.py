@@ -200,6 +200,8 @@ def run_pipeline(
         slot.start, slot.stop = start, end
         views = {}
         for name, a in feed.items():
+            if stop.is_set():  # the consumer has gone: a batch nobody will read is not worth staging
+                return
             view = ring.buffer(slot.inputs, name, (rows,) + a.shape[1:], dtypes.get(name, np.float32))
             copy_rows(view[: end - start], a, threads)  # the bundle's pages are read here, off the main thread
             if rows > end - start:
@@ -217,6 +219,8 @@ def run_pipeline(
                 if slot is None:
                     return
                 fill(slot, start, min(start + batch_size, n))
+                if stop.is_set():
+                    return
                 if start == 0:
                     ring.reserve(slot)  # before the first batch is handed out: no allocation while the device runs
                 filled.put(slot)
@@ -253,7 +257,10 @@ def run_pipeline(
                 adapter.wait(slot.handle)
             except Exception:  # noqa: BLE001  the first error is the one being raised
                 pass
-        worker.join(timeout=5)
+        # No time-out: a fill still running after it would go on writing into a slot that the reset below hands to
+        # the next call on this ring (a batch read from a slow disk can take seconds). Filling checks ``stop`` between
+        # inputs, so the wait is at most one input's copy; Ctrl-C still interrupts it.
+        worker.join()
         ring.reset()  # the ring may serve the next call (an adapter's own ring does)
 
 

@@ -161,6 +161,29 @@ def test_an_error_while_filling_is_raised_once_and_the_thread_ends():
     assert _live_fill_threads() == []
 
 
+def test_stopping_waits_for_a_slow_fill_before_the_ring_serves_again():
+    """A fill still running when the consumer stops must end before the ring is reset: else it would go on writing
+    into a slot that the next call on the same ring already uses (a batch from a slow disk, here 5.5 s)."""
+    ring = HostRing(3, lambda shape, dtype: np.empty(shape, dtype))
+    entered = threading.Event()
+
+    def slow(start, stop, feed):
+        if start == 20:
+            entered.set()
+            time.sleep(5.5)
+            return {k: np.full_like(v, 1e6) for k, v in feed.items()}
+        return feed
+
+    stream = run_pipeline(_inputs(), Scrambled(), 10, ring=ring, prepare=slow)
+    next(stream)
+    assert entered.wait(5)
+    stream.close()
+    assert _live_fill_threads() == []  # closed means the fill thread has ended, however long its batch took
+    out, writes = _collect(run_pipeline(_inputs(), Scrambled(), 10, ring=ring), 103)
+    assert (writes == 1).all()
+    np.testing.assert_allclose(out[:, :2], _compute(_inputs())["y"][:, :2], rtol=1e-6)
+
+
 def test_stopping_early_waits_for_batches_in_flight():
     adapter = Scrambled()
     stream = run_pipeline(_inputs(), adapter, 10, depth=4)
