@@ -514,8 +514,11 @@ def check_parity_expected(
     check_parity_options(batch_size, atol=atol, rtol=rtol)
     want = load_expected(expected)
     _check_items(want.shape[0], expected)
-    graph, precision = _graph_precision(model, getattr(options, "precision", None)) \
-        if isinstance(model, (str, Path)) else ("fp32", "fp32")  # fmt: skip
+    graph, precision = ("fp32", "fp32")
+    if isinstance(model, (str, Path)):
+        graph, precision = _graph_precision(model, getattr(options, "precision", None))
+        if getattr(options, "tf32", False) and graph == "fp32":  # fp32 products on TF32 tensor cores, as asked
+            graph, precision = _graph_precision(model, "tf32")
     with tempfile.TemporaryDirectory(prefix="deepspot-parity-") as tmp:
         result = infer(model, bundle, Path(tmp) / "predictions.npy", backend, batch_size, options, inverse_transform,
                        allow_fallback, layout=layout)  # fmt: skip
