@@ -226,9 +226,8 @@ def infer(
 
 
 def _infer_dense(session, data, output, batch_size, inverse_transform, progress, max_bag, no_clobber) -> InferResult:
-    bag_sizes = {k: int(data[k].shape[1]) for k in ("subspot", "neighbors") if k in data and data[k].ndim == 3}
     features = {data[k].dtype for k in FEATURE_KEYS if k in data}
-    runner = session.dense(batch_size, bag_sizes, fp16_features=features == {np.dtype(np.float16)})
+    runner = session.dense(batch_size, data_bag_sizes(data), fp16_features=features == {np.dtype(np.float16)})
     info = runner.info
     mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
     prepare = None
@@ -260,6 +259,16 @@ def _infer_dense(session, data, output, batch_size, inverse_transform, progress,
         selection.requested if selection else runner.backend, batch_size, inverse_transform or info.fold_scaler,
         "dense",
     )  # fmt: skip
+
+
+def data_bag_sizes(data) -> dict[str, int]:
+    """The bag size of every bag input a per-item graph will see, for the TensorRT optimisation profile (which
+    pins each dynamic bag axis to it): the ``spot`` mode's bag of spot tiles, the sub-spots, and the neighbours,
+    also where an indexed bundle gives them as ``neighbor_index`` (gathered into bags of its width batch by batch)."""
+    sizes = {k: int(data[k].shape[1]) for k in ("spot", "subspot", "neighbors") if k in data and data[k].ndim == 3}
+    if "neighbors" not in data and "neighbor_index" in data and data["neighbor_index"].ndim == 2:
+        sizes["neighbors"] = int(data["neighbor_index"].shape[1])
+    return sizes
 
 
 #: Items per batch by default: on the CPU, and on a GPU by family (the workloads' GPU batches in BENCHMARKS.md: a GPU

@@ -462,17 +462,22 @@ def load_expected(path: str | Path) -> np.ndarray:
     return values
 
 
-def _graph_precision(model: Any) -> str:
+def _graph_precision(model: Any, precision: str | None = None) -> tuple[str, str]:
+    """The precision a model file runs at (``precision`` if asked of the backend, else its graph's) and the tolerance
+    row that applies: the same, except for an indexed export with an fp16 embedding table, which rounds every
+    embedding and is held to the fp16 row (:func:`~deepspot.export.metadata.indexed_precision`)."""
     from ..export import read_model_metadata
     from .indexed import is_indexed_folder
 
     if is_indexed_folder(model):
-        from ..export.metadata import HEAD_FILE
+        from ..export.metadata import HEAD_FILE, indexed_precision
 
-        return str(read_model_metadata(Path(model) / HEAD_FILE).get("precision", "fp32"))
-    if Path(model).suffix.lower() == ".onnx":
-        return str(read_model_metadata(model).get("precision", "fp32"))
-    return "fp32"
+        meta = read_model_metadata(Path(model) / HEAD_FILE)
+        graph = precision or str(meta.get("precision", "fp32"))
+        return graph, indexed_precision(graph, str(meta.get("table_dtype", "fp32")))
+    if not precision and Path(model).suffix.lower() == ".onnx":
+        precision = str(read_model_metadata(model).get("precision", "fp32"))
+    return precision or "fp32", precision or "fp32"
 
 
 def check_parity_expected(
@@ -509,8 +514,11 @@ def check_parity_expected(
     check_parity_options(batch_size, atol=atol, rtol=rtol)
     want = load_expected(expected)
     _check_items(want.shape[0], expected)
-    precision = (getattr(options, "precision", None) or _graph_precision(model)) if isinstance(model, (str, Path)) \
-        else "fp32"  # fmt: skip
+    graph, precision = ("fp32", "fp32")
+    if isinstance(model, (str, Path)):
+        graph, precision = _graph_precision(model, getattr(options, "precision", None))
+        if getattr(options, "tf32", False) and graph == "fp32":  # fp32 products on TF32 tensor cores, as asked
+            graph, precision = _graph_precision(model, "tf32")
     with tempfile.TemporaryDirectory(prefix="deepspot-parity-") as tmp:
         result = infer(model, bundle, Path(tmp) / "predictions.npy", backend, batch_size, options, inverse_transform,
                        allow_fallback, layout=layout)  # fmt: skip
@@ -524,6 +532,8 @@ def check_parity_expected(
     name = result.backend + (" (indexed)" if result.layout == "indexed" else "")
     report = ParityReport(f"expected outputs ({Path(expected).name})", name, precision, result.n,
                           [output_parity("expression", got, want, tolerance)])  # fmt: skip
+    if precision != graph:
+        report.notes.append(f"the embedding table is fp16: the {precision} tolerance applies")
     if result.requested != result.backend:
         report.notes.append(f"requested {result.requested}, ran {result.backend} (fallback allowed)")
     return report

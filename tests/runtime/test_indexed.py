@@ -127,6 +127,27 @@ def test_an_fp16_table_is_held_to_the_fp16_tolerance(tmp_path):
         "fp32", "fp16", "bf16"]  # fmt: skip
 
 
+@pytest.mark.parametrize("table_dtype", ["fp32", "fp16"])
+def test_parity_against_stored_outputs_holds_an_fp16_table_to_the_fp16_tolerance(tmp_path, table_dtype):
+    """`parity --expected` on an indexed export (the torch-free check) uses the same tolerance row as parity against
+    the checkpoint: with an fp16 table it was the fp32 row, and an export within fp16's error failed."""
+    from deepspot.runtime.parity import check_parity_expected
+
+    mode = NEIGHBOR_MODES[-1]
+    model = _model(mode)
+    arrays = _graph(mode)
+    bundle = save_bundle(tmp_path / "slide.npz", arrays)
+    np.save(tmp_path / "expected.npy", _dense_reference(model, arrays))
+    folder = export_indexed(model, tmp_path / "indexed", table_dtype=table_dtype)
+    report = check_parity_expected(folder, tmp_path / "expected.npy", bundle)
+    assert report.passed, report.summary()
+    assert report.precision == table_dtype
+    note = "the embedding table is fp16: the fp16 tolerance applies"
+    assert report.notes == ([] if table_dtype == "fp32" else [note])
+    if table_dtype == "fp16":
+        assert report.outputs[0].max_abs > 1e-5 * (1 + report.outputs[0].reference_max_abs)  # beyond the fp32 row
+
+
 def _files(tmp_path, mode, n=50):
     model = _model(mode)
     model.genes = [f"g{i}" for i in range(G)]

@@ -139,3 +139,31 @@ def test_tf32_misses_the_fp32_tolerance_and_meets_its_own(monkeypatch):
     assert not output_parity("expression", tf32, fp32, tolerance_for("fp32")).passed
     assert output_parity("expression", tf32, fp32, tolerance_for("tf32")).passed
     assert not output_parity("expression", tf32 + 0.01 * np.abs(fp32).max(), fp32, tolerance_for("tf32")).passed
+
+
+def test_parity_against_stored_outputs_with_tf32_uses_the_tf32_row(artifacts, eager, tmp_path, monkeypatch):
+    """`parity --expected --tf32` holds the run to the tf32 row, as parity against the checkpoint does (it used the
+    fp32 row, which TF32 products miss). The GPU run is stood in for by predictions off by TF32's error."""
+    import importlib
+
+    from deepspot.runtime.parity import check_parity_expected
+
+    infer_module = importlib.import_module("deepspot.runtime.infer")  # the module (the package exports the function)
+
+    a = artifacts("cell", "neighbors")
+    cell = a.arrays["cell"].reshape(len(a.arrays["cell"]), 1, -1)
+    expected = eager(a.model, {"cell": cell, "neighbors": a.arrays["neighbors"]})
+    np.save(tmp_path / "expected.npy", expected)
+
+    def tf32_run(model, bundle, output, backend, batch_size, options, *args, **kwargs):
+        np.save(output, expected + 1e-3 * np.abs(expected).max())  # within tf32's 2e-3, far beyond fp32's 1e-5
+        return infer_module.InferResult(output, len(expected), expected.shape[1], 1.0, 1.0, "ort-cuda", "ort-cuda",
+                                        batch_size, False)  # fmt: skip
+
+    monkeypatch.setattr(infer_module, "infer", tf32_run)
+    report = check_parity_expected(a.onnx, tmp_path / "expected.npy", a.bundle, "ort-cuda",
+                                   options=RunnerOptions(tf32=True))  # fmt: skip
+    assert report.precision == "tf32" and report.passed, report.summary()
+    assert not check_parity_expected(a.onnx, tmp_path / "expected.npy", a.bundle, "ort-cuda",
+                                     options=RunnerOptions(tf32=False)).passed  # fmt: skip
+

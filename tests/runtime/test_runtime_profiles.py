@@ -67,6 +67,36 @@ def test_bag_sizes_of_data():
     assert bag_sizes_of(data) == {"spot": 1, "subspot": 9}
 
 
+@pytest.mark.parametrize("family, mode, bag, arrays", [
+    ("spot", "spot", "spot", {"spot": (10, 100, 8)}),  # the spot mode's bag of spot tiles
+    ("cell", "neighbors", "neighbors", {"cell": (10, 8), "neighbor_index": (10, 80)}),  # bags gathered per batch
+    ("spot", "subspot_neighbors", "subspot", {"spot": (10, 8), "subspot": (10, 70, 8), "neighbors": (10, 3, 8)}),
+])  # fmt: skip
+def test_infer_pins_the_profile_to_every_bag_of_the_data(tmp_path, family, mode, bag, arrays):
+    """The TensorRT profile of a per-item graph covers the bags `infer` feeds it; the spot mode's bag and the
+    neighbours of an indexed bundle got the default range (up to 64 tiles), outside which TensorRT refuses a batch."""
+    from deepspot import create_model
+    from deepspot.export import export_onnx
+    from deepspot.runtime.artifacts import read_onnx
+    from deepspot.runtime.backends import _profile
+    from deepspot.runtime.infer import ModelSession, infer
+
+    rng = np.random.default_rng(0)
+    data = {k: rng.integers(-1, 10, s) if k == "neighbor_index" else rng.standard_normal(s, dtype=np.float32)
+            for k, s in arrays.items()}  # fmt: skip
+    np.savez(tmp_path / "slide.npz", **data)
+    model = create_model(family, mode, input_size=8, output_size=3, phi2rho_size=4, n_ensemble=3)
+    onnx = export_onnx(model, tmp_path / "m.onnx", validate=False).path
+    with ModelSession(onnx, "ort-cpu") as session:
+        infer(onnx, tmp_path / "slide.npz", tmp_path / "p.npy", layout="dense", session=session)
+        profile = _profile(read_onnx(onnx)[1], session.options)
+    size = arrays["neighbor_index"][1] if "neighbor_index" in arrays else arrays[bag][1]
+    assert profile.min[bag][1] == profile.opt[bag][1] == profile.max[bag][1] == size
+    shapes = {b.name: (256, 1 if b.single else (size if b.name == bag else arrays[b.name][1]), 8)
+              for b in model.mode.bags}  # fmt: skip
+    assert profile.covers(shapes)
+
+
 def test_cache_key_is_stable_and_sensitive():
     base = dict(onnx="abc", profile=derive_profile(SPECS, 64, {"neighbors": 44}).to_dict(), precision="fp16")
     assert cache_key(**base) == cache_key(**dict(reversed(list(base.items()))))
