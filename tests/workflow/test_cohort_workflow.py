@@ -1,0 +1,90 @@
+"""The workflow as the README runs it: a failing slide, inputs changed in place, overrides with the SLURM profile."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import deepspot
+
+pytest.importorskip("snakemake")
+ROOT = Path(__file__).resolve().parents[2]
+WORKFLOW = ROOT / "workflow"
+D = 6
+#: The README's paths, as this checkout has them (the README runs from the repository's root).
+PATHS = {"workflow/Snakefile": WORKFLOW / "Snakefile", "workflow/config.yaml": WORKFLOW / "config.yaml",
+         "my.yaml": WORKFLOW / "config.yaml", "workflow/profiles/slurm": WORKFLOW / "profiles" / "slurm"}  # fmt: skip
+
+
+def readme_commands() -> dict[str, list[str]]:
+    """The snakemake command lines of the README's "Cohorts and clusters", by their comment (``here``, ...)."""
+    section = (ROOT / "README.md").read_text().split("## Cohorts and clusters")[1].split("\n## ")[0]
+    commands = {}
+    for line in section.splitlines():
+        if line.startswith("snakemake "):
+            command, _, comment = line.partition("#")
+            args = [str(PATHS.get(a, a)) for a in shlex.split(command)[1:]]
+            commands[comment.strip().split()[-1]] = [sys.executable, "-m", "snakemake", *args]
+    return commands
+
+
+def make_slide(root: Path, slide: str, rng: np.random.Generator, n: int = 9) -> str:
+    """A slide in the reference's layout (a folder of <barcode>.npy and an obs CSV); its slides-table line."""
+    features = root / f"features_{slide}"
+    features.mkdir()
+    obs = ["barcode,x_array,y_array"]
+    for i in range(n):
+        np.save(features / f"S{i}.npy", rng.standard_normal((4, D)).astype(np.float32))
+        obs.append(f"S{i},{i // 3},{i % 3}")
+    (root / f"obs_{slide}.csv").write_text("\n".join(obs) + "\n")
+    return f"{slide},obs_{slide}.csv,features_{slide}"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """An indexed export of a tiny untrained model."""
+    from deepspot.export.indexed import export_indexed
+
+    root = tmp_path_factory.mktemp("model")
+    net = deepspot.create_model("spot", "subspot_neighbors", input_size=D, output_size=3, phi2rho_size=4, n_ensemble=2)
+    deepspot.save(net, root / "model.safetensors")
+    export_indexed(root / "model.safetensors", root / "model-indexed")
+    return root / "model-indexed"
+
+
+@pytest.fixture
+def project(tmp_path, model) -> Path:
+    """Two slides and a slides table; the model linked in as config.yaml names it."""
+    rng = np.random.default_rng(0)
+    lines = ["slide,obs,features", *(make_slide(tmp_path, s, rng) for s in ("a", "b"))]
+    (tmp_path / "slides.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "model-indexed").symlink_to(model, target_is_directory=True)
+    return tmp_path
+
+
+def run(project: Path, command: list[str], *config: str) -> subprocess.CompletedProcess:
+    config = ("--config", f"deepspot={sys.executable} -m deepspot.cli", "format=npz", *config)
+    return subprocess.run([*command, *config], cwd=project, capture_output=True, text=True, timeout=120)
+
+
+def test_a_corrupt_slide_fails_alone_with_the_readme_command(project):
+    (project / "features_a" / "S4.npy").write_bytes(b"\x93NUMPY garbage")
+    result = run(project, readme_commands()["here"])
+    log = result.stdout + result.stderr
+    assert result.returncode == 1, log[-3000:]
+    assert "Error: features_a/S4.npy: not a readable .npy file" in log
+    assert np.load(project / "results" / "b.npz")["predictions"].shape == (9, 3)  # the other slide finished
+    assert not (project / "results" / "a.npz").exists() and not (project / "results" / "bundles" / "a.npz").exists()
+
+
+def test_the_slurm_profile_keeps_going_after_a_failed_slide():
+    import yaml
+
+    profile = yaml.safe_load((WORKFLOW / "profiles" / "slurm" / "config.yaml").read_text())
+    assert profile["keep-going"] is True
