@@ -88,3 +88,16 @@ def test_the_slurm_profile_keeps_going_after_a_failed_slide():
 
     profile = yaml.safe_load((WORKFLOW / "profiles" / "slurm" / "config.yaml").read_text())
     assert profile["keep-going"] is True
+
+
+def test_the_slurm_profile_runs_ort_cuda_with_config_overrides(project):
+    # A profile's own `config:` is replaced by any --config on the command line, which used to drop its backend
+    # (ort-cpu on a job given a GPU); the backend now follows the job's gpu resource.
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    result = run(project, [*readme_commands()["SLURM"], "-n", "-p"], "output_dir=elsewhere")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    infers = [line for line in log.splitlines() if " infer " in line]
+    assert len(infers) == 2 and all("-o elsewhere/" in c and "--backend ort-cuda " in c for c in infers), infers
+    local = run(project, [*readme_commands()["here"], "-n", "-p"], "output_dir=elsewhere")
+    assert local.returncode == 0 and local.stdout.count("--backend ort-cpu ") == 2, local.stdout[-3000:]
