@@ -124,3 +124,26 @@ def test_a_file_rewritten_in_place_in_an_input_folder_is_redone(project, model):
     # Slide a's bundle (its features) and both predictions (the model); slide b's bundle is up to date.
     assert dict(line.split() for line in stats) == {"bundle": "1", "predict": "2", "all": "1"}, result.stdout[-3000:]
     assert "Updated input files: features_a/S4.npy" in result.stdout
+
+
+def test_paths_with_spaces_reach_deepspot_as_one_argument_each(project):
+    rng = np.random.default_rng(1)
+    (project / "slides.csv").write_text("slide,obs,features\n" + make_slide(project, "slide one", rng) + "\n")
+    result = run(project, [*readme_commands()["here"], "-n", "-p", "--forceall"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    commands = [shlex.split(line) for line in result.stdout.splitlines() if " -m deepspot.cli " in line]
+    bundle, predict = (next(c for c in commands if name in c) for name in ("bundle", "infer"))
+    assert {"features_slide one", "obs_slide one.csv", "results/bundles/slide one.npz"} <= set(bundle), bundle
+    assert {"results/bundles/slide one.npz", "results/slide one.npz"} <= set(predict), predict
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [("slide,features\na,features_a\n", "slides.csv: the slides table needs columns slide, obs and features"),
+     ("slide,obs,features\na,,features_a\n", "slides.csv: line 2 needs a slide, an obs and one of features"),
+     ("slide,obs,features\nx/a,obs_a.csv,features_a\n", "slides.csv: line 2: slide 'x/a' is a path")],
+)  # fmt: skip
+def test_a_wrong_slides_table_is_named_before_any_job(project, table, message):
+    (project / "slides.csv").write_text(table)
+    result = run(project, [*readme_commands()["here"], "-n"])
+    assert result.returncode == 1 and message in result.stderr + result.stdout, result.stderr[-3000:]
