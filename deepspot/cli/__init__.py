@@ -65,6 +65,14 @@ def main() -> None:
     except Terminated:
         print("Terminated.", file=sys.stderr)
         sys.exit(TERMINATED)
+    except SystemExit as e:
+        # typer turns a Ctrl-C outside a command (while it parses the options, say) into a silent exit 130; the
+        # commands' own wrapper has said it already where it caught one.
+        from .core import said_stopped
+
+        if e.code in (INTERRUPTED, TERMINATED) and not said_stopped():
+            print("Interrupted." if e.code == INTERRUPTED else "Terminated.", file=sys.stderr)
+        raise
 
 
 def _register() -> None:

@@ -98,10 +98,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             fail(_out_of_memory(e))
         except KeyboardInterrupt:
-            typer.echo("Interrupted.", err=True)
+            _say_stopped("Interrupted.")
             raise typer.Exit(INTERRUPTED) from None
         except Terminated:
-            typer.echo("Terminated.", err=True)
+            _say_stopped("Terminated.")
             raise typer.Exit(TERMINATED) from None
 
     return wrapper
@@ -133,6 +133,20 @@ def _root(
     ),
 ) -> None:
     """DeepSpot and DeepCell: train, export to ONNX, and run high-throughput inference with verified parity."""
+
+
+_stopped_said = False
+
+
+def _say_stopped(message: str) -> None:
+    global _stopped_said
+    typer.echo(message, err=True)
+    _stopped_said = True
+
+
+def said_stopped() -> bool:
+    """Whether a command has said that it was interrupted or terminated (its exit code alone does not tell)."""
+    return _stopped_said
 
 
 def main() -> None:

@@ -165,3 +165,17 @@ def test_a_sigkill_leaves_files_that_the_next_run_removes(tmp_path, slide):
     _, err = done.communicate(timeout=60)
     assert done.returncode == 0, err
     assert hidden(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["other.npy"]
+
+
+@pytest.mark.parametrize("where", ["parse_args", "invoke"])
+def test_ctrl_c_outside_a_command_says_so_too(where):
+    """typer turns a KeyboardInterrupt raised outside the command (while it parses the options, or around the call)
+    into a silent exit 130: the one line must still come."""
+    script = (
+        "import typer.core, deepspot.cli\n"
+        "def interrupted(*a, **k): raise KeyboardInterrupt\n"
+        f"typer.core.TyperGroup.{where} = interrupted\n"
+        "import sys; sys.argv = ['deepspot', 'info', 'model.onnx']; deepspot.cli.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and proc.stderr.strip().splitlines() == ["Interrupted."], proc.stderr
