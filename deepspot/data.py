@@ -23,7 +23,7 @@ import numpy as np
 
 from .checks import at_least, check_memory
 from .errors import InputError, UnusedInputWarning
-from .fileio import atomic_path, temporary_folder
+from .fileio import atomic_path, numpy_error, temporary_folder
 from .modes import Mode, get_mode
 
 FEATURE_KEYS = ("spot", "cell", "subspot", "neighbors")
@@ -183,13 +183,16 @@ def load_bundle(path: str | Path, mmap: bool = True) -> Bundle:
             if not files:
                 raise InputError(f"{path}: directory holds no .npy files")
             for f in files:
-                arrays[f.stem] = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
+                try:
+                    arrays[f.stem] = np.load(f, mmap_mode="r" if mmap else None, allow_pickle=False)
+                except (ValueError, OSError, EOFError) as e:
+                    raise InputError(f"{f}: not a readable bundle array ({numpy_error(e)})") from None
         else:
             arrays = _read_npz(path, mmap)
     except InputError:
         raise
     except (ValueError, OSError, EOFError) as e:
-        raise InputError(f"{path}: not a readable bundle ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable bundle ({numpy_error(e)})") from None
     except Exception as e:  # zipfile.BadZipFile and friends from a corrupt .npz
         raise InputError(f"{path}: not a readable bundle ({type(e).__name__}: {e})") from None
     unknown = [k for k in arrays if k not in KNOWN_KEYS]

@@ -157,6 +157,15 @@ def refuse_inputs(output: str | Path, inputs: Iterable[object], what: str = "out
             raise DeepSpotError(f"{output}: is an input of this run ({source}); write the {what} elsewhere")
 
 
+def numpy_error(e: BaseException) -> str:
+    """Why NumPy could not read an array file, in a user's words. For a file without NumPy's header, or an array of
+    Python objects, NumPy says to load it with ``allow_pickle``: advice to run code from the file, never ours."""
+    text = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    if "pickle" in text or "Python objects" in text:
+        return "not a NumPy array file (no .npy header), or an array of Python objects, which deepspot never unpickles"
+    return text
+
+
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file's bytes, as hex, read 1 MiB at a time."""
     import hashlib

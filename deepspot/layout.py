@@ -29,7 +29,7 @@ from scipy.spatial import cKDTree
 
 from .data import save_bundle
 from .errors import InputError
-from .fileio import check_clobber
+from .fileio import check_clobber, numpy_error
 from .modes import check_family
 
 COORD_KEYS = ("x_array", "y_array", "x_pixel", "y_pixel")
@@ -108,7 +108,7 @@ def _load_npy(path: Path) -> np.ndarray:
     try:
         x = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise InputError(f"{path}: not a readable .npy file ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable .npy file ({numpy_error(e)})") from None
     if x.dtype.kind not in "fiu":
         raise InputError(f"{path}: features must be numbers, got {x.dtype}")
     return x

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..checks import at_least, check_memory, finite_at_least
 from ..errors import ConfigError, InputError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, numpy_error
 from .base import Runner
 
 
@@ -452,7 +452,7 @@ def load_expected(path: str | Path) -> np.ndarray:
     except InputError:
         raise
     except Exception as e:  # NumPy raises ValueError, OSError, EOFError, zipfile errors for a corrupt file
-        raise InputError(f"{path}: not a readable .npy/.npz array ({type(e).__name__})") from None
+        raise InputError(f"{path}: not a readable .npy/.npz array ({numpy_error(e)})") from None
     if values.ndim != 2 or values.dtype.kind != "f":
         raise InputError(f"{path}: expected outputs must be a 2-D float array (items x genes), got {values.dtype} "
                          f"{values.shape}")  # fmt: skip

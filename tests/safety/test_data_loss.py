@@ -185,6 +185,31 @@ def test_a_npz_member_claiming_more_rows_than_it_stores(tmp_path, models):
     assert not (tmp_path / "p.npy").exists()
 
 
+@pytest.mark.parametrize("content", ["random", "objects"])
+def test_an_array_file_that_is_not_numpy_data_never_gets_advice_to_unpickle(tmp_path, models, content):
+    """NumPy says "load it unsafely using allow_pickle" for a file without its header or of Python objects: deepspot
+    says what the file is instead, and names the file (a bundle folder's member, not just the folder)."""
+    bad = os.urandom(4000) if content == "random" else _npy(np.array([{"a": 1}], dtype=object))
+    folder = tmp_path / "cells"
+    save_bundle(folder, synth_bundle("cell", "neighbors", 10, D, G, n_neighbors=4))
+    (folder / "neighbors.npy").write_bytes(bad)
+    (tmp_path / "expected.npy").write_bytes(bad)
+    (tmp_path / "features").mkdir()
+    (tmp_path / "features" / "a.npy").write_bytes(bad)
+    (tmp_path / "obs.csv").write_text("barcode,x_pixel,y_pixel\na,1,2\n")
+    runs = {
+        "neighbors.npy": run("infer", models["onnx"], "-i", folder, "-o", tmp_path / "p.npy"),
+        "expected.npy": run("parity", models["onnx"], "-i", save_bundle(tmp_path / "ok.npz", synth_bundle(
+            "cell", "neighbors", 10, D, G, n_neighbors=4)), "--expected", tmp_path / "expected.npy"),
+        "a.npy": run("bundle", "--features", tmp_path / "features", "--obs", tmp_path / "obs.csv", "--family",
+                     "cell", "-o", tmp_path / "b.npz"),
+    }  # fmt: skip
+    for name, result in runs.items():
+        line = one_line(result, name, "never unpickles")
+        assert "allow_pickle" not in line and "pickle.load" not in line, line
+    assert not (tmp_path / "p.npy").exists() and not (tmp_path / "b.npz").exists()
+
+
 def _npy(a: np.ndarray) -> bytes:
     f = io.BytesIO()
     np.save(f, a)
