@@ -524,8 +524,9 @@ def _run_workers(model, todo: list[Slide], settings: CohortSettings, devices: li
             if w.is_alive():
                 w.kill()
                 w.join(timeout=5)
+    by_name = {s.name: s for s in todo}
     for name in sorted(pending):  # slides no worker could take (every worker failed)
-        slide = next(s for s in todo if s.name == name)
+        slide = by_name[name]
         why = "; ".join(failures) or "its worker process ended unexpectedly"
         report(SlideStatus(name, "failed", str(slide.input), str(slide.output), error=why))
 
