@@ -3,15 +3,19 @@
 The slide is the unit of work. :func:`run_cohort` loads the model once per process (a :class:`ModelSession`) and
 predicts each slide into ``OUT/<slide>.<format>``, written atomically. ``OUT/cohort.json`` records every slide's
 status, items, seconds, output, and what made it (the model's SHA-256, the input's size and modification time or,
-with ``verify``, its SHA-256); it is rewritten atomically after each slide, so a run killed at any point leaves only
-whole outputs and a record of them, and the same command run again finishes exactly the slides that are missing.
+with ``verify``, its SHA-256). The record is written atomically at the start (the slides already up to date) and at
+the end; in between, each slide's status is appended, as one JSON line, to ``OUT/cohort.journal.jsonl`` as it is
+known, and flushed, so a run killed at any point leaves only whole outputs and a record of them that lacks at most the
+slide in progress (the cost per slide is one line, not the whole record again). The same command run again reads
+both and finishes exactly the slides that are missing; the journal is removed once the final record is written.
 A slide that fails, for whatever reason, is recorded with its one-line error and does not stop the others.
 
 ``shard="I/N"`` keeps the slides whose name hashes to ``I`` modulo ``N``: N jobs with the same slide list cover each
-slide exactly once, whatever order they list them in. Each shard keeps its own record,
-``OUT/cohort.shard-I-of-N.json``, so shards running at once into one folder never overwrite each other's; resuming
-reads every record in the folder. ``devices=[...]`` starts one worker process per device and hands out slides as
-workers free up; across a cluster, a workflow engine fans out slides (``workflow/Snakefile``).
+slide exactly once, whatever order they list them in. Each shard keeps its own record and journal,
+``OUT/cohort.shard-I-of-N.json`` and ``OUT/cohort.shard-I-of-N.journal.jsonl``, so shards running at once into one
+folder never write each other's; resuming reads every record and journal in the folder. ``devices=[...]`` starts
+one worker process per device and hands out slides as workers free up (the workers report to the parent, the one
+writer); across a cluster, a workflow engine fans out slides (``workflow/Snakefile``).
 """
 
 from __future__ import annotations
@@ -33,11 +37,19 @@ from ..fileio import atomic_path, file_sha256, remove_leftovers
 
 FORMATS = ("h5ad", "npz", "npy")
 RECORD = "cohort.json"
+JOURNAL = "cohort.journal.jsonl"
+SHARD_RECORDS = "cohort.shard-*-of-*.json"
+SHARD_JOURNALS = "cohort.shard-*-of-*.journal.jsonl"
 
 
 def record_name(shard: tuple[int, int] | None) -> str:
     """``cohort.json``, or ``cohort.shard-I-of-N.json`` for shard ``(I, N)``: one writer per file."""
     return RECORD if shard is None else f"cohort.shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def journal_name(shard: tuple[int, int] | None) -> str:
+    """``cohort.journal.jsonl``, or ``cohort.shard-I-of-N.journal.jsonl``: the lines its record does not hold yet."""
+    return record_name(shard).removesuffix(".json") + ".journal.jsonl"
 
 
 @dataclass
@@ -181,22 +193,52 @@ def input_fingerprint(path: Path, verify: bool) -> dict[str, Any]:
     return {"size": sum(s.st_size for s in stats), "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
 
 
+def _written(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def _record_slides(path: Path) -> list[Any]:
+    """The slides of a record; none if it cannot be read."""
+    try:
+        slides = json.loads(path.read_text()).get("slides", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return slides if isinstance(slides, list) else []
+
+
+def _journal_slides(path: Path) -> list[Any]:
+    """The slides of a journal, one per line, in the order they were written; none if it cannot be read."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError:
+        return []
+    slides = []
+    for line in lines:
+        try:
+            slides.append(json.loads(line))
+        except ValueError:
+            continue  # cut short by a kill while it was written (the last line): that slide is not recorded
+    return slides
+
+
 def read_record(output_dir: Path) -> dict[str, dict[str, Any]]:
-    """What earlier runs recorded, by slide name: ``cohort.json`` and every shard's record, the most recently
-    written last (so it wins); an unreadable record counts as none."""
-    records = [output_dir / RECORD, *output_dir.glob("cohort.shard-*-of-*.json")]
-    found = []
-    for path in records:
-        try:
-            found.append((path.stat().st_mtime_ns, json.loads(path.read_text())))
-        except (OSError, ValueError):
-            continue
+    """What earlier runs recorded, by slide name: ``cohort.json``, every shard's record and their journals, the most
+    recently written last (so it wins). A journal is newer than its own record (it holds what came after), whatever
+    their times say; an unreadable file counts as none, and a journal's line that does not parse as no line."""
+    found = []  # (when written, 0 for a record and 1 for a journal, its slides)
+    for path in [output_dir / RECORD, *output_dir.glob(SHARD_RECORDS)]:
+        if (written := _written(path)) is not None:
+            found.append((written, 0, _record_slides(path)))
+    for path in [output_dir / JOURNAL, *output_dir.glob(SHARD_JOURNALS)]:
+        if (written := _written(path)) is not None:
+            own_record = path.with_name(path.name.removesuffix(".journal.jsonl") + ".json")
+            found.append((max(written, _written(own_record) or 0), 1, _journal_slides(path)))
     slides: dict[str, dict[str, Any]] = {}
-    for _, data in sorted(found, key=lambda item: item[0]):
-        try:
-            slides.update({s["name"]: s for s in data.get("slides", []) if isinstance(s, dict) and "name" in s})
-        except (AttributeError, TypeError):
-            continue
+    for _, _, data in sorted(found, key=lambda item: item[:2]):
+        slides.update({s["name"]: s for s in data if isinstance(s, dict) and isinstance(s.get("name"), str)})
     return slides
 
 
@@ -216,6 +258,41 @@ def write_record(output_dir: Path, statuses: dict[str, SlideStatus], settings: d
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps({"settings": settings, "slides": [asdict(s) for s in statuses.values()]}, indent=1))
     return path
+
+
+class Journal:
+    """A record's newer lines: one JSON line per slide (a record's ``slides`` entry), appended and flushed as each is
+    known, so a killed run loses at most the slide in progress. Opening it empties what an earlier run left: its
+    lines were read, and the slides they made up to date are in the record written just before (the others run
+    again). One writer: the process that runs the cohort (the workers of ``devices`` report to it, never write here)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            # O_APPEND: each line goes to the end in one write, whatever else has the file open.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o666)
+        except OSError as e:
+            raise DeepSpotError(f"{path}: cannot write here ({e.strerror})") from None
+        self._file = os.fdopen(fd, "w", encoding="utf-8")
+
+    def append(self, status: SlideStatus) -> None:
+        try:
+            self._file.write(json.dumps(asdict(status)) + "\n")
+            self._file.flush()
+        except OSError as e:
+            raise DeepSpotError(f"{self.path}: cannot write here ({e.strerror or e})") from None
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError:
+            pass  # a line that could not be flushed now was not recorded; the next run redoes that slide
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # -- running ---------------------------------------------------------------------------------------------------------
@@ -348,7 +425,8 @@ def run_cohort(
     Args:
         model: What :func:`~deepspot.runtime.infer` takes (a path: its hash decides what is up to date).
         slides: From :func:`plan_slides`.
-        output_dir: Where ``cohort.json`` (and by default the outputs) go; created if missing.
+        output_dir: Where ``cohort.json``, its journal (while it runs) and by default the outputs go; created if
+            missing.
         settings: Options shared by every slide.
         shard: ``(I, N)``: only the slides of shard I of N.
         force: Redo slides whose output is up to date.
@@ -380,25 +458,30 @@ def run_cohort(
     record_settings = {"model": str(model), "model_sha256": model_hash, "shard": shard, "verify": verify,
                        **asdict(settings)}  # fmt: skip
 
-    def report(status: SlideStatus) -> None:
-        if verify and status.status == "done":
-            status.input_fingerprint = input_fingerprint(Path(status.input), True)
-        statuses[status.name] = status
-        write_record(output_dir, statuses, record_settings, shard)
-        if on_status is not None:
-            on_status(status)
-
     for status in list(statuses.values()):
         if on_status is not None:
             on_status(status)
-    write_record(output_dir, statuses, record_settings, shard)
-    if not devices:
-        _run_slides(model, todo, settings, None, report)
-    else:
-        _run_workers(model, todo, settings, list(devices), report)
+    write_record(output_dir, statuses, record_settings, shard)  # the slides up to date; the journal adds the others
+    journal_path = output_dir / journal_name(shard)
+    with Journal(journal_path) as journal:
+
+        def report(status: SlideStatus) -> None:  # in this process only, with or without workers
+            if verify and status.status == "done":
+                status.input_fingerprint = input_fingerprint(Path(status.input), True)
+            statuses[status.name] = status
+            journal.append(status)  # one line, not the whole record again: a cohort costs O(N), not O(N^2)
+            if on_status is not None:
+                on_status(status)
+
+        if not devices:
+            _run_slides(model, todo, settings, None, report)
+        else:
+            _run_workers(model, todo, settings, list(devices), report)
     order = {s.name: i for i, s in enumerate(slides)}
     ordered = dict(sorted(statuses.items(), key=lambda kv: order[kv[0]]))
-    return CohortResult(list(ordered.values()), write_record(output_dir, ordered, record_settings, shard))
+    record = write_record(output_dir, ordered, record_settings, shard)
+    journal_path.unlink(missing_ok=True)  # the record now holds every line of it
+    return CohortResult(list(ordered.values()), record)
 
 
 def _run_workers(model, todo: list[Slide], settings: CohortSettings, devices: list[str], report) -> None:
@@ -441,8 +524,9 @@ def _run_workers(model, todo: list[Slide], settings: CohortSettings, devices: li
             if w.is_alive():
                 w.kill()
                 w.join(timeout=5)
+    by_name = {s.name: s for s in todo}
     for name in sorted(pending):  # slides no worker could take (every worker failed)
-        slide = next(s for s in todo if s.name == name)
+        slide = by_name[name]
         why = "; ".join(failures) or "its worker process ended unexpectedly"
         report(SlideStatus(name, "failed", str(slide.input), str(slide.output), error=why))
 

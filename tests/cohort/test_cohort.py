@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -267,3 +268,146 @@ def test_shard_and_batch_size_messages_name_what_is_wrong(tmp_path, model):
     with pytest.raises(ConfigError, match="--batch-size must be at least 1, got 0"):
         infer(model, slide, tmp_path / "p.npy", batch_size=0)  # 0 is not "the default" from Python either
     assert not (tmp_path / "p.npy").exists()
+
+
+# -- the journal: one line per slide, the whole record only at the start and the end ---------------------------------
+KILLED_ON_S3 = """
+import importlib, os, signal, sys
+from pathlib import Path
+from deepspot.runtime.cohort import plan_slides, run_cohort
+
+infer = importlib.import_module("deepspot.runtime.infer")
+real = infer.infer
+
+def killed_on_s3(model, bundle, *args, **kwargs):
+    if Path(bundle).stem == "s3":
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up runs, as when a scheduler or the OOM killer kills a job
+    return real(model, bundle, *args, **kwargs)
+
+infer.infer = killed_on_s3
+model, out, *slides = sys.argv[1:]
+run_cohort(model, plan_slides(slides, None, out, "npy"), out)
+"""
+
+
+def journal_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_killed_run_leaves_a_journal_and_the_next_resumes_from_it(tmp_path, model):
+    import signal
+    import subprocess
+    import sys
+
+    slides = make_slides(tmp_path / "in")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", KILLED_ON_S3, model, out, *slides], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # What the killed run left: the record written at its start (nothing was up to date) and one line per slide it
+    # finished; the slide in progress (s3) is neither recorded nor written.
+    assert json.loads((out / "cohort.json").read_text())["slides"] == []
+    assert [(s["name"], s["status"]) for s in journal_lines(out / "cohort.journal.jsonl")] == [("s1", "done"),
+                                                                                              ("s2", "done")]
+    assert sorted(p.name for p in out.glob("*.npy")) == ["s1.npy", "s2.npy"]
+    first = {s: (out / f"{s}.npy").stat().st_mtime_ns for s in ("s1", "s2")}
+    result = run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy")
+    assert result.exit_code == 0, result.output
+    assert "1 done, 2 skipped, 0 failed" in result.output
+    rec = record(out)
+    assert [rec[s]["status"] for s in ("s1", "s2", "s3")] == ["skipped", "skipped", "done"]
+    assert {s: (out / f"{s}.npy").stat().st_mtime_ns for s in ("s1", "s2")} == first
+    assert not (out / "cohort.journal.jsonl").exists()
+
+
+def test_a_journal_line_cut_short_by_a_kill_is_ignored(tmp_path, model):
+    from deepspot.runtime.cohort import read_record
+
+    slides = make_slides(tmp_path / "in")
+    out = tmp_path / "out"
+    assert run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy").exit_code == 0
+    s1, s2, s3 = json.loads((out / "cohort.json").read_text())["slides"]
+    # As a kill while s3's line was written leaves them: the record of the start, two whole lines and half a third.
+    (out / "cohort.json").write_text(json.dumps({"settings": {}, "slides": []}))
+    (out / "cohort.journal.jsonl").write_text(json.dumps(s1) + "\n" + json.dumps(s2) + "\n" + json.dumps(s3)[:40])
+    assert read_record(out) == {"s1": s1, "s2": s2}
+    result = run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy")
+    assert result.exit_code == 0, result.output
+    assert "1 done, 2 skipped, 0 failed" in result.output
+    assert not (out / "cohort.journal.jsonl").exists()
+
+
+def test_journals_are_newer_than_their_own_record_and_the_latest_file_wins_across_shards(tmp_path):
+    from deepspot.runtime.cohort import read_record
+
+    def slide(name, status):
+        return {"name": name, "status": status}
+
+    def write(name, text, when):
+        (tmp_path / name).write_text(text)
+        os.utime(tmp_path / name, ns=(when, when))
+
+    # Shard 0's journal has an older time than its record (a clock, a copy), and still holds what came after it.
+    write("cohort.shard-0-of-2.json", json.dumps({"slides": [slide("a", "failed"), slide("b", "failed")]}), 200)
+    write("cohort.shard-0-of-2.journal.jsonl", json.dumps(slide("a", "done")) + "\n" + json.dumps(slide("c", "done")),
+          100)  # fmt: skip
+    write("cohort.shard-1-of-2.json", json.dumps({"slides": [slide("c", "failed")]}), 300)  # written later: wins
+    write("cohort.json", json.dumps({"slides": [slide("d", "done")]}), 50)
+    (tmp_path / "cohort.journal.jsonl").mkdir()  # unreadable: counts as none
+    found = read_record(tmp_path)
+    assert {name: s["status"] for name, s in found.items()} == {"a": "done", "b": "failed", "c": "failed", "d": "done"}
+
+
+@pytest.mark.parametrize("devices", [None, ["cpu", "cpu"]])
+def test_each_slide_appends_one_flushed_line_and_the_record_is_written_twice(tmp_path, model, monkeypatch, devices):
+    """O(N): the whole record is written at the start and at the end only, whatever the number of slides; in between
+    each slide adds one line to the journal, on disk before the next slide starts. With workers, only the parent
+    writes (a line each, not one per worker)."""
+    from deepspot.runtime import cohort
+
+    n = 24 if devices is None else 6
+    (tmp_path / "in").mkdir()
+    for i in range(n):
+        (tmp_path / "in" / f"bad{i:02d}.npz").write_bytes(b"not a bundle")  # fails fast
+    out = tmp_path / "out"
+    real, written = cohort.write_record, []
+
+    def counted(*args, **kwargs):
+        path = real(*args, **kwargs)
+        written.append(path.stat().st_size)
+        return path
+
+    monkeypatch.setattr(cohort, "write_record", counted)
+    journal, lines = out / "cohort.journal.jsonl", []
+    plan = cohort.plan_slides(sorted((tmp_path / "in").iterdir()), None, out, "npy")
+    result = cohort.run_cohort(model, plan, out, devices=devices,
+                               on_status=lambda s: lines.append(journal_lines(journal) if journal.exists() else []))
+    assert result.counts() == {"done": 0, "skipped": 0, "failed": n}
+    assert len(written) == 2 and sum(written) < 2 * (out / "cohort.json").stat().st_size
+    assert [len(seen) for seen in lines] == list(range(1, n + 1))  # one more line after every slide, on disk
+    assert {s["name"] for s in lines[-1]} == {s.name for s in plan}
+    assert not journal.exists()
+
+
+def test_the_final_record_holds_the_journal_in_the_record_s_schema(tmp_path, model):
+    from dataclasses import fields
+
+    from deepspot.runtime import cohort
+
+    slides = make_slides(tmp_path / "in")
+    slides[2].write_bytes(b"not a bundle")
+    out = tmp_path / "out"
+    assert run("infer", model, "-i", slides[0], "--output-dir", out, "--format", "npy").exit_code == 0
+    journal, seen = out / "cohort.shard-0-of-1.journal.jsonl", []
+    result = cohort.run_cohort(model, cohort.plan_slides(slides, None, out, "npy"), out, shard=(0, 1),
+                               on_status=lambda s: seen.append(journal_lines(journal) if journal.exists() else None))
+    data = json.loads(result.record.read_text())
+    assert result.record.read_text() == json.dumps(data, indent=1)
+    assert result.record == out / "cohort.shard-0-of-1.json" and not journal.exists()
+    assert set(data) == {"settings", "slides"}
+    assert set(data["settings"]) == {"model", "model_sha256", "shard", "verify"} | {
+        f.name for f in fields(cohort.CohortSettings)}  # fmt: skip
+    assert data["settings"]["shard"] == [0, 1] and data["settings"]["model_sha256"] == result.slides[0].model_sha256
+    assert [set(s) for s in data["slides"]] == [{f.name for f in fields(cohort.SlideStatus)}] * 3
+    assert [(s["name"], s["status"]) for s in data["slides"]] == [("s1", "skipped"), ("s2", "done"), ("s3", "failed")]
+    assert data["slides"] == [asdict(s) for s in result.slides]
+    assert seen[-1] == data["slides"][1:]  # the journal's lines (the slides run), as the record has them
