@@ -7,6 +7,7 @@ import errno
 import functools
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -52,6 +53,37 @@ def preallocate(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
+def temporary_file(folder: str | Path, prefix: str, suffix: str, output: str | Path | None = None) -> Iterator[Path]:
+    """A new empty file in ``folder`` (private, 0600), removed on the way out unless it has been renamed away.
+
+    Its removal is armed before the file exists: with ``mkstemp``, a Ctrl-C or SIGTERM (which raise in the main
+    thread) landing after the file was made and before the code that removes it would leave it behind. The name has
+    64 random bits, so it is made with ``O_EXCL`` at the first try; one that exists is an error, never removed.
+
+    Raises:
+        DeepSpotError: The file cannot be made there (named as ``output``'s, if given).
+        OSError: The same, without ``output``.
+    """
+    path = Path(folder) / f"{prefix}{secrets.token_hex(8)}{suffix}"
+    theirs = False
+    try:
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600))
+        except FileExistsError:
+            theirs = True
+            raise
+        except OSError as e:
+            if output is None:
+                raise
+            raise DeepSpotError(f"{output}: cannot write here ({e.strerror})") from None
+        yield path
+    finally:
+        if not theirs:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None, no_clobber: bool = False) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; on success rename it onto ``path``, on failure delete it.
 
@@ -66,13 +98,8 @@ def atomic_path(path: str | Path, suffix: str | None = None, no_clobber: bool = 
     if not folder.is_dir():
         raise DeepSpotError(f"{path}: output folder {folder} does not exist")
     check_clobber(path, no_clobber)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f"{temp_prefix(path.name)}", suffix=".tmp" + (suffix or path.suffix), dir=folder)
-    except OSError as e:
-        raise DeepSpotError(f"{path}: cannot write here ({e.strerror})") from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+    # Removed on the way out, whatever happens, unless it has taken its name.
+    with temporary_file(folder, temp_prefix(path.name), ".tmp" + (suffix or path.suffix), output=path) as tmp_path:
         yield tmp_path
         # mkstemp makes the file private (0600), and writers may replace it: give the result the permissions of
         # any new file just before it takes its name.
@@ -87,10 +114,6 @@ def atomic_path(path: str | Path, suffix: str | None = None, no_clobber: bool = 
             tmp_path.unlink()
         else:
             os.replace(tmp_path, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
 
 
 def temporary_folder(final: str | Path) -> Path:

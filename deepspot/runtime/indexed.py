@@ -18,8 +18,6 @@ beyond the table.
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ import numpy as np
 from ..checks import available_memory
 from ..data import MAX_BAG
 from ..errors import CheckpointError, ConfigError, InputError
-from ..fileio import ensure_free_space, preallocate, temp_prefix
+from ..fileio import ensure_free_space, preallocate, temp_prefix, temporary_file
 from ..export.metadata import (
     ENCODER_FILE,
     ENCODER_INPUT,
@@ -310,15 +308,10 @@ def embedding_table(n: int, h: int, dtype: np.dtype, location: str, folder: Path
         yield np.empty((n + 1, h), dtype=dtype)
         return
     ensure_free_space(folder or ".", (n + 1) * h * np.dtype(dtype).itemsize, "the embedding table")
-    fd, name = tempfile.mkstemp(prefix=temp_prefix("deepspot-embeddings"), suffix=".tmp.npy", dir=folder)
-    os.close(fd)
-    try:
+    with temporary_file(folder or ".", temp_prefix("deepspot-embeddings"), ".tmp.npy") as name:
         table = np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(n + 1, h))
         preallocate(name)  # a full disk is an error now, not a SIGBUS while the table is written
         yield table
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
 
 
 def check_indexed_inputs(

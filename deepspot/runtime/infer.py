@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 import warnings
 import zipfile
@@ -31,6 +30,7 @@ from ..fileio import (
     preallocate,
     remove_leftovers,
     temp_prefix,
+    temporary_file,
 )
 from .backends import RunnerOptions, load_runner
 from .stream import check_inputs, predict
@@ -386,14 +386,8 @@ def _uns(backend: str, info, layout: str, session, output: Path, inverse_transfo
 
 @contextlib.contextmanager
 def _temporary_npy(folder: Path, n: int, g: int) -> Iterator[tuple[Path, np.memmap]]:
-    fd, name = tempfile.mkstemp(prefix=temp_prefix("predictions"), suffix=".tmp.npy", dir=folder)
-    os.close(fd)
-    path = Path(name)
-    try:
+    with temporary_file(folder, temp_prefix("predictions"), ".tmp.npy") as path:
         yield path, _memmap_npy(path, n, g)
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
 
 
 def _memmap_npy(path: Path, n: int, g: int) -> np.memmap:

@@ -179,3 +179,39 @@ def test_ctrl_c_outside_a_command_says_so_too(where):
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130 and proc.stderr.strip().splitlines() == ["Interrupted."], proc.stderr
+
+
+class _Stop(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("make", ["atomic_path", "predictions", "embedding table"])
+def test_a_signal_just_after_a_temporary_file_is_made_leaves_nothing(tmp_path, monkeypatch, make):
+    """SIGTERM landing right after the file was made (the moment a worker's parent stops it): the code that removes
+    the file must already be armed, so the file goes with the unwinding. With ``mkstemp`` it was not yet."""
+    import tempfile
+
+    from deepspot import fileio
+    from deepspot.runtime.indexed import embedding_table
+    from deepspot.runtime.infer import _temporary_npy
+
+    real_open, real_mkstemp = os.open, tempfile.mkstemp
+
+    def then_signal(made):
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs in the main thread at once
+        return made
+
+    monkeypatch.setattr(os, "open", lambda path, *a, **k: then_signal(real_open(path, *a, **k))
+                        if str(path).startswith(str(tmp_path)) else real_open(path, *a, **k))  # fmt: skip
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: then_signal(real_mkstemp(*a, **k)))  # the old way
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(_Stop()))
+    try:
+        opened = {"atomic_path": lambda: fileio.atomic_path(tmp_path / "out.npy"),
+                  "predictions": lambda: _temporary_npy(tmp_path, 3, 2),
+                  "embedding table": lambda: embedding_table(3, 2, np.float32, "mmap", tmp_path)}[make]  # fmt: skip
+        with pytest.raises(_Stop):
+            with opened():
+                pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []
