@@ -101,7 +101,7 @@ def atomic_path(path: str | Path, suffix: str | None = None, no_clobber: bool = 
     # Removed on the way out, whatever happens, unless it has taken its name.
     with temporary_file(folder, temp_prefix(path.name), ".tmp" + (suffix or path.suffix), output=path) as tmp_path:
         yield tmp_path
-        # mkstemp makes the file private (0600), and writers may replace it: give the result the permissions of
+        # The temporary file is private (0600), and writers may replace it: give the result the permissions of
         # any new file just before it takes its name.
         umask = os.umask(0)
         os.umask(umask)

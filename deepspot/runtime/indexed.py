@@ -18,6 +18,7 @@ beyond the table.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -307,8 +308,9 @@ def embedding_table(n: int, h: int, dtype: np.dtype, location: str, folder: Path
     if location == "memory":
         yield np.empty((n + 1, h), dtype=dtype)
         return
-    ensure_free_space(folder or ".", (n + 1) * h * np.dtype(dtype).itemsize, "the embedding table")
-    with temporary_file(folder or ".", temp_prefix("deepspot-embeddings"), ".tmp.npy") as name:
+    folder = folder or Path(tempfile.gettempdir())  # the system's temporary folder by default
+    ensure_free_space(folder, (n + 1) * h * np.dtype(dtype).itemsize, "the embedding table")
+    with temporary_file(folder, temp_prefix("deepspot-embeddings"), ".tmp.npy") as name:
         table = np.lib.format.open_memmap(name, mode="w+", dtype=dtype, shape=(n + 1, h))
         preallocate(name)  # a full disk is an error now, not a SIGBUS while the table is written
         yield table
