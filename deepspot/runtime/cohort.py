@@ -37,6 +37,10 @@ from ..fileio import atomic_path, file_sha256, remove_leftovers
 
 FORMATS = ("h5ad", "npz", "npy")
 RECORD = "cohort.json"
+#: The settings that change what a slide's predictions are, beyond the rounding that differs between backends and
+#: batch sizes: an output made with other values of these is out of date. (The backend, layout and batch size give
+#: the same predictions within the parity tolerances, and redoing a cohort for them would be wasted.)
+VALUE_SETTINGS = ("inverse_transform", "precision", "table_dtype", "tf32")
 JOURNAL = "cohort.journal.jsonl"
 SHARD_RECORDS = "cohort.shard-*-of-*.json"
 SHARD_JOURNALS = "cohort.shard-*-of-*.journal.jsonl"
@@ -75,6 +79,7 @@ class SlideStatus:
     model_sha256: str | None = None
     input_fingerprint: dict[str, Any] = field(default_factory=dict)
     device: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)  # the options that shape its values (VALUE_SETTINGS)
 
 
 @dataclass
@@ -201,12 +206,19 @@ def _written(path: Path) -> int | None:
 
 
 def _record_slides(path: Path) -> list[Any]:
-    """The slides of a record; none if it cannot be read."""
+    """The slides of a record; none if it cannot be read. A slide without its own ``settings`` (a record written
+    before slides had them) takes the record's."""
     try:
-        slides = json.loads(path.read_text()).get("slides", [])
+        data = json.loads(path.read_text())
+        slides, settings = data.get("slides", []), data.get("settings")
     except (OSError, ValueError, AttributeError):
         return []
-    return slides if isinstance(slides, list) else []
+    if not isinstance(slides, list):
+        return []
+    if isinstance(settings, dict):
+        common = {k: settings.get(k) for k in VALUE_SETTINGS}
+        slides = [{"settings": common, **s} if isinstance(s, dict) and "settings" not in s else s for s in slides]
+    return slides
 
 
 def _journal_slides(path: Path) -> list[Any]:
@@ -242,11 +254,16 @@ def read_record(output_dir: Path) -> dict[str, dict[str, Any]]:
     return slides
 
 
-def is_up_to_date(slide: Slide, previous: dict[str, Any] | None, model_hash: str | None, verify: bool) -> bool:
-    """An output that exists and that the same model made from the same input."""
+def is_up_to_date(slide: Slide, previous: dict[str, Any] | None, model_hash: str | None, verify: bool,
+                  settings: dict[str, Any] | None = None) -> bool:  # fmt: skip
+    """An output that exists and that the same model made from the same input with the same ``settings`` (those of
+    :data:`VALUE_SETTINGS`: a slide predicted on the standardised scale is not up to date for
+    ``inverse_transform``)."""
     if previous is None or previous.get("status") not in ("done", "skipped") or not slide.output.is_file():
         return False
     if model_hash is None or previous.get("model_sha256") != model_hash:
+        return False
+    if settings is not None and previous.get("settings") != settings:
         return False
     recorded = previous.get("input_fingerprint") or {}
     return recorded == input_fingerprint(slide.input, verify) if slide.input.exists() else False
@@ -300,6 +317,10 @@ class Journal:
 class CohortSettings:
     """How every slide is run (the :func:`~deepspot.runtime.infer` options shared by the cohort)."""
 
+    def values(self) -> dict[str, Any]:
+        """The settings that shape the predicted values (:data:`VALUE_SETTINGS`), recorded with each slide."""
+        return {k: getattr(self, k) for k in VALUE_SETTINGS}
+
     backend: str | None = None
     batch_size: int | None = None
     inverse_transform: bool = False
@@ -324,7 +345,8 @@ def _run_slides(model: Any, slides: Iterable[Slide], settings: CohortSettings, d
         options.device = int(device)
     with ModelSession(model, settings.backend, options, table_dtype=settings.table_dtype, shared=True) as session:
         for slide in slides:
-            status = SlideStatus(slide.name, "done", str(slide.input), str(slide.output), device=device)
+            status = SlideStatus(slide.name, "done", str(slide.input), str(slide.output), device=device,
+                                 settings=settings.values())  # fmt: skip
             start = time.perf_counter()
             try:
                 status.input_fingerprint = input_fingerprint(slide.input, False) if slide.input.exists() else {}
@@ -381,10 +403,12 @@ def _worker(model: Any, slides: list[Slide], settings: CohortSettings, device: s
         done.put(("worker-failed", device, f"{type(e).__name__}: {e}"))
 
 
-def check_setup(model: Any, backend: str | None, devices: Sequence[str] | None) -> None:
+def check_setup(model: Any, backend: str | None, devices: Sequence[str] | None,
+                inverse_transform: bool = False) -> None:  # fmt: skip
     """Refuse, before any slide runs, what would fail every slide the same way: a ``--devices`` entry that is neither
-    a GPU index nor ``cpu``, GPU indices for a backend that runs on the CPU (or the reverse), and a backend that
-    cannot run here.
+    a GPU index nor ``cpu``, GPU indices for a backend that runs on the CPU (or the reverse), a backend that
+    cannot run here, and ``inverse_transform`` for an exported model without a scaler (a checkpoint's is known once
+    it is loaded, by the first slide).
 
     Raises:
         ConfigError: A device list that does not fit the backend.
@@ -407,6 +431,16 @@ def check_setup(model: Any, backend: str | None, devices: Sequence[str] | None) 
     if on_gpu and devices and len(gpus) < len(devices):
         raise ConfigError(f"--devices {','.join(devices)}: backend {name!r} runs on a GPU, so give GPU indices only")
     select_backend(name, kind=kind)  # says why the backend cannot run here, once, instead of once per slide
+    if inverse_transform and kind == "onnx":
+        from ..export import read_model_metadata
+        from ..export.metadata import HEAD_FILE
+        from .artifacts import info_from_onnx_metadata
+
+        graph = Path(model) / HEAD_FILE if is_indexed_folder(model) else Path(model)
+        info = info_from_onnx_metadata(read_model_metadata(graph), str(graph))
+        if info is not None and info.scaler is None and not info.fold_scaler:
+            raise ConfigError(f"{model}: the model has no scaler, so there is no original scale to map back to; "
+                              "leave out --inverse-transform")  # fmt: skip
 
 
 def run_cohort(
@@ -437,7 +471,7 @@ def run_cohort(
     from .infer import model_fingerprint
 
     settings = settings or CohortSettings()
-    check_setup(model, settings.backend, devices)
+    check_setup(model, settings.backend, devices, settings.inverse_transform)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     remove_leftovers(output_dir)  # each slide's own output folder is swept by infer() before it writes there
@@ -449,10 +483,11 @@ def run_cohort(
         if not in_shard(slide.name, shard):
             continue
         old = previous.get(slide.name)
-        if not force and is_up_to_date(slide, old, model_hash, verify):
+        if not force and is_up_to_date(slide, old, model_hash, verify, settings.values()):
             statuses[slide.name] = SlideStatus(slide.name, "skipped", str(slide.input), str(slide.output),
                                                old.get("items", 0), 0.0, None, model_hash,
-                                               input_fingerprint(slide.input, verify))  # fmt: skip
+                                               input_fingerprint(slide.input, verify),
+                                               settings=settings.values())  # fmt: skip
         else:
             todo.append(slide)
     record_settings = {"model": str(model), "model_sha256": model_hash, "shard": shard, "verify": verify,

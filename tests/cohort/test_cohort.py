@@ -85,6 +85,33 @@ def test_resume_skips_what_is_up_to_date_and_redoes_what_changed(tmp_path, model
     assert "0 done, 3 skipped" in run(*args).output
 
 
+def test_resume_redoes_slides_made_with_other_value_settings(tmp_path):
+    """An output on the standardised scale is not up to date for --inverse-transform (nor fp32 for --precision fp16);
+    a run with the same settings again skips, and a record from before slides carried their settings uses its own."""
+    from deepspot.scaler import Scaler
+
+    m = deepspot.create_model("cell", "neighbors", input_size=D, output_size=G, phi2rho_size=4, n_ensemble=2)
+    m.scaler = Scaler("standard", np.arange(G, dtype=np.float64), np.full(G, 3.0))
+    model = tmp_path / "scaled.onnx"
+    assert run("export", deepspot.save(m, tmp_path / "scaled.safetensors"), "-o", model).exit_code == 0
+    slides = make_slides(tmp_path / "in")
+    out = tmp_path / "out"
+    args = ("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy")
+    assert "3 done, 0 skipped" in run(*args).output
+    standardised = np.load(out / "s1.npy")
+    assert "3 done, 0 skipped" in run(*args, "--inverse-transform").output
+    np.testing.assert_allclose(np.load(out / "s1.npy"), standardised * 3 + np.arange(G), rtol=1e-5, atol=1e-5)
+    assert "0 done, 3 skipped" in run(*args, "--inverse-transform").output
+    assert record(out)["s1"]["settings"]["inverse_transform"] is True
+    # A record written before slides had their own settings: the record's settings stand for each slide.
+    data = json.loads((out / "cohort.json").read_text())
+    for s in data["slides"]:
+        del s["settings"]
+    (out / "cohort.json").write_text(json.dumps(data))
+    assert "0 done, 3 skipped" in run(*args, "--inverse-transform").output
+    assert "3 done, 0 skipped" in run(*args).output
+
+
 def test_a_failing_slide_does_not_stop_the_others(tmp_path, model):
     slides = make_slides(tmp_path / "in")
     bad = tmp_path / "in" / "broken.npz"
@@ -156,16 +183,17 @@ def test_a_backend_error_fails_its_slide_only(tmp_path, model, monkeypatch):
     assert status["s2"].error == "RuntimeError: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code"
 
 
-@pytest.mark.parametrize("devices, backend, message", [
-    ("bogus", None, "--devices: 'bogus' is neither a GPU index (0, 1, ...) nor cpu"),
-    ("0,1", None, "names GPUs, but backend 'ort-cpu' runs on the CPU"),
-    ("cpu,cpu", "ort-cuda", "backend 'ort-cuda' runs on a GPU, so give GPU indices only"),
-    ("0,1", "ort-cuda", "backend 'ort-cuda' needs"),  # no GPU here: said once, not once per slide
+@pytest.mark.parametrize("devices, options, message", [
+    ("bogus", [], "--devices: 'bogus' is neither a GPU index (0, 1, ...) nor cpu"),
+    ("0,1", [], "names GPUs, but backend 'ort-cpu' runs on the CPU"),
+    ("cpu,cpu", ["--backend", "ort-cuda"], "backend 'ort-cuda' runs on a GPU, so give GPU indices only"),
+    ("0,1", ["--backend", "ort-cuda"], "backend 'ort-cuda' needs"),  # no GPU here: said once, not once per slide
+    (None, ["--inverse-transform"], "the model has no scaler, so there is no original scale to map back to"),
 ])
-def test_a_cohort_setup_that_fails_every_slide_is_refused_up_front(tmp_path, model, devices, backend, message):
+def test_a_cohort_setup_that_fails_every_slide_is_refused_up_front(tmp_path, model, devices, options, message):
     slides = make_slides(tmp_path / "in", ["a", "b"])
-    args = ["--backend", backend] if backend else []
-    result = run("infer", model, "-i", *slides, "--output-dir", tmp_path / "out", "--devices", devices, *args)
+    options = options + (["--devices", devices] if devices else [])
+    result = run("infer", model, "-i", *slides, "--output-dir", tmp_path / "out", *options)
     assert result.exit_code == 2 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
