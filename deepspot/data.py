@@ -23,7 +23,7 @@ import numpy as np
 
 from .checks import at_least, check_memory
 from .errors import InputError, UnusedInputWarning
-from .fileio import atomic_path, numpy_error, temporary_folder
+from .fileio import OBJECT_ARRAY_HINT, atomic_path, numpy_error, temporary_folder
 from .modes import Mode, get_mode
 
 FEATURE_KEYS = ("spot", "cell", "subspot", "neighbors")
@@ -224,7 +224,8 @@ def _read_npz(path: Path, mmap: bool) -> dict[str, np.ndarray]:
                 )
                 shape, fortran, dtype = read_header(raw)
                 if dtype.hasobject:
-                    raise InputError(f"{path}: array {key!r} holds Python objects, which bundles never do")
+                    raise InputError(f"{path}: array {key!r} holds Python objects (np.asarray(adata.obs_names) is "
+                                     f"one), which bundles never do; {OBJECT_ARRAY_HINT}")  # fmt: skip
                 # The header's shape must be what the member stores: a larger one would map the next member's bytes.
                 stored = info.file_size - (raw.tell() - start)
                 claimed = math.prod(shape) * dtype.itemsize

@@ -180,12 +180,20 @@ def refuse_inputs(output: str | Path, inputs: Iterable[object], what: str = "out
             raise DeepSpotError(f"{output}: is an input of this run ({source}); write the {what} elsewhere")
 
 
+#: How to save names so that they are read back: ``np.asarray(adata.obs_names)`` is an array of Python objects,
+#: which ``np.savez`` pickles.
+OBJECT_ARRAY_HINT = "save names as text with np.asarray(names, dtype=str)"
+
+
 def numpy_error(e: BaseException) -> str:
     """Why NumPy could not read an array file, in a user's words. For a file without NumPy's header, or an array of
     Python objects, NumPy says to load it with ``allow_pickle``: advice to run code from the file, never ours."""
     text = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
     if "pickle" in text or "Python objects" in text:
-        return "not a NumPy array file (no .npy header), or an array of Python objects, which deepspot never unpickles"
+        return (
+            "not a NumPy array file (no .npy header), or an array of Python objects, which deepspot never unpickles "
+            f"({OBJECT_ARRAY_HINT})"
+        )
     return text
 
 

@@ -89,3 +89,18 @@ def test_nearest_neighbours_of_a_slide_smaller_than_k_are_padded_with_minus_one(
 
     index = neighbor_index_knn(np.array([[0.0, 0.0], [1.0, 0.0], [3.0, 0.0]]), 4)
     np.testing.assert_array_equal(index, [[1, 2, -1, -1], [0, 2, -1, -1], [1, 0, -1, -1]])
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_names_saved_from_a_pandas_index_are_refused_with_the_way_to_save_them(tmp_path, save):
+    """``np.asarray(adata.obs_names)`` is an object array, which ``np.savez`` pickles: the error says to save the names
+    as text, and the README's ``dtype=str`` bundle loads with its names."""
+    pd = pytest.importorskip("pandas")
+    arrays = synth_bundle("cell", "cell", 4, input_size=3, genes=2)
+    names = pd.Index([f"{i:04d}-1" for i in range(4)])
+    save(tmp_path / "objects.npz", **{**arrays, "barcode": np.asarray(names)})
+    with pytest.raises(InputError, match=r"'barcode'|Python objects") as error:
+        load_bundle(tmp_path / "objects.npz")
+    assert "np.asarray(names, dtype=str)" in str(error.value) and "allow_pickle" not in str(error.value)
+    save(tmp_path / "text.npz", **{**arrays, "barcode": np.asarray(names, dtype=str)})
+    assert load_bundle(tmp_path / "text.npz").barcodes == ["0000-1", "0001-1", "0002-1", "0003-1"]
