@@ -135,9 +135,19 @@ def _read_csv_obs(path: Path, delimiter: str, wanted: Sequence[str]) -> tuple[li
                 try:
                     values = [float(v) for v in values]
                 except ValueError:
-                    raise InputError(f"{path}: column {name!r} holds a value that is not a number") from None
+                    line, value = next((i + 2, v) for i, v in enumerate(values) if not _is_number(v))
+                    what = "is empty" if not value else f"holds {value[:40]!r}, which is not a number"
+                    raise InputError(f"{path}: line {line}: column {name!r} {what}") from None
             columns[name] = np.asarray(values)
     return barcodes, columns
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 # -- writing predictions ------------------------------------------------------------------------------------------

@@ -192,6 +192,25 @@ def gather_neighbors(features: np.ndarray, index: np.ndarray) -> np.ndarray:
     return padded[np.where(index < 0, len(features), index)]
 
 
+def check_coordinates(barcodes: Sequence[str], coords: Mapping[str, np.ndarray], source: str = "obs") -> None:
+    """Refuse a NaN or infinite coordinate, naming the column and the first item that has one.
+
+    A bundle's coordinates choose neighbours, match tiles and become the predictions' ``obsm["spatial"]``; a missing
+    one would silently give an item wrong neighbours or tile, or none on a plot.
+    """
+    from .anndata_io import COORD_ALIASES
+
+    for name in COORD_KEYS:
+        if name not in coords:
+            continue
+        values = np.asarray(coords[name], dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            aliases = "".join(f" ({a})" for a, target in COORD_ALIASES.items() if target == name)
+            raise InputError(f"{source}: {bad.size} item(s) have a NaN or infinite {name}{aliases}; the first is "
+                             f"{barcodes[int(bad[0])]!r}")  # fmt: skip
+
+
 def _points(a: np.ndarray, b: np.ndarray, what: str) -> np.ndarray:
     pts = np.column_stack([np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)])
     if not np.isfinite(pts).all():
@@ -250,6 +269,7 @@ def build_bundle(
     for name, values in coords.items():
         if len(values) != n:
             raise InputError(f"{source}: {name} has {len(values)} values for {n} barcodes")
+    check_coordinates(barcodes, coords, source)
     if max_neighbors is not None and max_neighbors < 1:
         raise InputError(f"max_neighbors must be positive, got {max_neighbors}")
 
@@ -373,6 +393,7 @@ def _build(features, names, columns, family, radius, k, index, max_neighbors, dt
     coords = {c: v for c, v in columns.items() if c in COORD_KEYS}
     # A file is never a folder of .npy files: whatever its name (.h5, .hdf5, .h5ad), it is read as a slide's .h5.
     h5 = Path(features).is_file() or Path(features).suffix.lower() in (".h5", ".hdf5")
+    check_coordinates(names, coords, source)  # before the tiles are matched by position
     feats = read_h5_features(features, coords, source) if h5 else None
     arrays = build_bundle(features, names, coords, family, radius, k, index, max_neighbors, source=source, feats=feats)
     return cast_features(arrays, dtype)

@@ -110,7 +110,7 @@ def test_read_obs_bad_input(tmp_path):
     with pytest.raises(InputError, match=r"coords\.csv: no barcode column \(columns: id, x_array\)"):
         read_obs(bad)
     bad.write_text("barcode,x_array\nA,one\n")
-    with pytest.raises(InputError, match=r"coords\.csv: column 'x_array' holds a value that is not a number"):
+    with pytest.raises(InputError, match=r"coords\.csv: line 2: column 'x_array' holds 'one', which is not a number"):
         read_obs(bad)
     bad.write_text("barcode,x_array\nA,1,2\n")
     with pytest.raises(InputError, match=r"coords\.csv: line 2 has 3 fields"):

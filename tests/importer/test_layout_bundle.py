@@ -226,7 +226,7 @@ def test_other_bad_inputs(tmp_path):
         build_bundle(tmp_path / "f", ["a", "b"], {"x_array": [0, 1], "y_array": [0, 1]}, family="cell")
     with pytest.raises(InputError, match="no such features folder"):
         build_bundle(tmp_path / "nope", ["a", "b"], {"x_array": [0, 1], "y_array": [0, 1]})
-    with pytest.raises(InputError, match="hold NaN"):
+    with pytest.raises(InputError, match=r"NaN or infinite x_array \(array_row\); the first is 'b'"):
         build_bundle(tmp_path / "f", ["a", "b"], {"x_array": [0, np.nan], "y_array": [0, 1]})
     with pytest.raises(DeepSpotError, match="unknown family"):
         build_bundle(tmp_path / "f", ["a", "b"], {"x_array": [0, 1], "y_array": [0, 1]}, family="tile")

@@ -195,3 +195,29 @@ def test_a_barcode_that_appears_twice_is_refused(tmp_path):
     result = run("bundle", "--features", folder, "--obs", tmp_path / "obs.csv", "-o", tmp_path / "b.npz")
     assert result.exit_code == 2 and f"barcode {barcodes[0]!r} appears more than once" in result.output
     assert not (tmp_path / "b.npz").exists()
+
+
+def test_a_nan_coordinate_is_refused_naming_the_column_and_the_item(tmp_path):
+    """A NaN pixel position crashed tile matching with a traceback, went into the bundle (and obsm['spatial']) without
+    tiles, and a NaN array position was an error that named neither the file nor the spot."""
+    h5py = pytest.importorskip("h5py")
+    h5ad, folder, barcodes, _, (pxl_row, pxl_col), _ = visium(tmp_path, off_tissue=())
+    with h5py.File(tmp_path / "slide.h5", "w") as f:
+        f["features"] = np.zeros((len(barcodes), D), np.float32)
+        f.create_dataset("coords", data=np.column_stack([pxl_col - 50, pxl_row - 50])).attrs["patch_size_level0"] = 100
+    for column, value in (("pxl_row_in_fullres", "nan"), ("array_row", "inf"), ("pxl_col_in_fullres", "nan")):
+        rows = [[b, r, c, pr, pc] for b, r, c, pr, pc in zip(barcodes, *np.divmod(np.arange(16), 4), pxl_row, pxl_col)]
+        header = ["barcode", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+        rows[3][header.index(column)] = value
+        obs = tmp_path / "obs.csv"
+        obs.write_text(",".join(header) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+        for features in (("--features", folder), ("--features-h5", tmp_path / "slide.h5")):
+            result = run("bundle", *features, "--obs", obs, "-o", tmp_path / "b.npz")
+            assert result.exit_code == 2, result.output
+            line = result.output.strip()
+            assert len(line.splitlines()) == 1 and "obs.csv: 1 item(s) have a NaN or infinite" in line, line
+            assert f"({column}); the first is {barcodes[3]!r}" in line, line
+            assert not (tmp_path / "b.npz").exists()
+    obs.write_text("barcode,array_row,array_col\n" + "".join(f"{b},{i},\n" for i, b in enumerate(barcodes)))
+    result = run("bundle", "--features", folder, "--obs", obs, "-o", tmp_path / "b.npz")
+    assert result.exit_code == 2 and "obs.csv: line 2: column 'array_col' is empty" in result.output, result.output
