@@ -20,6 +20,7 @@ Instead of copying features, neighbours can be stored as ``neighbor_index`` ``(N
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .data import save_bundle
+from .data import save_bundle, save_bundles
 from .errors import InputError
 from .fileio import check_clobber, numpy_error
 from .modes import check_family
@@ -456,7 +457,13 @@ def write_sample_bundles(
         built[name] = _build(features, sub_barcodes, sub_columns, family, radius, k, index, max_neighbors, dtype,
                              f"{obs} (sample {name})")  # fmt: skip
     out = Path(out)
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    for name, arrays in built.items():
-        save_bundle(out / f"{name}.npz", arrays)
+    try:
+        save_bundles({out / f"{name}.npz": arrays for name, arrays in built.items()}, no_clobber=no_clobber)
+    except BaseException:
+        if made:  # nothing of this run is left: the folder it made goes too (it is empty, or is not removed)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     return built

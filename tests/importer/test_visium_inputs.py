@@ -221,3 +221,25 @@ def test_a_nan_coordinate_is_refused_naming_the_column_and_the_item(tmp_path):
     obs.write_text("barcode,array_row,array_col\n" + "".join(f"{b},{i},\n" for i, b in enumerate(barcodes)))
     result = run("bundle", "--features", folder, "--obs", obs, "-o", tmp_path / "b.npz")
     assert result.exit_code == 2 and "obs.csv: line 2: column 'array_col' is empty" in result.output, result.output
+
+
+def test_samples_are_written_all_or_none(tmp_path):
+    """A sample whose name the file system refuses (too long) failed after the samples before it were written."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "features"
+    folder.mkdir()
+    lines = ["barcode,x_array,y_array,sampleID"]
+    for sample in ("S1", "S" * 300):
+        for i in range(2):
+            np.save(folder / f"{sample[:8]}_{i}.npy", rng.standard_normal((1, D)).astype(np.float32))
+            lines.append(f"{sample[:8]}_{i},{i},0,{sample}")
+    (tmp_path / "obs.csv").write_text("\n".join(lines) + "\n")
+    result = run("bundle", "--features", folder, "--obs", tmp_path / "obs.csv", "--by", "sampleID",
+                 "-o", tmp_path / "bundles")  # fmt: skip
+    assert result.exit_code == 2 and "cannot write here" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "bundles").exists()  # neither S1.npz nor the folder made for it
+    (tmp_path / "bundles").mkdir()  # a folder that was there stays, empty
+    assert run("bundle", "--features", folder, "--obs", tmp_path / "obs.csv", "--by", "sampleID",
+               "-o", tmp_path / "bundles").exit_code == 2  # fmt: skip
+    assert list((tmp_path / "bundles").iterdir()) == []
