@@ -28,6 +28,8 @@ COORD_ALIASES = {
     "pxl_row_in_fullres": "x_pixel",
     "pxl_col_in_fullres": "y_pixel",
 }
+#: Space Ranger 1.x's ``tissue_positions_list.csv``: these columns, without a header line.
+SPACERANGER_V1_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
 #: ``obs`` columns read besides the coordinates: which spots lie on the tissue, and the reference's sample grouping.
 EXTRA_COLUMNS = ("in_tissue", "sampleID")
 #: Names accepted for the barcode column of a CSV (pandas writes an unnamed index column as "" or "Unnamed: 0").
@@ -52,7 +54,8 @@ def read_obs(path: str | Path, extra: Sequence[str] = ()) -> tuple[list[str], di
     ``y_pixel``, or scanpy's ``array_row``, ``array_col``), and ``obsm["spatial"]`` (scanpy's ``[column, row]`` pixel
     order) where ``obs`` has no pixel columns; only ``obs`` and ``obsm`` are read, not ``X``. From a ``.csv``: a
     ``barcode`` column (or pandas' unnamed index column) and the same columns, Space Ranger's ``tissue_positions.csv``
-    included (``pxl_row_in_fullres``, ``pxl_col_in_fullres``). ``in_tissue`` and the ``extra`` columns (such as
+    included (``pxl_row_in_fullres``, ``pxl_col_in_fullres``), and Space Ranger 1.x's ``tissue_positions_list.csv``,
+    which has no header line (six columns, the last five numbers). ``in_tissue`` and the ``extra`` columns (such as
     ``sampleID``) come along when present.
 
     Returns:
@@ -110,7 +113,7 @@ def _read_h5ad_obs(path: Path, wanted: Sequence[str]) -> tuple[list[str], dict[s
 
 def _read_csv_obs(path: Path, delimiter: str, wanted: Sequence[str]) -> tuple[list[str], dict[str, np.ndarray]]:
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's CSV starts with a byte-order mark
             reader = csv.reader(f, delimiter=delimiter)
             header = next(reader, None)
             rows = [r for r in reader if r]
@@ -120,6 +123,9 @@ def _read_csv_obs(path: Path, delimiter: str, wanted: Sequence[str]) -> tuple[li
         raise InputError(f"{path}: empty CSV file")
     header = [h.strip() for h in header]
     col = next((header.index(c) for c in BARCODE_COLUMNS if c in header), None)
+    if col is None and len(header) == len(SPACERANGER_V1_COLUMNS) and all(_is_number(v) for v in header[1:]):
+        header, rows = list(SPACERANGER_V1_COLUMNS), [header, *rows]  # its first line is a spot, not a header
+        col = 0
     if col is None:
         raise InputError(f"{path}: no barcode column (columns: {', '.join(header)})")
     bad = next((i for i, r in enumerate(rows) if len(r) != len(header)), None)

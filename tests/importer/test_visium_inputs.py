@@ -90,6 +90,24 @@ def test_space_ranger_tissue_positions_csv(tmp_path):
     np.testing.assert_array_equal(b["x_pixel"], pxl_row[in_tissue == 1])
 
 
+@pytest.mark.parametrize("variant", ["space_ranger_1", "spreadsheet"])
+def test_space_ranger_1_positions_without_header_and_a_spreadsheets_csv(tmp_path, variant):
+    """Space Ranger 1.x's tissue_positions_list.csv has no header line, and a CSV saved by a spreadsheet starts with a
+    byte-order mark: both were "no barcode column"."""
+    _, folder, barcodes, _, (pxl_row, pxl_col), in_tissue = visium(tmp_path)
+    lines = [f"{b},{in_tissue[i]},{i // 4},{i % 4},{int(pxl_row[i])},{int(pxl_col[i])}" for i, b in enumerate(barcodes)]
+    if variant == "spreadsheet":
+        lines.insert(0, "\ufeffbarcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres")
+    obs = tmp_path / "tissue_positions_list.csv"
+    obs.write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    result = run("bundle", "--features", folder, "--obs", obs, "-o", tmp_path / "b.npz")
+    assert result.exit_code == 0, result.output
+    b = load_bundle(tmp_path / "b.npz")
+    assert b.barcodes == [x for x, t in zip(barcodes, in_tissue) if t]  # the first line is a spot, kept
+    np.testing.assert_array_equal(b["x_pixel"], pxl_row[in_tissue == 1])
+    np.testing.assert_array_equal(b["y_pixel"], pxl_col[in_tissue == 1])
+
+
 def test_trident_h5_features_matched_by_position(tmp_path):
     h5py = pytest.importorskip("h5py")
     h5ad, _, barcodes, _, (pxl_row, pxl_col), in_tissue = visium(tmp_path, off_tissue=())
