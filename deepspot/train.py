@@ -87,6 +87,29 @@ def _as_tensors(inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _checked_data(
+    model: DeepSetModel, inputs: Mapping[str, Any], target: Any, which: str
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Bags and targets as float32 tensors, checked before any work: names, shapes, rows, finite values, not empty.
+
+    ``which`` prefixes the names in messages (``"validation "`` for validation data).
+    """
+    x = _as_tensors(inputs)
+    y = torch.from_numpy(np.array(target, dtype=np.float32))
+    model.parse_inputs(**{k: v[:1] for k, v in x.items()})  # names and shapes
+    if y.dim() != 2 or y.shape[1] != model.output_size:
+        raise InputError(f"{which}target must have shape (N, {model.output_size}), got {tuple(y.shape)}")
+    if any(v.shape[0] != y.shape[0] for v in x.values()):
+        raise InputError(f"{which}inputs and target have different numbers of items")
+    if y.shape[0] == 0:
+        raise InputError(f"the {which or 'training '}data holds no items")
+    for name, t in list(x.items()) + [("target", y)]:
+        if not torch.isfinite(t).all():
+            row = int(torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1))[0])
+            raise InputError(f"{which}{name!r} holds a non-finite value in row {row}")
+    return x, y
+
+
 def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of ``range(n)`` into training and validation positions (NumPy generator, not torch's)."""
     n_val = int(round(n * fraction))
@@ -151,20 +174,13 @@ def fit(
     """
     config = config or TrainConfig()
     check_optimizer(model.config["lr"], model.config["weight_decay"])
-    x = _as_tensors(inputs)
-    y = torch.from_numpy(np.array(target, dtype=np.float32))
-    model.parse_inputs(**{k: v[:1] for k, v in x.items()})  # names and shapes, before any work
-    if y.dim() != 2 or y.shape[1] != model.output_size:
-        raise InputError(f"target must have shape (N, {model.output_size}), got {tuple(y.shape)}")
-    if any(v.shape[0] != y.shape[0] for v in x.values()):
-        raise InputError("inputs and target have different numbers of items")
-    for name, t in list(x.items()) + [("target", y)]:
-        if not torch.isfinite(t).all():
-            row = int(torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1))[0])
-            raise InputError(f"{name!r} holds a non-finite value in row {row}")
-
+    x, y = _checked_data(model, inputs, target, "")
+    if (val_inputs is None) != (val_target is None):
+        raise ConfigError("separate validation data needs both val_inputs and val_target")
     if val_inputs is not None:
-        xv, yv = _as_tensors(val_inputs), torch.from_numpy(np.array(val_target, dtype=np.float32))
+        if config.val_fraction > 0:
+            raise ConfigError("give either separate validation data or val_fraction, not both")
+        xv, yv = _checked_data(model, val_inputs, val_target, "validation ")
     elif config.val_fraction > 0:
         train_idx, val_idx = split_validation(y.shape[0], config.val_fraction, model.config["random_seed"])
         xv = {k: v[val_idx] for k, v in x.items()}

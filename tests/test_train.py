@@ -143,6 +143,42 @@ def test_bad_training_inputs():
         TrainConfig(batch_size=0)
 
 
+def test_validation_data_is_checked_before_training():
+    # Each used to surface only after a training epoch (a misleading "diverged, try a lower --lr", a shape error from
+    # the loss), or not at all (a short val_target evaluated on part of the data; val_target alone ignored).
+    inputs, target = _small(n=40)
+    cfg = TrainConfig(epochs=1, batch_size=16, **QUIET)
+    nan_target = target.copy()
+    nan_target[5, 2] = np.nan
+    nan_spot = dict(inputs, spot=inputs["spot"].copy())
+    nan_spot["spot"][3] = np.inf
+    empty = {k: v[:0] for k, v in inputs.items()}
+    cases = [
+        (dict(val_inputs=inputs, val_target=nan_target), InputError, "validation 'target' holds a non-finite .* row 5"),
+        (dict(val_inputs=nan_spot, val_target=target), InputError, "validation 'spot' holds a non-finite .* row 3"),
+        (dict(val_inputs=empty, val_target=target[:0]), InputError, "the validation data holds no items"),
+        (dict(val_inputs=inputs, val_target=target[:10]), InputError, "validation inputs and target have different"),
+        (dict(val_inputs=inputs, val_target=target[:, :3]), InputError, r"validation target must have shape \(N, 4\)"),
+        (dict(val_inputs=inputs), ConfigError, "needs both val_inputs and val_target"),
+        (dict(val_target=target), ConfigError, "needs both val_inputs and val_target"),
+    ]
+    for kwargs, error, message in cases:
+        model = create_model("spot", "subspot_neighbors", input_size=8, output_size=4, phi2rho_size=6, n_ensemble=3)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(error, match=message):
+            fit(model, inputs, target, cfg, **kwargs)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any step
+    with pytest.raises(ConfigError, match="not both"):
+        fit(model, inputs, target, TrainConfig(val_fraction=0.2, **QUIET), inputs, target)
+
+
+def test_empty_training_data_is_refused():
+    inputs, target = _small(n=40)
+    model = create_model("spot", "subspot_neighbors", input_size=8, output_size=4, phi2rho_size=6, n_ensemble=3)
+    with pytest.raises(InputError, match="the training data holds no items"):
+        fit(model, {k: v[:0] for k, v in inputs.items()}, target[:0], TrainConfig(**QUIET))
+
+
 def test_smoothing_and_curves():
     np.testing.assert_allclose(smooth_curve([1.0, 0.0, 0.0]), [1.0, 0.8, 0.64])
     curves = loss_curves({"train_loss": [4.0, 3.0, 2.0, 1.0], "val_loss": [3.0, 1.0]})

@@ -190,3 +190,24 @@ def test_train_options_that_would_be_ignored_are_refused(tmp_path, extra, messag
     result = runner.invoke(app, ["train", "--data", str(tmp_path / "b.npz"), "-o", str(tmp_path / "run"), *extra])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad, message", [("nan", "validation 'target' holds a non-finite value in row 4"),
+                                          ("empty", "the validation data holds no items")])  # fmt: skip
+def test_bad_validation_bundle_is_refused_before_training(tmp_path, bad, message):
+    import numpy as np
+
+    bundle, val = tmp_path / "b.npz", tmp_path / "v.npz"
+    runner.invoke(app, ["synth", "--n", "40", "--input-size", "4", "--genes", "2", str(bundle)])
+    arrays = dict(np.load(bundle))
+    if bad == "nan":
+        arrays["target"][4, 1] = np.nan
+    else:
+        arrays = {k: v if k == "genes" else v[:0] for k, v in arrays.items()}
+    np.savez(val, **arrays)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--data", str(bundle), "--val-data", str(val), "--family", "spot",
+                                 "--out", str(out), "--no-progress", "--n-ensemble", "2", "--phi2rho-size", "4"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "diverged" not in result.output
+    assert result.output.strip().count("\n") == 0 and not out.exists()
