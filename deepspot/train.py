@@ -77,12 +77,22 @@ def check_optimizer(lr: float, weight_decay: float) -> None:
     finite_at_least(float(weight_decay), "--weight-decay")
 
 
-def _as_tensors(inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def _float32(value: Any, name: str, which: str) -> torch.Tensor:
+    """A float32 tensor of ``value`` (a copy: bundles are memory-mapped read-only, and training needs the data in
+    memory anyway); values beyond float32's range become inf here and are reported by :func:`_checked_data`."""
+    if isinstance(value, torch.Tensor):
+        return value.float()
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return torch.from_numpy(np.array(value, dtype=np.float32))
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{which}{name!r} must hold numbers: {e}") from None
+
+
+def _as_tensors(inputs: Mapping[str, Any], which: str = "") -> dict[str, torch.Tensor]:
     out = {}
     for k, v in inputs.items():
-        # A copy: bundles are memory-mapped read-only, and training needs the data in memory anyway.
-        t = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v, dtype=np.float32))
-        t = t.float()
+        t = _float32(v, k, which)
         out[k] = t[:, None, :] if t.dim() == 2 else t
     return out
 
@@ -94,8 +104,8 @@ def _checked_data(
 
     ``which`` prefixes the names in messages (``"validation "`` for validation data).
     """
-    x = _as_tensors(inputs)
-    y = torch.from_numpy(np.array(target, dtype=np.float32))
+    x = _as_tensors(inputs, which)
+    y = _float32(target, "target", which)
     model.parse_inputs(**{k: v[:1] for k, v in x.items()})  # names and shapes
     if y.dim() != 2 or y.shape[1] != model.output_size:
         raise InputError(f"{which}target must have shape (N, {model.output_size}), got {tuple(y.shape)}")
@@ -106,7 +116,9 @@ def _checked_data(
     for name, t in list(x.items()) + [("target", y)]:
         if not torch.isfinite(t).all():
             row = int(torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1))[0])
-            raise InputError(f"{which}{name!r} holds a non-finite value in row {row}")
+            original = np.asarray((target if name == "target" else inputs[name])[row], dtype=np.float64)
+            what = "a value beyond float32's range" if np.isfinite(original).all() else "a non-finite value"
+            raise InputError(f"{which}{name!r} holds {what} in row {row}")
     return x, y
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -177,6 +179,23 @@ def test_empty_training_data_is_refused():
     model = create_model("spot", "subspot_neighbors", input_size=8, output_size=4, phi2rho_size=6, n_ensemble=3)
     with pytest.raises(InputError, match="the training data holds no items"):
         fit(model, {k: v[:0] for k, v in inputs.items()}, target[:0], TrainConfig(**QUIET))
+
+
+def test_values_that_float32_cannot_hold_are_named():
+    # A float64 target beyond float32's range was reported as "non-finite" after a RuntimeWarning; a target that is
+    # not numbers was a ValueError traceback.
+    inputs, target = _small(n=40)
+    model = create_model("spot", "subspot_neighbors", input_size=8, output_size=4, phi2rho_size=6, n_ensemble=3)
+    big = target.astype(np.float64)
+    big[6, 1] = 1e300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError, match="'target' holds a value beyond float32's range in row 6"):
+            fit(model, inputs, big, TrainConfig(**QUIET))
+    text = target.astype(str)
+    text[2, 0] = "n/a"
+    with pytest.raises(InputError, match="'target' must hold numbers: could not convert"):
+        fit(model, inputs, text, TrainConfig(**QUIET))
 
 
 def test_smoothing_and_curves():

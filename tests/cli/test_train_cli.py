@@ -206,8 +206,26 @@ def test_bad_validation_bundle_is_refused_before_training(tmp_path, bad, message
         arrays = {k: v if k == "genes" else v[:0] for k, v in arrays.items()}
     np.savez(val, **arrays)
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--data", str(bundle), "--val-data", str(val), "--family", "spot",
-                                 "--out", str(out), "--no-progress", "--n-ensemble", "2", "--phi2rho-size", "4"])  # fmt: skip
+    args = ["train", "--data", str(bundle), "--val-data", str(val), "--family", "spot", "--out", str(out),
+            "--no-progress", "--n-ensemble", "2", "--phi2rho-size", "4"]  # fmt: skip
+    result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert message in result.output and "diverged" not in result.output
+    assert result.output.strip().count("\n") == 0 and not out.exists()
+
+
+def test_a_target_that_is_not_numbers_is_one_line(tmp_path):
+    import numpy as np
+
+    bundle = tmp_path / "b.npz"
+    runner.invoke(app, ["synth", "--n", "40", "--input-size", "4", "--genes", "2", str(bundle)])
+    arrays = dict(np.load(bundle))
+    arrays["target"] = arrays["target"].astype(str)
+    arrays["target"][3, 1] = "n/a"
+    np.savez(bundle, **arrays)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(bundle), "--family", "spot", "--out", str(out), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "'target' must hold numbers" in result.output and "Traceback" not in result.output
     assert result.output.strip().count("\n") == 0 and not out.exists()
