@@ -156,6 +156,12 @@ def train(
     if val_data is not None:
         vb = load_bundle(val_data)
         vb.validate(family, m, input_size=input_size, output_size=output_size, require_target=True)
+        if bundle.genes is not None and vb.genes is not None and vb.genes != bundle.genes:
+            i = next(j for j, (a, b) in enumerate(zip(vb.genes, bundle.genes)) if a != b)
+            raise InputError(
+                f"{val_data}: its genes differ from the training bundle's (gene {i}: {vb.genes[i]!r}, "
+                f"not {bundle.genes[i]!r}); validation targets must be the same genes in the same order"
+            )
         val = vb
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")

@@ -229,3 +229,20 @@ def test_a_target_that_is_not_numbers_is_one_line(tmp_path):
     assert result.exit_code == 2, result.output
     assert "'target' must hold numbers" in result.output and "Traceback" not in result.output
     assert result.output.strip().count("\n") == 0 and not out.exists()
+
+
+def test_a_validation_bundle_of_other_genes_is_refused(tmp_path):
+    import numpy as np
+
+    bundle, val = tmp_path / "b.npz", tmp_path / "v.npz"
+    runner.invoke(app, ["synth", "--n", "40", "--input-size", "4", "--genes", "3", str(bundle)])
+    arrays = dict(np.load(bundle))
+    arrays["genes"] = np.array(["gene_0000", "gene_0002", "gene_0001"])  # same count, another order
+    np.savez(val, **arrays)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(bundle), "--val-data", str(val), "--family", "spot", "--out", str(out),
+            "--no-progress", "--n-ensemble", "2", "--phi2rho-size", "4"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "its genes differ from the training bundle's (gene 1: 'gene_0002', not 'gene_0001')" in result.output
+    assert result.output.strip().count("\n") == 0 and not out.exists()
