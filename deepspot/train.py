@@ -89,11 +89,13 @@ def _float32(value: Any, name: str, which: str) -> torch.Tensor:
         raise InputError(f"{which}{name!r} must hold numbers: {e}") from None
 
 
-def _as_tensors(inputs: Mapping[str, Any], which: str = "") -> dict[str, torch.Tensor]:
+def _as_tensors(inputs: Mapping[str, Any], own: str, which: str = "") -> dict[str, torch.Tensor]:
+    """Float32 tensors; the spot or cell bag (``own``) may be one tile per item, ``(N, D)``, as in a bundle. Other
+    bags stay as given: a 2-D sub-spot or neighbour array is refused by the model's checks, not read as one tile."""
     out = {}
     for k, v in inputs.items():
         t = _float32(v, k, which)
-        out[k] = t[:, None, :] if t.dim() == 2 else t
+        out[k] = t[:, None, :] if t.dim() == 2 and k == own else t
     return out
 
 
@@ -104,8 +106,11 @@ def _checked_data(
 
     ``which`` prefixes the names in messages (``"validation "`` for validation data).
     """
-    x = _as_tensors(inputs, which)
+    x = _as_tensors(inputs, model.mode.bags[0].name, which)
     y = _float32(target, "target", which)
+    for name, t in x.items():
+        if t.dim() != 3:
+            raise InputError(f"{which}{name!r} must have 3 axes (N, bag, D), got shape {tuple(t.shape)}")
     model.parse_inputs(**{k: v[:1] for k, v in x.items()})  # names and shapes
     if y.dim() != 2 or y.shape[1] != model.output_size:
         raise InputError(f"{which}target must have shape (N, {model.output_size}), got {tuple(y.shape)}")

@@ -198,6 +198,20 @@ def test_values_that_float32_cannot_hold_are_named():
         fit(model, inputs, text, TrainConfig(**QUIET))
 
 
+def test_only_the_spot_bag_may_be_one_tile_per_item():
+    # A 2-D sub-spot or neighbour array was silently read as a bag of one tile; a bundle refuses it, and so does fit.
+    inputs, target = _small(n=40)
+    model = create_model("spot", "subspot_neighbors", input_size=8, output_size=4, phi2rho_size=6, n_ensemble=3)
+    flat = dict(inputs, subspot=inputs["subspot"].mean(axis=1))
+    with pytest.raises(InputError, match=r"'subspot' must have 3 axes \(N, bag, D\), got shape \(40, 8\)"):
+        fit(model, flat, target, TrainConfig(**QUIET))
+    with pytest.raises(InputError, match=r"validation 'neighbors' must have 3 axes"):
+        fit(model, inputs, target, TrainConfig(**QUIET), dict(inputs, neighbors=inputs["neighbors"][:, 0]), target)
+    one_tile = dict(inputs, spot=inputs["spot"].reshape(40, 8))  # (N, D) for the spot bag, as in a bundle
+    history = fit(model, one_tile, target, TrainConfig(epochs=1, batch_size=64, **QUIET))
+    assert len(history["train_loss"]) == 1
+
+
 def test_smoothing_and_curves():
     np.testing.assert_allclose(smooth_curve([1.0, 0.0, 0.0]), [1.0, 0.8, 0.64])
     curves = loss_curves({"train_loss": [4.0, 3.0, 2.0, 1.0], "val_loss": [3.0, 1.0]})
