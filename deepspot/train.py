@@ -106,6 +106,11 @@ def _checked_data(
 
     ``which`` prefixes the names in messages (``"validation "`` for validation data).
     """
+    names = model.mode.input_names
+    extra = [k for k in inputs if k not in names]
+    if extra:  # before converting: a whole bundle passed as inputs holds 'target', 'barcode', ...
+        takes = ", ".join(names)
+        raise InputError(f"unexpected {which}input {extra[0]!r}: mode {model.mode.reference!r} takes {takes}")
     x = _as_tensors(inputs, model.mode.bags[0].name, which)
     y = _float32(target, "target", which)
     for name, t in x.items():

@@ -196,6 +196,9 @@ def test_values_that_float32_cannot_hold_are_named():
     text[2, 0] = "n/a"
     with pytest.raises(InputError, match="'target' must hold numbers: could not convert"):
         fit(model, inputs, text, TrainConfig(**QUIET))
+    bundle = dict(inputs, target=target, barcode=np.array([f"s{i}" for i in range(40)]))  # a whole bundle as inputs
+    with pytest.raises(InputError, match="unexpected input 'target': mode 'spot_subspot_neighbors' takes spot, sub"):
+        fit(model, bundle, target, TrainConfig(**QUIET))
 
 
 def test_only_the_spot_bag_may_be_one_tile_per_item():
