@@ -246,3 +246,15 @@ def test_a_validation_bundle_of_other_genes_is_refused(tmp_path):
     assert result.exit_code == 2, result.output
     assert "its genes differ from the training bundle's (gene 1: 'gene_0002', not 'gene_0001')" in result.output
     assert result.output.strip().count("\n") == 0 and not out.exists()
+
+
+def test_val_data_with_the_default_val_fraction_spelled_out_is_refused(tmp_path):
+    # --val-fraction 0.1 (the default's value) next to --val-data was silently ignored; any other value was refused.
+    bundle = tmp_path / "b.npz"
+    runner.invoke(app, ["synth", "--n", "40", "--input-size", "4", "--genes", "2", str(bundle)])
+    out = tmp_path / "run"
+    args = ["train", "--data", str(bundle), "--val-data", str(bundle), "--val-fraction", "0.1", "--family", "spot",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "give either --val-data or --val-fraction, not both" in result.output and not out.exists()
