@@ -187,8 +187,14 @@ def fit(
         inputs: Training bags by name (``spot``, ``subspot``, ``neighbors``, ``cell``), arrays or tensors.
         target: Training targets ``(N, G)``.
         config: How to train; defaults to :class:`TrainConfig`'s defaults.
-        val_inputs: Separate validation bags; otherwise ``config.val_fraction`` of the items is held out.
+        val_inputs: Separate validation bags (with ``val_target``, and ``config.val_fraction`` 0); otherwise
+            ``config.val_fraction`` of the items is held out.
         val_target: Separate validation targets.
+
+    Raises:
+        InputError: Training or validation data that the model cannot take (names, shapes, rows, gene count,
+            values that are not finite float32 numbers, no items), before any step.
+        ConfigError: A bad configuration, or a loss that stops being finite (training diverged).
 
     Returns:
         The history: per-step ``train_loss`` and ``val_loss``, per-epoch means, and why training stopped. It is also
