@@ -77,14 +77,59 @@ def check_optimizer(lr: float, weight_decay: float) -> None:
     finite_at_least(float(weight_decay), "--weight-decay")
 
 
-def _as_tensors(inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def _float32(value: Any, name: str, which: str) -> torch.Tensor:
+    """A float32 tensor of ``value`` (a copy: bundles are memory-mapped read-only, and training needs the data in
+    memory anyway); values beyond float32's range become inf here and are reported by :func:`_checked_data`."""
+    if isinstance(value, torch.Tensor):
+        return value.float()
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return torch.from_numpy(np.array(value, dtype=np.float32))
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{which}{name!r} must hold numbers: {e}") from None
+
+
+def _as_tensors(inputs: Mapping[str, Any], own: str, which: str = "") -> dict[str, torch.Tensor]:
+    """Float32 tensors; the spot or cell bag (``own``) may be one tile per item, ``(N, D)``, as in a bundle. Other
+    bags stay as given: a 2-D sub-spot or neighbour array is refused by the model's checks, not read as one tile."""
     out = {}
     for k, v in inputs.items():
-        # A copy: bundles are memory-mapped read-only, and training needs the data in memory anyway.
-        t = v if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v, dtype=np.float32))
-        t = t.float()
-        out[k] = t[:, None, :] if t.dim() == 2 else t
+        t = _float32(v, k, which)
+        out[k] = t[:, None, :] if t.dim() == 2 and k == own else t
     return out
+
+
+def _checked_data(
+    model: DeepSetModel, inputs: Mapping[str, Any], target: Any, which: str
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Bags and targets as float32 tensors, checked before any work: names, shapes, rows, finite values, not empty.
+
+    ``which`` prefixes the names in messages (``"validation "`` for validation data).
+    """
+    names = model.mode.input_names
+    extra = [k for k in inputs if k not in names]
+    if extra:  # before converting: a whole bundle passed as inputs holds 'target', 'barcode', ...
+        takes = ", ".join(names)
+        raise InputError(f"unexpected {which}input {extra[0]!r}: mode {model.mode.reference!r} takes {takes}")
+    x = _as_tensors(inputs, model.mode.bags[0].name, which)
+    y = _float32(target, "target", which)
+    for name, t in x.items():
+        if t.dim() != 3:
+            raise InputError(f"{which}{name!r} must have 3 axes (N, bag, D), got shape {tuple(t.shape)}")
+    model.parse_inputs(**{k: v[:1] for k, v in x.items()})  # names and shapes
+    if y.dim() != 2 or y.shape[1] != model.output_size:
+        raise InputError(f"{which}target must have shape (N, {model.output_size}), got {tuple(y.shape)}")
+    if any(v.shape[0] != y.shape[0] for v in x.values()):
+        raise InputError(f"{which}inputs and target have different numbers of items")
+    if y.shape[0] == 0:
+        raise InputError(f"the {which or 'training '}data holds no items")
+    for name, t in list(x.items()) + [("target", y)]:
+        if not torch.isfinite(t).all():
+            row = int(torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1))[0])
+            original = np.asarray((target if name == "target" else inputs[name])[row], dtype=np.float64)
+            what = "a value beyond float32's range" if np.isfinite(original).all() else "a non-finite value"
+            raise InputError(f"{which}{name!r} holds {what} in row {row}")
+    return x, y
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -142,8 +187,14 @@ def fit(
         inputs: Training bags by name (``spot``, ``subspot``, ``neighbors``, ``cell``), arrays or tensors.
         target: Training targets ``(N, G)``.
         config: How to train; defaults to :class:`TrainConfig`'s defaults.
-        val_inputs: Separate validation bags; otherwise ``config.val_fraction`` of the items is held out.
+        val_inputs: Separate validation bags (with ``val_target``, and ``config.val_fraction`` 0); otherwise
+            ``config.val_fraction`` of the items is held out.
         val_target: Separate validation targets.
+
+    Raises:
+        InputError: Training or validation data that the model cannot take (names, shapes, rows, gene count,
+            values that are not finite float32 numbers, no items), before any step.
+        ConfigError: A bad configuration, or a loss that stops being finite (training diverged).
 
     Returns:
         The history: per-step ``train_loss`` and ``val_loss``, per-epoch means, and why training stopped. It is also
@@ -151,20 +202,13 @@ def fit(
     """
     config = config or TrainConfig()
     check_optimizer(model.config["lr"], model.config["weight_decay"])
-    x = _as_tensors(inputs)
-    y = torch.from_numpy(np.array(target, dtype=np.float32))
-    model.parse_inputs(**{k: v[:1] for k, v in x.items()})  # names and shapes, before any work
-    if y.dim() != 2 or y.shape[1] != model.output_size:
-        raise InputError(f"target must have shape (N, {model.output_size}), got {tuple(y.shape)}")
-    if any(v.shape[0] != y.shape[0] for v in x.values()):
-        raise InputError("inputs and target have different numbers of items")
-    for name, t in list(x.items()) + [("target", y)]:
-        if not torch.isfinite(t).all():
-            row = int(torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1))[0])
-            raise InputError(f"{name!r} holds a non-finite value in row {row}")
-
+    x, y = _checked_data(model, inputs, target, "")
+    if (val_inputs is None) != (val_target is None):
+        raise ConfigError("separate validation data needs both val_inputs and val_target")
     if val_inputs is not None:
-        xv, yv = _as_tensors(val_inputs), torch.from_numpy(np.array(val_target, dtype=np.float32))
+        if config.val_fraction > 0:
+            raise ConfigError("give either separate validation data or val_fraction, not both")
+        xv, yv = _checked_data(model, val_inputs, val_target, "validation ")
     elif config.val_fraction > 0:
         train_idx, val_idx = split_validation(y.shape[0], config.val_fraction, model.config["random_seed"])
         xv = {k: v[val_idx] for k, v in x.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -141,6 +143,76 @@ def test_bad_training_inputs():
         fit(model, inputs, target, TrainConfig(early_stopping=True, **QUIET))
     with pytest.raises(ConfigError, match="batch_size"):
         TrainConfig(batch_size=0)
+
+
+def test_validation_data_is_checked_before_training():
+    # Each used to surface only after a training epoch (a misleading "diverged, try a lower --lr", a shape error from
+    # the loss), or not at all (a short val_target evaluated on part of the data; val_target alone ignored).
+    inputs, target = _small(n=40)
+    cfg = TrainConfig(epochs=1, batch_size=16, **QUIET)
+    nan_target = target.copy()
+    nan_target[5, 2] = np.nan
+    nan_spot = dict(inputs, spot=inputs["spot"].copy())
+    nan_spot["spot"][3] = np.inf
+    empty = {k: v[:0] for k, v in inputs.items()}
+    cases = [
+        (dict(val_inputs=inputs, val_target=nan_target), InputError, "validation 'target' holds a non-finite .* row 5"),
+        (dict(val_inputs=nan_spot, val_target=target), InputError, "validation 'spot' holds a non-finite .* row 3"),
+        (dict(val_inputs=empty, val_target=target[:0]), InputError, "the validation data holds no items"),
+        (dict(val_inputs=inputs, val_target=target[:10]), InputError, "validation inputs and target have different"),
+        (dict(val_inputs=inputs, val_target=target[:, :3]), InputError, r"validation target must have shape \(N, 4\)"),
+        (dict(val_inputs=inputs), ConfigError, "needs both val_inputs and val_target"),
+        (dict(val_target=target), ConfigError, "needs both val_inputs and val_target"),
+    ]
+    for kwargs, error, message in cases:
+        model = create_model("spot", "subspot_neighbors", input_size=8, output_size=4, phi2rho_size=6, n_ensemble=3)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(error, match=message):
+            fit(model, inputs, target, cfg, **kwargs)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any step
+    with pytest.raises(ConfigError, match="not both"):
+        fit(model, inputs, target, TrainConfig(val_fraction=0.2, **QUIET), inputs, target)
+
+
+def test_empty_training_data_is_refused():
+    inputs, target = _small(n=40)
+    model = create_model("spot", "subspot_neighbors", input_size=8, output_size=4, phi2rho_size=6, n_ensemble=3)
+    with pytest.raises(InputError, match="the training data holds no items"):
+        fit(model, {k: v[:0] for k, v in inputs.items()}, target[:0], TrainConfig(**QUIET))
+
+
+def test_values_that_float32_cannot_hold_are_named():
+    # A float64 target beyond float32's range was reported as "non-finite" after a RuntimeWarning; a target that is
+    # not numbers was a ValueError traceback.
+    inputs, target = _small(n=40)
+    model = create_model("spot", "subspot_neighbors", input_size=8, output_size=4, phi2rho_size=6, n_ensemble=3)
+    big = target.astype(np.float64)
+    big[6, 1] = 1e300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError, match="'target' holds a value beyond float32's range in row 6"):
+            fit(model, inputs, big, TrainConfig(**QUIET))
+    text = target.astype(str)
+    text[2, 0] = "n/a"
+    with pytest.raises(InputError, match="'target' must hold numbers: could not convert"):
+        fit(model, inputs, text, TrainConfig(**QUIET))
+    bundle = dict(inputs, target=target, barcode=np.array([f"s{i}" for i in range(40)]))  # a whole bundle as inputs
+    with pytest.raises(InputError, match="unexpected input 'target': mode 'spot_subspot_neighbors' takes spot, sub"):
+        fit(model, bundle, target, TrainConfig(**QUIET))
+
+
+def test_only_the_spot_bag_may_be_one_tile_per_item():
+    # A 2-D sub-spot or neighbour array was silently read as a bag of one tile; a bundle refuses it, and so does fit.
+    inputs, target = _small(n=40)
+    model = create_model("spot", "subspot_neighbors", input_size=8, output_size=4, phi2rho_size=6, n_ensemble=3)
+    flat = dict(inputs, subspot=inputs["subspot"].mean(axis=1))
+    with pytest.raises(InputError, match=r"'subspot' must have 3 axes \(N, bag, D\), got shape \(40, 8\)"):
+        fit(model, flat, target, TrainConfig(**QUIET))
+    with pytest.raises(InputError, match=r"validation 'neighbors' must have 3 axes"):
+        fit(model, inputs, target, TrainConfig(**QUIET), dict(inputs, neighbors=inputs["neighbors"][:, 0]), target)
+    one_tile = dict(inputs, spot=inputs["spot"].reshape(40, 8))  # (N, D) for the spot bag, as in a bundle
+    history = fit(model, one_tile, target, TrainConfig(epochs=1, batch_size=64, **QUIET))
+    assert len(history["train_loss"]) == 1
 
 
 def test_smoothing_and_curves():

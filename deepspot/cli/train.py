@@ -86,7 +86,9 @@ def train(
     epochs: int = typer.Option(10, help="Maximum number of epochs."),
     batch_size: int = typer.Option(1024, help="Items per optimisation step."),
     shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="Shuffle the training items every epoch."),
-    val_fraction: float = typer.Option(0.1, help="Fraction held out for validation (0 for none)."),
+    val_fraction: Optional[float] = typer.Option(
+        None, help="Fraction held out for validation (0 for none). Default: 0.1, or none with --val-data."
+    ),
     normalize: bool = typer.Option(
         True, "--normalize/--no-normalize", help="Standardise targets; the scaler is stored with the model."
     ),
@@ -112,7 +114,7 @@ def train(
     if family != "cell" and (agg_neighbors != "max" or emb_size != 1024):
         option = "--agg-neighbors" if agg_neighbors != "max" else "--emb-size"
         raise ConfigError(f"{option} applies to the cell family only")
-    if val_data is not None and val_fraction != 0.1:
+    if val_data is not None and val_fraction is not None:
         raise ConfigError("give either --val-data or --val-fraction, not both")
     check_optimizer(lr, weight_decay)
     check_seed(random_seed, "--random-seed")
@@ -139,7 +141,7 @@ def train(
         epochs=epochs,
         batch_size=batch_size,
         shuffle=shuffle,
-        val_fraction=0.0 if val_data else val_fraction,
+        val_fraction=0.0 if val_data else 0.1 if val_fraction is None else val_fraction,
         normalize=normalize,
         early_stopping=early_stopping,
         monitor=monitor,
@@ -156,6 +158,12 @@ def train(
     if val_data is not None:
         vb = load_bundle(val_data)
         vb.validate(family, m, input_size=input_size, output_size=output_size, require_target=True)
+        if bundle.genes is not None and vb.genes is not None and vb.genes != bundle.genes:
+            i = next(j for j, (a, b) in enumerate(zip(vb.genes, bundle.genes)) if a != b)
+            raise InputError(
+                f"{val_data}: its genes differ from the training bundle's (gene {i}: {vb.genes[i]!r}, "
+                f"not {bundle.genes[i]!r}); validation targets must be the same genes in the same order"
+            )
         val = vb
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")

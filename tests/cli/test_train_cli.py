@@ -190,3 +190,71 @@ def test_train_options_that_would_be_ignored_are_refused(tmp_path, extra, messag
     result = runner.invoke(app, ["train", "--data", str(tmp_path / "b.npz"), "-o", str(tmp_path / "run"), *extra])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad, message", [("nan", "validation 'target' holds a non-finite value in row 4"),
+                                          ("empty", "the validation data holds no items")])  # fmt: skip
+def test_bad_validation_bundle_is_refused_before_training(tmp_path, bad, message):
+    import numpy as np
+
+    bundle, val = tmp_path / "b.npz", tmp_path / "v.npz"
+    runner.invoke(app, ["synth", "--n", "40", "--input-size", "4", "--genes", "2", str(bundle)])
+    arrays = dict(np.load(bundle))
+    if bad == "nan":
+        arrays["target"][4, 1] = np.nan
+    else:
+        arrays = {k: v if k == "genes" else v[:0] for k, v in arrays.items()}
+    np.savez(val, **arrays)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(bundle), "--val-data", str(val), "--family", "spot", "--out", str(out),
+            "--no-progress", "--n-ensemble", "2", "--phi2rho-size", "4"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "diverged" not in result.output
+    assert result.output.strip().count("\n") == 0 and not out.exists()
+
+
+def test_a_target_that_is_not_numbers_is_one_line(tmp_path):
+    import numpy as np
+
+    bundle = tmp_path / "b.npz"
+    runner.invoke(app, ["synth", "--n", "40", "--input-size", "4", "--genes", "2", str(bundle)])
+    arrays = dict(np.load(bundle))
+    arrays["target"] = arrays["target"].astype(str)
+    arrays["target"][3, 1] = "n/a"
+    np.savez(bundle, **arrays)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(bundle), "--family", "spot", "--out", str(out), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "'target' must hold numbers" in result.output and "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0 and not out.exists()
+
+
+def test_a_validation_bundle_of_other_genes_is_refused(tmp_path):
+    import numpy as np
+
+    bundle, val = tmp_path / "b.npz", tmp_path / "v.npz"
+    runner.invoke(app, ["synth", "--n", "40", "--input-size", "4", "--genes", "3", str(bundle)])
+    arrays = dict(np.load(bundle))
+    arrays["genes"] = np.array(["gene_0000", "gene_0002", "gene_0001"])  # same count, another order
+    np.savez(val, **arrays)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(bundle), "--val-data", str(val), "--family", "spot", "--out", str(out),
+            "--no-progress", "--n-ensemble", "2", "--phi2rho-size", "4"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "its genes differ from the training bundle's (gene 1: 'gene_0002', not 'gene_0001')" in result.output
+    assert result.output.strip().count("\n") == 0 and not out.exists()
+
+
+def test_val_data_with_the_default_val_fraction_spelled_out_is_refused(tmp_path):
+    # --val-fraction 0.1 (the default's value) next to --val-data was silently ignored; any other value was refused.
+    bundle = tmp_path / "b.npz"
+    runner.invoke(app, ["synth", "--n", "40", "--input-size", "4", "--genes", "2", str(bundle)])
+    out = tmp_path / "run"
+    args = ["train", "--data", str(bundle), "--val-data", str(bundle), "--val-fraction", "0.1", "--family", "spot",
+            "--out", str(out), "--no-progress"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "give either --val-data or --val-fraction, not both" in result.output and not out.exists()
