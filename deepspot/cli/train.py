@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Optional
@@ -179,10 +180,15 @@ def train(
         val_target=None if val is None else val["target"],
     )
     out.mkdir(exist_ok=True)
-    save(model, out / "model.safetensors", no_clobber=no_clobber)
-    with atomic_path(out / "history.json") as tmp:
-        tmp.write_text(json.dumps(history, indent=2))
-    plot_loss(history, out / "loss.png")
+    # The three files are written beside their names first and take them together at the end, the model first (its
+    # --no-clobber refusal then leaves the others untouched): an interrupt never pairs a new model with an old history.
+    with contextlib.ExitStack() as files:
+        plot = files.enter_context(atomic_path(out / "loss.png"))
+        log = files.enter_context(atomic_path(out / "history.json"))
+        weights = files.enter_context(atomic_path(out / "model.safetensors", no_clobber=no_clobber))
+        save(model, weights)
+        log.write_text(json.dumps(history, indent=2))
+        plot_loss(history, plot)
     last_val = history["epoch_val_loss"][-1] if history["epoch_val_loss"] else None
     epochs = history["epochs"]
     msg = f"trained {epochs} epoch{'' if epochs == 1 else 's'}, last train loss {history['epoch_train_loss'][-1]:.4f}"

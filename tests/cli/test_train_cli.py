@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -258,3 +259,28 @@ def test_val_data_with_the_default_val_fraction_spelled_out_is_refused(tmp_path)
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert "give either --val-data or --val-fraction, not both" in result.output and not out.exists()
+
+
+@pytest.mark.parametrize("where", ["plot", "history"])
+def test_an_interrupt_while_writing_leaves_the_earlier_run_whole(tmp_path, monkeypatch, where):
+    """Training again into a run folder and interrupted while its files are written: the folder keeps the earlier
+    model, history and plot together (a new model beside an old history was possible), and no temporary file."""
+    import deepspot.train
+
+    bundle, out = tmp_path / "b.npz", tmp_path / "run"
+    runner.invoke(app, ["synth", "--n", "40", "--input-size", "4", "--genes", "2", str(bundle)])
+    args = ["train", "--data", str(bundle), "--family", "spot", "--out", str(out), "--no-progress", "--epochs", "1",
+            "--n-ensemble", "2", "--phi2rho-size", "4"]  # fmt: skip
+    assert runner.invoke(app, args).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    if where == "plot":
+        monkeypatch.setattr(deepspot.train, "plot_loss", interrupted)
+    else:
+        monkeypatch.setattr(Path, "write_text", interrupted)  # history.json's write, after the model's
+    result = runner.invoke(app, [*args, "--random-seed", "7"])
+    assert result.exit_code == 130 and result.output.strip() == "Interrupted.", result.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
