@@ -273,13 +273,17 @@ NOT_A_BUNDLE = (".npy", ".h5ad", ".h5", ".hdf5", ".csv", ".tsv", ".txt", ".json"
                 ".ckpt", ".pt", ".pth", ".plan", ".zip", ".yaml", ".yml")  # fmt: skip
 
 
+def _check_keys(arrays: Mapping[str, np.ndarray]) -> None:
+    unknown = [k for k in arrays if k not in KNOWN_KEYS]
+    if unknown:
+        raise InputError(f"unknown bundle array {unknown[0]!r}; a bundle holds {', '.join(KNOWN_KEYS)}")
+
+
 def save_bundles(bundles: Mapping[str | Path, Mapping[str, np.ndarray]], no_clobber: bool = False) -> None:
     """Write ``.npz`` bundles all or none: each goes to a temporary file beside its path, and they take their names
     only once every one is written, so a name the file system refuses (too long) or a full disk leaves none."""
     for path, arrays in bundles.items():
-        unknown = [k for k in arrays if k not in KNOWN_KEYS]
-        if unknown:
-            raise InputError(f"unknown bundle array {unknown[0]!r}; a bundle holds {', '.join(KNOWN_KEYS)}")
+        _check_keys(arrays)
         if Path(path).suffix != ".npz":
             raise InputError(f"{path}: expected a .npz path")
     with contextlib.ExitStack() as stack:  # renames on the way out, the last bundle's first; any error removes them
@@ -292,9 +296,7 @@ def save_bundles(bundles: Mapping[str | Path, Mapping[str, np.ndarray]], no_clob
 def save_bundle(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
     """Write arrays as a bundle, atomically: ``.npz`` for a path ending in ``.npz``, else a directory of ``.npy``."""
     path = Path(path)
-    unknown = [k for k in arrays if k not in KNOWN_KEYS]
-    if unknown:
-        raise InputError(f"unknown bundle array {unknown[0]!r}; a bundle holds {', '.join(KNOWN_KEYS)}")
+    _check_keys(arrays)
     if path.suffix.lower() in NOT_A_BUNDLE:
         raise InputError(f"{path}: a bundle is a .npz file or a folder of .npy files; {path.suffix} names neither")
     if path.suffix == ".npz":

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..modes import Mode, get_mode
 from ..scaler import Scaler
 
@@ -90,6 +90,12 @@ class ModelInfo:
             bag.name: TensorSpec(bag.name, ("batch", 1 if bag.single else f"{bag.name}_bag", self.input_size))
             for bag in self.mode_spec.bags
         }
+
+    def check_inverse_transform(self, model: Any) -> None:
+        """Refuse ``--inverse-transform`` for a model with no scaler (``model`` names it in the message)."""
+        if self.scaler is None and not self.fold_scaler:
+            raise ConfigError(f"{model}: the model has no scaler, so there is no original scale to map back to; "
+                              "leave out --inverse-transform")  # fmt: skip
 
     def inverse_transform(self, pred: np.ndarray) -> np.ndarray:
         """Map predictions to the original scale, unless the graph already did (or there is no scaler)."""

@@ -438,9 +438,8 @@ def check_setup(model: Any, backend: str | None, devices: Sequence[str] | None,
 
         graph = Path(model) / HEAD_FILE if is_indexed_folder(model) else Path(model)
         info = info_from_onnx_metadata(read_model_metadata(graph), str(graph))
-        if info is not None and info.scaler is None and not info.fold_scaler:
-            raise ConfigError(f"{model}: the model has no scaler, so there is no original scale to map back to; "
-                              "leave out --inverse-transform")  # fmt: skip
+        if info is not None:
+            info.check_inverse_transform(model)
 
 
 def run_cohort(

@@ -242,8 +242,8 @@ def _infer_dense(session, data, output, batch_size, inverse_transform, progress,
         inputs = data.inputs(mode)
         n = check_inputs(inputs, info, source=str(data.path), max_bag=max_bag, dtypes=dtypes)
     _warn_if_empty(n, data)
-    if inverse_transform and info.scaler is None and not info.fold_scaler:
-        raise ConfigError(f"{session.model}: the model has no scaler, so there is no original scale to map back to")
+    if inverse_transform:
+        info.check_inverse_transform(session.model)
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
 
     uns = _uns(runner.backend, info, "dense", session, output, inverse_transform)
@@ -333,8 +333,8 @@ def _infer_indexed(session, data, output, batch_size, inverse_transform, progres
     n = check_indexed_inputs(data.arrays, info, source=str(data.path), max_bag=max_bag,
                              dtypes=pipeline.feature_dtypes())  # fmt: skip
     _warn_if_empty(n, data)
-    if inverse_transform and info.scaler is None and not info.fold_scaler:
-        raise ConfigError(f"{session.model}: the model has no scaler, so there is no original scale to map back to")
+    if inverse_transform:
+        info.check_inverse_transform(session.model)
     genes = info.genes or (data.genes if data.genes and len(data.genes) == info.output_size else None)
     uns = _uns(pipeline.backend, info, "indexed", session, output, inverse_transform)
     folder = output.parent if str(output.parent) else Path(".")
