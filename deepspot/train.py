@@ -1,9 +1,10 @@
 """Training: a plain, seeded PyTorch loop that follows the reference's Lightning training step for step.
 
-On unshuffled data without validation, :func:`fit` reproduces the reference's per-step losses and final weights bit
-for bit on the CPU. Two details make that possible (see ``MODEL_SPEC.md``): the model runs its bags through the Phi
-ensemble in the reference's order (:attr:`deepspot.modes.Mode.phi_order`), and every epoch draws one 64-bit number
-from torch's global generator, as creating a ``DataLoader`` iterator does.
+:func:`fit` reproduces the reference's per-step losses and final weights bit for bit on the CPU: on its fixture
+(unshuffled, without validation), and against Lightning 2.6's ``Trainer`` with shuffling and with validation data.
+Two details make that possible (see ``MODEL_SPEC.md``): the model runs its bags through the Phi ensemble in the
+reference's order (:attr:`deepspot.modes.Mode.phi_order`), and every training epoch and every validation run draws one
+64-bit number from torch's global generator, as creating a ``DataLoader`` iterator does.
 """
 
 from __future__ import annotations
@@ -141,10 +142,15 @@ def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def _epoch_order(n: int, shuffle: bool) -> torch.Tensor | None:
-    # A DataLoader draws its iterator's base seed from the global generator each epoch; we make the same draw so
-    # dropout masks follow the reference's. With shuffling, RandomSampler then draws the seed of its permutation.
+def _iterator_draw() -> None:
+    # Creating a DataLoader iterator draws its base seed from torch's global generator. The reference's loaders do
+    # it for every training epoch and every validation run; we make the same draws so dropout masks follow its own.
     torch.empty((), dtype=torch.int64).random_()
+
+
+def _epoch_order(n: int, shuffle: bool) -> torch.Tensor | None:
+    # The training loader's draw; with shuffling, RandomSampler then draws the seed of its permutation.
+    _iterator_draw()
     if not shuffle:
         return None
     seed = int(torch.empty((), dtype=torch.int64).random_().item())
@@ -258,6 +264,7 @@ def fit(
             history["train_loss"].extend(epoch_losses)
             history["epoch_train_loss"].append(float(np.mean(epoch_losses)))
             if xv is not None:
+                _iterator_draw()  # Lightning's validation loader, after the epoch's last step (its sanity check draws none)
                 val_losses = evaluate(model, xv, yv, config.batch_size)
                 _check_loss(float(np.mean(val_losses)), "validation", epoch, model.config["lr"])
                 history["val_loss"].extend(val_losses)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,25 @@ def test_follows_the_reference_trajectory_exactly(reference_dir, record_property
     assert_same_training(np.asarray(history["train_loss"]), traj["training_loss"], exact, f"losses vs {checked}")
     for key, value in model.state_dict().items():
         assert_same_training(value.numpy(), traj[f"final/{key}"], exact, f"{key} vs {checked}")
+
+
+def test_follows_lightning_with_shuffling_and_validation(reference_dir, record_property):
+    # tests/data/lightning_trajectory.npz: the same run through Lightning 2.6's Trainer, shuffled, with a validation
+    # loader (see make_lightning_trajectory.py). The permutation seed and each validation loader's iterator seed are
+    # draws from torch's generator; one missed draw changes every later dropout mask.
+    lit = np.load(Path(__file__).parent / "data" / "lightning_trajectory.npz")
+    exact = cpu_vendor() is not None and str(lit["made_on"]).startswith(cpu_vendor())
+    record_property("lightning_trajectory", f"{'bit for bit' if exact else 'within ulps'} ({lit['made_on']})")
+    traj = np.load(trajectory_fixture("AuthenticAMD")[0])
+    model = DeepSpot(input_size=12, output_size=5, phi2rho_size=8, random_seed=2024)
+    inputs = {k: traj[k] for k in ("spot", "subspot", "neighbors")}
+    val = {k: lit[f"val_{k}"] for k in ("spot", "subspot", "neighbors")}
+    history = fit(model, inputs, traj["target"], TrainConfig(epochs=3, batch_size=16, shuffle=True, **QUIET), val,
+                  lit["val_target"])  # fmt: skip
+    assert_same_training(np.float32(history["train_loss"]), lit["train_loss"], exact, "training losses")
+    assert_same_training(np.float32(history["val_loss"]), lit["val_loss"], exact, "validation losses")
+    for key, value in model.state_dict().items():
+        assert_same_training(value.numpy(), lit[f"final/{key}"], exact, key)
 
 
 @pytest.mark.parametrize(
