@@ -80,6 +80,7 @@ class SlideStatus:
     input_fingerprint: dict[str, Any] = field(default_factory=dict)
     device: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # the options that shape its values (VALUE_SETTINGS)
+    output_bytes: int | None = None  # the output's size when written: a file cut short since (a crash) is redone
 
 
 @dataclass
@@ -256,10 +257,12 @@ def read_record(output_dir: Path) -> dict[str, dict[str, Any]]:
 
 def is_up_to_date(slide: Slide, previous: dict[str, Any] | None, model_hash: str | None, verify: bool,
                   settings: dict[str, Any] | None = None) -> bool:  # fmt: skip
-    """An output that exists and that the same model made from the same input with the same ``settings`` (those of
-    :data:`VALUE_SETTINGS`: a slide predicted on the standardised scale is not up to date for
-    ``inverse_transform``)."""
+    """An output that exists, as large as when it was written, and that the same model made from the same input with
+    the same ``settings`` (those of :data:`VALUE_SETTINGS`: a slide predicted on the standardised scale is not up to
+    date for ``inverse_transform``)."""
     if previous is None or previous.get("status") not in ("done", "skipped") or not slide.output.is_file():
+        return False
+    if previous.get("output_bytes") is not None and slide.output.stat().st_size != previous["output_bytes"]:
         return False
     if model_hash is None or previous.get("model_sha256") != model_hash:
         return False
@@ -357,6 +360,7 @@ def _run_slides(model: Any, slides: Iterable[Slide], settings: CohortSettings, d
                 )  # fmt: skip
                 status.items = result.n
                 status.model_sha256 = session.model_hash
+                status.output_bytes = slide.output.stat().st_size
             except DeepSpotError as e:
                 status.status, status.error = "failed", str(e)
             except OSError as e:
@@ -486,7 +490,7 @@ def run_cohort(
             statuses[slide.name] = SlideStatus(slide.name, "skipped", str(slide.input), str(slide.output),
                                                old.get("items", 0), 0.0, None, model_hash,
                                                input_fingerprint(slide.input, verify),
-                                               settings=settings.values())  # fmt: skip
+                                               settings=settings.values(), output_bytes=old.get("output_bytes"))  # fmt: skip
         else:
             todo.append(slide)
     record_settings = {"model": str(model), "model_sha256": model_hash, "shard": shard, "verify": verify,

@@ -83,6 +83,12 @@ def test_resume_skips_what_is_up_to_date_and_redoes_what_changed(tmp_path, model
     assert "0 done, 3 skipped" in run(*args).output
     os.utime(slides[0], ns=(1, 1))  # same bytes, other mtime: still up to date by content
     assert "0 done, 3 skipped" in run(*args).output
+    # An output cut short since it was written (a machine crash before the data reached the disk) is redone.
+    with open(out / "s1.npy", "r+b") as f:
+        f.truncate(64)
+    result = run(*args)
+    assert "1 done, 2 skipped" in result.output and record(out)["s1"]["status"] == "done"
+    assert np.load(out / "s1.npy").shape == (12, G) and record(out)["s1"]["output_bytes"] == (out / "s1.npy").stat().st_size
 
 
 def test_resume_redoes_slides_made_with_other_value_settings(tmp_path):
