@@ -37,7 +37,7 @@ class TrainConfig:
         val_fraction: Fraction of the items held out for validation when no separate validation data is given.
         normalize: Standardise the targets (mean and scale fitted on the training targets, stored in the model).
         early_stopping: Stop when ``monitor`` has not improved by ``min_delta`` for ``patience`` epochs.
-        monitor: ``val_loss`` or ``train_loss`` (epoch means).
+        monitor: ``val_loss`` or ``train_loss`` (epoch means weighted by batch size, as Lightning logs them).
         patience: Epochs without improvement before stopping.
         min_delta: Smallest decrease that counts as an improvement.
         progress: Show a progress bar.
@@ -165,6 +165,13 @@ def _batches(n: int, batch_size: int, order: torch.Tensor | None):
         yield slice(start, stop) if order is None else order[start:stop]
 
 
+def epoch_mean(losses: list[float], n: int, batch_size: int) -> float:
+    """An epoch's loss as Lightning logs it: the mean of the per-batch losses weighted by each batch's size (a short
+    last batch counts for its items only). Early stopping compares these."""
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    return float(np.average(losses, weights=sizes))
+
+
 def evaluate(model: DeepSetModel, inputs: Mapping[str, torch.Tensor], target: torch.Tensor, batch_size: int):
     """Per-batch losses of ``model`` in eval mode (no gradients, no dropout)."""
     was_training = model.training
@@ -262,13 +269,13 @@ def fit(
                 _check_loss(epoch_losses[-1], "training", epoch, model.config["lr"])
                 progress.update(task, advance=1, loss=epoch_losses[-1])
             history["train_loss"].extend(epoch_losses)
-            history["epoch_train_loss"].append(float(np.mean(epoch_losses)))
+            history["epoch_train_loss"].append(epoch_mean(epoch_losses, n, config.batch_size))
             if xv is not None:
                 _iterator_draw()  # Lightning's validation loader, after the epoch's last step (its sanity check draws none)
                 val_losses = evaluate(model, xv, yv, config.batch_size)
-                _check_loss(float(np.mean(val_losses)), "validation", epoch, model.config["lr"])
+                history["epoch_val_loss"].append(epoch_mean(val_losses, yv.shape[0], config.batch_size))
+                _check_loss(history["epoch_val_loss"][-1], "validation", epoch, model.config["lr"])
                 history["val_loss"].extend(val_losses)
-                history["epoch_val_loss"].append(float(np.mean(val_losses)))
             if config.early_stopping:
                 current = history["epoch_val_loss" if config.monitor == "val_loss" else "epoch_train_loss"][-1]
                 if current < best - config.min_delta:

@@ -25,13 +25,13 @@ from deepspot.spot import DeepSpot
 HERE = Path(__file__).resolve().parent
 REFERENCE = HERE.parents[1].parent / "shared" / "fixtures" / "reference"
 INPUTS = ("spot", "subspot", "neighbors")
-EPOCHS, BATCH, N_VAL = 3, 16, 8
+EPOCHS, BATCH, N_VAL = 3, 16, 20  # validation batches of 16 and 4
 
 
 class Module(L.LightningModule):
     def __init__(self, model: DeepSpot):
         super().__init__()
-        self.model, self.train_losses, self.val_losses = model, [], []
+        self.model, self.train_losses, self.val_losses, self.epoch_means = model, [], [], {"train": [], "val": []}
 
     def _loss(self, batch):
         *bags, target = batch
@@ -40,11 +40,21 @@ class Module(L.LightningModule):
     def training_step(self, batch, _):
         loss = self._loss(batch)
         self.train_losses.append(loss.item())
+        self.log("train_loss", loss, on_epoch=True)
         return loss
 
     def validation_step(self, batch, _):
+        loss = self._loss(batch)
+        self.log("val_loss", loss)
         if not self.trainer.sanity_checking:
-            self.val_losses.append(self._loss(batch).item())
+            self.val_losses.append(loss.item())
+
+    def on_validation_epoch_end(self):  # the epoch's logged value: what EarlyStopping compares
+        if not self.trainer.sanity_checking:
+            self.epoch_means["val"].append(self.trainer.callback_metrics["val_loss"].item())
+
+    def on_train_epoch_end(self):
+        self.epoch_means["train"].append(self.trainer.callback_metrics["train_loss_epoch"].item())
 
     def configure_optimizers(self):
         c = self.model.config
@@ -72,6 +82,8 @@ def main() -> None:
         **val,
         train_loss=np.float32(module.train_losses),
         val_loss=np.float32(module.val_losses),
+        epoch_train_loss=np.float32(module.epoch_means["train"]),
+        epoch_val_loss=np.float32(module.epoch_means["val"]),
         **{f"final/{k}": v.numpy() for k, v in model.state_dict().items()},
         made_on=f"{cpu_vendor()} ({platform.processor() or platform.machine()}), lightning {L.__version__}, "
         f"torch {torch.__version__}",
