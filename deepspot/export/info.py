@@ -115,14 +115,24 @@ def _load(path: str | os.PathLike):
     return onnx_model
 
 
-def decode_metadata(props: dict[str, str]) -> dict[str, Any]:
-    """Parse deepspot's JSON-valued ``metadata_props``; other keys stay strings."""
+def decode_metadata(props: dict[str, str], source: str = "ONNX metadata") -> dict[str, Any]:
+    """Parse deepspot's JSON-valued ``metadata_props``; other keys stay strings.
+
+    Raises:
+        CheckpointError: A JSON value nested too deeply (``source`` names the file).
+    """
+    from ..metacheck import too_deep
+
     decoded = {}
     for key in props:
         try:
             decoded[key] = metadata_value(props, key)
         except (ValueError, json.JSONDecodeError):
             decoded[key] = props[key]
+        except RecursionError:
+            raise CheckpointError(f"{source}: corrupt metadata {key[:40]!r} (nested too deeply)") from None
+        if too_deep(decoded[key]):
+            raise CheckpointError(f"{source}: corrupt metadata {key[:40]!r} (nested too deeply)")
     return decoded
 
 
@@ -204,7 +214,7 @@ def model_info(path: str | os.PathLike, check_weights: bool = False) -> ModelInf
             outputs=[_tensor_info(v) for v in onnx_model.graph.output],
             opset=opset,
             producer=producer,
-            metadata=decode_metadata({p.key: p.value for p in onnx_model.metadata_props}),
+            metadata=decode_metadata({p.key: p.value for p in onnx_model.metadata_props}, str(path)),
         )
         if key is not None and key == _file_key(path):  # unchanged while it was read
             _CACHE[key] = (info, nonfinite)

@@ -284,6 +284,8 @@ def test_a_nan_weight_in_an_onnx_file_is_named(tmp_path, models, bundle):
         ("family", "tissue", "unknown family 'tissue'"),
         ("scaler", json.dumps({"kind": "standard", "offset": ["x"]}), "scaler's offset is not a list of finite numbers"),
         ("precision", "fp8", "unknown precision"),
+        ("config", "[" * 100_000 + "]" * 100_000, "corrupt metadata 'config' (nested too deeply)"),
+        ("optimize", "[" * 900 + "]" * 900, "corrupt metadata 'optimize' (nested too deeply)"),  # parses, then overflows
     ],
 )
 def test_crafted_onnx_metadata_is_one_line(tmp_path, models, bundle, key, value, needle):
