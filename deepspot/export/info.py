@@ -111,7 +111,9 @@ def _load(path: str | os.PathLike):
         # the path, it reads the file itself: twice as fast on a 60 MB graph as serialising the loaded message again.
         onnx.checker.check_model(str(path))
     except Exception as e:  # protobuf's DecodeError and onnx's own errors have no common base
-        raise CheckpointError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+        # onnx's checker says why (an external-data location outside the model's folder, say) on its first line.
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable ONNX model ({type(e).__name__}{': ' if why else ''}{why})") from None
     return onnx_model
 
 

@@ -297,6 +297,33 @@ def test_crafted_onnx_metadata_is_one_line(tmp_path, models, bundle, key, value,
     assert not (tmp_path / "p.npy").exists()
 
 
+@pytest.mark.parametrize(
+    "location, needle",
+    [("ABSOLUTE", "should be a relative path"), ("../outside.bin", "points outside the directory"),
+     ("link.bin", "is a symbolic link")],  # fmt: skip
+    ids=["absolute", "dotdot", "symlink"],
+)
+def test_onnx_external_data_outside_the_model_folder_is_refused_and_named(tmp_path, models, bundle, location, needle):
+    outside = tmp_path / "outside.bin"
+    folder = tmp_path / "export"
+    folder.mkdir()
+    model = onnx.load(str(models["onnx"]))
+    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    outside.write_bytes(b"\0" * len(weight.raw_data))
+    (folder / "link.bin").symlink_to(outside)
+    size = len(weight.raw_data)
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    location = str(outside) if location == "ABSOLUTE" else location
+    for key, value in (("location", location), ("offset", "0"), ("length", str(size))):
+        weight.external_data.add(key=key, value=value)
+    bad = folder / "model.onnx"
+    onnx.save(model, str(bad))
+    one_line(run("info", bad), "not a readable ONNX model", needle)
+    one_line(run("infer", bad, "-i", bundle, "-o", tmp_path / "p.npy"), needle)
+    assert not (tmp_path / "p.npy").exists()
+
+
 def _indexed_copy(models, tmp_path: Path, edit) -> Path:
     folder = tmp_path / "indexed"
     folder.mkdir()
