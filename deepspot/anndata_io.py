@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import BackendUnavailableError, DeepSpotWarning, InputError
-from .fileio import atomic_path
+from .fileio import atomic_path, check_hdf5
 
 COORD_COLUMNS = ("x_array", "y_array", "x_pixel", "y_pixel")
 #: Other names of the same coordinates: scanpy / squidpy's Visium ``obs`` and Space Ranger's ``tissue_positions.csv``.
@@ -99,8 +99,11 @@ def _read_h5ad_obs(path: Path, wanted: Sequence[str]) -> tuple[list[str], dict[s
     try:
         read_elem = ad.io.read_elem if hasattr(ad, "io") and hasattr(ad.io, "read_elem") else ad.experimental.read_elem
         with h5py.File(path, "r") as f:
+            check_hdf5(f, path, ("obs", "obsm/spatial"))
             obs = read_elem(f["obs"])
             spatial = np.asarray(f["obsm"]["spatial"]) if "obsm" in f and "spatial" in f["obsm"] else None
+    except InputError:
+        raise
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise InputError(f"{path}: not a readable .h5ad file ({str(e).splitlines()[0]})") from None
     columns = {name: np.asarray(obs[name]) for name in wanted if name in obs.columns}

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import DeepSpotError
+from .errors import DeepSpotError, InputError
 
 
 def check_clobber(path: str | Path, no_clobber: bool) -> None:
@@ -195,6 +195,55 @@ def numpy_error(e: BaseException) -> str:
             f"({OBJECT_ARRAY_HINT})"
         )
     return text
+
+
+#: A dataset of an HDF5 file may declare at most this many times the bytes it stores (deflate compresses at most about
+#: 1000:1), and at least this many bytes whatever it stores: a small file cannot make a read allocate gigabytes.
+HDF5_MAX_RATIO, HDF5_MIN_BYTES = 1024, 1 << 20
+
+
+def check_hdf5(group, path: str | Path, members: Iterable[str] | None = None) -> None:
+    """Refuse what reading ``members`` of an h5py ``group`` (paths in it; every member by default), each walked
+    whole, could do beyond reading ``path``.
+
+    HDF5 lets a file read other files: external links, datasets stored in external files, virtual datasets. It also
+    lets a dataset declare far more data than the file stores (chunks never written read as the fill value).
+
+    Raises:
+        InputError: The first such link or dataset, named.
+    """
+    import h5py
+
+    seen = set()
+
+    def visit(obj, name: str) -> None:
+        if obj.file.filename != group.file.filename:
+            raise InputError(f"{path}: {name} lies in another file ({obj.file.filename}); deepspot reads only {path}")
+        if hash(obj.id) in seen:
+            return
+        seen.add(hash(obj.id))
+        if isinstance(obj, h5py.Dataset):
+            if obj.is_virtual or obj.id.get_create_plist().get_external_count():
+                raise InputError(f"{path}: dataset {name} takes its data from other files; deepspot reads only {path}")
+            declared = (obj.size or 0) * obj.dtype.itemsize
+            if declared > max(HDF5_MIN_BYTES, HDF5_MAX_RATIO * obj.id.get_storage_size()):
+                raise InputError(f"{path}: dataset {name} declares {declared:,} bytes but the file stores "
+                                 f"{obj.id.get_storage_size():,} for it")  # fmt: skip
+            return
+        visit_members(obj, obj)
+
+    def visit_members(obj, keys) -> None:
+        for key in keys:
+            if key not in obj:
+                continue
+            if isinstance(obj.get(key, getlink=True), h5py.ExternalLink):
+                raise InputError(f"{path}: {obj.name.rstrip('/')}/{key} is a link to another file; deepspot reads "
+                                 f"only {path}")  # fmt: skip
+            child = obj.get(key)
+            if child is not None:
+                visit(child, child.name)
+
+    visit_members(group, group if members is None else members)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -80,6 +80,8 @@ def load_hparams(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a readable YAML file ({str(e).splitlines()[0]})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a readable YAML file (nested too deeply)") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a mapping of hyperparameters, got {type(data).__name__}")
     return data
@@ -93,21 +95,27 @@ def read_genes(source: str | Path | Sequence[str]) -> list[str]:
     which is the order of the model's outputs.
 
     Raises:
-        CheckpointError: The file is missing or has no gene column.
+        CheckpointError: The file is missing, not text, has no gene column or a row shorter than its header.
     """
     if not isinstance(source, (str, Path)):
         return [str(g) for g in source]
     path = Path(source)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such gene list")
-    if path.suffix.lower() not in (".csv", ".tsv"):
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    try:
+        if path.suffix.lower() not in (".csv", ".tsv"):
+            return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CheckpointError(f"{path}: not a readable gene list ({e})") from None
     columns = rows[0].keys() if rows else []
     name = next((c for c in ("gene_name", "gene", "genes", "gene_id") if c in columns), None)
     if name is None:
         raise CheckpointError(f"{path}: no gene_name column (columns: {', '.join(columns) or 'none'})")
+    short = next((i for i, r in enumerate(rows, start=2) if r[name] is None or r.get("isPredicted", "") is None), None)
+    if short is not None:
+        raise CheckpointError(f"{path}: line {short} has fewer fields than the header")
     if "isPredicted" in columns:
         rows = [r for r in rows if r["isPredicted"].strip().lower() in ("true", "1", "yes")]
     return [r[name] for r in rows]

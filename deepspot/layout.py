@@ -30,7 +30,7 @@ from scipy.spatial import cKDTree
 
 from .data import save_bundle, save_bundles
 from .errors import InputError
-from .fileio import check_clobber, numpy_error
+from .fileio import check_clobber, check_hdf5, numpy_error
 from .modes import check_family
 
 COORD_KEYS = ("x_array", "y_array", "x_pixel", "y_pixel")
@@ -338,6 +338,7 @@ def read_h5_features(path: str | Path, coords: Mapping[str, np.ndarray], source:
         with h5py.File(path, "r") as f:
             if "features" not in f or "coords" not in f:
                 raise InputError(f"{path}: an .h5 of tile features holds 'features' (T, D) and 'coords' (T, 2)")
+            check_hdf5(f, path, ("features", "coords"))
             features = np.asarray(f["features"], dtype=np.float32)
             tiles = np.asarray(f["coords"], dtype=np.float64)
             attrs = dict(f["coords"].attrs)

@@ -17,6 +17,23 @@ from .errors import CheckpointError
 MAX_SIZE = 1 << 20
 
 
+#: Deepest nesting of lists and mappings in a model file's JSON metadata (deepspot writes 3 levels at most): deeper
+#: values would overflow the stack of whatever walks them later (a copy, a comparison).
+MAX_JSON_DEPTH = 32
+
+
+def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether lists and mappings in ``value`` (decoded JSON) nest more than ``limit`` levels deep."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, Mapping)):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, Mapping) else item))
+    return False
+
+
 def check_size(value: Any, name: str, source: str, limit: int = MAX_SIZE) -> int:
     """A positive integer no larger than ``limit`` (an integral float as JSON may write it, or the decimal string that
     ONNX ``metadata_props`` hold, is accepted)."""

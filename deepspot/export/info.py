@@ -111,18 +111,30 @@ def _load(path: str | os.PathLike):
         # the path, it reads the file itself: twice as fast on a 60 MB graph as serialising the loaded message again.
         onnx.checker.check_model(str(path))
     except Exception as e:  # protobuf's DecodeError and onnx's own errors have no common base
-        raise CheckpointError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+        # onnx's checker says why (an external-data location outside the model's folder, say) on its first line.
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(f"{path}: not a readable ONNX model ({type(e).__name__}{': ' if why else ''}{why})") from None
     return onnx_model
 
 
-def decode_metadata(props: dict[str, str]) -> dict[str, Any]:
-    """Parse deepspot's JSON-valued ``metadata_props``; other keys stay strings."""
+def decode_metadata(props: dict[str, str], source: str = "ONNX metadata") -> dict[str, Any]:
+    """Parse deepspot's JSON-valued ``metadata_props``; other keys stay strings.
+
+    Raises:
+        CheckpointError: A JSON value nested too deeply (``source`` names the file).
+    """
+    from ..metacheck import too_deep
+
     decoded = {}
     for key in props:
         try:
             decoded[key] = metadata_value(props, key)
         except (ValueError, json.JSONDecodeError):
             decoded[key] = props[key]
+        except RecursionError:
+            raise CheckpointError(f"{source}: corrupt metadata {key[:40]!r} (nested too deeply)") from None
+        if too_deep(decoded[key]):
+            raise CheckpointError(f"{source}: corrupt metadata {key[:40]!r} (nested too deeply)")
     return decoded
 
 
@@ -204,7 +216,7 @@ def model_info(path: str | os.PathLike, check_weights: bool = False) -> ModelInf
             outputs=[_tensor_info(v) for v in onnx_model.graph.output],
             opset=opset,
             producer=producer,
-            metadata=decode_metadata({p.key: p.value for p in onnx_model.metadata_props}),
+            metadata=decode_metadata({p.key: p.value for p in onnx_model.metadata_props}, str(path)),
         )
         if key is not None and key == _file_key(path):  # unchanged while it was read
             _CACHE[key] = (info, nonfinite)

@@ -212,7 +212,7 @@ def _record_slides(path: Path) -> list[Any]:
     try:
         data = json.loads(path.read_text())
         slides, settings = data.get("slides", []), data.get("settings")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested too deeply
         return []
     if not isinstance(slides, list):
         return []
@@ -232,7 +232,7 @@ def _journal_slides(path: Path) -> list[Any]:
     for line in lines:
         try:
             slides.append(json.loads(line))
-        except ValueError:
+        except (ValueError, RecursionError):
             continue  # cut short by a kill while it was written (the last line): that slide is not recorded
     return slides
 
@@ -240,7 +240,8 @@ def _journal_slides(path: Path) -> list[Any]:
 def read_record(output_dir: Path) -> dict[str, dict[str, Any]]:
     """What earlier runs recorded, by slide name: ``cohort.json``, every shard's record and their journals, the most
     recently written last (so it wins). A journal is newer than its own record (it holds what came after), whatever
-    their times say; an unreadable file counts as none, and a journal's line that does not parse as no line."""
+    their times say; an unreadable file counts as none, and a journal's line that does not parse (or is nested too
+    deeply) as no line."""
     found = []  # (when written, 0 for a record and 1 for a journal, its slides)
     for path in [output_dir / RECORD, *output_dir.glob(SHARD_RECORDS)]:
         if (written := _written(path)) is not None:

@@ -370,6 +370,21 @@ def test_a_journal_line_cut_short_by_a_kill_is_ignored(tmp_path, model):
     assert not (out / "cohort.journal.jsonl").exists()
 
 
+def test_a_record_or_journal_nested_too_deeply_counts_as_none(tmp_path, model):
+    from deepspot.runtime.cohort import read_record
+
+    slides = make_slides(tmp_path / "in", names=("s1",))
+    out = tmp_path / "out"
+    out.mkdir()
+    deep = "[" * 100_000 + "]" * 100_000
+    (out / "cohort.json").write_text(deep)
+    (out / "cohort.journal.jsonl").write_text(deep + "\n")
+    assert read_record(out) == {}
+    result = run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy")
+    assert result.exit_code == 0, result.output
+    assert "1 done, 0 skipped, 0 failed" in result.output
+
+
 def test_journals_are_newer_than_their_own_record_and_the_latest_file_wins_across_shards(tmp_path):
     from deepspot.runtime.cohort import read_record
 

@@ -119,3 +119,20 @@ def test_a_layer_is_not_a_model(tmp_path):
     torch.save(Phi(3, 2, 0.1), path)  # our Phi lives in deepspot.layers, which no reference file names
     with pytest.raises(CheckpointError, match=r"phi\.pkl: refused to load global deepspot\.layers\.Phi"):
         import_reference(path)
+
+
+def test_malformed_hyperparameter_and_gene_files_are_one_line(tmp_path):
+    from deepspot.importer import load_hparams, read_genes
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match=r"deep.yaml: not a readable YAML file \(nested too deeply\)"):
+        load_hparams(deep)
+    short = tmp_path / "genes.csv"
+    short.write_text("gene_name,isPredicted\nTP53\nEGFR,True\n")
+    with pytest.raises(CheckpointError, match=r"genes.csv: line 2 has fewer fields than the header"):
+        read_genes(short)
+    for name in ("binary.csv", "binary.txt"):
+        (tmp_path / name).write_bytes(b"gene_name\n\xff\xfe\n")
+        with pytest.raises(CheckpointError, match=rf"{name}: not a readable gene list"):
+            read_genes(tmp_path / name)

@@ -284,6 +284,8 @@ def test_a_nan_weight_in_an_onnx_file_is_named(tmp_path, models, bundle):
         ("family", "tissue", "unknown family 'tissue'"),
         ("scaler", json.dumps({"kind": "standard", "offset": ["x"]}), "scaler's offset is not a list of finite numbers"),
         ("precision", "fp8", "unknown precision"),
+        ("config", "[" * 100_000 + "]" * 100_000, "corrupt metadata 'config' (nested too deeply)"),
+        ("optimize", "[" * 900 + "]" * 900, "corrupt metadata 'optimize' (nested too deeply)"),  # parses, then overflows
     ],
 )
 def test_crafted_onnx_metadata_is_one_line(tmp_path, models, bundle, key, value, needle):
@@ -291,6 +293,33 @@ def test_crafted_onnx_metadata_is_one_line(tmp_path, models, bundle, key, value,
         config = json.loads(next(p.value for p in onnx.load(str(models["onnx"])).metadata_props if p.key == "config"))
         value = json.dumps({**config, "output_size": 10**12})
     bad = _edit_onnx(models["onnx"], tmp_path / "bad.onnx", _set_meta(key, value))
+    one_line(run("infer", bad, "-i", bundle, "-o", tmp_path / "p.npy"), needle)
+    assert not (tmp_path / "p.npy").exists()
+
+
+@pytest.mark.parametrize(
+    "location, needle",
+    [("ABSOLUTE", "should be a relative path"), ("../outside.bin", "points outside the directory"),
+     ("link.bin", "is a symbolic link")],  # fmt: skip
+    ids=["absolute", "dotdot", "symlink"],
+)
+def test_onnx_external_data_outside_the_model_folder_is_refused_and_named(tmp_path, models, bundle, location, needle):
+    outside = tmp_path / "outside.bin"
+    folder = tmp_path / "export"
+    folder.mkdir()
+    model = onnx.load(str(models["onnx"]))
+    weight = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    outside.write_bytes(b"\0" * len(weight.raw_data))
+    (folder / "link.bin").symlink_to(outside)
+    size = len(weight.raw_data)
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    location = str(outside) if location == "ABSOLUTE" else location
+    for key, value in (("location", location), ("offset", "0"), ("length", str(size))):
+        weight.external_data.add(key=key, value=value)
+    bad = folder / "model.onnx"
+    onnx.save(model, str(bad))
+    one_line(run("info", bad), "not a readable ONNX model", needle)
     one_line(run("infer", bad, "-i", bundle, "-o", tmp_path / "p.npy"), needle)
     assert not (tmp_path / "p.npy").exists()
 
