@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .checks import at_least, check_memory
-from .errors import InputError, UnusedInputWarning
-from .fileio import OBJECT_ARRAY_HINT, atomic_path, numpy_error, temporary_folder
+from .errors import DeepSpotError, InputError, UnusedInputWarning
+from .fileio import OBJECT_ARRAY_HINT, atomic_path, numpy_error, short_write, temporary_folder
 from .modes import Mode, get_mode
 
 FEATURE_KEYS = ("spot", "cell", "subspot", "neighbors")
@@ -310,7 +310,14 @@ def save_bundle(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
     tmp = temporary_folder(path)
     try:
         for k, v in arrays.items():
-            np.save(tmp / f"{k}.npy", np.asarray(v), allow_pickle=False)
+            try:
+                np.save(tmp / f"{k}.npy", np.asarray(v), allow_pickle=False)
+            except OSError as e:
+                if e.errno is not None:
+                    raise
+                # NumPy's own words for a short write ("2880000 requested and 203744 written") name neither the
+                # file nor the cause.
+                raise DeepSpotError(f"{path}: {short_write(e)} while writing {k}.npy") from None
         tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
