@@ -307,3 +307,15 @@ def test_synth_against_a_file_size_limit_names_the_cause_and_leaves_nothing(tmp_
     assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
     assert "File too large" in lines[0] or "file size limit" in lines[0], lines[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_synth_to_an_upper_case_npz_name_writes_a_npz_file(tmp_path):
+    """``S.NPZ`` was written as a folder of .npy files, not the .npz file asked for."""
+    out = tmp_path / "S.NPZ"
+    result = runner.invoke(app, ["synth", "--n", "5", "--input-size", "4", "--genes", "2", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+    import numpy as np
+
+    with np.load(out) as z:
+        assert z["spot"].shape == (5, 4)
