@@ -11,6 +11,9 @@ import os
 
 from .errors import ConfigError
 
+#: Compute precisions: the export's, the torch backends' and TensorRT's.
+PRECISIONS = ("fp32", "fp16", "bf16")
+
 #: Seeds that every generator deepspot seeds accepts (NumPy's legacy ``np.random.seed`` takes 32 bits).
 MAX_SEED = 2**32 - 1
 
@@ -34,6 +37,14 @@ def check_seed(seed: int, option: str = "--seed") -> int:
     if not 0 <= seed <= MAX_SEED:
         raise ConfigError(f"{option} must lie in 0..{MAX_SEED}, got {seed}")
     return seed
+
+
+def check_precision(precision: str | None, option: str = "--precision") -> str | None:
+    """``None`` (the model's own) or one of :data:`PRECISIONS`, named exactly (``FP32`` or ``fp8`` is refused here,
+    not taken for a precision that some backend lacks)."""
+    if precision is not None and precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r} ({option}); expected one of: {', '.join(PRECISIONS)}")
+    return precision
 
 
 def available_cpus() -> int:

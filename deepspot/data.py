@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .checks import at_least, check_memory
-from .errors import InputError, UnusedInputWarning
-from .fileio import OBJECT_ARRAY_HINT, atomic_path, numpy_error, temporary_folder
+from .errors import DeepSpotError, InputError, UnusedInputWarning
+from .fileio import OBJECT_ARRAY_HINT, atomic_path, numpy_error, short_write, temporary_folder
 from .modes import Mode, get_mode
 
 FEATURE_KEYS = ("spot", "cell", "subspot", "neighbors")
@@ -284,7 +284,7 @@ def save_bundles(bundles: Mapping[str | Path, Mapping[str, np.ndarray]], no_clob
     only once every one is written, so a name the file system refuses (too long) or a full disk leaves none."""
     for path, arrays in bundles.items():
         _check_keys(arrays)
-        if Path(path).suffix != ".npz":
+        if Path(path).suffix.lower() != ".npz":
             raise InputError(f"{path}: expected a .npz path")
     with contextlib.ExitStack() as stack:  # renames on the way out, the last bundle's first; any error removes them
         temporaries = [stack.enter_context(atomic_path(path, no_clobber=no_clobber)) for path in bundles]
@@ -299,7 +299,7 @@ def save_bundle(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
     _check_keys(arrays)
     if path.suffix.lower() in NOT_A_BUNDLE:
         raise InputError(f"{path}: a bundle is a .npz file or a folder of .npy files; {path.suffix} names neither")
-    if path.suffix == ".npz":
+    if path.suffix.lower() == ".npz":
         save_bundles({path: arrays})
         return path
     if path.exists():
@@ -310,7 +310,14 @@ def save_bundle(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
     tmp = temporary_folder(path)
     try:
         for k, v in arrays.items():
-            np.save(tmp / f"{k}.npy", np.asarray(v), allow_pickle=False)
+            try:
+                np.save(tmp / f"{k}.npy", np.asarray(v), allow_pickle=False)
+            except OSError as e:
+                if e.errno is not None:
+                    raise
+                # NumPy's own words for a short write ("2880000 requested and 203744 written") name neither the
+                # file nor the cause.
+                raise DeepSpotError(f"{path}: {short_write(e)} while writing {k}.npy") from None
         tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,6 +16,16 @@ from pathlib import Path
 from .errors import DeepSpotError, InputError
 
 
+def short_write(e: OSError) -> str:
+    """What NumPy's short write (``OSError("2880000 requested and 203744 written")``, no errno) means, in words."""
+    return f"the write stopped short ({e}): the disk is full or a file size limit (ulimit -f) was reached"
+
+
+def is_short_write(e: OSError) -> bool:
+    text = str(e)
+    return e.errno is None and "requested and" in text and "written" in text
+
+
 def check_clobber(path: str | Path, no_clobber: bool) -> None:
     """With ``no_clobber``, refuse an output that exists (before any work is done)."""
     if no_clobber and os.path.lexists(path):

@@ -87,8 +87,10 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail(torch_missing_message(f"deepspot {command.replace('_', ' ')}", root))
         except OSError as e:
             # The file system refused (no such folder, no permission, disk full): the user's to fix, in one line.
+            from ..fileio import is_short_write, short_write
+
             where = f"{e.filename}: " if e.filename else ""
-            fail(f"{where}{e.strerror or e}")
+            fail(f"{where}{short_write(e) if is_short_write(e) else e.strerror or e}")
         except MemoryError as e:
             # The last line of defence: options are checked against the memory up front where a size is known.
             fail(_out_of_memory(e))

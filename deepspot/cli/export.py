@@ -121,9 +121,13 @@ def export_command(
                 "--triton serves the per-item graph: the indexed layout's head gathers neighbours from a whole "
                 "slide's embedding table, which a Triton request does not carry; export with --layout dense"
             )
-        from ..export.triton import check_triton_options
+        from ..export.triton import check_name, check_triton_options, check_triton_repo
 
-        check_triton_options(**triton_options)  # before the export: a bad option costs nothing
+        # Before the export: a bad option, repository or model name costs nothing, and the .onnx is not left behind
+        # by a command that then fails.
+        check_triton_options(**triton_options)
+        check_triton_repo(triton)
+        check_name(name or output.stem)
     if checkpoint is not None:
         source = checkpoint
     else:
@@ -190,7 +194,7 @@ def _write_triton(model: Path, repo: Path, **options) -> None:
 @handle_errors
 def triton_command(
     model: Path = typer.Argument(..., help="An exported .onnx file (the per-item graph)."),
-    repo: Path = typer.Argument(..., help="The Triton model repository (created if missing)."),
+    repo: Path = typer.Argument(..., help="The Triton model repository (created if missing; its parent folder must exist)."),
     name: str | None = typer.Option(None, "--name", help="The model's name (default: the file's stem)."),
     max_batch: int = typer.Option(256, "--max-batch", help="max_batch_size of the dynamic batcher."),
     instances: int = typer.Option(1, "--instances", help="Model instances per device."),

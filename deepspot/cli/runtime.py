@@ -195,6 +195,9 @@ def infer(
     if given:
         hint = " (-o's suffix says the format)" if given[0] == "--format" else ""
         raise ConfigError(f"{given[0]} is for a cohort (--output-dir), not one bundle with -o{hint}")
+    from ..runtime.infer import check_backend_options
+
+    check_backend_options(model, backend, compile, torch_graph, cache_dir, table_dtype)
     with _announce_fallbacks():
         result = run_infer(
             model,
@@ -310,6 +313,9 @@ def parity(
             fail("with --expected, give only the model to check (the stored outputs are the reference)")
         if input is None:
             fail("--expected needs --input: the bundle the stored outputs were computed on")
+        from ..runtime.infer import check_backend_options
+
+        check_backend_options(checkpoint, backend, torch_graph=torch_graph)
         with _announce_fallbacks():
             result = check_parity_expected(
                 checkpoint,
@@ -330,6 +336,9 @@ def parity(
         fail("give the reference checkpoint and the model to check (or the model and --expected PRED.npy)")
     if inverse_transform:
         fail("--inverse-transform applies to --expected only")
+    from ..runtime.infer import check_backend_options
+
+    check_backend_options(model, backend, torch_graph=torch_graph)
     with _announce_fallbacks():
         result = check_parity(
             checkpoint,

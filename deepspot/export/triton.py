@@ -305,6 +305,23 @@ def check_triton_options(name: str | None = None, max_batch: int = 256, instance
     model_config_schema()  # without Triton's schema nothing can be validated
 
 
+def check_triton_repo(repo: str | Path) -> Path:
+    """Refuse, before any work, a repository path that is a file, or a new one whose parent folder is missing
+    (deepspot makes the repository folder, never its parents: a typo fails at once).
+
+    Raises:
+        ConfigError: Naming the path.
+    """
+    from ..fileio import check_output_folder
+
+    repo = Path(repo)
+    if repo.exists() and not repo.is_dir():
+        raise ConfigError(f"{repo}: exists and is not a folder; a Triton model repository is a folder")
+    if not repo.exists():
+        check_output_folder(repo, "Triton repository")
+    return repo
+
+
 def check_name(name: str) -> str:
     if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name.strip() != name:
         raise ConfigError(f"invalid Triton model name {name!r}: a plain folder name, without slashes")
@@ -349,10 +366,8 @@ def write_triton_repository(
     text = triton_config_text(onnx_path, name, max_batch, instances, kind, tensorrt, fp16, graph=graph)
     validate_config(text, graph, where=f"{name}/config.pbtxt")
 
-    repo = Path(repo)
-    if repo.exists() and not repo.is_dir():
-        raise ConfigError(f"{repo}: exists and is not a folder")
-    repo.mkdir(parents=True, exist_ok=True)
+    repo = check_triton_repo(repo)
+    repo.mkdir(exist_ok=True)
     target = repo / name
     # Written into a hidden sibling, then renamed: Triton polling the repository never sees half a model.
     staging = temporary_folder(target)

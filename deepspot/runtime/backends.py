@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..checks import at_least, check_threads
+from ..checks import at_least, check_precision, check_threads
 from ..errors import BackendUnavailableError, ConfigError
 from .artifacts import artifact_kind, read_onnx
 from ._onnxruntime import DRIVER_HINT, GPU_INSTALL, OrtInstall, import_ort, ort_install
@@ -292,6 +292,10 @@ class RunnerOptions:
         # Checked here, before any work: 10,000 threads made a machine unusable, and a batch of 0 meant the default.
         check_threads(self.threads)
         at_least(self.batch_size, "--batch-size")
+        # A GPU index below 0 was passed over on the CPU backends, and an unknown precision was taken for one the
+        # graph lacks ("export it with --precision FP32").
+        at_least(self.device, "--device", 0)
+        check_precision(self.precision)
 
 
 def load_runner(

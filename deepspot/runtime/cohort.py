@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DeepSpotError, InputError
-from ..fileio import atomic_path, file_sha256, remove_leftovers
+from ..fileio import atomic_path, check_output_folder, file_sha256, refuse_inputs, remove_leftovers
 
 FORMATS = ("h5ad", "npz", "npy")
 RECORD = "cohort.json"
@@ -409,22 +409,33 @@ def _worker(model: Any, slides: list[Slide], settings: CohortSettings, device: s
 
 
 def check_setup(model: Any, backend: str | None, devices: Sequence[str] | None,
-                inverse_transform: bool = False) -> None:  # fmt: skip
+                inverse_transform: bool = False, settings: CohortSettings | None = None) -> None:  # fmt: skip
     """Refuse, before any slide runs, what would fail every slide the same way: a ``--devices`` entry that is neither
     a GPU index nor ``cpu``, GPU indices for a backend that runs on the CPU (or the reverse), a backend that
-    cannot run here, and ``inverse_transform`` for an exported model without a scaler (a checkpoint's is known once
-    it is loaded, by the first slide).
+    cannot run here, ``inverse_transform`` for an exported model without a scaler (a checkpoint's is known once
+    it is loaded, by the first slide), and ``settings`` that no slide can run with (an unknown layout, table,
+    table dtype or precision, ``--tf32`` or CUDA graphs on a CPU backend, a precision other than an exported graph's
+    on onnxruntime's backends); ``settings`` that would be passed over (``--table-dtype`` for an export) too.
 
     Raises:
-        ConfigError: A device list that does not fit the backend.
+        ConfigError: A device list that does not fit the backend, or such settings.
         BackendUnavailableError: The backend cannot run on this machine.
     """
     from .artifacts import artifact_kind
-    from .backends import DEFAULT_BACKEND, get_backend, select_backend
+    from .backends import DEFAULT_BACKEND, RunnerOptions, _check_gpu_options, get_backend, select_backend
     from .indexed import is_indexed_folder
+    from .infer import check_backend_options, check_layout_options
 
     kind = "onnx" if is_indexed_folder(model) else artifact_kind(model)
     name = backend or DEFAULT_BACKEND[kind]
+    if settings is not None:
+        check_layout_options(settings.layout, settings.table, settings.table_dtype)
+        check_backend_options(model, name, table_dtype=settings.table_dtype)
+        options = RunnerOptions(precision=settings.precision, threads=settings.threads, tf32=settings.tf32,
+                                cuda_graph=settings.cuda_graph)  # fmt: skip
+        _check_gpu_options(options, name)
+        if settings.precision is not None and kind == "onnx" and name in ("ort-cpu", "ort-cuda"):
+            _check_graph_precision(model, settings.precision)
     on_gpu = get_backend(name).device == "cuda"
     for d in devices or ():
         if d != "cpu" and not d.isdigit():
@@ -447,6 +458,39 @@ def check_setup(model: Any, backend: str | None, devices: Sequence[str] | None,
             info.check_inverse_transform(model)
 
 
+def check_output_dir(output_dir: str | Path, model: Any, slides: Sequence[Slide]) -> Path:
+    """Refuse, before any work, an ``--output-dir`` that is a file, whose parent folder is missing (deepspot makes the
+    folder itself, never its parents: a typo fails at once), or that is one of the run's inputs or lies inside one (a
+    bundle folder of ``.npy`` files, an indexed export): the outputs and the record written there would become part
+    of the input, and a bundle folder would no longer load."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError(f"{output_dir}: exists and is not a folder; --output-dir takes a folder")
+    if not output_dir.is_dir():
+        check_output_folder(output_dir, "--output-dir")
+    refuse_inputs(output_dir, [model, *(slide.input for slide in slides)], "cohort's outputs")
+    return output_dir
+
+
+def _check_graph_precision(model: Any, precision: str) -> None:
+    """onnxruntime runs a graph at the precision it was exported at: another is refused once, not once per slide."""
+    from ..export import read_model_metadata
+    from ..export.metadata import HEAD_FILE
+    from .artifacts import info_from_onnx_metadata
+    from .indexed import is_indexed_folder
+
+    graph = Path(model) / HEAD_FILE if is_indexed_folder(model) else Path(model)
+    if not graph.is_file():
+        return  # the first slide says what is missing
+    info = info_from_onnx_metadata(read_model_metadata(graph), str(graph))
+    exported = info.precision if info is not None else "fp32"
+    if precision != exported:
+        raise ConfigError(
+            f"{model} was exported at {exported}; onnxruntime runs it as exported, so export it with "
+            f"--precision {precision} (or use ort-trt / tensorrt, which can lower the precision)"
+        )
+
+
 def run_cohort(
     model: Any,
     slides: list[Slide],
@@ -464,7 +508,7 @@ def run_cohort(
         model: What :func:`~deepspot.runtime.infer` takes (a path: its hash decides what is up to date).
         slides: From :func:`plan_slides`.
         output_dir: Where ``cohort.json``, its journal (while it runs) and by default the outputs go; created if
-            missing.
+            missing (its parent folder must exist).
         settings: Options shared by every slide.
         shard: ``(I, N)``: only the slides of shard I of N.
         force: Redo slides whose output is up to date.
@@ -475,9 +519,9 @@ def run_cohort(
     from .infer import model_fingerprint
 
     settings = settings or CohortSettings()
-    check_setup(model, settings.backend, devices, settings.inverse_transform)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_setup(model, settings.backend, devices, settings.inverse_transform, settings)
+    output_dir = check_output_dir(output_dir, model, slides)
+    output_dir.mkdir(exist_ok=True)
     remove_leftovers(output_dir)  # each slide's own output folder is swept by infer() before it writes there
     previous = read_record(output_dir)
     model_hash = model_fingerprint(model) if isinstance(model, (str, os.PathLike)) else None

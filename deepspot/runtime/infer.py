@@ -207,6 +207,7 @@ def infer(
     """
     from ..data import load_bundle
 
+    check_layout_options(layout, table, table_dtype)
     output = check_output_path(output, (bundle, model), no_clobber)
     data = load_bundle(bundle, mmap=True)
     layout = resolve_layout(layout, data, model)
@@ -290,6 +291,70 @@ def default_batch_size(model: Any, backend: str | None, data) -> int:
 
 
 LAYOUTS = ("dense", "indexed")
+
+
+TORCH_GRAPHS = ("eager", "export")
+
+
+def check_backend_options(
+    model: Any,
+    backend: str | None,
+    compile: bool = False,
+    torch_graph: str = "eager",
+    cache_dir: Any = None,
+    table_dtype: str = "fp32",
+) -> str:
+    """Refuse, before any work, options that the backend asked for (or the model's default one) would pass over:
+    ``--compile`` and ``--torch-graph`` are the torch backends', ``--cache-dir`` holds TensorRT's engines, and an
+    exported model fixed its embedding table's dtype at export. With ``--allow-fallback`` the backend asked for
+    counts. Returns that backend's name.
+
+    Raises:
+        ConfigError: Naming the option, the backend and what to do instead.
+        CheckpointError: A model path of no known kind.
+    """
+    from .artifacts import artifact_kind
+    from .backends import DEFAULT_BACKEND, get_backend
+    from .indexed import is_indexed_folder
+
+    check_layout_options(None, table_dtype=table_dtype)
+    if torch_graph not in TORCH_GRAPHS:
+        raise ConfigError(f"unknown --torch-graph {torch_graph!r}; expected one of: {', '.join(TORCH_GRAPHS)}")
+    kind = "onnx" if is_indexed_folder(model) else artifact_kind(model)
+    name = backend or DEFAULT_BACKEND[kind]
+    get_backend(name)  # an unknown name is said as such, first
+    torch = name in ("torch", "torch-cuda")
+    if compile and not torch:
+        raise ConfigError(f"--compile applies to the torch backends (torch, torch-cuda), not {name}; leave it out")
+    if torch_graph != "eager" and not torch:
+        raise ConfigError(
+            f"--torch-graph applies to the torch backends (torch, torch-cuda), not {name}; {model} runs as exported"
+        )
+    if cache_dir is not None and name not in ("ort-trt", "tensorrt"):
+        raise ConfigError(f"--cache-dir holds TensorRT engines: it applies to ort-trt and tensorrt, not {name}")
+    if table_dtype != "fp32" and kind != "model":
+        raise ConfigError(
+            f"--table-dtype applies to the indexed layout run from a checkpoint; {model} is an export, whose table "
+            "dtype was fixed when it was exported (deepspot export --layout indexed --table-dtype fp16)"
+        )
+    return name
+
+
+def check_layout_options(layout: str | None, table: str = "auto", table_dtype: str = "fp32") -> None:
+    """Refuse an unknown ``layout``, ``table`` or ``table_dtype`` before any work, whichever layout the bundle then
+    takes: a misspelt ``--table`` was passed over whenever the run took the dense layout.
+
+    Raises:
+        ConfigError: Naming the option and what it takes.
+    """
+    from .indexed import TABLE_CHOICES, TABLE_DTYPES
+
+    if layout is not None and layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {layout!r}; expected one of: {', '.join(LAYOUTS)}")
+    if table not in TABLE_CHOICES:
+        raise ConfigError(f"unknown table location {table!r}; expected one of: {', '.join(TABLE_CHOICES)}")
+    if table_dtype not in TABLE_DTYPES:
+        raise ConfigError(f"unknown table dtype {table_dtype!r}; expected one of: {', '.join(TABLE_DTYPES)}")
 
 
 def resolve_layout(layout: str | None, data, model: Any) -> str:

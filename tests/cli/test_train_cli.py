@@ -284,3 +284,38 @@ def test_an_interrupt_while_writing_leaves_the_earlier_run_whole(tmp_path, monke
     result = runner.invoke(app, [*args, "--random-seed", "7"])
     assert result.exit_code == 130 and result.output.strip() == "Interrupted.", result.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("name", ["bundle", "bundle.npz"])
+def test_synth_against_a_file_size_limit_names_the_cause_and_leaves_nothing(tmp_path, name):
+    """A bundle folder cut short by a full disk or ``ulimit -f`` said only NumPy's "2880000 requested and 203744
+    written" (Python ignores SIGXFSZ, so the write fails instead of killing the process)."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))
+
+    env = {**os.environ, "PYTHONPATH": str(Path(deepspot.__file__).parent.parent)}
+    proc = subprocess.run([sys.executable, "-m", "deepspot.cli", "synth", "--n", "2000", "--input-size", "16",
+                           "--genes", "4", str(tmp_path / name)], capture_output=True, text=True, env=env,
+                          preexec_fn=limit, timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), proc.stderr
+    assert "File too large" in lines[0] or "file size limit" in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synth_to_an_upper_case_npz_name_writes_a_npz_file(tmp_path):
+    """``S.NPZ`` was written as a folder of .npy files, not the .npz file asked for."""
+    out = tmp_path / "S.NPZ"
+    result = runner.invoke(app, ["synth", "--n", "5", "--input-size", "4", "--genes", "2", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+    import numpy as np
+
+    with np.load(out) as z:
+        assert z["spot"].shape == (5, 4)

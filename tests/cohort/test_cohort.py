@@ -137,6 +137,7 @@ def test_shards_cover_every_slide_exactly_once(tmp_path, model):
     names = [f"slide{i:02d}" for i in range(12)]
     slides = make_slides(tmp_path / "in", names, n=4)
     out = tmp_path / "out"
+    out.mkdir()  # the cohort makes its --output-dir, not the folder above it
     for i in range(3):
         result = run("infer", model, "-i", *slides, "--output-dir", out / str(i), "--format", "npy", "--shard", f"{i}/3")
         assert result.exit_code == 0, result.output
@@ -460,3 +461,47 @@ def test_the_final_record_holds_the_journal_in_the_record_s_schema(tmp_path, mod
     assert [(s["name"], s["status"]) for s in data["slides"]] == [("s1", "skipped"), ("s2", "done"), ("s3", "failed")]
     assert data["slides"] == [asdict(s) for s in result.slides]
     assert seen[-1] == data["slides"][1:]  # the journal's lines (the slides run), as the record has them
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--precision", "fp8"], "unknown precision 'fp8'"),
+    (["--precision", "fp16"], "was exported at fp32; onnxruntime runs it as exported"),
+    (["--layout", "sparse"], "unknown layout 'sparse'; expected one of: dense, indexed"),
+    (["--table", "memroy"], "unknown table location 'memroy'"),
+    (["--table-dtype", "int8"], "unknown table dtype 'int8'"),
+    (["--table-dtype", "fp16"], "--table-dtype applies to the indexed layout run from a checkpoint"),
+    (["--tf32"], "tf32 is a math mode of NVIDIA GPUs; the ort-cpu backend runs on the CPU"),
+    (["--cuda-graph"], "CUDA graphs are replayed by the onnxruntime GPU backends"),
+])  # fmt: skip
+def test_settings_no_slide_can_run_with_are_refused_up_front(tmp_path, model, options, message):
+    """These failed every slide in turn (exit 1, a record of failures), or were passed over (a misspelt --table on
+    dense bundles), instead of one line and exit 2 before any slide runs."""
+    slides = make_slides(tmp_path / "in", ["a", "b"])
+    result = run("infer", model, "-i", *slides, "--output-dir", tmp_path / "out", "--format", "npy", *options)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_dir_that_is_an_input_a_file_or_lacks_its_parent_is_refused(tmp_path, model):
+    """A bundle folder given as --output-dir received the other slides' .npy outputs and the record, and then no
+    longer loaded ("unknown array"); a missing parent folder was created (every other output refuses it)."""
+    slides = make_slides(tmp_path / "in", ["a"])
+    folder = tmp_path / "folder-bundle"
+    save_bundle(folder, synth_bundle("cell", "neighbors", 5, D, G, seed=3, n_neighbors=3))
+    before = sorted(p.name for p in folder.iterdir())
+    result = run("infer", model, "-i", folder, *slides, "--output-dir", folder, "--format", "npy")
+    assert result.exit_code == 2 and "is an input of this run" in result.output, result.output
+    assert sorted(p.name for p in folder.iterdir()) == before
+    result = run("infer", model, "-i", *slides, folder, "--output-dir", folder / "sub", "--format", "npy")
+    assert result.exit_code == 2 and "is an input of this run" in result.output, result.output
+    assert sorted(p.name for p in folder.iterdir()) == before
+    result = run("infer", model, "-i", *slides, folder, "--output-dir", slides[0], "--format", "npy")
+    assert result.exit_code == 2 and "exists and is not a folder; --output-dir takes a folder" in result.output
+    missing = tmp_path / "nope" / "out"
+    result = run("infer", model, "-i", *slides, folder, "--output-dir", missing, "--format", "npy")
+    assert result.exit_code == 2 and "does not exist (deepspot does not create parent folders)" in result.output
+    assert not missing.parent.exists()
+    # An output folder that holds the bundles is what most users give: it is taken.
+    result = run("infer", model, "-i", *slides, folder, "--output-dir", tmp_path / "in", "--format", "npy")
+    assert result.exit_code == 0, result.output

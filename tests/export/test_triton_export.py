@@ -44,3 +44,26 @@ def test_bad_triton_options_are_refused_before_exporting(tmp_path, extra, needle
     result = cli.invoke(app, ["export", *UNTRAINED, "-o", str(out), "--triton", str(tmp_path / "models"), *extra])
     assert result.exit_code == 2 and needle in result.output
     assert not out.exists() and not (tmp_path / "models").exists()
+
+
+def test_a_triton_repository_that_cannot_be_written_is_refused_before_exporting(tmp_path):
+    """A file given as --triton, a repository whose parent folder is missing, and an output whose stem is no model
+    name were found after the export: the .onnx was left behind by a command that exited 2 (and a missing parent
+    folder was made)."""
+    out = tmp_path / "cell.onnx"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for repo, extra, needle in [
+        (afile, [], "exists and is not a folder; a Triton model repository is a folder"),
+        (tmp_path / "nope" / "models", [], "does not exist (deepspot does not create parent folders)"),
+    ]:
+        result = cli.invoke(app, ["export", *UNTRAINED, "-o", str(out), "--triton", str(repo), *extra])
+        assert result.exit_code == 2 and needle in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+        assert not out.exists() and not (tmp_path / "nope").exists()
+    spaced = tmp_path / " cell.onnx"
+    result = cli.invoke(app, ["export", *UNTRAINED, "-o", str(spaced), "--triton", str(tmp_path / "models")])
+    assert result.exit_code == 2 and "invalid Triton model name" in result.output, result.output
+    assert not spaced.exists() and not (tmp_path / "models").exists()
+    result = cli.invoke(app, ["triton", str(out), str(tmp_path / "nope" / "models")])
+    assert result.exit_code == 2 and not (tmp_path / "nope").exists()

@@ -336,3 +336,44 @@ def test_the_folder_train_writes_given_for_a_model_names_the_checkpoint_in_it(ar
     empty.mkdir()
     one_line_error(run("infer", empty, "-i", a.bundle, "-o", tmp_path / "p.npy"), "empty: a folder, not a model file")
     assert not (tmp_path / "p.npy").exists()
+
+
+def test_infer_refuses_unknown_option_values_whichever_layout_runs(artifacts, tmp_path):
+    """A misspelt --table or --table-dtype was passed over when the bundle took the dense layout, a GPU index below 0
+    on the CPU backends, and an unknown --precision was answered with advice to export at that precision."""
+    a = artifacts()
+    out = tmp_path / "p.npy"
+    for args, message in [
+        (["--table", "memroy"], "unknown table location 'memroy'; expected one of: auto, memory, mmap, device"),
+        (["--table-dtype", "int8"], "unknown table dtype 'int8'; expected one of: fp32, fp16"),
+        (["--device", -1], "--device must be at least 0, got -1"),
+        (["--precision", "FP32"], "unknown precision 'FP32' (--precision); expected one of: fp32, fp16, bf16"),
+        (["--precision", "fp8"], "unknown precision 'fp8'"),
+    ]:
+        one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", out, *args), message)
+        assert not out.exists()
+    one_line_error(run("infer", a.checkpoint, "-i", a.bundle, "-o", out, "--precision", "half"), "unknown precision")
+    one_line_error(run("parity", a.checkpoint, a.onnx, "--random", 4, "--device", -2), "--device must be at least 0")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("model, args, message", [
+    ("onnx", ["--compile"], "--compile applies to the torch backends (torch, torch-cuda), not ort-cpu"),
+    ("onnx", ["--torch-graph", "export"], "--torch-graph applies to the torch backends (torch, torch-cuda), not ort-cpu"),
+    ("onnx", ["--cache-dir", "."], "--cache-dir holds TensorRT engines: it applies to ort-trt and tensorrt, not ort-cpu"),
+    ("checkpoint", ["--cache-dir", "."], "not torch"),
+    ("onnx", ["--table-dtype", "fp16"], "--table-dtype applies to the indexed layout run from a checkpoint"),
+    ("checkpoint", ["--torch-graph", "fused"], "unknown --torch-graph 'fused'; expected one of: eager, export"),
+])  # fmt: skip
+def test_infer_refuses_options_the_backend_would_pass_over(artifacts, tmp_path, model, args, message):
+    a = artifacts()
+    out = tmp_path / "p.npy"
+    one_line_error(run("infer", getattr(a, model), "-i", a.bundle, "-o", out, *args), message)
+    assert not out.exists()
+
+
+def test_parity_refuses_a_torch_graph_for_an_onnx_backend(artifacts):
+    a = artifacts()
+    one_line_error(run("parity", a.checkpoint, a.onnx, "--random", 4, "--torch-graph", "export"),
+                   "--torch-graph applies to the torch backends")  # fmt: skip
+    assert run("parity", a.checkpoint, a.checkpoint, "--random", 4, "--torch-graph", "export").exit_code == 0
