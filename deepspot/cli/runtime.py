@@ -76,6 +76,27 @@ def _options(
     )
 
 
+def _refuse_ignored_options(model: Path, backend: Optional[str], device: int, compile: bool, torch_graph: str) -> None:
+    """Refuse options the backend that will run would ignore: --compile and --torch-graph off the torch backends,
+    --device on a CPU backend (a fallback chain keeps to torch or to the ONNX backends, and only leaves the GPU)."""
+    given = {"--compile": compile, "--torch-graph": torch_graph != "eager", "--device": device != 0}
+    if not any(given.values()):
+        return
+    from ..errors import ConfigError
+    from ..runtime.artifacts import artifact_kind
+    from ..runtime.backends import DEFAULT_BACKEND, get_backend
+    from ..runtime.indexed import is_indexed_folder
+
+    name = backend or DEFAULT_BACKEND["onnx" if is_indexed_folder(model) else artifact_kind(model)]
+    b = get_backend(name)
+    if b.runs != "model":
+        flag = next((f for f in ("--compile", "--torch-graph") if given[f]), None)
+        if flag is not None:
+            raise ConfigError(f"{flag} is for the torch backends (torch, torch-cuda), not {name}")
+    if given["--device"] and b.device == "cpu":
+        raise ConfigError(f"--device {device} names a GPU, but backend {name!r} runs on the CPU")
+
+
 def _bag_sizes(text: Optional[str]) -> dict[str, int]:
     from ..errors import ConfigError
 
@@ -195,6 +216,7 @@ def infer(
     if given:
         hint = " (-o's suffix says the format)" if given[0] == "--format" else ""
         raise ConfigError(f"{given[0]} is for a cohort (--output-dir), not one bundle with -o{hint}")
+    _refuse_ignored_options(model, backend, device, compile, torch_graph)
     with _announce_fallbacks():
         result = run_infer(
             model,

@@ -66,6 +66,23 @@ def test_infer_mistakes_exit_2_with_one_line(artifacts, tmp_path):
     assert not (tmp_path / "p.npy").exists()
 
 
+def test_infer_refuses_options_the_backend_would_ignore(artifacts, tmp_path):
+    a = artifacts()
+    out = tmp_path / "p.npy"
+    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--compile"),
+                   "--compile is for the torch backends (torch, torch-cuda), not ort-cpu")  # fmt: skip
+    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--torch-graph", "export"),
+                   "--torch-graph is for the torch backends (torch, torch-cuda), not ort-cpu")  # fmt: skip
+    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--device", "1"),
+                   "--device 1 names a GPU, but backend 'ort-cpu' runs on the CPU")  # fmt: skip
+    one_line_error(run("infer", a.checkpoint, "-i", a.bundle, "-o", out, "--device", "1"),
+                   "backend 'torch' runs on the CPU")  # fmt: skip
+    assert not out.exists()
+    # what the torch backends take still runs
+    result = run("infer", a.checkpoint, "-i", a.bundle, "-o", out, "--torch-graph", "export", "--no-progress")
+    assert result.exit_code == 0 and out.exists(), result.output
+
+
 def test_unavailable_gpu_backend_exits_2_or_falls_back_with_a_warning(artifacts, tmp_path):
     import onnxruntime
 
