@@ -284,3 +284,21 @@ def test_an_interrupt_while_writing_leaves_the_earlier_run_whole(tmp_path, monke
     result = runner.invoke(app, [*args, "--random-seed", "7"])
     assert result.exit_code == 130 and result.output.strip() == "Interrupted.", result.output
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_the_progress_bar_stays_off_stdout(tmp_path):
+    # stdout is the command's one result line, as a script that pipes it reads it; the bar goes to stderr
+    import subprocess
+    import sys
+
+    bundle = tmp_path / "b.npz"
+    assert runner.invoke(app, ["synth", "--n", "40", "--input-size", "4", "--genes", "2", str(bundle)]).exit_code == 0
+    args = ["train", "--data", bundle, "--family", "spot", "--out", tmp_path / "run", "--phi2rho-size", "4",
+            "--n-ensemble", "2", "--epochs", "1", "--batch-size", "16"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "deepspot.cli", *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("trained 1 epoch") and done.stdout.count("\n") == 1, repr(done.stdout)
+    infer = ["infer", tmp_path / "run" / "model.safetensors", "-i", bundle, "-o", tmp_path / "p.npy"]
+    done = subprocess.run([sys.executable, "-m", "deepspot.cli", *map(str, infer)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("wrote ") and done.stdout.count("\n") == 1, repr(done.stdout)
