@@ -284,7 +284,7 @@ def save_bundles(bundles: Mapping[str | Path, Mapping[str, np.ndarray]], no_clob
     only once every one is written, so a name the file system refuses (too long) or a full disk leaves none."""
     for path, arrays in bundles.items():
         _check_keys(arrays)
-        if Path(path).suffix != ".npz":
+        if Path(path).suffix.lower() != ".npz":
             raise InputError(f"{path}: expected a .npz path")
     with contextlib.ExitStack() as stack:  # renames on the way out, the last bundle's first; any error removes them
         temporaries = [stack.enter_context(atomic_path(path, no_clobber=no_clobber)) for path in bundles]
@@ -299,7 +299,7 @@ def save_bundle(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
     _check_keys(arrays)
     if path.suffix.lower() in NOT_A_BUNDLE:
         raise InputError(f"{path}: a bundle is a .npz file or a folder of .npy files; {path.suffix} names neither")
-    if path.suffix == ".npz":
+    if path.suffix.lower() == ".npz":
         save_bundles({path: arrays})
         return path
     if path.exists():
