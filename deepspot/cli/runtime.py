@@ -190,6 +190,9 @@ def infer(
         at_least(batch_size, "--batch-size")
     at_least(max_bag, "--max-bag")
     check_threads(threads)
+    from ..runtime.indexed import check_table_options
+
+    check_table_options(table, table_dtype)
     bundles = list(input or []) + list(more or [])
     if output_dir is not None or manifest is not None or len(bundles) > 1:
         if output is not None or no_clobber:

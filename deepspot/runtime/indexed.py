@@ -284,6 +284,15 @@ def pipeline_from_folder(folder, backend: str | None = None, options=None, allow
     return IndexedPipeline(encoder, head, info, h, table_dtype)
 
 
+def check_table_options(table: str, table_dtype: str) -> None:
+    """Refuse an unknown ``--table`` or ``--table-dtype`` before any work, whatever the layout turns out to be (a
+    typo must not pass because the run happens to be dense)."""
+    if table not in TABLE_CHOICES:
+        raise ConfigError(f"unknown table location {table!r}; expected one of: {', '.join(TABLE_CHOICES)}")
+    if table_dtype not in TABLE_DTYPES:
+        raise ConfigError(f"unknown table dtype {table_dtype!r}; expected one of: {', '.join(TABLE_DTYPES)}")
+
+
 def is_indexed_folder(model: Any) -> bool:
     return isinstance(model, (str, Path)) and Path(model).is_dir() and (Path(model) / HEAD_FILE).is_file()
 

@@ -206,7 +206,9 @@ def infer(
         DeepSpotError: Bad input (reported before anything runs), unavailable backend, unwritable output.
     """
     from ..data import load_bundle
+    from .indexed import check_table_options
 
+    check_table_options(table, table_dtype)
     output = check_output_path(output, (bundle, model), no_clobber)
     data = load_bundle(bundle, mmap=True)
     layout = resolve_layout(layout, data, model)
