@@ -303,7 +303,7 @@ def save_bundle(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
         save_bundles({path: arrays})
         return path
     if path.exists():
-        raise InputError(f"{path}: already exists; bundles are not overwritten")
+        raise InputError(f"{path}: already exists; a bundle folder is never replaced (a .npz bundle is)")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{path}: output folder {parent} does not exist")

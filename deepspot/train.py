@@ -300,6 +300,7 @@ def _check_loss(loss: float, which: str, epoch: int, lr: float) -> None:
 
 
 def _progress(enabled: bool, total: int):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
@@ -310,6 +311,7 @@ def _progress(enabled: bool, total: int):
         TimeRemainingColumn(),
         disable=not enabled,
         transient=True,
+        console=Console(stderr=True),  # stdout is the command's result line
     )
 
 

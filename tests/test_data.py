@@ -104,3 +104,12 @@ def test_names_saved_from_a_pandas_index_are_refused_with_the_way_to_save_them(t
     assert "np.asarray(names, dtype=str)" in str(error.value) and "allow_pickle" not in str(error.value)
     save(tmp_path / "text.npz", **{**arrays, "barcode": np.asarray(names, dtype=str)})
     assert load_bundle(tmp_path / "text.npz").barcodes == ["0000-1", "0001-1", "0002-1", "0003-1"]
+
+
+@pytest.mark.parametrize("name", ["slide.NPZ", "slide.Npz"])
+def test_a_npz_suffix_in_capitals_writes_a_npz_file_not_a_folder(tmp_path, name):
+    # load_bundle and infer take any case; save_bundle wrote a folder named slide.NPZ
+    data = synth_bundle("spot", "spot", n=5, input_size=3, genes=2, seed=0)
+    path = save_bundle(tmp_path / name, data)
+    assert path.is_file(), "a folder was written"
+    np.testing.assert_array_equal(np.asarray(load_bundle(path).arrays["target"]), data["target"])

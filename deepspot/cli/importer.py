@@ -58,7 +58,8 @@ def bundle(
         ...,
         "-o",
         "--output",
-        help="Output bundle: a .npz file, or a directory of .npy files (a folder with --by); replaced if it exists.",
+        help="Output bundle: a .npz file (replaced if it exists), or a new directory of .npy files; with --by, a folder "
+        "of OUT/<sample>.npz (each replaced if it exists).",
     ),
     family: str = typer.Option("spot", "--family", help="spot (Visium) or cell (Xenium)."),
     radius: float = typer.Option(1.0, "--radius", help="Spots: neighbours within this distance on both array axes."),

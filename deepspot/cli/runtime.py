@@ -169,6 +169,9 @@ def infer(
         at_least(batch_size, "--batch-size")
     at_least(max_bag, "--max-bag")
     check_threads(threads)
+    from ..runtime.infer import check_layout_options
+
+    check_layout_options(None, table, table_dtype)
     bundles = list(input or []) + list(more or [])
     if output_dir is not None or manifest is not None or len(bundles) > 1:
         if output is not None or no_clobber:
@@ -197,7 +200,7 @@ def infer(
         raise ConfigError(f"{given[0]} is for a cohort (--output-dir), not one bundle with -o{hint}")
     from ..runtime.infer import check_backend_options
 
-    check_backend_options(model, backend, compile, torch_graph, cache_dir, table_dtype)
+    check_backend_options(model, backend, compile, torch_graph, cache_dir, table_dtype, device)
     with _announce_fallbacks():
         result = run_infer(
             model,

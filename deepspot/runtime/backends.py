@@ -206,7 +206,11 @@ class Selection:
 
 
 def select_backend(
-    requested: str, allow_fallback: bool = False, probe: Probe | None = None, kind: str = "onnx"
+    requested: str,
+    allow_fallback: bool = False,
+    probe: Probe | None = None,
+    kind: str = "onnx",
+    fallback_hint: bool = True,
 ) -> Selection:
     """The backend that will run: ``requested`` if it can, else (with ``allow_fallback``) the first in its chain.
 
@@ -215,6 +219,9 @@ def select_backend(
         allow_fallback: Permit another backend when ``requested`` cannot run; the switch is warned about.
         probe: What the machine offers (detected when ``None``).
         kind: What the model file is (``model``, ``onnx``, ``plan``); a plan runs on ``tensorrt`` only.
+        fallback_hint: Say in the error that ``--allow-fallback`` permits another backend, where it would (never
+            for a backend without a fallback, nor for a plan); ``False`` where the caller does not take that option
+            (a cohort).
 
     Raises:
         BackendUnavailableError: The backend cannot run here and fallback is off (or the chain is exhausted).
@@ -243,7 +250,8 @@ def select_backend(
         if not allow_fallback or (kind == "plan" and name == "tensorrt"):
             break
         name = get_backend(name).fallback
-    hint = "" if allow_fallback else " (--allow-fallback permits another backend)"
+    could_fall_back = fallback_hint and not allow_fallback and get_backend(requested).fallback is not None
+    hint = " (--allow-fallback permits another backend)" if could_fall_back and kind != "plan" else ""
     raise BackendUnavailableError(reasons[0] + hint)
 
 

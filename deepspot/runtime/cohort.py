@@ -446,7 +446,7 @@ def check_setup(model: Any, backend: str | None, devices: Sequence[str] | None,
                           "--backend ort-cuda (or torch-cuda), or give --devices cpu,cpu for CPU workers")  # fmt: skip
     if on_gpu and devices and len(gpus) < len(devices):
         raise ConfigError(f"--devices {','.join(devices)}: backend {name!r} runs on a GPU, so give GPU indices only")
-    select_backend(name, kind=kind)  # says why the backend cannot run here, once, instead of once per slide
+    select_backend(name, kind=kind, fallback_hint=False)  # says why the backend cannot run here, once, instead of once per slide
     if inverse_transform and kind == "onnx":
         from ..export import read_model_metadata
         from ..export.metadata import HEAD_FILE

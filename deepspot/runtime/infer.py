@@ -303,10 +303,11 @@ def check_backend_options(
     torch_graph: str = "eager",
     cache_dir: Any = None,
     table_dtype: str = "fp32",
+    device: int = 0,
 ) -> str:
     """Refuse, before any work, options that the backend asked for (or the model's default one) would pass over:
-    ``--compile`` and ``--torch-graph`` are the torch backends', ``--cache-dir`` holds TensorRT's engines, and an
-    exported model fixed its embedding table's dtype at export. With ``--allow-fallback`` the backend asked for
+    ``--compile`` and ``--torch-graph`` are the torch backends', ``--cache-dir`` holds TensorRT's engines, ``--device``
+    names a GPU, and an exported model fixed its embedding table's dtype at export. With ``--allow-fallback`` the backend asked for
     counts. Returns that backend's name.
 
     Raises:
@@ -322,7 +323,7 @@ def check_backend_options(
         raise ConfigError(f"unknown --torch-graph {torch_graph!r}; expected one of: {', '.join(TORCH_GRAPHS)}")
     kind = "onnx" if is_indexed_folder(model) else artifact_kind(model)
     name = backend or DEFAULT_BACKEND[kind]
-    get_backend(name)  # an unknown name is said as such, first
+    b = get_backend(name)  # an unknown name is said as such, first
     torch = name in ("torch", "torch-cuda")
     if compile and not torch:
         raise ConfigError(f"--compile applies to the torch backends (torch, torch-cuda), not {name}; leave it out")
@@ -330,6 +331,8 @@ def check_backend_options(
         raise ConfigError(
             f"--torch-graph applies to the torch backends (torch, torch-cuda), not {name}; {model} runs as exported"
         )
+    if at_least(device, "--device", 0) != 0 and b.device == "cpu":
+        raise ConfigError(f"--device {device} names a GPU, but backend {name!r} runs on the CPU")
     if cache_dir is not None and name not in ("ort-trt", "tensorrt"):
         raise ConfigError(f"--cache-dir holds TensorRT engines: it applies to ort-trt and tensorrt, not {name}")
     if table_dtype != "fp32" and kind != "model":

@@ -315,7 +315,10 @@ class _progress:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         )
-        self.bar = Progress(*columns, transient=True)
+        from rich.console import Console
+
+        # On stderr: stdout is the command's result (a bar on stdout left a blank line there when piped).
+        self.bar = Progress(*columns, transient=True, console=Console(stderr=True))
         self.bar.__enter__()
         task = self.bar.add_task("inference", total=self.total)
         return lambda k: self.bar.update(task, advance=k)

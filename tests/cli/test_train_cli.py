@@ -319,3 +319,21 @@ def test_synth_to_an_upper_case_npz_name_writes_a_npz_file(tmp_path):
 
     with np.load(out) as z:
         assert z["spot"].shape == (5, 4)
+
+
+def test_the_progress_bar_stays_off_stdout(tmp_path):
+    # stdout is the command's one result line, as a script that pipes it reads it; the bar goes to stderr
+    import subprocess
+    import sys
+
+    bundle = tmp_path / "b.npz"
+    assert runner.invoke(app, ["synth", "--n", "40", "--input-size", "4", "--genes", "2", str(bundle)]).exit_code == 0
+    args = ["train", "--data", bundle, "--family", "spot", "--out", tmp_path / "run", "--phi2rho-size", "4",
+            "--n-ensemble", "2", "--epochs", "1", "--batch-size", "16"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "deepspot.cli", *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("trained 1 epoch") and done.stdout.count("\n") == 1, repr(done.stdout)
+    infer = ["infer", tmp_path / "run" / "model.safetensors", "-i", bundle, "-o", tmp_path / "p.npy"]
+    done = subprocess.run([sys.executable, "-m", "deepspot.cli", *map(str, infer)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("wrote ") and done.stdout.count("\n") == 1, repr(done.stdout)

@@ -206,6 +206,15 @@ def test_a_cohort_setup_that_fails_every_slide_is_refused_up_front(tmp_path, mod
     assert not (tmp_path / "out").exists()
 
 
+def test_a_backend_a_cohort_cannot_run_is_not_told_to_use_allow_fallback(tmp_path, model):
+    # a cohort refuses --allow-fallback, so its refusal of a backend must not suggest it
+    slides = make_slides(tmp_path / "in", ["a", "b"])
+    result = run("infer", model, "-i", *slides, "--output-dir", tmp_path / "out", "--backend", "ort-cuda")
+    assert result.exit_code == 2 and "backend 'ort-cuda' needs" in result.output, result.output
+    assert "--allow-fallback" not in result.output, result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_manifest_with_names_outputs_and_relative_paths(tmp_path, model):
     make_slides(tmp_path / "in")
     manifest = tmp_path / "slides.csv"

@@ -230,3 +230,25 @@ def test_other_bad_inputs(tmp_path):
         build_bundle(tmp_path / "f", ["a", "b"], {"x_array": [0, np.nan], "y_array": [0, 1]})
     with pytest.raises(DeepSpotError, match="unknown family"):
         build_bundle(tmp_path / "f", ["a", "b"], {"x_array": [0, 1], "y_array": [0, 1]}, family="tile")
+
+
+def test_an_existing_bundle_folder_is_refused_and_help_says_so(tmp_path):
+    # `deepspot bundle -o` replaces a .npz file but never a folder; the help and the error say which is which
+    from typer.testing import CliRunner
+
+    from deepspot.cli import app
+
+    rng = np.random.default_rng(0)
+    barcodes, x, y = spot_grid()
+    write_features(tmp_path / "f", barcodes, rows=2, d=3, rng=rng)
+    csv = write_csv(tmp_path / "coords.csv", barcodes, {"x_array": x, "y_array": y})
+    args = ["bundle", "--features", str(tmp_path / "f"), "--obs", str(csv), "-o"]
+    runner = CliRunner()
+    for out in ("slide.npz", "slide"):
+        assert runner.invoke(app, args + [str(tmp_path / out)]).exit_code == 0
+    assert runner.invoke(app, args + [str(tmp_path / "slide.npz")]).exit_code == 0  # a file is replaced
+    again = runner.invoke(app, args + [str(tmp_path / "slide")])
+    assert again.exit_code == 2 and len(again.output.strip().splitlines()) == 1, again.output
+    assert "a bundle folder is never replaced" in again.output, again.output
+    help_text = " ".join(runner.invoke(app, ["bundle", "--help"], terminal_width=200).output.split())
+    assert "a .npz file (replaced if it exists), or a new directory of .npy files" in help_text, help_text

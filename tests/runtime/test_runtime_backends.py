@@ -50,6 +50,21 @@ def test_missing_backend_is_an_error_that_says_what_to_install(backend, hint):
     assert hint in str(e.value) and "--allow-fallback" in str(e.value)
 
 
+def test_the_fallback_hint_is_given_only_where_allow_fallback_would_help():
+    # torch has no fallback, a plan runs on tensorrt only, and a cohort refuses --allow-fallback
+    no_torch = Probe(providers=(CPU,), cuda=False, tensorrt=False, torch=False)
+    for backend, probe, kind, hint in [
+        ("torch", no_torch, "model", {}),
+        ("tensorrt", CPU_ONLY, "plan", {}),
+        ("ort-cuda", CPU_ONLY, "onnx", {"fallback_hint": False}),
+    ]:
+        with pytest.raises(BackendUnavailableError) as e:
+            select_backend(backend, probe=probe, kind=kind, **hint)
+        assert "--allow-fallback" not in str(e.value), (backend, str(e.value))
+    with pytest.raises(BackendUnavailableError, match="--allow-fallback permits another backend"):
+        select_backend("tensorrt", probe=CPU_ONLY, kind="onnx")
+
+
 def test_no_silent_fallback_but_an_announced_one_when_allowed(caplog):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing may be swallowed quietly: the strict path raises, it does not warn

@@ -66,6 +66,32 @@ def test_infer_mistakes_exit_2_with_one_line(artifacts, tmp_path):
     assert not (tmp_path / "p.npy").exists()
 
 
+def test_infer_refuses_a_gpu_index_on_a_cpu_backend_and_runs_what_torch_takes(artifacts, tmp_path):
+    a = artifacts()
+    out = tmp_path / "p.npy"
+    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--device", "1"),
+                   "--device 1 names a GPU, but backend 'ort-cpu' runs on the CPU")  # fmt: skip
+    one_line_error(run("infer", a.checkpoint, "-i", a.bundle, "-o", out, "--device", "1"),
+                   "backend 'torch' runs on the CPU")  # fmt: skip
+    assert not out.exists()
+    # what the torch backends take still runs
+    result = run("infer", a.checkpoint, "-i", a.bundle, "-o", out, "--torch-graph", "export", "--no-progress")
+    assert result.exit_code == 0 and out.exists(), result.output
+
+
+def test_an_unknown_table_option_is_refused_on_a_dense_run_too(artifacts, tmp_path):
+    # the table options only matter in the indexed layout, but a typo must not pass because the run is dense
+    a = artifacts()
+    out = tmp_path / "p.npy"
+    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--table", "bogus"),
+                   "unknown table location 'bogus'; expected one of: auto, memory, mmap, device")  # fmt: skip
+    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--table-dtype", "fp8"),
+                   "unknown table dtype 'fp8'; expected one of: fp32, fp16")  # fmt: skip
+    one_line_error(run("infer", a.onnx, "-i", a.bundle, a.bundle, "--output-dir", tmp_path / "c", "--table", "x"),
+                   "unknown table location 'x'")  # fmt: skip
+    assert not out.exists() and not (tmp_path / "c").exists()
+
+
 def test_unavailable_gpu_backend_exits_2_or_falls_back_with_a_warning(artifacts, tmp_path):
     import onnxruntime
 
