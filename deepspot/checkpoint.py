@@ -114,6 +114,34 @@ def load(path: str | Path):
     return from_parts(meta, tensors, source=str(path))
 
 
+def describe(path: str | Path) -> dict[str, Any]:
+    """What ``deepspot info`` shows of a checkpoint or reference file: the family and mode, every constructor
+    argument, the genes, the scaler, the number of parameters and, for a trained checkpoint, how training ended. The
+    file is loaded as :func:`load` does (so it is checked, and nothing in a reference file is executed)."""
+    path = Path(path)
+    model = load(path)
+    history = model.history or {}
+    trained = None
+    if history.get("epoch_train_loss"):
+        trained = {
+            "epochs": len(history["epoch_train_loss"]),
+            "stopped": history.get("stopped"),
+            "last_train_loss": history["epoch_train_loss"][-1],
+            "last_val_loss": (history.get("epoch_val_loss") or [None])[-1],
+        }
+    return {
+        "path": str(path),
+        "format": "deepspot checkpoint" if path.suffix.lower() == ".safetensors" else "reference file",
+        "family": model.family,
+        "mode": model.mode.name,
+        "config": dict(model.config),
+        "genes": None if model.genes is None else [str(g) for g in model.genes],
+        "scaler": None if model.scaler is None else model.scaler.to_dict(),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "training": trained,
+    }
+
+
 def file_hash(path: str | Path) -> str:
     """SHA-256 of a file's bytes, as hex."""
     return file_sha256(path)

@@ -210,12 +210,25 @@ def triton_command(
 @app.command("info")
 @handle_errors
 def info_command(
-    model: Path = typer.Argument(..., help="An ONNX file, or an indexed export's folder (both its graphs)."),
+    model: Path = typer.Argument(
+        ..., help="An ONNX file, an indexed export's folder (both its graphs), or a checkpoint (.safetensors, or a "
+        "reference .pkl/.ckpt/.pt, read safely)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
 ) -> None:
-    """Print an ONNX model's inputs and outputs with their dynamic axes, and its deepspot metadata."""
+    """Print an ONNX model's inputs and outputs with their dynamic axes and its deepspot metadata, or what a
+    checkpoint holds (family, mode, constructor arguments, genes, scaler, parameters, how training ended)."""
     from ..export import indexed_export_info, model_info
+    from ..runtime.artifacts import artifact_kind
 
+    kind = "onnx" if model.is_dir() else artifact_kind(model)
+    if kind == "plan":
+        raise ConfigError(f"{model}: a TensorRT engine; `deepspot engine info {model}` reads its header")
+    if kind == "model":
+        from ..checkpoint import describe
+
+        _echo_checkpoint(describe(model), as_json)
+        return
     if model.is_dir():
         graphs = indexed_export_info(model)
         if as_json:
@@ -230,6 +243,25 @@ def info_command(
         typer.echo(json.dumps(_info_payload(info), indent=2))
     else:
         typer.echo(info.format())
+
+
+def _echo_checkpoint(d: dict, as_json: bool) -> None:
+    from ..export.info import short_value
+
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    lines = [f"{d['path']}: a {d['format']}, {d['family']}/{d['mode']}, {d['parameters']:,} parameters"]
+    for key in ("config", "genes", "scaler"):
+        lines.append(f"  {key}: {'none' if d[key] is None else short_value(key, d[key])}")
+    t = d["training"]
+    if t is None:
+        lines.append("  training: no history in the file")
+    else:
+        val = "" if t["last_val_loss"] is None else f", last validation loss {t['last_val_loss']:.6g}"
+        lines.append(f"  training: {t['epochs']} epoch{'' if t['epochs'] == 1 else 's'} ({t['stopped']}), last train "
+                     f"loss {t['last_train_loss']:.6g}{val}")  # fmt: skip
+    typer.echo("\n".join(lines))
 
 
 def _info_payload(info) -> dict:

@@ -79,11 +79,11 @@ class ModelInfo:
         lines += [f"  {t.describe()}" for t in self.outputs]
         lines.append("metadata:" if self.metadata else "metadata: none (not exported by deepspot)")
         for key, value in self.metadata.items():
-            lines.append(f"  {key}: {_short(key, value)}")
+            lines.append(f"  {key}: {short_value(key, value)}")
         return "\n".join(lines)
 
 
-def _short(key: str, value: Any) -> str:
+def short_value(key: str, value: Any) -> str:
     # Gene lists and scaler arrays run to thousands of numbers; show their size and the first few entries.
     if key == "genes" and isinstance(value, list):
         head = ", ".join(value[:5]) + (", ..." if len(value) > 5 else "")

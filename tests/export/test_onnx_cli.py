@@ -53,6 +53,45 @@ def test_export_and_info(saved, tmp_path):
     assert payload["metadata"]["family"] == "spot"
 
 
+def test_info_on_a_checkpoint_says_what_it_holds(make_model, tmp_path, reference_dir):
+    from deepspot.train import TrainConfig, fit
+
+    model = make_model("spot", "neighbors")
+    n = 40
+    inputs = {"spot": np.ones((n, 16), np.float32), "neighbors": np.ones((n, 3, 16), np.float32)}
+    fit(model, inputs, np.zeros((n, 5), np.float32), TrainConfig(epochs=2, batch_size=16, val_fraction=0.25,
+                                                                 progress=False))  # fmt: skip
+    model.genes = [f"g{i}" for i in range(5)]
+    path = checkpoint.save(model, tmp_path / "model.safetensors")
+    text = runner.invoke(app, ["info", str(path)])
+    assert text.exit_code == 0, text.output
+    lines = text.output.splitlines()
+    params = sum(p.numel() for p in model.parameters())
+    assert lines[0] == f"{path}: a deepspot checkpoint, spot/neighbors, {params:,} parameters"
+    assert "  genes: 5 genes [g0, g1, g2, g3, g4]" in lines
+    assert f"  scaler: {model.scaler.kind} (offset: 5 values, scale: 5 values)" in lines
+    assert lines[-1].startswith("  training: 2 epochs (max_epochs), last train loss ")
+    assert "last validation loss" in lines[-1]
+    payload = json.loads(runner.invoke(app, ["info", str(path), "--json"]).output)
+    assert payload["config"] == dict(model.config) and payload["parameters"] == params
+    assert payload["training"]["epochs"] == 2 and payload["genes"] == model.genes
+    # a reference file, read as `import` reads it (nothing in it runs)
+    ref = runner.invoke(app, ["info", str(reference_dir / "cell_neighbors_max.ckpt"), "--json"])
+    assert ref.exit_code == 0, ref.output
+    payload = json.loads(ref.output)
+    assert (payload["format"], payload["family"], payload["mode"]) == ("reference file", "cell", "neighbors")
+    assert payload["scaler"]["kind"] == "standard" and payload["training"] is None
+    # an engine is read by `engine info`; a corrupt checkpoint is one line
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"x")
+    result = runner.invoke(app, ["info", str(plan)])
+    assert result.exit_code == 2 and "deepspot engine info" in result.output
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["info", str(bad)])
+    assert result.exit_code == 2 and result.output.startswith("Error: ") and len(result.output.splitlines()) == 1
+
+
 def test_export_options_reach_the_graph(saved, tmp_path):
     output = tmp_path / "model.onnx"
     args = [

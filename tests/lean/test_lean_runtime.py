@@ -149,6 +149,12 @@ def test_info_without_torch():
     result = no_torch("info", ONNX, "--json")
     assert result.returncode == 0, result.stderr
     assert '"family": "spot"' in result.stdout and '"expression"' in result.stdout
+    # a checkpoint's contents need PyTorch to read: one line that says what to install
+    checkpoint = DATA / "absent.safetensors"
+    result = no_torch("info", checkpoint)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip() == result.stderr.strip().splitlines()[0]
+    assert "deepspot info needs PyTorch" in result.stderr and "pip install 'deepspot[torch]'" in result.stderr
 
 
 @pytest.mark.parametrize(
