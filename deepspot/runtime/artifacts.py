@@ -35,6 +35,11 @@ def artifact_kind(model: Any) -> str:
     if hint:
         raise CheckpointError(f"{model}: not a model file{hint}")
     if Path(model).is_dir():
+        from ..export.metadata import ENCODER_FILE, HEAD_FILE
+
+        if (Path(model) / ENCODER_FILE).is_file():  # an indexed export's folder missing its other graph
+            raise CheckpointError(f"{model}: an indexed export's folder without {HEAD_FILE}; an indexed export holds "
+                                  f"{ENCODER_FILE} and {HEAD_FILE} (export it again with --layout indexed)")  # fmt: skip
         raise CheckpointError(f"{model}: a folder, not a model file; expected a file ending in one of {known}")
     raise CheckpointError(f"{model}: unknown model file type {suffix or '(none)'}; expected one of {known}")
 

@@ -361,6 +361,9 @@ def test_the_folder_train_writes_given_for_a_model_names_the_checkpoint_in_it(ar
     empty = tmp_path / "empty"
     empty.mkdir()
     one_line_error(run("infer", empty, "-i", a.bundle, "-o", tmp_path / "p.npy"), "empty: a folder, not a model file")
+    (empty / "encoder.onnx").write_bytes(b"")  # an indexed export's folder that lost its head graph
+    one_line_error(run("infer", empty, "-i", a.bundle, "-o", tmp_path / "p.npy"),
+                   "empty: an indexed export's folder without head.onnx")  # fmt: skip
     assert not (tmp_path / "p.npy").exists()
 
 
