@@ -47,14 +47,17 @@ def test_follows_lightning_with_shuffling_and_validation(reference_dir, record_p
     val = {k: lit[f"val_{k}"] for k in ("spot", "subspot", "neighbors")}
     history = fit(model, inputs, traj["target"], TrainConfig(epochs=3, batch_size=16, shuffle=True, **QUIET), val,
                   lit["val_target"])  # fmt: skip
-    assert_same_training(np.float32(history["train_loss"]), lit["train_loss"], exact, "training losses")
-    assert_same_training(np.float32(history["val_loss"]), lit["val_loss"], exact, "validation losses")
+    # The file was made on one CPU family only. On another, the BLAS's last bits differ (2 ulps for the reference's
+    # own pair of runs); 64 ulps leaves room for that, while one missed draw moves the losses by millions of ulps.
+    ulps = 64
+    assert_same_training(np.float32(history["train_loss"]), lit["train_loss"], exact, "training losses", ulps)
+    assert_same_training(np.float32(history["val_loss"]), lit["val_loss"], exact, "validation losses", ulps)
     for key, value in model.state_dict().items():
-        assert_same_training(value.numpy(), lit[f"final/{key}"], exact, key)
+        assert_same_training(value.numpy(), lit[f"final/{key}"], exact, key, ulps)
     # The epoch means are Lightning's logged values (what its EarlyStopping compares): weighted by batch size, the
     # validation set's 20 items coming in batches of 16 and 4. Lightning sums in float32.
-    np.testing.assert_allclose(history["epoch_val_loss"], lit["epoch_val_loss"], rtol=1e-6)
-    np.testing.assert_allclose(history["epoch_train_loss"], lit["epoch_train_loss"], rtol=1e-6)
+    np.testing.assert_allclose(history["epoch_val_loss"], lit["epoch_val_loss"], rtol=1e-5)
+    np.testing.assert_allclose(history["epoch_train_loss"], lit["epoch_train_loss"], rtol=1e-5)
 
 
 @pytest.mark.parametrize(
