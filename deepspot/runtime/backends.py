@@ -11,7 +11,7 @@ import importlib.util
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +334,8 @@ def load_runner(
             f"backend {requested!r} runs {what}; {model} is {'an ONNX file' if kind == 'onnx' else 'a checkpoint'}"
         )
     selection = select_backend(requested, allow_fallback, probe, kind)
+    if selection.fell_back:
+        options = _without_gpu_options(options, selection.backend)
     runner = _build(model, kind, selection.backend, options)
     runner.selection = selection
     return runner
@@ -397,6 +399,20 @@ def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
     if info is not None:
         info.precision = "tf32" if o.tf32 and precision == "fp32" else precision
     return runner
+
+
+def _without_gpu_options(o: RunnerOptions, backend: str) -> RunnerOptions:
+    """The options for a backend fallen back to: the GPU's math mode and graph replay, asked of the GPU backend, are
+    left out where the fallback cannot take them (a run that may fall back must not fail for having asked), with a
+    warning that says so."""
+    dropped = {"--tf32": o.tf32 and backend in ("torch", "ort-cpu"),
+               "--cuda-graph": o.cuda_graph and backend not in ("ort-cuda", "ort-trt")}  # fmt: skip
+    names = [flag for flag, drop in dropped.items() if drop]
+    if not names:
+        return o
+    warnings.warn(f"{' and '.join(names)} {'does' if len(names) == 1 else 'do'} not apply on {backend}; running "
+                  "without", FallbackWarning, stacklevel=3)  # fmt: skip
+    return replace(o, tf32=o.tf32 and not dropped["--tf32"], cuda_graph=o.cuda_graph and not dropped["--cuda-graph"])
 
 
 def _check_gpu_options(o: RunnerOptions, backend: str) -> None:

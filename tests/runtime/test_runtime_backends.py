@@ -83,6 +83,23 @@ def test_no_silent_fallback_but_an_announced_one_when_allowed(caplog):
         assert select_backend("torch-cuda", allow_fallback=True, probe=CPU_ONLY).backend == "torch"
 
 
+def test_a_fallback_leaves_out_the_gpu_options_it_cannot_take(artifacts, tmp_path):
+    # `--backend ort-cuda --tf32 --cuda-graph --allow-fallback` is how a script says "on the GPU where there is one":
+    # on a machine without one it runs on the CPU and says what it left out, instead of refusing the GPU options.
+    a = artifacts()
+    options = RunnerOptions(tf32=True, cuda_graph=True)
+    with pytest.warns(FallbackWarning) as record:
+        runner = load_runner(a.onnx, "ort-cuda", options, allow_fallback=True, probe=CPU_ONLY)
+    assert runner.backend == "ort-cpu" and options.tf32 and options.cuda_graph  # the caller's options are untouched
+    assert "--tf32 and --cuda-graph do not apply on ort-cpu; running without" in [str(w.message) for w in record]
+    assert runner.info.precision == "fp32"
+    with pytest.warns(FallbackWarning) as record:
+        assert load_runner(a.checkpoint, "torch-cuda", RunnerOptions(tf32=True), True, CPU_ONLY).backend == "torch"
+    assert "--tf32 does not apply on torch; running without" in [str(w.message) for w in record]
+    with pytest.raises(ConfigError, match="tf32 is a math mode of NVIDIA GPUs"):  # asked of a CPU backend: refused
+        load_runner(a.onnx, "ort-cpu", RunnerOptions(tf32=True), allow_fallback=True, probe=CPU_ONLY)
+
+
 def test_available_backend_is_chosen_as_asked():
     for name in BACKENDS:
         assert select_backend(name, probe=FULL_GPU) == select_backend(name, allow_fallback=True, probe=FULL_GPU)
