@@ -21,6 +21,7 @@ from typing import Any
 from ..checks import at_least
 from ..errors import ConfigError
 from .bench_common import (  # noqa: F401  (moved to bench_common; re-exported, the names users import from here)
+    GPU_STREAM_BATCHES,
     WORKLOADS,
     BackendResult,
     BenchReport,
@@ -145,11 +146,6 @@ EAGER_GPU = "torch-cuda (eager)"
 def _feeds(w: Workload, seed: int):
     """The workload's seeded inputs by number of items, made once and shared by the backends that take as many."""
     return functools.cache(lambda n: w.inputs(n, seed))
-
-
-#: Batches a GPU backend streams per timed repeat: through the overlapping pipeline, as ``deepspot infer`` runs them
-#: (copies of one batch under the compute of another), not one batch copied and computed in turn.
-GPU_STREAM_BATCHES = 8
 
 
 def _bench_onnx(w: Workload, path: Path, backends, batch_size, repeats, warmup, seed, options, allow_fallback):
