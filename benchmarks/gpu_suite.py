@@ -396,6 +396,7 @@ def _row(measure, *args) -> dict:
 
 def _measure(source, backend, options, inputs, batch, smoke, rates, w, n, pinned) -> dict:
     from deepspot.runtime import load_runner
+    from deepspot.runtime.bench_common import computes_folded
 
     with load_runner(source, backend, options) as runner:
         rate = _time_predict(runner, inputs, batch, 3 if smoke else 5)
@@ -409,8 +410,9 @@ def _measure(source, backend, options, inputs, batch, smoke, rates, w, n, pinned
             "precision": runner.info.precision,
         }
         tflops = (rates or {}).get(f"{runner.info.precision}_tflops")
-        if tflops:  # what the arithmetic allows: the GEMM rate over the folded graph's FLOPs per spot
-            how["arithmetic_limit_items_per_s"] = tflops * 1e12 / w.flops_per_item(folded=True)
+        if tflops:  # what the arithmetic allows: the GEMM rate over the FLOPs this runner computes per spot (the
+            # folded graph's; eager PyTorch runs every Rho of the ensemble, as `deepspot bench` counts it)
+            how["arithmetic_limit_items_per_s"] = tflops * 1e12 / w.flops_per_item(folded=computes_folded(runner))
         hbm = (rates or {}).get("hbm_gb_per_s")
         if isinstance(source, Path):  # an ONNX graph: what its memory traffic allows, run unfused
             from deepspot.export.info import traffic_per_item
