@@ -118,3 +118,22 @@ def test_a_rows_arithmetic_limit_counts_the_flops_its_runner_computes():
     for graph, folded in (("eager", False), ("export", True)):
         row = suite._measure(model, "torch", RunnerOptions(torch_graph=graph), inputs, 8, True, rates, w, 8, None)
         assert row["arithmetic_limit_items_per_s"] == pytest.approx(1e12 / w.flops_per_item(folded=folded))
+
+
+def test_the_whole_slide_rows_take_the_median_of_at_least_five_repeats(monkeypatch):
+    """BENCHMARKS.md: a median of at least 5 timed repeats after warm-up (the smoke run on the CPU may take fewer)."""
+    from types import SimpleNamespace
+
+    from deepspot.runtime import slide_bench
+
+    suite = _suite()
+    calls = []
+
+    def fake(w, backends, batch, repeats, warmup, n_items=None):
+        calls.append((w.name, repeats, warmup))
+        return SimpleNamespace(bus_gb_per_s=None, baseline="eager", results=[])
+
+    monkeypatch.setattr(slide_bench, "run_slide_bench", fake)
+    monkeypatch.setattr(suite, "cuda_available", lambda: (True, "stand-in"))
+    suite.slides(False)
+    assert calls and all(repeats >= 5 and warmup >= 1 for _, repeats, warmup in calls)
