@@ -236,7 +236,7 @@ def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int, ba
     ]  # fmt: skip
     return BenchReport(
         workload={**asdict(w), "flops_definition": "BENCHMARKS.md, per-item layout"},
-        machine=machine_info(),
+        machine={**machine_info(), "gemm_library": gemm_probe.library},
         gemm_gflops=gemm,
         flops_per_item=flops,
         flops_per_item_folded=folded,

@@ -211,7 +211,7 @@ def run_slide_bench(
     return BenchReport(
         workload={**asdict(w), "n_items": n, "flops_definition": "per-item: BENCHMARKS.md; indexed: own tile and "
                   "sub-spots through Phi, one folded Rho", "latency": "per-item: one batch; indexed: whole slide"},
-        machine=machine_info(),
+        machine={**machine_info(), "gemm_library": gemm.library},
         gemm_gflops=rate,
         flops_per_item=dense_flops,
         flops_per_item_folded=indexed_flops,

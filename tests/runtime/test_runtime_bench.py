@@ -55,6 +55,7 @@ def test_quick_bench_reports_sane_fields(tmp_path):
         assert r.gflops > 0 and r.fraction_of_gemm > 0 and r.fraction_of_bound > 0 and r.batch_size == 32
     assert report.result("torch").ratio_to_torch == pytest.approx(1.0)
     assert report.gemm_gflops > 0 and report.bound_items_per_s > 0 and report.machine["physical_cores"] >= 1
+    assert report.machine["gemm_library"].startswith(("torch ", "numpy "))  # which BLAS measured the GEMM rate
     assert report.workload["name"] == "xenium (quick)" and report.flops_per_item > report.flops_per_item_folded
     saved = json.loads(report.save(tmp_path / "bench.json").read_text())
     assert saved["results"][1]["backend"] == "ort-cpu"
@@ -156,5 +157,6 @@ def test_a_gpu_slide_benchmark_streams_the_eager_baseline_through_the_pipeline(m
     report = run_bench(w, ["torch"], repeats=2, warmup=1, n_items=GPU_STREAM_BATCHES * w.batch_gpu + 10)
     base = report.results[0]
     assert report.baseline == base.backend == "torch-cuda (eager, per-item)" and base.batch_size == w.batch_gpu
+    assert report.machine["gemm_library"].startswith(("torch ", "numpy "))
     # warm-up and both repeats: the workload's GPU batch, GPU_STREAM_BATCHES of them each time
     assert seen == [w.batch_gpu] * GPU_STREAM_BATCHES * 3
