@@ -8,7 +8,8 @@ It measures, for the ``visium-uni`` workload with seeded random weights:
 
 - parity of ``torch-cuda`` at each precision against the eager fp32 model on the CPU (512 random spots);
 - ``deepspot bench`` throughput of ``torch-cuda`` at each precision, as written (``eager``) and as exported (fused
-  Phi, folded Rho; also under ``torch.compile``), side by side with eager PyTorch on the CPU;
+  Phi, folded Rho; also under ``torch.compile``), side by side with eager PyTorch on the same GPU (``deepspot bench``'s
+  baseline when a GPU backend runs and PyTorch sees the GPU);
 - which GPU backends of this package can run on the machine (onnxruntime providers, TensorRT).
 """
 

@@ -396,6 +396,7 @@ def _row(measure, *args) -> dict:
 
 def _measure(source, backend, options, inputs, batch, smoke, rates, w, n, pinned) -> dict:
     from deepspot.runtime import load_runner
+    from deepspot.runtime.bench_common import computes_folded
 
     with load_runner(source, backend, options) as runner:
         rate = _time_predict(runner, inputs, batch, 3 if smoke else 5)
@@ -409,8 +410,9 @@ def _measure(source, backend, options, inputs, batch, smoke, rates, w, n, pinned
             "precision": runner.info.precision,
         }
         tflops = (rates or {}).get(f"{runner.info.precision}_tflops")
-        if tflops:  # what the arithmetic allows: the GEMM rate over the folded graph's FLOPs per spot
-            how["arithmetic_limit_items_per_s"] = tflops * 1e12 / w.flops_per_item(folded=True)
+        if tflops:  # what the arithmetic allows: the GEMM rate over the FLOPs this runner computes per spot (the
+            # folded graph's; eager PyTorch runs every Rho of the ensemble, as `deepspot bench` counts it)
+            how["arithmetic_limit_items_per_s"] = tflops * 1e12 / w.flops_per_item(folded=computes_folded(runner))
         hbm = (rates or {}).get("hbm_gb_per_s")
         if isinstance(source, Path):  # an ONNX graph: what its memory traffic allows, run unfused
             from deepspot.export.info import traffic_per_item
@@ -433,6 +435,10 @@ def _rate_row(rate: float, inputs: dict[str, np.ndarray], n: int, pinned: float 
     }
 
 
+#: Timed repeats of each whole-slide run: BENCHMARKS.md asks for the median of at least 5 (a repeat is a second or so).
+SLIDE_REPEATS = 5
+
+
 def slides(smoke: bool) -> dict:
     from deepspot.runtime.bench import get_workload
     from deepspot.runtime.slide_bench import run_slide_bench
@@ -449,15 +455,16 @@ def slides(smoke: bool) -> dict:
         if smoke:
             w, n = w.quick(), 2000
         backends = ["ort-cpu"] if smoke else ["ort-cuda"] if batch else ["ort-cuda", "torch-cuda"]
+        repeats = 2 if smoke else SLIDE_REPEATS
         try:
-            report = run_slide_bench(w, backends, batch, 2 if smoke else 3, 1, n_items=n)
+            report = run_slide_bench(w, backends, batch, repeats, 1, n_items=n)
         except Exception as e:  # noqa: BLE001  one failing backend must not lose the other's row
             if len(backends) == 1:
                 raise
             out.setdefault(name, {"items": n, "rows": {}})["rows"][f"{', '.join(backends)}, batch {batch}"] = {
                 "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)}
             backends = backends[:1]
-            report = run_slide_bench(w, backends, batch, 2 if smoke else 3, 1, n_items=n)
+            report = run_slide_bench(w, backends, batch, repeats, 1, n_items=n)
         # The bench's own bus figures: the bandwidth it measured, and the bytes that cross per item (the indexed
         # layout: own tiles and neighbour indices; the per-item baseline: every tile).
         pinned = (report.bus_gb_per_s or {}).get("pinned_gb_per_s")

@@ -21,6 +21,7 @@ from typing import Any
 from ..checks import at_least
 from ..errors import ConfigError
 from .bench_common import (  # noqa: F401  (moved to bench_common; re-exported, the names users import from here)
+    GPU_STREAM_BATCHES,
     WORKLOADS,
     BackendResult,
     BenchReport,
@@ -147,11 +148,6 @@ def _feeds(w: Workload, seed: int):
     return functools.cache(lambda n: w.inputs(n, seed))
 
 
-#: Batches a GPU backend streams per timed repeat: through the overlapping pipeline, as ``deepspot infer`` runs them
-#: (copies of one batch under the compute of another), not one batch copied and computed in turn.
-GPU_STREAM_BATCHES = 8
-
-
 def _bench_onnx(w: Workload, path: Path, backends, batch_size, repeats, warmup, seed, options, allow_fallback):
     """ONNX backends on an exported model, against each other (the first is the baseline); no PyTorch needed."""
     from .artifacts import read_onnx
@@ -240,7 +236,7 @@ def _measure(w: Workload, runners: dict[str, Any], repeats: int, warmup: int, ba
     ]  # fmt: skip
     return BenchReport(
         workload={**asdict(w), "flops_definition": "BENCHMARKS.md, per-item layout"},
-        machine=machine_info(),
+        machine={**machine_info(), "gemm_library": gemm_probe.library},
         gemm_gflops=gemm,
         flops_per_item=flops,
         flops_per_item_folded=folded,

@@ -146,6 +146,12 @@ WORKLOADS: dict[str, Workload] = {
 }
 
 
+#: Batches a GPU backend (or the eager baseline on a GPU) streams per timed repeat: through the overlapping pipeline,
+#: as ``deepspot infer`` runs them (copies of one batch under the compute of another), not one batch copied and
+#: computed in turn.
+GPU_STREAM_BATCHES = 8
+
+
 def get_workload(name: str) -> Workload:
     if name not in WORKLOADS:
         raise ConfigError(f"unknown workload {name!r}; expected one of: {', '.join(WORKLOADS)}")

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 SUITE = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_suite.py"
 
 
@@ -100,3 +102,38 @@ def test_a_failing_throughput_row_is_recorded_and_the_others_go_on(tmp_path):
     run.results["steps"]["throughput"] = {"status": "ok", "result": {"workload": "w", "rows": {"v": row}}}
     run.write()
     assert "| w | v | failed: ZeroDivisionError" in (tmp_path / "gpu_suite.md").read_text()
+
+
+def test_a_rows_arithmetic_limit_counts_the_flops_its_runner_computes():
+    """Eager PyTorch runs every Rho of the ensemble, the exported graph one folded Rho (`deepspot bench` counts them
+    so): each row's arithmetic limit is the GEMM rate over its own FLOPs per item."""
+    from deepspot.runtime import RunnerOptions
+    from deepspot.runtime.bench import get_workload
+
+    suite = _suite()
+    w = get_workload("visium-uni").quick()
+    model = w.build_model(0)
+    inputs = w.inputs(8, 0)
+    rates = {"fp32_tflops": 1.0}
+    for graph, folded in (("eager", False), ("export", True)):
+        row = suite._measure(model, "torch", RunnerOptions(torch_graph=graph), inputs, 8, True, rates, w, 8, None)
+        assert row["arithmetic_limit_items_per_s"] == pytest.approx(1e12 / w.flops_per_item(folded=folded))
+
+
+def test_the_whole_slide_rows_take_the_median_of_at_least_five_repeats(monkeypatch):
+    """BENCHMARKS.md: a median of at least 5 timed repeats after warm-up (the smoke run on the CPU may take fewer)."""
+    from types import SimpleNamespace
+
+    from deepspot.runtime import slide_bench
+
+    suite = _suite()
+    calls = []
+
+    def fake(w, backends, batch, repeats, warmup, n_items=None):
+        calls.append((w.name, repeats, warmup))
+        return SimpleNamespace(bus_gb_per_s=None, baseline="eager", results=[])
+
+    monkeypatch.setattr(slide_bench, "run_slide_bench", fake)
+    monkeypatch.setattr(suite, "cuda_available", lambda: (True, "stand-in"))
+    suite.slides(False)
+    assert calls and all(repeats >= 5 and warmup >= 1 for _, repeats, warmup in calls)

@@ -55,6 +55,7 @@ def test_quick_bench_reports_sane_fields(tmp_path):
         assert r.gflops > 0 and r.fraction_of_gemm > 0 and r.fraction_of_bound > 0 and r.batch_size == 32
     assert report.result("torch").ratio_to_torch == pytest.approx(1.0)
     assert report.gemm_gflops > 0 and report.bound_items_per_s > 0 and report.machine["physical_cores"] >= 1
+    assert report.machine["gemm_library"].startswith(("torch ", "numpy "))  # which BLAS measured the GEMM rate
     assert report.workload["name"] == "xenium (quick)" and report.flops_per_item > report.flops_per_item_folded
     saved = json.loads(report.save(tmp_path / "bench.json").read_text())
     assert saved["results"][1]["backend"] == "ort-cpu"
@@ -127,3 +128,35 @@ def test_a_gpu_backend_streams_batches_and_is_measured_against_the_bus(tmp_path)
     print_bench(report)  # renders the GPU row's "-" and the bus column without failing
     for runner, _, _ in runners.values():
         runner.deactivate()
+
+
+def test_a_gpu_slide_benchmark_streams_the_eager_baseline_through_the_pipeline(monkeypatch):
+    """On a GPU the whole-slide bench sets the indexed backends beside eager PyTorch on the same GPU; that baseline
+    must be timed as the per-item bench times it there (several batches through predict(), the overlapping pipeline),
+    not as one batch copied and computed in turn. A CPU runner that says it is on a GPU stands in for one here."""
+    from deepspot.runtime import slide_bench, torch_runner
+    from deepspot.runtime.bench import GPU_STREAM_BATCHES
+
+    seen: list[int] = []
+
+    class StandInGpu(torch_runner.TorchRunner):
+        def __init__(self, model, device="cpu", **kw):
+            super().__init__(model, device="cpu", **kw)
+
+        @property
+        def device(self) -> str:
+            return "cuda:0"
+
+        def infer(self, feed, check_inputs=True):
+            seen.append(len(next(iter(feed.values()))))
+            return super().infer(feed, check_inputs)
+
+    monkeypatch.setattr(slide_bench, "baseline_device", lambda on_gpu, torch_cuda: "cuda")
+    monkeypatch.setattr(torch_runner, "TorchRunner", StandInGpu)
+    w = get_workload("xenium-slide").quick()
+    report = run_bench(w, ["torch"], repeats=2, warmup=1, n_items=GPU_STREAM_BATCHES * w.batch_gpu + 10)
+    base = report.results[0]
+    assert report.baseline == base.backend == "torch-cuda (eager, per-item)" and base.batch_size == w.batch_gpu
+    assert report.machine["gemm_library"].startswith(("torch ", "numpy "))
+    # warm-up and both repeats: the workload's GPU batch, GPU_STREAM_BATCHES of them each time
+    assert seen == [w.batch_gpu] * GPU_STREAM_BATCHES * 3
