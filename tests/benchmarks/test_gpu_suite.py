@@ -40,6 +40,9 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     assert set(slides["ort-cpu (indexed, table in memory), batch 256"]["phases_s"]) == {"encoder", "table", "head"}
     markdown = (tmp_path / "gpu_suite.md").read_text()
     assert "## parity (ok)" in markdown and "| visium-uni (quick) | ort-cpu fp32 features |" in markdown
+    # which ratios come from alternated repeats (the whole-slide bench's) and which from rows timed in turn
+    assert "visium-uni (quick): x eager is against torch eager (timed in the same run, one row after another" in markdown
+    assert "not alternated" not in markdown.split("## slides")[1]
 
 
 def test_a_spent_budget_skips_steps_and_keeps_what_was_done(tmp_path):
