@@ -333,8 +333,9 @@ def load_runner(
         raise ConfigError(
             f"backend {requested!r} runs {what}; {model} is {'an ONNX file' if kind == 'onnx' else 'a checkpoint'}"
         )
+    _check_gpu_options(options, requested)  # the backend asked for counts, as it does for --device
     selection = select_backend(requested, allow_fallback, probe, kind)
-    runner = _build(model, kind, selection.backend, options)
+    runner = _build(model, kind, selection.backend, _fallback_options(options, selection.backend))
     runner.selection = selection
     return runner
 
@@ -408,6 +409,19 @@ def onnx_precision(model: Any, info: ModelInfo | None, precision: str | None, ba
             f"--precision {precision} (or use ort-trt / tensorrt, which can lower the precision)"
         )
     return precision
+
+
+def _fallback_options(o: RunnerOptions, backend: str) -> RunnerOptions:
+    """``o`` without the GPU options that ``backend``, which runs in place of the one asked for (an announced
+    fallback), does not take: ``--tf32`` and ``--cuda-graph`` for a GPU backend were refused once it fell back to
+    the CPU, so ``--allow-fallback`` could not be given with them."""
+    from dataclasses import replace
+
+    if o.tf32 and backend in ("torch", "ort-cpu"):
+        o = replace(o, tf32=False)
+    if o.cuda_graph and backend not in ("ort-cuda", "ort-trt"):
+        o = replace(o, cuda_graph=None)
+    return o
 
 
 def _check_gpu_options(o: RunnerOptions, backend: str) -> None:
