@@ -106,16 +106,19 @@ def read_genes(source: str | Path | Sequence[str]) -> list[str]:
         if path.suffix.lower() not in (".csv", ".tsv"):
             return [line.strip() for line in path.read_text().splitlines() if line.strip()]
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            # Each row with the line it ends on: blank lines (skipped) and quoted line breaks make row numbers wrong.
+            rows = [(row, reader.line_num) for row in reader]
     except (UnicodeDecodeError, csv.Error) as e:
         raise CheckpointError(f"{path}: not a readable gene list ({e})") from None
-    columns = rows[0].keys() if rows else []
+    columns = reader.fieldnames or []
     name = next((c for c in ("gene_name", "gene", "genes", "gene_id") if c in columns), None)
     if name is None:
         raise CheckpointError(f"{path}: no gene_name column (columns: {', '.join(columns) or 'none'})")
-    short = next((i for i, r in enumerate(rows, start=2) if r[name] is None or r.get("isPredicted", "") is None), None)
+    short = next((line for r, line in rows if r[name] is None or r.get("isPredicted", "") is None), None)
     if short is not None:
         raise CheckpointError(f"{path}: line {short} has fewer fields than the header")
+    rows = [r for r, _ in rows]
     if "isPredicted" in columns:
         rows = [r for r in rows if r["isPredicted"].strip().lower() in ("true", "1", "yes")]
     return [r[name] for r in rows]

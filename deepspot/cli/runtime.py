@@ -318,7 +318,7 @@ def parity(
             fail("--expected needs --input: the bundle the stored outputs were computed on")
         from ..runtime.infer import check_backend_options
 
-        check_backend_options(checkpoint, backend, torch_graph=torch_graph)
+        check_backend_options(checkpoint, backend, torch_graph=torch_graph, device=device)
         with _announce_fallbacks():
             result = check_parity_expected(
                 checkpoint,
@@ -341,7 +341,7 @@ def parity(
         fail("--inverse-transform applies to --expected only")
     from ..runtime.infer import check_backend_options
 
-    check_backend_options(model, backend, torch_graph=torch_graph)
+    check_backend_options(model, backend, torch_graph=torch_graph, device=device)
     with _announce_fallbacks():
         result = check_parity(
             checkpoint,

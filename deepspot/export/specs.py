@@ -14,12 +14,12 @@ from types import MappingProxyType
 
 import torch
 
+from ..checks import PRECISIONS
 from ..errors import ConfigError
 from ..modes import MODES, Bag, Mode, get_mode
 
 OUTPUT_NAME = "expression"
 BATCH_AXIS = "batch"
-PRECISIONS = ("fp32", "fp16", "bf16")
 IO_DTYPES = ("fp32", "fp16")
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

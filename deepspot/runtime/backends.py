@@ -21,7 +21,7 @@ from ..checks import at_least, check_precision, check_threads
 from ..errors import BackendUnavailableError, ConfigError
 from .artifacts import artifact_kind, read_onnx
 from ._onnxruntime import DRIVER_HINT, GPU_INSTALL, OrtInstall, import_ort, ort_install
-from .base import Runner
+from .base import ModelInfo, Runner
 from .ort import CPU, CUDA, TRT, load_hint
 
 log = logging.getLogger("deepspot.runtime")
@@ -333,6 +333,7 @@ def load_runner(
         raise ConfigError(
             f"backend {requested!r} runs {what}; {model} is {'an ONNX file' if kind == 'onnx' else 'a checkpoint'}"
         )
+    _check_gpu_options(options, requested)  # the backend asked for counts, as it does for --device
     selection = select_backend(requested, allow_fallback, probe, kind)
     if selection.fell_back:
         options = _without_gpu_options(options, selection.backend)
@@ -374,15 +375,9 @@ def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
     _check_gpu_options(o, name)
     info, inputs = read_onnx(model)
     _check_io(o.io, inputs, model)
-    graph_precision = info.precision if info else "fp32"
-    precision = o.precision or graph_precision
+    precision = onnx_precision(model, info, o.precision, name)
     if name == "tensorrt":
         return _tensorrt_from_onnx(model, info, inputs, precision, o)
-    if name in ("ort-cpu", "ort-cuda") and precision != graph_precision:
-        raise ConfigError(
-            f"{model} was exported at {graph_precision}; onnxruntime runs it as exported, so export it with "
-            f"--precision {precision} (or use ort-trt / tensorrt, which can lower the precision)"
-        )
     from .ort import OrtRunner, cuda_provider_options, trt_provider_options
 
     providers: list[Any] = [CPU]
@@ -399,6 +394,23 @@ def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
     if info is not None:
         info.precision = "tf32" if o.tf32 and precision == "fp32" else precision
     return runner
+
+
+def onnx_precision(model: Any, info: ModelInfo | None, precision: str | None, backend: str) -> str:
+    """The precision an exported graph runs at on ``backend``: ``precision``, or the graph's own by default (``fp32``
+    for a graph deepspot did not export). onnxruntime's own backends run a graph as exported.
+
+    Raises:
+        ConfigError: Another precision than the graph's on ``ort-cpu`` or ``ort-cuda``.
+    """
+    exported = info.precision if info is not None else "fp32"
+    precision = precision or exported
+    if backend in ("ort-cpu", "ort-cuda") and precision != exported:
+        raise ConfigError(
+            f"{model} was exported at {exported}; onnxruntime runs it as exported, so export it with "
+            f"--precision {precision} (or use ort-trt / tensorrt, which can lower the precision)"
+        )
+    return precision
 
 
 def _without_gpu_options(o: RunnerOptions, backend: str) -> RunnerOptions:

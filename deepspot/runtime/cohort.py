@@ -435,7 +435,7 @@ def check_setup(model: Any, backend: str | None, devices: Sequence[str] | None,
                                 cuda_graph=settings.cuda_graph)  # fmt: skip
         _check_gpu_options(options, name)
         if settings.precision is not None and kind == "onnx" and name in ("ort-cpu", "ort-cuda"):
-            _check_graph_precision(model, settings.precision)
+            _check_graph_precision(model, settings.precision, name)
     on_gpu = get_backend(name).device == "cuda"
     for d in devices or ():
         if d != "cpu" and not d.isdigit():
@@ -472,23 +472,18 @@ def check_output_dir(output_dir: str | Path, model: Any, slides: Sequence[Slide]
     return output_dir
 
 
-def _check_graph_precision(model: Any, precision: str) -> None:
+def _check_graph_precision(model: Any, precision: str, backend: str) -> None:
     """onnxruntime runs a graph at the precision it was exported at: another is refused once, not once per slide."""
     from ..export import read_model_metadata
     from ..export.metadata import HEAD_FILE
     from .artifacts import info_from_onnx_metadata
+    from .backends import onnx_precision
     from .indexed import is_indexed_folder
 
     graph = Path(model) / HEAD_FILE if is_indexed_folder(model) else Path(model)
     if not graph.is_file():
         return  # the first slide says what is missing
-    info = info_from_onnx_metadata(read_model_metadata(graph), str(graph))
-    exported = info.precision if info is not None else "fp32"
-    if precision != exported:
-        raise ConfigError(
-            f"{model} was exported at {exported}; onnxruntime runs it as exported, so export it with "
-            f"--precision {precision} (or use ort-trt / tensorrt, which can lower the precision)"
-        )
+    onnx_precision(model, info_from_onnx_metadata(read_model_metadata(graph), str(graph)), precision, backend)
 
 
 def run_cohort(

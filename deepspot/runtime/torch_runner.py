@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import PRECISIONS
 from ..data import FEATURE_DTYPES
 from ..errors import BackendUnavailableError, ConfigError
 from .base import OUTPUT_NAME, ModelInfo, Runner, TensorSpec
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 CASTS = ("auto", "autocast", "half")
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -132,6 +132,10 @@ def test_malformed_hyperparameter_and_gene_files_are_one_line(tmp_path):
     short.write_text("gene_name,isPredicted\nTP53\nEGFR,True\n")
     with pytest.raises(CheckpointError, match=r"genes.csv: line 2 has fewer fields than the header"):
         read_genes(short)
+    # the line in the file, not the row's number: a blank line and a quoted line break come before it
+    short.write_text('gene_name,isPredicted\n\nTP53,True\n"EG\nFR",True\nKRAS\n')
+    with pytest.raises(CheckpointError, match=r"genes.csv: line 6 has fewer fields than the header"):
+        read_genes(short)
     for name in ("binary.csv", "binary.txt"):
         (tmp_path / name).write_bytes(b"gene_name\n\xff\xfe\n")
         with pytest.raises(CheckpointError, match=rf"{name}: not a readable gene list"):

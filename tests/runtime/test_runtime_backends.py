@@ -199,6 +199,25 @@ def test_on_this_machine_ort_cuda_fails_cleanly_or_falls_back_when_allowed(artif
         session_from_onnx(a.onnx, [CUDA])
 
 
+@pytest.mark.parametrize(
+    "model, backend, options",
+    [("onnx", "ort-cuda", {"tf32": True}), ("onnx", "ort-cuda", {"cuda_graph": True}),
+     ("onnx", "ort-trt", {"tf32": True, "cuda_graph": True}), ("checkpoint", "torch-cuda", {"tf32": True})],
+)  # fmt: skip
+def test_gpu_options_of_the_backend_asked_for_do_not_refuse_an_allowed_fallback(artifacts, model, backend, options):
+    """``--backend ort-cuda --tf32 --allow-fallback`` ended in "tf32 is a math mode of NVIDIA GPUs; the ort-cpu backend
+    runs on the CPU" where the GPU was missing: the options were checked against the backend fallen back to, while
+    --device and --cache-dir count for the one asked for. The CPU backend runs without them; asked of it, they are
+    refused."""
+    a = artifacts()
+    with pytest.warns(FallbackWarning):
+        runner = load_runner(getattr(a, model), backend, RunnerOptions(**options), allow_fallback=True, probe=CPU_ONLY)
+    assert runner.backend == ("torch" if model == "checkpoint" else "ort-cpu")
+    cpu = "torch" if model == "checkpoint" else "ort-cpu"
+    with pytest.raises(ConfigError, match="tf32 is a math mode|CUDA graphs are replayed"):
+        load_runner(getattr(a, model), cpu, RunnerOptions(**options), allow_fallback=True, probe=CPU_ONLY)
+
+
 def test_load_runner_matches_backend_to_file_type(artifacts, tmp_path):
     a = artifacts()
     assert load_runner(a.onnx).backend == "ort-cpu"

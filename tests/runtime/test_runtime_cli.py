@@ -406,3 +406,14 @@ def test_parity_refuses_a_torch_graph_for_an_onnx_backend(artifacts):
     one_line_error(run("parity", a.checkpoint, a.onnx, "--random", 4, "--torch-graph", "export"),
                    "--torch-graph applies to the torch backends")  # fmt: skip
     assert run("parity", a.checkpoint, a.checkpoint, "--random", 4, "--torch-graph", "export").exit_code == 0
+
+
+def test_parity_refuses_a_gpu_index_on_a_cpu_backend(artifacts, tmp_path):
+    # infer refused it, parity ran on the CPU and reported a pass for a GPU it never used
+    a = artifacts()
+    one_line_error(run("parity", a.checkpoint, a.onnx, "--random", 4, "--device", 1),
+                   "--device 1 names a GPU, but backend 'ort-cpu' runs on the CPU")  # fmt: skip
+    expected = tmp_path / "pred.npy"
+    np.save(expected, np.zeros((3, 3), np.float32))
+    one_line_error(run("parity", a.onnx, "--expected", expected, "-i", a.bundle, "--device", 1),
+                   "--device 1 names a GPU, but backend 'ort-cpu' runs on the CPU")  # fmt: skip

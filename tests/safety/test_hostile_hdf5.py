@@ -114,12 +114,17 @@ def test_an_h5ad_obs_reads_only_the_file_named(tmp_path):
         assert not out.exists()
 
 
-def test_a_compressed_dataset_within_bounds_still_reads(tmp_path, obs_csv):
+@pytest.mark.parametrize("chunks", [(2, 1 << 19), (2, 1 << 17)], ids=["one-4-MiB-chunk", "1-MiB-chunks"])
+def test_a_compressed_dataset_still_reads(tmp_path, obs_csv, chunks):
+    """4 MiB of zeros, gzip-compressed: over the 1 MiB that any dataset may declare, and in 4 MiB chunks over 1024:1
+    (deflate's limit is 1032:1), which the first bound of 1024:1 refused as "declares ... but the file stores"."""
     h5 = tmp_path / "slide.h5"
     with h5py.File(h5, "w") as f:
-        f.create_dataset("features", data=np.zeros((2, 1 << 16), np.float32), compression="gzip")  # 512 KiB of zeros
+        d = f.create_dataset("features", data=np.zeros((2, 1 << 19), np.float32), compression="gzip",
+                             chunks=chunks)  # fmt: skip
+        assert d.size * 4 > 1 << 20
         _coords(f)
     out = tmp_path / "out.npz"
     result = runner.invoke(app, ["bundle", "--features-h5", str(h5), "--obs", str(obs_csv), "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert np.load(out)["spot"].shape[-1] == 1 << 16
+    assert np.load(out)["spot"].shape[-1] == 1 << 19
