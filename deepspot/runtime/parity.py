@@ -19,6 +19,7 @@ import numpy as np
 from ..checks import at_least, check_memory, finite_at_least
 from ..errors import ConfigError, InputError
 from ..fileio import atomic_path, numpy_error
+from .backends import get_backend
 from .base import Runner
 
 
@@ -517,12 +518,13 @@ def check_parity_expected(
     graph, precision = ("fp32", "fp32")
     if isinstance(model, (str, Path)):
         graph, precision = _graph_precision(model, getattr(options, "precision", None))
-        if getattr(options, "tf32", False) and graph == "fp32":  # fp32 products on TF32 tensor cores, as asked
-            graph, precision = _graph_precision(model, "tf32")
     with tempfile.TemporaryDirectory(prefix="deepspot-parity-") as tmp:
         result = infer(model, bundle, Path(tmp) / "predictions.npy", backend, batch_size, options, inverse_transform,
                        allow_fallback, layout=layout)  # fmt: skip
         got = np.load(Path(tmp) / "predictions.npy")
+    # fp32 products on TF32 tensor cores, as asked, where a GPU ran them (a fallback to the CPU runs without --tf32)
+    if getattr(options, "tf32", False) and graph == "fp32" and get_backend(result.backend).device == "cuda":
+        graph, precision = _graph_precision(model, "tf32")
     if got.shape != want.shape:
         raise InputError(
             f"{expected}: holds {want.shape[0]} x {want.shape[1]} outputs; {model} predicts {got.shape[0]} x "

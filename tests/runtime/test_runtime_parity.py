@@ -167,3 +167,14 @@ def test_parity_against_stored_outputs_with_tf32_uses_the_tf32_row(artifacts, ea
     assert not check_parity_expected(a.onnx, tmp_path / "expected.npy", a.bundle, "ort-cuda",
                                      options=RunnerOptions(tf32=False)).passed  # fmt: skip
 
+    def fallback_run(model, bundle, output, backend, batch_size, options, *args, **kwargs):
+        np.save(output, expected + 1e-3 * np.abs(expected).max())
+        return infer_module.InferResult(output, len(expected), expected.shape[1], 1.0, 1.0, "ort-cpu", "ort-cuda",
+                                        batch_size, False)  # fmt: skip
+
+    # fallen back to the CPU, the run had no TF32 products: the fp32 row holds it
+    monkeypatch.setattr(infer_module, "infer", fallback_run)
+    report = check_parity_expected(a.onnx, tmp_path / "expected.npy", a.bundle, "ort-cuda", options=RunnerOptions(
+        tf32=True), allow_fallback=True)  # fmt: skip
+    assert report.precision == "fp32" and not report.passed
+
