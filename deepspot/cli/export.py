@@ -221,7 +221,10 @@ def info_command(
     from ..export import indexed_export_info, model_info
     from ..runtime.artifacts import artifact_kind
 
-    kind = "onnx" if model.is_dir() else artifact_kind(model)
+    from ..errors import folder_hint
+
+    # a folder is an indexed export (or says why not), unless it is the one `deepspot train` writes (named as such)
+    kind = "onnx" if model.is_dir() and not folder_hint(model) else artifact_kind(model)
     if kind == "plan":
         raise ConfigError(f"{model}: a TensorRT engine; `deepspot engine info {model}` reads its header")
     if kind == "model":
@@ -259,8 +262,8 @@ def _echo_checkpoint(d: dict, as_json: bool) -> None:
         lines.append("  training: no history in the file")
     else:
         val = "" if t["last_val_loss"] is None else f", last validation loss {t['last_val_loss']:.6g}"
-        lines.append(f"  training: {t['epochs']} epoch{'' if t['epochs'] == 1 else 's'} ({t['stopped']}), last train "
-                     f"loss {t['last_train_loss']:.6g}{val}")  # fmt: skip
+        lines.append(f"  training: {t['epochs']} epoch{'' if t['epochs'] == 1 else 's'}, stopped by {t['stopped']}, "
+                     f"last train loss {t['last_train_loss']:.6g}{val}")  # fmt: skip
     typer.echo("\n".join(lines))
 
 

@@ -70,7 +70,7 @@ def test_info_on_a_checkpoint_says_what_it_holds(make_model, tmp_path, reference
     assert lines[0] == f"{path}: a deepspot checkpoint, spot/neighbors, {params:,} parameters"
     assert "  genes: 5 genes [g0, g1, g2, g3, g4]" in lines
     assert f"  scaler: {model.scaler.kind} (offset: 5 values, scale: 5 values)" in lines
-    assert lines[-1].startswith("  training: 2 epochs (max_epochs), last train loss ")
+    assert lines[-1].startswith("  training: 2 epochs, stopped by max_epochs, last train loss ")
     assert "last validation loss" in lines[-1]
     payload = json.loads(runner.invoke(app, ["info", str(path), "--json"]).output)
     assert payload["config"] == dict(model.config) and payload["parameters"] == params
@@ -86,6 +86,9 @@ def test_info_on_a_checkpoint_says_what_it_holds(make_model, tmp_path, reference
     plan.write_bytes(b"x")
     result = runner.invoke(app, ["info", str(plan)])
     assert result.exit_code == 2 and "deepspot engine info" in result.output
+    # the folder `deepspot train` writes: the checkpoint in it is named
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and f"pass {path}" in result.output
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint")
     result = runner.invoke(app, ["info", str(bad)])
@@ -173,6 +176,9 @@ def test_the_folder_train_writes_names_the_checkpoint_in_it(saved, tmp_path):
 
 
 def test_corrupt_checkpoint(tmp_path):
+    # the folder `deepspot train` writes: the checkpoint in it is named
+    result = runner.invoke(app, ["info", str(tmp_path)])
+    assert result.exit_code == 2 and f"pass {path}" in result.output
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(np.random.default_rng(0).bytes(1000))
     result = runner.invoke(app, ["export", str(bad), "-o", str(tmp_path / "m.onnx")])
