@@ -176,9 +176,6 @@ def test_the_folder_train_writes_names_the_checkpoint_in_it(saved, tmp_path):
 
 
 def test_corrupt_checkpoint(tmp_path):
-    # the folder `deepspot train` writes: the checkpoint in it is named
-    result = runner.invoke(app, ["info", str(tmp_path)])
-    assert result.exit_code == 2 and f"pass {path}" in result.output
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(np.random.default_rng(0).bytes(1000))
     result = runner.invoke(app, ["export", str(bad), "-o", str(tmp_path / "m.onnx")])
