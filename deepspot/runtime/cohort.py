@@ -469,6 +469,13 @@ def check_output_dir(output_dir: str | Path, model: Any, slides: Sequence[Slide]
     if not output_dir.is_dir():
         check_output_folder(output_dir, "--output-dir")
     refuse_inputs(output_dir, [model, *(slide.input for slide in slides)], "cohort's outputs")
+    # A manifest's own output paths: their folders must exist too (a typo in one row would fail that slide only,
+    # after the others had run).
+    for slide in slides:
+        folder = slide.output.parent
+        if folder != output_dir and not folder.is_dir():
+            raise InputError(f"{slide.output}: the output folder of slide {slide.name!r} does not exist (deepspot "
+                             "makes --output-dir, not the folders a manifest names)")  # fmt: skip
     return output_dir
 
 

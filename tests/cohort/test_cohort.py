@@ -226,6 +226,12 @@ def test_manifest_with_names_outputs_and_relative_paths(tmp_path, model):
     dup = tmp_path / "dup.csv"
     dup.write_text("slide,input\nA,in/s1.npz\nA,in/s2.npz\n")
     assert "appears twice" in run("infer", model, "--manifest", dup, "--output-dir", tmp_path / "o2").output
+    # a row's output folder that does not exist is refused before any slide runs, not when that slide's turn comes
+    typo = tmp_path / "typo.csv"
+    typo.write_text("slide,input,output\nA,in/s1.npz,\nB,in/s2.npz,cusotm/b.npy\n")
+    result = run("infer", model, "--manifest", typo, "--output-dir", tmp_path / "o3", "--format", "npz")
+    assert result.exit_code == 2 and "the output folder of slide 'B' does not exist" in result.output, result.output
+    assert not (tmp_path / "o3").exists()
 
 
 def test_one_worker_per_device(tmp_path, model):
