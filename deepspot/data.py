@@ -24,7 +24,7 @@ import numpy as np
 
 from .checks import at_least, check_memory
 from .errors import DeepSpotError, InputError, UnusedInputWarning
-from .fileio import OBJECT_ARRAY_HINT, atomic_path, numpy_error, short_write, temporary_folder
+from .fileio import OBJECT_ARRAY_HINT, atomic_path, is_short_write, numpy_error, short_write, temporary_folder
 from .modes import Mode, get_mode
 
 FEATURE_KEYS = ("spot", "cell", "subspot", "neighbors")
@@ -313,7 +313,7 @@ def save_bundle(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
             try:
                 np.save(tmp / f"{k}.npy", np.asarray(v), allow_pickle=False)
             except OSError as e:
-                if e.errno is not None:
+                if not is_short_write(e):
                     raise
                 # NumPy's own words for a short write ("2880000 requested and 203744 written") name neither the
                 # file nor the cause.
