@@ -107,6 +107,9 @@ class Bundle:
         own = "spot" if m.family == "spot" else "cell"
         if own not in self.arrays and other in self.arrays:
             raise InputError(f"{src}: holds {other!r} features, but the model is a {m.family} model (needs {own!r})")
+        if allow_index and m.has_neighbors and "neighbors" in self.arrays and "neighbor_index" in self.arrays:
+            raise InputError(f"{src}: holds both 'neighbors' and 'neighbor_index', the neighbours given twice (which "
+                             "one runs would depend on the layout); keep one")  # fmt: skip
         n = None
         for bag in m.bags:
             if bag.name == "neighbors" and "neighbors" not in self.arrays and "neighbor_index" in self.arrays:

@@ -113,3 +113,15 @@ def test_a_npz_suffix_in_capitals_writes_a_npz_file_not_a_folder(tmp_path, name)
     path = save_bundle(tmp_path / name, data)
     assert path.is_file(), "a folder was written"
     np.testing.assert_array_equal(np.asarray(load_bundle(path).arrays["target"]), data["target"])
+
+
+def test_neighbours_given_both_as_features_and_by_index_are_refused_for_inference(tmp_path):
+    # which of the two would run depended on the layout (an indexed export read the index, a per-item graph the
+    # features), so a bundle whose two disagree gave one answer or the other without a word
+    data = synth_bundle("cell", "neighbors", 6, 4, 2, seed=0, n_neighbors=3)
+    data["neighbor_index"] = np.zeros((6, 3), np.int64)
+    bundle = load_bundle(save_bundle(tmp_path / "both.npz", data))
+    with pytest.raises(InputError, match="holds both 'neighbors' and 'neighbor_index'.*keep one"):
+        bundle.validate("cell", "neighbors", allow_index=True)
+    with pytest.warns(UserWarning, match="ignoring 'neighbor_index'"):  # training reads the features, as before
+        bundle.validate("cell", "neighbors")
