@@ -218,10 +218,9 @@ def info_command(
 ) -> None:
     """Print an ONNX model's inputs and outputs with their dynamic axes and its deepspot metadata, or what a
     checkpoint holds (family, mode, constructor arguments, genes, scaler, parameters, how training ended)."""
+    from ..errors import folder_hint
     from ..export import indexed_export_info, model_info
     from ..runtime.artifacts import artifact_kind
-
-    from ..errors import folder_hint
 
     # a folder is an indexed export (or says why not), unless it is the one `deepspot train` writes (named as such)
     kind = "onnx" if model.is_dir() and not folder_hint(model) else artifact_kind(model)
