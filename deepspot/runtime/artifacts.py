@@ -41,6 +41,8 @@ def artifact_kind(model: Any) -> str:
             raise CheckpointError(f"{model}: an indexed export's folder without {HEAD_FILE}; an indexed export holds "
                                   f"{ENCODER_FILE} and {HEAD_FILE} (export it again with --layout indexed)")  # fmt: skip
         raise CheckpointError(f"{model}: a folder, not a model file; expected a file ending in one of {known}")
+    if not Path(model).exists():
+        raise CheckpointError(f"{model}: no such model file or folder")
     raise CheckpointError(f"{model}: unknown model file type {suffix or '(none)'}; expected one of {known}")
 
 

@@ -229,7 +229,10 @@ def test_load_runner_matches_backend_to_file_type(artifacts, tmp_path):
         load_runner(a.checkpoint, "ort-cpu")
     with pytest.raises(ConfigError, match="unknown backend 'onnx'"):
         load_runner(a.onnx, "onnx")
-    with pytest.raises(CheckpointError, match="unknown model file type"):
+    with pytest.raises(CheckpointError, match="model.txt: no such model file or folder"):
+        load_runner(tmp_path / "model.txt")
+    (tmp_path / "model.txt").write_text("weights?")
+    with pytest.raises(CheckpointError, match="unknown model file type .txt"):
         load_runner(tmp_path / "model.txt")
     with pytest.raises(ConfigError, match="exported at fp32"):
         load_runner(a.onnx, "ort-cpu", RunnerOptions(precision="fp16"))
