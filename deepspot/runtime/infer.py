@@ -213,22 +213,26 @@ def infer(
     layout = resolve_layout(layout, data, model)
     if batch_size is not None:
         at_least(batch_size, "--batch-size")  # 0 is not "the default"
+    defaulted = batch_size is None
     batch_size = batch_size or default_batch_size(model, backend, data)
     owned = session is None
     session = session or ModelSession(model, backend, options, allow_fallback, table_dtype)
     try:
         if layout == "indexed":
             return _infer_indexed(session, data, output, batch_size, inverse_transform, progress, table, max_bag,
-                                  no_clobber)  # fmt: skip
-        return _infer_dense(session, data, output, batch_size, inverse_transform, progress, max_bag, no_clobber)
+                                  no_clobber, defaulted)  # fmt: skip
+        return _infer_dense(session, data, output, batch_size, inverse_transform, progress, max_bag, no_clobber,
+                            defaulted)  # fmt: skip
     finally:
         if owned:
             session.close()
 
 
-def _infer_dense(session, data, output, batch_size, inverse_transform, progress, max_bag, no_clobber) -> InferResult:
+def _infer_dense(session, data, output, batch_size, inverse_transform, progress, max_bag, no_clobber,
+                 defaulted=False) -> InferResult:  # fmt: skip
     features = {data[k].dtype for k in FEATURE_KEYS if k in data}
     runner = session.dense(batch_size, data_bag_sizes(data), fp16_features=features == {np.dtype(np.float16)})
+    batch_size = _fallen_back_batch(batch_size, defaulted, runner)
     info = runner.info
     mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
     prepare = None
@@ -260,6 +264,17 @@ def _infer_dense(session, data, output, batch_size, inverse_transform, progress,
         selection.requested if selection else runner.backend, batch_size, inverse_transform or info.fold_scaler,
         "dense",
     )  # fmt: skip
+
+
+def _fallen_back_batch(batch_size: int, defaulted: bool, runner) -> int:
+    """The default batch of the backend that runs: a GPU backend's (chosen before loading) becomes the CPU's where the
+    run fell back to a CPU backend."""
+    from .backends import get_backend
+
+    if defaulted and getattr(getattr(runner, "selection", None), "fell_back", False):
+        if get_backend(runner.backend).device != "cuda":
+            return CPU_BATCH
+    return batch_size
 
 
 def data_bag_sizes(data) -> dict[str, int]:
@@ -390,10 +405,11 @@ def resolve_layout(layout: str | None, data, model: Any) -> str:
 
 
 def _infer_indexed(session, data, output, batch_size, inverse_transform, progress, table, max_bag,
-                   no_clobber) -> InferResult:  # fmt: skip
+                   no_clobber, defaulted=False) -> InferResult:  # fmt: skip
     from .indexed import check_indexed_inputs, predict_indexed
 
     pipeline = session.indexed(batch_size, table)
+    batch_size = _fallen_back_batch(batch_size, defaulted, pipeline.head)
     info = pipeline.info
     mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
     if not mode.has_neighbors:

@@ -117,6 +117,17 @@ def test_unavailable_gpu_backend_exits_2_or_falls_back_with_a_warning(artifacts,
     )
     assert result.exit_code == 0
     assert "Warning: falling back from 'ort-cuda' to 'ort-cpu'" in result.output and "on ort-cpu" in result.output
+    # the default batch is the backend's that ran: the CPU's, not the GPU's it was chosen for
+    import warnings
+
+    from deepspot.runtime.infer import CPU_BATCH, GPU_BATCH, infer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fell_back = infer(a.onnx, a.bundle, tmp_path / "q.npy", backend="ort-cuda", allow_fallback=True)
+        asked = infer(a.onnx, a.bundle, tmp_path / "r.npy", backend="ort-cuda", batch_size=7, allow_fallback=True)
+    assert (fell_back.backend, fell_back.batch_size, asked.batch_size) == ("ort-cpu", CPU_BATCH, 7)
+    assert GPU_BATCH["spot"] != CPU_BATCH
 
 
 def test_parity_passes_prints_a_table_and_writes_a_report(artifacts, tmp_path):
