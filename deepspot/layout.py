@@ -231,6 +231,7 @@ def build_bundle(
     max_neighbors: int | None = None,
     source: str = "obs",
     feats: Features | None = None,
+    dtype: str = "fp32",
 ) -> dict[str, np.ndarray]:
     """Build bundle arrays from a reference-style features folder and a sample's coordinates.
 
@@ -246,6 +247,8 @@ def build_bundle(
             largest bag of its whole data set, so give that number to reproduce one slide of several.
         source: Name of the coordinates' file, for messages.
         feats: Features already read and put in ``barcodes``' order (from an ``.h5``); else read from ``features``.
+        dtype: The features' dtype in the bundle (``fp32`` or ``fp16``), cast before the neighbour bags are
+            gathered, so that ``(N, K, D)`` bags are made once, in that dtype.
 
     Returns:
         ``spot`` ``(N, 1, D)`` (and ``subspot`` ``(N, S, D)``) or ``cell`` ``(N, 1, D)``; ``neighbors`` or
@@ -275,6 +278,11 @@ def build_bundle(
         raise InputError(f"max_neighbors must be positive, got {max_neighbors}")
 
     feats = feats if feats is not None else read_features(features, barcodes, family)
+    if dtype != "fp32":
+        from .data import cast_features
+
+        cast = cast_features({"spot": feats.own} | ({} if feats.subspot is None else {"subspot": feats.subspot}), dtype)
+        feats = Features(cast["spot"], cast.get("subspot"))
     if family == "spot":
         flat, counts = spot_neighbor_lists(coords["x_array"], coords["y_array"], radius)
         try:
@@ -441,7 +449,8 @@ def _build(features, names, columns, family, radius, k, index, max_neighbors, dt
     h5 = Path(features).is_file() or Path(features).suffix.lower() in (".h5", ".hdf5")
     check_coordinates(names, coords, source)  # before the tiles are matched by position
     feats = read_h5_features(features, coords, source, dtype=dtype) if h5 else None
-    arrays = build_bundle(features, names, coords, family, radius, k, index, max_neighbors, source=source, feats=feats)
+    arrays = build_bundle(features, names, coords, family, radius, k, index, max_neighbors, source=source, feats=feats,
+                          dtype=dtype)  # fmt: skip
     return cast_features(arrays, dtype)
 
 

@@ -292,3 +292,33 @@ def test_h5_features_are_read_a_block_at_a_time_into_the_items_order(tmp_path, m
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
     assert peak < 1.5 * want.nbytes + (200 << 10), f"peak {peak / want.nbytes:.2f}x the features kept"
+
+
+def test_fp16_bags_are_gathered_in_fp16_not_cast_after(tmp_path):
+    """--dense --dtype fp16 gathered the (N, K, D) bags in float32 and then cast them: 1.5x the fp32 bags at the
+    peak (1,160 MiB for 20,000 cells, K=8, D=1,024). The features are now cast first and the bags made in fp16."""
+    import tracemalloc
+
+    from deepspot.data import cast_features
+    from deepspot.layout import build_bundle
+
+    n, d = 3000, 64
+    rng = np.random.default_rng(3)
+    (tmp_path / "f").mkdir()
+    feats = rng.standard_normal((n, d)).astype(np.float32)
+    barcodes = [f"c{i}" for i in range(n)]
+    for b, x in zip(barcodes, feats):
+        np.save(tmp_path / "f" / f"{b}.npy", x)
+    coords = {"x_pixel": rng.uniform(0, 1000, n), "y_pixel": rng.uniform(0, 1000, n)}
+    want = cast_features(build_bundle(tmp_path / "f", barcodes, coords, "cell", k=9), "fp16")
+    tracemalloc.start()
+    try:
+        got = build_bundle(tmp_path / "f", barcodes, coords, "cell", k=9, dtype="fp16")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    for key in ("cell", "neighbors"):
+        assert got[key].dtype == np.float16
+        np.testing.assert_array_equal(got[key], want[key])
+    bags = got["neighbors"].nbytes  # fp16; the fp32 bags alone would be twice this
+    assert peak < 1.75 * bags, f"peak {peak / bags:.2f}x the fp16 bags"
