@@ -16,7 +16,7 @@ import math
 import shutil
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,9 +265,16 @@ def cast_features(arrays: Mapping[str, np.ndarray], dtype: str = "fp32") -> dict
     for key in FEATURE_KEYS:
         if key in out and out[key].dtype != FEATURE_DTYPES[dtype]:
             a = np.asarray(out[key])
-            if dtype == "fp16" and a.size and np.abs(a).max() > np.finfo(np.float16).max:
-                raise InputError(f"{key!r} holds values beyond float16's range ({np.finfo(np.float16).max:g}); keep fp32")
-            out[key] = a.astype(FEATURE_DTYPES[dtype])
+            cast = np.empty(a.shape, dtype=FEATURE_DTYPES[dtype])
+            # A block of rows at a time: the range check makes no full-size |a| beside the two arrays.
+            for start, stop in _synth_blocks(a.shape[0] if a.ndim else 1, math.prod(a.shape[1:])):
+                block = a[start:stop] if a.ndim else a
+                if dtype == "fp16" and block.size and np.abs(block).max() > np.finfo(np.float16).max:
+                    raise InputError(
+                        f"{key!r} holds values beyond float16's range ({np.finfo(np.float16).max:g}); keep fp32"
+                    )
+                cast[start:stop] = block
+            out[key] = cast
     return out
 
 
@@ -374,22 +381,44 @@ def synth_bundle(
     w_own = rng.standard_normal((input_size, genes)) / np.sqrt(input_size)
     w_ctx = rng.standard_normal((input_size, genes)) / np.sqrt(input_size)
     arrays: dict[str, np.ndarray] = {}
-    x = rng.standard_normal((n, input_size)).astype(np.float32)
-    arrays[own] = x
-    signal = np.tanh(2.0 * x @ w_own)
+    # Drawn in blocks of rows straight into float32 arrays: the same numbers as one float64 draw per array (the
+    # generator's stream is sequential), without a float64 copy of each array (2x its float32 size) beside it.
+    x = arrays[own] = _normal_f32(rng, (n, input_size))
     if "subspot" in m.input_names:
-        sub = (x[:, None, :] + rng.standard_normal((n, n_subspots, input_size))).astype(np.float32)
-        arrays["subspot"] = sub
-        signal += 0.5 * np.maximum(sub.mean(axis=1) @ w_ctx, 0)
+        arrays["subspot"] = _normal_f32(rng, (n, n_subspots, input_size), add=x[:, None, :])
     if "neighbors" in m.input_names:
-        nb = rng.standard_normal((n, k, input_size)).astype(np.float32)
-        arrays["neighbors"] = nb
-        signal += 0.5 * np.tanh(nb.max(axis=1) @ w_ctx / 2.0)
-    target = signal + noise * rng.standard_normal(signal.shape)
-    arrays["target"] = target.astype(np.float32)
+        arrays["neighbors"] = _normal_f32(rng, (n, k, input_size))
+    # The targets block by block too (the noise is drawn last, as before): float64 only for a block of rows.
+    target = arrays["target"] = np.empty((n, genes), dtype=np.float32)
+    for start, stop in _synth_blocks(n, max(genes, input_size * max(n_subspots, k))):
+        signal = np.tanh(2.0 * x[start:stop] @ w_own)
+        if "subspot" in arrays:
+            signal += 0.5 * np.maximum(arrays["subspot"][start:stop].mean(axis=1) @ w_ctx, 0)
+        if "neighbors" in arrays:
+            signal += 0.5 * np.tanh(arrays["neighbors"][start:stop].max(axis=1) @ w_ctx / 2.0)
+        target[start:stop] = signal + noise * rng.standard_normal(signal.shape)
     arrays["barcode"] = np.array([f"{own}_{i:06d}" for i in range(n)])
     arrays["genes"] = np.array([f"gene_{j:04d}" for j in range(genes)])
     return arrays
+
+
+#: float64 bytes :func:`synth_bundle` draws at a time.
+SYNTH_BLOCK_BYTES = 32 << 20
+
+
+def _synth_blocks(n: int, row_elements: int) -> Iterator[tuple[int, int]]:
+    step = max(1, SYNTH_BLOCK_BYTES // (8 * max(1, row_elements)))
+    for start in range(0, n, step):
+        yield start, min(start + step, n)
+
+
+def _normal_f32(rng: np.random.Generator, shape: tuple[int, ...], add: np.ndarray | None = None) -> np.ndarray:
+    """``(add + rng.standard_normal(shape)).astype(float32)``, drawn a block of rows at a time (same values)."""
+    out = np.empty(shape, dtype=np.float32)
+    for start, stop in _synth_blocks(shape[0], math.prod(shape[1:])):
+        block = rng.standard_normal((stop - start, *shape[1:]))
+        out[start:stop] = block if add is None else add[start:stop] + block
+    return out
 
 
 def check_neighbor_index(

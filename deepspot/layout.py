@@ -231,6 +231,7 @@ def build_bundle(
     max_neighbors: int | None = None,
     source: str = "obs",
     feats: Features | None = None,
+    dtype: str = "fp32",
 ) -> dict[str, np.ndarray]:
     """Build bundle arrays from a reference-style features folder and a sample's coordinates.
 
@@ -246,6 +247,8 @@ def build_bundle(
             largest bag of its whole data set, so give that number to reproduce one slide of several.
         source: Name of the coordinates' file, for messages.
         feats: Features already read and put in ``barcodes``' order (from an ``.h5``); else read from ``features``.
+        dtype: The features' dtype in the bundle (``fp32`` or ``fp16``), cast before the neighbour bags are
+            gathered, so that ``(N, K, D)`` bags are made once, in that dtype.
 
     Returns:
         ``spot`` ``(N, 1, D)`` (and ``subspot`` ``(N, S, D)``) or ``cell`` ``(N, 1, D)``; ``neighbors`` or
@@ -275,6 +278,11 @@ def build_bundle(
         raise InputError(f"max_neighbors must be positive, got {max_neighbors}")
 
     feats = feats if feats is not None else read_features(features, barcodes, family)
+    if dtype != "fp32":
+        from .data import cast_features
+
+        cast = cast_features({"spot": feats.own} | ({} if feats.subspot is None else {"subspot": feats.subspot}), dtype)
+        feats = Features(cast["spot"], cast.get("subspot"))
     if family == "spot":
         flat, counts = spot_neighbor_lists(coords["x_array"], coords["y_array"], radius)
         try:
@@ -309,7 +317,7 @@ def build_bundle(
 
 
 def read_h5_features(path: str | Path, coords: Mapping[str, np.ndarray], source: str = "obs",
-                     tolerance: float | None = None) -> Features:  # fmt: skip
+                     tolerance: float | None = None, dtype: str = "fp32") -> Features:  # fmt: skip
     """Per-slide tile features as TRIDENT and CLAM write them, matched to spots or cells by position.
 
     The ``.h5`` holds ``features`` ``(T, D)`` and ``coords`` ``(T, 2)``: each tile's top-left corner ``(x, y)`` in
@@ -321,12 +329,15 @@ def read_h5_features(path: str | Path, coords: Mapping[str, np.ndarray], source:
     positions): a grid tiling with several items in one tile is refused, not silently shared. The ``.h5`` has no
     sub-tiles, so the bundle has no ``subspot`` array.
 
+    Only the matched tiles' features are kept, read a block of tiles at a time straight into a ``dtype`` array
+    (``fp32`` or ``fp16``) in the items' order: memory holds the bundle's features once, not the file's features, a
+    copy in the items' order and a cast.
+
     Raises:
         InputError: Missing datasets or coordinates, an item with no tile within the tolerance, or a tile claimed
             by two items; the message names the first.
     """
     import h5py
-    from scipy.spatial import cKDTree
 
     path = Path(path)
     if not path.is_file():
@@ -339,13 +350,22 @@ def read_h5_features(path: str | Path, coords: Mapping[str, np.ndarray], source:
             if "features" not in f or "coords" not in f:
                 raise InputError(f"{path}: an .h5 of tile features holds 'features' (T, D) and 'coords' (T, 2)")
             check_hdf5(f, path, ("features", "coords"))
-            features = np.asarray(f["features"], dtype=np.float32)
+            shape = f["features"].shape
             tiles = np.asarray(f["coords"], dtype=np.float64)
             attrs = dict(f["coords"].attrs)
+            if len(shape) != 2 or tiles.shape != (shape[0], 2):
+                raise InputError(f"{path}: features {shape} and coords {tiles.shape} do not describe the same tiles")
+            nearest = _match_tiles(path, tiles, attrs, coords, tolerance)
+            return Features(_read_rows(f["features"], nearest, dtype, path), None)
     except OSError as e:
         raise InputError(f"{path}: not a readable .h5 file ({e})") from None
-    if features.ndim != 2 or tiles.shape != (features.shape[0], 2):
-        raise InputError(f"{path}: features {features.shape} and coords {tiles.shape} do not describe the same tiles")
+
+
+def _match_tiles(path: Path, tiles: np.ndarray, attrs: Mapping, coords: Mapping[str, np.ndarray],
+                 tolerance: float | None) -> np.ndarray:  # fmt: skip
+    """The tile of each item (see :func:`read_h5_features`)."""
+    from scipy.spatial import cKDTree
+
     size = attrs.get("patch_size_level0", attrs.get("patch_size"))
     size = float(np.asarray(size).reshape(-1)[0]) if size is not None else None
     centres = tiles + (size / 2 if size else 0.0)
@@ -366,7 +386,39 @@ def read_h5_features(path: str | Path, coords: Mapping[str, np.ndarray], source:
         raise InputError(f"{path}: tile {tile} at {tiles[tile].tolist()} holds {int(counts[first])} items; the model "
                          "takes a tile centred on each item, so extract the tiles at the items' positions, one per "
                          "item, not on a grid")  # fmt: skip
-    return Features(features[nearest], None)
+    return nearest
+
+
+#: Bytes of an ``.h5``'s features read at a time.
+H5_BLOCK_BYTES = 32 << 20
+
+
+def _read_rows(dataset, rows: np.ndarray, dtype: str, path: Path) -> np.ndarray:
+    """``dataset[rows]`` as a ``dtype`` array, reading ``H5_BLOCK_BYTES`` of the dataset at a time: each block's
+    wanted rows go straight to their places (each tile belongs to one item at most, as checked)."""
+    from .data import FEATURE_DTYPES
+
+    if dtype not in FEATURE_DTYPES:
+        raise InputError(f"unknown feature dtype {dtype!r}; expected one of: {', '.join(FEATURE_DTYPES)}")
+    if dataset.dtype.kind not in "fiu":
+        raise InputError(f"{path}: features must be numbers, got {dataset.dtype}")
+    t, d = dataset.shape
+    out = np.empty((len(rows), d), dtype=FEATURE_DTYPES[dtype])
+    item_of = np.full(t, -1, dtype=np.int64)
+    item_of[rows] = np.arange(len(rows))
+    wanted = np.flatnonzero(item_of >= 0)
+    step = max(1, H5_BLOCK_BYTES // max(1, d * max(4, dataset.dtype.itemsize)))
+    fp16_max = np.finfo(np.float16).max
+    for start in range(0, t, step):
+        stop = min(start + step, t)
+        lo, hi = np.searchsorted(wanted, [start, stop])
+        if lo == hi:
+            continue  # no item's tile in this block: not read
+        block = np.asarray(dataset[start:stop], dtype=np.float32)[wanted[lo:hi] - start]
+        if dtype == "fp16" and block.size and np.abs(block).max() > fp16_max:
+            raise InputError(f"{path}: the features hold values beyond float16's range ({fp16_max:g}); keep fp32")
+        out[item_of[wanted[lo:hi]]] = block
+    return out
 
 
 def _select(barcodes: list[str], columns: dict[str, np.ndarray], keep: np.ndarray):
@@ -396,8 +448,9 @@ def _build(features, names, columns, family, radius, k, index, max_neighbors, dt
     # A file is never a folder of .npy files: whatever its name (.h5, .hdf5, .h5ad), it is read as a slide's .h5.
     h5 = Path(features).is_file() or Path(features).suffix.lower() in (".h5", ".hdf5")
     check_coordinates(names, coords, source)  # before the tiles are matched by position
-    feats = read_h5_features(features, coords, source) if h5 else None
-    arrays = build_bundle(features, names, coords, family, radius, k, index, max_neighbors, source=source, feats=feats)
+    feats = read_h5_features(features, coords, source, dtype=dtype) if h5 else None
+    arrays = build_bundle(features, names, coords, family, radius, k, index, max_neighbors, source=source, feats=feats,
+                          dtype=dtype)  # fmt: skip
     return cast_features(arrays, dtype)
 
 

@@ -521,6 +521,11 @@ def load_pipeline(model, backend: str | None = None, options=None, allow_fallbac
     return pipeline
 
 
+#: Batches after which :func:`dense_from_index` gives back the pages of the memory-mapped tiles it gathered (they
+#: would otherwise make the whole slide's features resident by the end).
+RELEASE_EVERY = 16
+
+
 def dense_from_index(arrays: Mapping[str, np.ndarray], mode) -> tuple[dict[str, np.ndarray], Any]:
     """Per-item inputs of an indexed bundle for a per-item graph: the own tile and sub-spots as they are, and the
     neighbour bags gathered from ``neighbor_index`` batch by batch (zeros for ``-1``) in the prefetch thread."""
@@ -531,9 +536,19 @@ def dense_from_index(arrays: Mapping[str, np.ndarray], mode) -> tuple[dict[str, 
     if "subspot" in mode.input_names:
         inputs["subspot"] = arrays["subspot"]
 
+    done = [0]
+
     def gather(start: int, stop: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from .._pages import release_rows
+
         idx = feed.pop("neighbor_index")
-        rows = np.take(flat, np.maximum(idx, 0), axis=0).astype(np.float32, copy=False)  # (B, K, D)
+        done[0] += 1
+        if done[0] % RELEASE_EVERY == 0:  # neighbours lie anywhere: give back every page gathered so far, now and then
+            release_rows(flat, 0, flat.shape[0])
+        # Indexing, not np.take: a .npz member memory-mapped in place is not aligned (np.savez puts it at any
+        # offset), and np.take then copies the whole array on every call (O(N) per batch: quadratic in the slide),
+        # faulting all of its pages into this process.
+        rows = flat[np.maximum(idx, 0)].astype(np.float32, copy=False)  # (B, K, D)
         rows[idx < 0] = 0.0  # the reference's zero padding
         feed["neighbors"] = rows
         return feed

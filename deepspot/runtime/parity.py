@@ -145,15 +145,55 @@ class ParityReport:
         return head + ("PASS" if self.passed else "FAIL") + "".join(f"\n  {o.describe()}" for o in self.outputs)
 
 
-def pearson_per_column(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson r of each column of ``a`` with the same column of ``b`` (NaN where a column of ``b`` is constant)."""
-    a = a.astype(np.float64) - a.mean(axis=0)
-    b = b.astype(np.float64) - b.mean(axis=0)
-    denom = np.sqrt((a * a).sum(axis=0) * (b * b).sum(axis=0))
+#: Bytes of each operand a comparison reads at a time: a slide's predictions (500,000 x 5,000 float32 is 10 GB) are
+#: compared block by block, in float64, never as whole float64 copies.
+COMPARE_CHUNK_BYTES = 16 << 20
+
+
+def _row_blocks(a: np.ndarray, chunk_bytes: int | None = None) -> Iterator[tuple[int, int]]:
+    # float64 blocks: twice the bytes of float32 rows
+    step = max(1, (chunk_bytes or COMPARE_CHUNK_BYTES) // max(1, a[:1].nbytes * 2))
+    for start in range(0, a.shape[0], step):
+        yield start, min(start + step, a.shape[0])
+
+
+def _block(a: np.ndarray, start: int, stop: int) -> np.ndarray:
+    return np.asarray(a[start:stop], dtype=np.float64)
+
+
+def _release(start: int, stop: int, *arrays: np.ndarray) -> None:
+    from .._pages import release_rows
+
+    for a in arrays:
+        release_rows(a, start, stop)  # a memory-mapped operand's pages, once compared
+
+
+def pearson_per_column(a: np.ndarray, b: np.ndarray, chunk_bytes: int | None = None) -> np.ndarray:
+    """Pearson r of each column of ``a`` with the same column of ``b`` (NaN where a column of ``b`` is constant).
+
+    Two passes over blocks of rows (the means, then the centred sums), in float64, so memory stays at a block's
+    whatever the number of rows (``a`` and ``b`` may be memory maps)."""
+    n = a.shape[0]
+    shape = a.shape[1:]
+    sa, sb = np.zeros(shape), np.zeros(shape)
+    for start, stop in _row_blocks(a, chunk_bytes):
+        sa += _block(a, start, stop).sum(axis=0)
+        sb += _block(b, start, stop).sum(axis=0)
+        _release(start, stop, a, b)
+    ma, mb = sa / max(n, 1), sb / max(n, 1)
+    saa, sbb, sab = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    for start, stop in _row_blocks(a, chunk_bytes):
+        x = _block(a, start, stop) - ma
+        y = _block(b, start, stop) - mb
+        saa += (x * x).sum(axis=0)
+        sbb += (y * y).sum(axis=0)
+        sab += (x * y).sum(axis=0)
+        _release(start, stop, a, b)
+    denom = np.sqrt(saa * sbb)
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = (a * b).sum(axis=0) / denom
+        r = sab / denom
     # A constant reference gene has no correlation to speak of; its absolute error is still checked.
-    r[(b * b).sum(axis=0) <= 1e-30] = np.nan
+    r[sbb <= 1e-30] = np.nan
     return r
 
 
@@ -162,12 +202,22 @@ def output_parity(name: str, actual: np.ndarray, expected: np.ndarray, tolerance
     if actual.shape != expected.shape:
         inf = float("inf")
         return OutputParity(name, tuple(actual.shape), inf, inf, inf, None, None, 0.0, 0.0, tolerance, False)
-    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
-    ref_max = float(np.abs(expected).max()) if expected.size else 0.0
-    max_abs = float(diff.max()) if diff.size else 0.0
-    if np.isnan(diff).any():
+    # Block by block in float64 (the operands may be a whole slide's memory-mapped predictions).
+    ref_maxes, abs_maxes, rel_maxes, total, nan = [0.0], [0.0], [0.0], 0.0, False
+    if actual.size:
+        for start, stop in _row_blocks(actual):
+            want = _block(expected, start, stop)
+            diff = np.abs(_block(actual, start, stop) - want)
+            ref_maxes.append(np.abs(want).max())
+            abs_maxes.append(diff.max())
+            nan = nan or bool(np.isnan(diff).any())
+            total += float(diff.sum())
+            rel_maxes.append((diff / (np.abs(want) + tolerance.atol)).max())
+            _release(start, stop, actual, expected)
+    ref_max, max_abs, max_rel = (float(np.max(v)) for v in (ref_maxes, abs_maxes, rel_maxes))  # NaN propagates
+    if nan:
         max_abs = float("nan")  # np.max already propagates NaN; keep it explicit: NaN never passes
-    max_rel = float((diff / (np.abs(expected) + tolerance.atol)).max()) if diff.size else 0.0
+    mean_abs = total / actual.size if actual.size else float("nan")
     r = pearson_per_column(actual, expected) if actual.ndim == 2 and actual.shape[0] > 2 else np.array([np.nan])
     finite = np.isfinite(r)
     min_r = float(r[finite].min()) if finite.any() else None
@@ -175,7 +225,7 @@ def output_parity(name: str, actual: np.ndarray, expected: np.ndarray, tolerance
     limit = tolerance.limit(ref_max)
     passed = bool(np.isfinite(max_abs) and max_abs <= limit and (min_r is None or min_r >= tolerance.min_pearson))
     return OutputParity(
-        name, tuple(actual.shape), max_abs, float(diff.mean()), max_rel, min_r, worst, ref_max, limit, tolerance, passed
+        name, tuple(actual.shape), max_abs, mean_abs, max_rel, min_r, worst, ref_max, limit, tolerance, passed
     )
 
 
@@ -444,12 +494,14 @@ def load_expected(path: str | Path) -> np.ndarray:
         raise InputError(f"{path}: no such file of expected outputs")
     try:
         if path.suffix.lower() == ".npz":
+            from ..data import _read_npz
+
             with np.load(path, allow_pickle=False) as z:
                 if "predictions" not in z.files:
                     raise InputError(f"{path}: no 'predictions' array (it holds {', '.join(z.files) or 'nothing'})")
-                values = z["predictions"]
+            values = _read_npz(path, mmap=True)["predictions"]  # memory-mapped where stored (as infer writes it)
         else:
-            values = np.load(path, allow_pickle=False)
+            values = np.load(path, mmap_mode="r", allow_pickle=False)
     except InputError:
         raise
     except Exception as e:  # NumPy raises ValueError, OSError, EOFError, zipfile errors for a corrupt file
@@ -457,9 +509,11 @@ def load_expected(path: str | Path) -> np.ndarray:
     if values.ndim != 2 or values.dtype.kind != "f":
         raise InputError(f"{path}: expected outputs must be a 2-D float array (items x genes), got {values.dtype} "
                          f"{values.shape}")  # fmt: skip
-    bad = ~np.isfinite(values)
-    if bad.any():
-        raise InputError(f"{path}: row {int(np.argwhere(bad)[0][0])} holds NaN or infinity")
+    from .stream import first_nonfinite_row
+
+    row = first_nonfinite_row(values, target=values.dtype)  # block by block: a slide's outputs are never all in memory
+    if row is not None:
+        raise InputError(f"{path}: row {row} holds NaN or infinity")
     return values
 
 
@@ -521,7 +575,11 @@ def check_parity_expected(
     with tempfile.TemporaryDirectory(prefix="deepspot-parity-") as tmp:
         result = infer(model, bundle, Path(tmp) / "predictions.npy", backend, batch_size, options, inverse_transform,
                        allow_fallback, layout=layout)  # fmt: skip
-        got = np.load(Path(tmp) / "predictions.npy")
+        got = np.load(Path(tmp) / "predictions.npy", mmap_mode="r")  # compared block by block, not read whole
+        return _expected_report(model, expected, bundle, options, atol, rtol, result, got, want, graph, precision)
+
+
+def _expected_report(model, expected, bundle, options, atol, rtol, result, got, want, graph, precision) -> ParityReport:
     # fp32 products on TF32 tensor cores, as asked, where a GPU ran them (a fallback to the CPU runs without --tf32)
     if getattr(options, "tf32", False) and graph == "fp32" and get_backend(result.backend).device == "cuda":
         graph, precision = _graph_precision(model, "tf32")

@@ -178,3 +178,54 @@ def test_parity_against_stored_outputs_with_tf32_uses_the_tf32_row(artifacts, ea
         tf32=True), allow_fallback=True)  # fmt: skip
     assert report.precision == "fp32" and not report.passed
 
+
+def _unchunked(actual, expected, tolerance):
+    """What output_parity computed before it went block by block: whole float64 copies."""
+    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    return diff.max(), diff.mean(), (diff / (np.abs(expected) + tolerance.atol)).max(), np.abs(expected).max()
+
+
+def test_output_parity_block_by_block_matches_the_whole_array(monkeypatch):
+    import deepspot.runtime.parity as parity
+
+    rng = np.random.default_rng(5)
+    want = rng.normal(size=(103, 7)).astype(np.float32)
+    got = (want + rng.normal(scale=1e-6, size=want.shape)).astype(np.float32)
+    tol = TOLERANCES["fp32"]
+    whole = output_parity("y", got, want, tol)
+    monkeypatch.setattr(parity, "COMPARE_CHUNK_BYTES", 7 * 8 * 2 * 10)  # blocks of 10 rows, the last one short
+    blocks = output_parity("y", got, want, tol)
+    max_abs, mean_abs, max_rel, ref_max = _unchunked(got, want, tol)
+    for r in (whole, blocks):
+        assert r.max_abs == pytest.approx(max_abs) and r.mean_abs == pytest.approx(mean_abs)
+        assert r.max_rel == pytest.approx(max_rel) and r.reference_max_abs == pytest.approx(ref_max)
+        for j in range(7):
+            assert pearson_per_column(got, want)[j] == pytest.approx(np.corrcoef(got[:, j], want[:, j])[0, 1])
+    assert blocks.min_pearson == pytest.approx(whole.min_pearson) and blocks.worst_gene == whole.worst_gene
+    bad = got.copy()
+    bad[57, 3] = np.nan  # in a later block: still never passes
+    assert np.isnan(output_parity("y", bad, want, tol).max_abs) and not output_parity("y", bad, want, tol).passed
+
+
+def test_parity_against_stored_outputs_makes_no_whole_float64_copy(tmp_path, monkeypatch):
+    """A slide's predictions (500,000 x 5,000 float32 is 10 GB) are compared block by block from memory maps: the
+    comparison allocates a few blocks, never a float64 copy of an operand (which took 10x the outputs' size)."""
+    import tracemalloc
+
+    import deepspot.runtime.parity as parity
+
+    n, g = 4000, 500  # 8 MB of float32 per operand, 16 MB as float64
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "want.npy", rng.normal(size=(n, g)).astype(np.float32))
+    np.save(tmp_path / "got.npy", np.load(tmp_path / "want.npy") + np.float32(1e-6))
+    monkeypatch.setattr(parity, "COMPARE_CHUNK_BYTES", 256 << 10)
+    tracemalloc.start()
+    try:
+        want = parity.load_expected(tmp_path / "want.npy")  # memory-mapped, checked for NaN block by block
+        got = np.load(tmp_path / "got.npy", mmap_mode="r")
+        report = output_parity("y", got, want, TOLERANCES["fp32"])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(want, np.memmap) and report.passed
+    assert peak < n * g * 4 / 2, f"the comparison allocated {peak / 2**20:.1f} MiB for 8 MB operands"
