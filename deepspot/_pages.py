@@ -1,4 +1,5 @@
-"""Give back the pages of a memory-mapped array once a range of rows has been read or written.
+"""Large arrays a block of rows at a time: the blocks (:func:`row_blocks`), and giving back the pages of a
+memory-mapped array once a range of rows has been read or written (:func:`release_rows`).
 
 Pages of a file mapping that a process has touched count in its resident set until the kernel needs the memory, so
 streaming through a 10 GB bundle would show a 10 GB resident set although only two batches are ever in use.
@@ -9,10 +10,19 @@ cache and, for the output's shared mapping, in the file), which keeps peak memor
 from __future__ import annotations
 
 import mmap
+from collections.abc import Iterator
 
 import numpy as np
 
 _PAGE = mmap.PAGESIZE
+
+
+def row_blocks(n: int, row_bytes: int, block_bytes: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` ranges covering ``range(n)`` in order, each about ``block_bytes`` of rows of ``row_bytes``
+    (at least one row): how a slide-sized array is read, cast, checked or compared without a whole-size temporary."""
+    step = max(1, block_bytes // max(1, row_bytes))
+    for start in range(0, n, step):
+        yield start, min(start + step, n)
 
 
 def _mapping(a: np.ndarray) -> tuple[mmap.mmap, int] | None:

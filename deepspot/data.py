@@ -16,12 +16,13 @@ import math
 import shutil
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ._pages import row_blocks
 from .checks import at_least, check_memory
 from .errors import DeepSpotError, InputError, UnusedInputWarning
 from .fileio import OBJECT_ARRAY_HINT, atomic_path, is_short_write, numpy_error, short_write, temporary_folder
@@ -259,23 +260,42 @@ def cast_features(arrays: Mapping[str, np.ndarray], dtype: str = "fp32") -> dict
     Raises:
         InputError: An unknown dtype, or a feature beyond float16's range (it would become inf).
     """
-    if dtype not in FEATURE_DTYPES:
-        raise InputError(f"unknown feature dtype {dtype!r}; expected one of: {', '.join(FEATURE_DTYPES)}")
+    target = feature_dtype(dtype)
     out = dict(arrays)
     for key in FEATURE_KEYS:
-        if key in out and out[key].dtype != FEATURE_DTYPES[dtype]:
+        if key in out and out[key].dtype != target:
             a = np.asarray(out[key])
-            cast = np.empty(a.shape, dtype=FEATURE_DTYPES[dtype])
+            cast = np.empty(a.shape, dtype=target)
             # A block of rows at a time: the range check makes no full-size |a| beside the two arrays.
-            for start, stop in _synth_blocks(a.shape[0] if a.ndim else 1, math.prod(a.shape[1:])):
-                block = a[start:stop] if a.ndim else a
-                if dtype == "fp16" and block.size and np.abs(block).max() > np.finfo(np.float16).max:
-                    raise InputError(
-                        f"{key!r} holds values beyond float16's range ({np.finfo(np.float16).max:g}); keep fp32"
-                    )
-                cast[start:stop] = block
+            if a.ndim == 0:
+                cast[...] = check_fp16_range(a, target, repr(key))
+            for start, stop in row_blocks(len(a) if a.ndim else 0, a[:1].nbytes if a.ndim else 0, SYNTH_BLOCK_BYTES):
+                cast[start:stop] = check_fp16_range(a[start:stop], target, repr(key))
             out[key] = cast
     return out
+
+
+def feature_dtype(dtype: str) -> np.dtype:
+    """The NumPy dtype of a features dtype name (``fp32``, ``fp16``).
+
+    Raises:
+        InputError: Another name.
+    """
+    if dtype not in FEATURE_DTYPES:
+        raise InputError(f"unknown feature dtype {dtype!r}; expected one of: {', '.join(FEATURE_DTYPES)}")
+    return np.dtype(FEATURE_DTYPES[dtype])
+
+
+def check_fp16_range(block: np.ndarray, target: np.dtype, what: str) -> np.ndarray:
+    """``block``, once checked to fit ``target``: a value beyond float16's range would become inf in an fp16 array.
+
+    Raises:
+        InputError: ``what`` holds such a value.
+    """
+    limit = np.finfo(np.float16).max
+    if target == np.float16 and block.size and np.abs(block).max() > limit:
+        raise InputError(f"{what} holds values beyond float16's range ({limit:g}); keep fp32")
+    return block
 
 
 #: Suffixes that name files of other kinds: a bundle "x.h5ad" or "x.npy" would be a folder of that name, surely a slip.
@@ -390,7 +410,7 @@ def synth_bundle(
         arrays["neighbors"] = _normal_f32(rng, (n, k, input_size))
     # The targets block by block too (the noise is drawn last, as before): float64 only for a block of rows.
     target = arrays["target"] = np.empty((n, genes), dtype=np.float32)
-    for start, stop in _synth_blocks(n, max(genes, input_size * max(n_subspots, k))):
+    for start, stop in row_blocks(n, 8 * max(genes, input_size * max(n_subspots, k)), SYNTH_BLOCK_BYTES):
         signal = np.tanh(2.0 * x[start:stop] @ w_own)
         if "subspot" in arrays:
             signal += 0.5 * np.maximum(arrays["subspot"][start:stop].mean(axis=1) @ w_ctx, 0)
@@ -402,20 +422,14 @@ def synth_bundle(
     return arrays
 
 
-#: float64 bytes :func:`synth_bundle` draws at a time.
+#: Bytes :func:`synth_bundle` draws (in float64) and :func:`cast_features` casts at a time.
 SYNTH_BLOCK_BYTES = 32 << 20
-
-
-def _synth_blocks(n: int, row_elements: int) -> Iterator[tuple[int, int]]:
-    step = max(1, SYNTH_BLOCK_BYTES // (8 * max(1, row_elements)))
-    for start in range(0, n, step):
-        yield start, min(start + step, n)
 
 
 def _normal_f32(rng: np.random.Generator, shape: tuple[int, ...], add: np.ndarray | None = None) -> np.ndarray:
     """``(add + rng.standard_normal(shape)).astype(float32)``, drawn a block of rows at a time (same values)."""
     out = np.empty(shape, dtype=np.float32)
-    for start, stop in _synth_blocks(shape[0], math.prod(shape[1:])):
+    for start, stop in row_blocks(shape[0], 8 * math.prod(shape[1:]), SYNTH_BLOCK_BYTES):
         block = rng.standard_normal((stop - start, *shape[1:]))
         out[start:stop] = block if add is None else add[start:stop] + block
     return out

@@ -396,28 +396,23 @@ H5_BLOCK_BYTES = 32 << 20
 def _read_rows(dataset, rows: np.ndarray, dtype: str, path: Path) -> np.ndarray:
     """``dataset[rows]`` as a ``dtype`` array, reading ``H5_BLOCK_BYTES`` of the dataset at a time: each block's
     wanted rows go straight to their places (each tile belongs to one item at most, as checked)."""
-    from .data import FEATURE_DTYPES
+    from ._pages import row_blocks
+    from .data import check_fp16_range, feature_dtype
 
-    if dtype not in FEATURE_DTYPES:
-        raise InputError(f"unknown feature dtype {dtype!r}; expected one of: {', '.join(FEATURE_DTYPES)}")
+    target = feature_dtype(dtype)
     if dataset.dtype.kind not in "fiu":
         raise InputError(f"{path}: features must be numbers, got {dataset.dtype}")
     t, d = dataset.shape
-    out = np.empty((len(rows), d), dtype=FEATURE_DTYPES[dtype])
+    out = np.empty((len(rows), d), dtype=target)
     item_of = np.full(t, -1, dtype=np.int64)
     item_of[rows] = np.arange(len(rows))
     wanted = np.flatnonzero(item_of >= 0)
-    step = max(1, H5_BLOCK_BYTES // max(1, d * max(4, dataset.dtype.itemsize)))
-    fp16_max = np.finfo(np.float16).max
-    for start in range(0, t, step):
-        stop = min(start + step, t)
+    for start, stop in row_blocks(t, d * max(4, dataset.dtype.itemsize), H5_BLOCK_BYTES):
         lo, hi = np.searchsorted(wanted, [start, stop])
         if lo == hi:
             continue  # no item's tile in this block: not read
         block = np.asarray(dataset[start:stop], dtype=np.float32)[wanted[lo:hi] - start]
-        if dtype == "fp16" and block.size and np.abs(block).max() > fp16_max:
-            raise InputError(f"{path}: the features hold values beyond float16's range ({fp16_max:g}); keep fp32")
-        out[item_of[wanted[lo:hi]]] = block
+        out[item_of[wanted[lo:hi]]] = check_fp16_range(block, target, f"{path}: 'features'")
     return out
 
 

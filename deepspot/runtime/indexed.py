@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .._pages import release_rows
 from ..checks import available_memory
 from ..data import MAX_BAG
 from ..errors import CheckpointError, ConfigError, InputError
@@ -539,8 +540,6 @@ def dense_from_index(arrays: Mapping[str, np.ndarray], mode) -> tuple[dict[str, 
     done = [0]
 
     def gather(start: int, stop: int, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .._pages import release_rows
-
         idx = feed.pop("neighbor_index")
         done[0] += 1
         if done[0] % RELEASE_EVERY == 0:  # neighbours lie anywhere: give back every page gathered so far, now and then

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .._pages import release_rows, row_blocks
 from ..checks import at_least, check_memory, finite_at_least
 from ..errors import ConfigError, InputError
 from ..fileio import atomic_path, numpy_error
@@ -152,9 +153,7 @@ COMPARE_CHUNK_BYTES = 16 << 20
 
 def _row_blocks(a: np.ndarray, chunk_bytes: int | None = None) -> Iterator[tuple[int, int]]:
     # float64 blocks: twice the bytes of float32 rows
-    step = max(1, (chunk_bytes or COMPARE_CHUNK_BYTES) // max(1, a[:1].nbytes * 2))
-    for start in range(0, a.shape[0], step):
-        yield start, min(start + step, a.shape[0])
+    return row_blocks(a.shape[0], 2 * a[:1].nbytes, chunk_bytes or COMPARE_CHUNK_BYTES)
 
 
 def _block(a: np.ndarray, start: int, stop: int) -> np.ndarray:
@@ -162,8 +161,6 @@ def _block(a: np.ndarray, start: int, stop: int) -> np.ndarray:
 
 
 def _release(start: int, stop: int, *arrays: np.ndarray) -> None:
-    from .._pages import release_rows
-
     for a in arrays:
         release_rows(a, start, stop)  # a memory-mapped operand's pages, once compared
 

@@ -28,7 +28,7 @@ from rich.text import Text
 from ..data import MAX_BAG, check_bag_size
 from ..errors import ConfigError, DeepSpotError, InputError
 from ._copy import copy_rows, default_copy_threads, first_nonfinite
-from .._pages import release_rows
+from .._pages import release_rows, row_blocks
 from .base import OUTPUT_NAME, ModelInfo, Runner
 
 CHECK_CHUNK_BYTES = 64 << 20  # finiteness is checked this many bytes at a time, whatever the bundle's size
@@ -118,17 +118,15 @@ def first_nonfinite_row(a: np.ndarray, chunk_bytes: int = CHECK_CHUNK_BYTES, tar
     Values of a wider type than ``target`` (the graph's input type) count as infinite where the cast to it would
     make them inf (float64 beyond float32's range; float32 beyond float16's).
     """
-    row_bytes = max(1, a[:1].nbytes)
-    step = max(1, chunk_bytes // row_bytes)
     target = np.dtype(target)
     narrowing = a.dtype.kind == "f" and a.dtype.itemsize > target.itemsize
-    for start in range(0, a.shape[0], step):
-        chunk = a[start : start + step]
+    for start, stop in row_blocks(a.shape[0], a[:1].nbytes, chunk_bytes):
+        chunk = a[start:stop]
         if narrowing:
             with np.errstate(over="ignore", invalid="ignore"):
                 chunk = chunk.astype(target)  # exactly what the cast does, rounding at the edge included
         row = first_nonfinite(chunk)
-        release_rows(a, start, start + step)
+        release_rows(a, start, stop)
         if row is not None:
             return start + row
     return None
