@@ -333,7 +333,8 @@ def load_runner(
         raise ConfigError(
             f"backend {requested!r} runs {what}; {model} is {'an ONNX file' if kind == 'onnx' else 'a checkpoint'}"
         )
-    _check_gpu_options(options, requested)  # the backend asked for counts, as it does for --device
+    # The backend asked for counts, as it does for --device; a fallback leaves out what its backend cannot take.
+    check_gpu_options(options, requested)
     selection = select_backend(requested, allow_fallback, probe, kind)
     if selection.fell_back:
         options = _without_gpu_options(options, selection.backend)
@@ -363,7 +364,6 @@ def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
 
         device = f"cuda:{o.device}" if name == "torch-cuda" else "cpu"
         precision = o.precision or "fp32"
-        _check_gpu_options(o, name)
         return TorchRunner(model, device=device, precision=precision, compile=o.compile, graph=o.torch_graph,
                            tf32=o.tf32, io=o.io or "fp32")  # fmt: skip
     if kind == "plan":
@@ -372,7 +372,6 @@ def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
         runner = TrtRunner(model, device_id=o.device)
         _check_io(o.io, runner.get_input_metadata(), model)
         return runner
-    _check_gpu_options(o, name)
     info, inputs = read_onnx(model)
     _check_io(o.io, inputs, model)
     precision = onnx_precision(model, info, o.precision, name)
@@ -427,7 +426,7 @@ def _without_gpu_options(o: RunnerOptions, backend: str) -> RunnerOptions:
     return replace(o, tf32=o.tf32 and not dropped["--tf32"], cuda_graph=o.cuda_graph and not dropped["--cuda-graph"])
 
 
-def _check_gpu_options(o: RunnerOptions, backend: str) -> None:
+def check_gpu_options(o: RunnerOptions, backend: str) -> None:
     """Refuse GPU options a backend would ignore."""
     if o.tf32 and backend in ("torch", "ort-cpu"):
         raise ConfigError(f"tf32 is a math mode of NVIDIA GPUs; the {backend} backend runs on the CPU")

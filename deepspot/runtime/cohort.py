@@ -422,7 +422,7 @@ def check_setup(model: Any, backend: str | None, devices: Sequence[str] | None,
         BackendUnavailableError: The backend cannot run on this machine.
     """
     from .artifacts import artifact_kind
-    from .backends import DEFAULT_BACKEND, RunnerOptions, _check_gpu_options, get_backend, select_backend
+    from .backends import DEFAULT_BACKEND, RunnerOptions, check_gpu_options, get_backend, select_backend
     from .indexed import is_indexed_folder
     from .infer import check_backend_options, check_layout_options
 
@@ -433,7 +433,7 @@ def check_setup(model: Any, backend: str | None, devices: Sequence[str] | None,
         check_backend_options(model, name, table_dtype=settings.table_dtype)
         options = RunnerOptions(precision=settings.precision, threads=settings.threads, tf32=settings.tf32,
                                 cuda_graph=settings.cuda_graph)  # fmt: skip
-        _check_gpu_options(options, name)
+        check_gpu_options(options, name)
         if settings.precision is not None and kind == "onnx" and name in ("ort-cpu", "ort-cuda"):
             _check_graph_precision(model, settings.precision, name)
     on_gpu = get_backend(name).device == "cuda"
