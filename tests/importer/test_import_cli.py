@@ -16,14 +16,10 @@ from deepspot.cli import app
 from deepspot.data import load_bundle
 from deepspot.reference import safe_torch_load
 
+from _cli import error_line
+
 runner = CliRunner()
 NAMES = ("spot_subspot_neighbors", "cell_neighbors_max")
-
-
-def _error_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 def test_help_lists_the_options():
@@ -57,7 +53,7 @@ def test_import_state_dict_with_hparams(reference_dir, tmp_path, ref):
     out = tmp_path / "m.safetensors"
     # No YAML beside the weights: a clear error, nothing written.
     result = runner.invoke(app, ["import", str(weights), "-o", str(out)])
-    assert result.exit_code == 2 and "holds no hyperparameters" in _error_line(result) and not out.exists()
+    assert result.exit_code == 2 and "holds no hyperparameters" in error_line(result) and not out.exists()
     genes = tmp_path / "genes.txt"
     genes.write_text("\n".join(f"G{i}" for i in range(6)) + "\n")
     args = ["import", str(weights), "--hparams", str(reference_dir / "cell_neighbors_max.yaml"), "--genes", str(genes)]
@@ -83,7 +79,7 @@ def test_import_bad_input_exits_2_and_writes_nothing(reference_dir, tmp_path):
     evil = tmp_path / "final_model.pkl"
     evil.write_bytes(pickle.dumps(_Shell(marker), protocol=2))
     result = runner.invoke(app, ["import", str(evil), "-o", str(out)])
-    line = _error_line(result)
+    line = error_line(result)
     assert result.exit_code == 2 and "refused to load global" in line and "final_model.pkl" in line
     assert not marker.exists() and not out.exists()
 
@@ -92,11 +88,11 @@ def test_import_bad_input_exits_2_and_writes_nothing(reference_dir, tmp_path):
     hparams = (reference_dir / "spot_subspot_neighbors.yaml").read_text()
     yaml_path.write_text(hparams.replace("input_size: 24", "input_size: 7"))
     result = runner.invoke(app, ["import", str(pkl), "--hparams", str(yaml_path), "-o", str(out)])
-    line = _error_line(result)
+    line = error_line(result)
     assert result.exit_code == 2 and "spot_subspot_neighbors.pkl" in line and "has shape" in line and not out.exists()
 
     result = runner.invoke(app, ["import", str(pkl), "-o", str(tmp_path / "m.pt")])
-    assert result.exit_code == 2 and "must end in .safetensors" in _error_line(result)
+    assert result.exit_code == 2 and "must end in .safetensors" in error_line(result)
     assert set(tmp_path.iterdir()) == {evil, yaml_path}
 
 
@@ -147,16 +143,16 @@ def test_bundle_bad_input_exits_2_and_writes_nothing(tmp_path):
     out = tmp_path / "out.npz"
     (folder / f"{barcodes[4]}.npy").unlink()
     result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(csv), "-o", str(out)])
-    assert result.exit_code == 2 and f"'{barcodes[4]}'" in _error_line(result) and not out.exists()
+    assert result.exit_code == 2 and f"'{barcodes[4]}'" in error_line(result) and not out.exists()
     np.save(folder / f"{barcodes[4]}.npy", np.zeros((4, 6), np.float32))
     result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(csv), "-o", str(out)])
-    assert result.exit_code == 2 and f"{barcodes[4]}.npy" in _error_line(result) and not out.exists()
+    assert result.exit_code == 2 and f"{barcodes[4]}.npy" in error_line(result) and not out.exists()
     shutil.rmtree(folder)
     result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(csv), "-o", str(out)])
-    assert result.exit_code == 2 and "no such features folder" in _error_line(result) and not out.exists()
+    assert result.exit_code == 2 and "no such features folder" in error_line(result) and not out.exists()
     result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(csv), "-o", str(out),
                                  "--family", "tile"])  # fmt: skip
-    assert result.exit_code == 2 and "unknown family" in _error_line(result)
+    assert result.exit_code == 2 and "unknown family" in error_line(result)
 
 
 def test_files_that_are_not_reference_files(tmp_path):
@@ -167,5 +163,5 @@ def test_files_that_are_not_reference_files(tmp_path):
     for source, message in ((ckpt, "is not a reference file"), (tmp_path / "noise.pkl", "not a readable torch file")):
         out = tmp_path / "out.safetensors"
         result = runner.invoke(app, ["import", str(source), "-o", str(out)])
-        assert result.exit_code == 2 and message in _error_line(result)
+        assert result.exit_code == 2 and message in error_line(result)
         assert "Traceback" not in result.output and not out.exists()

@@ -13,20 +13,13 @@ from deepspot import checkpoint
 from deepspot.data import save_bundle
 from deepspot.cli import app
 
+from _cli import error_line
+
 cli = CliRunner()
 
 
 def run(*args: str):
     return cli.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_infer_writes_predictions(artifacts, eager, tmp_path):
@@ -44,24 +37,24 @@ def test_infer_writes_predictions(artifacts, eager, tmp_path):
 
 def test_infer_mistakes_exit_2_with_one_line(artifacts, tmp_path):
     a = artifacts()
-    one_line_error(run("infer", a.onnx, "-i", tmp_path / "nope.npz", "-o", tmp_path / "p.npy"), "no such bundle")
-    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.csv"), "unknown output type")
-    one_line_error(
+    error_line(run("infer", a.onnx, "-i", tmp_path / "nope.npz", "-o", tmp_path / "p.npy"), "no such bundle")
+    error_line(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.csv"), "unknown output type")
+    error_line(
         run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "gpu"), "unknown backend"
     )
-    one_line_error(run("infer", tmp_path / "missing.onnx", "-i", a.bundle, "-o", tmp_path / "p.npy"), "missing.onnx")
-    one_line_error(
+    error_line(run("infer", tmp_path / "missing.onnx", "-i", a.bundle, "-o", tmp_path / "p.npy"), "missing.onnx")
+    error_line(
         run("infer", a.onnx, "-i", artifacts("cell", "neighbors").bundle, "-o", tmp_path / "p.npy"), "spot model"
     )
     if importlib.util.find_spec("tensorrt") is None:
-        one_line_error(
+        error_line(
             run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "tensorrt"),
             "pip install 'deepspot[tensorrt]'",
         )
-    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--tf32"),
+    error_line(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--tf32"),
                    "tf32 is a math mode of NVIDIA GPUs; the ort-cpu backend runs on the CPU")  # fmt: skip
-    one_line_error(run("parity", a.checkpoint, a.onnx, "--random", 8, "--tf32"), "tf32 is a math mode")
-    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--cuda-graph"),
+    error_line(run("parity", a.checkpoint, a.onnx, "--random", 8, "--tf32"), "tf32 is a math mode")
+    error_line(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--cuda-graph"),
                    "CUDA graphs are replayed by the onnxruntime GPU backends")  # fmt: skip
     assert not (tmp_path / "p.npy").exists()
 
@@ -69,9 +62,9 @@ def test_infer_mistakes_exit_2_with_one_line(artifacts, tmp_path):
 def test_infer_refuses_a_gpu_index_on_a_cpu_backend_and_runs_what_torch_takes(artifacts, tmp_path):
     a = artifacts()
     out = tmp_path / "p.npy"
-    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--device", "1"),
+    error_line(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--device", "1"),
                    "--device 1 names a GPU, but backend 'ort-cpu' runs on the CPU")  # fmt: skip
-    one_line_error(run("infer", a.checkpoint, "-i", a.bundle, "-o", out, "--device", "1"),
+    error_line(run("infer", a.checkpoint, "-i", a.bundle, "-o", out, "--device", "1"),
                    "backend 'torch' runs on the CPU")  # fmt: skip
     assert not out.exists()
     # what the torch backends take still runs
@@ -83,11 +76,11 @@ def test_an_unknown_table_option_is_refused_on_a_dense_run_too(artifacts, tmp_pa
     # the table options only matter in the indexed layout, but a typo must not pass because the run is dense
     a = artifacts()
     out = tmp_path / "p.npy"
-    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--table", "bogus"),
+    error_line(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--table", "bogus"),
                    "unknown table location 'bogus'; expected one of: auto, memory, mmap, device")  # fmt: skip
-    one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--table-dtype", "fp8"),
+    error_line(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--table-dtype", "fp8"),
                    "unknown table dtype 'fp8'; expected one of: fp32, fp16")  # fmt: skip
-    one_line_error(run("infer", a.onnx, "-i", a.bundle, a.bundle, "--output-dir", tmp_path / "c", "--table", "x"),
+    error_line(run("infer", a.onnx, "-i", a.bundle, a.bundle, "--output-dir", tmp_path / "c", "--table", "x"),
                    "unknown table location 'x'")  # fmt: skip
     assert not out.exists() and not (tmp_path / "c").exists()
 
@@ -98,7 +91,7 @@ def test_unavailable_gpu_backend_exits_2_or_falls_back_with_a_warning(artifacts,
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine has the CUDA provider")
     a = artifacts()
-    one_line_error(
+    error_line(
         run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--backend", "ort-cuda"),
         "pip install 'deepspot[gpu]'",
         "--allow-fallback",
@@ -146,10 +139,10 @@ def test_parity_failure_exits_1(artifacts, make_model, tmp_path):
     assert result.exit_code == 1 and "FAIL" in result.output
     assert json.loads((tmp_path / "parity.json").read_text())["passed"] is False
     assert run("parity", a.checkpoint, a.onnx, "--atol", 0, "--rtol", 0).exit_code == 1
-    one_line_error(
+    error_line(
         run("parity", a.checkpoint, a.onnx, "--input", a.bundle, "--random", 5), "either --input or --random"
     )
-    one_line_error(run("parity", artifacts("cell", "neighbors").checkpoint, a.onnx), "cell/neighbors")
+    error_line(run("parity", artifacts("cell", "neighbors").checkpoint, a.onnx), "cell/neighbors")
 
 
 def test_bench_quick_with_json(tmp_path):
@@ -172,15 +165,15 @@ def test_bench_quick_with_json(tmp_path):
     report = json.loads((tmp_path / "bench.json").read_text())
     assert [r["backend"] for r in report["results"]] == ["torch", "ort-cpu"]
     assert all(r["ratio_to_torch"] > 0 for r in report["results"])
-    one_line_error(run("bench", "--workload", "xenium-slide", "--items", 1), "needs at least 2 items")
-    one_line_error(run("bench", "--backends", "torch,nope", "--quick"), "unknown backend 'nope'")
+    error_line(run("bench", "--workload", "xenium-slide", "--items", 1), "needs at least 2 items")
+    error_line(run("bench", "--backends", "torch,nope", "--quick"), "unknown backend 'nope'")
 
 
 def test_engine_build_without_tensorrt_exits_2_with_the_install_hint(artifacts, tmp_path):
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is installed here")
     result = run("engine", "build", artifacts().onnx, "-o", tmp_path / "m.plan", "--fp16", "--max-batch", 512)
-    one_line_error(result, "pip install 'deepspot[tensorrt]'")
+    error_line(result, "pip install 'deepspot[tensorrt]'")
     assert not (tmp_path / "m.plan").exists()
 
 
@@ -201,7 +194,7 @@ def test_engine_info_reads_the_header_without_tensorrt(tmp_path):
     assert result.exit_code == 0
     info = json.loads(result.output)
     assert info["gpu"] == "NVIDIA H200" and info["model"] == {"family": "spot", "mode": "neighbors"}
-    one_line_error(run("engine", "info", tmp_path / "none.plan"), "no such engine file")
+    error_line(run("engine", "info", tmp_path / "none.plan"), "no such engine file")
 
 
 @pytest.mark.slow
@@ -240,8 +233,8 @@ def test_report_into_a_missing_folder_fails_before_the_work(artifacts, tmp_path,
         result = run("parity", a.checkpoint, a.onnx, "--report", target)
     else:
         result = run("bench", "--quick", "--json", target)
-    one_line_error(result, "missing", "does not exist")
-    one_line_error(run(command, *(["--quick"] if command == "bench" else [a.checkpoint, a.onnx]),
+    error_line(result, "missing", "does not exist")
+    error_line(run(command, *(["--quick"] if command == "bench" else [a.checkpoint, a.onnx]),
                        "--json" if command == "bench" else "--report", tmp_path), "is a directory")  # fmt: skip
 
 
@@ -261,7 +254,7 @@ def test_a_bundle_array_the_model_does_not_take_is_named_in_a_warning(artifacts,
 @pytest.mark.parametrize("seed", [-3, 2**32])
 def test_quickstart_refuses_a_seed_out_of_range_before_any_work(tmp_path, seed):
     result = run("quickstart", "--workdir", tmp_path / "qs", "--seed", seed)
-    one_line_error(result, f"--seed must lie in 0..4294967295, got {seed}")
+    error_line(result, f"--seed must lie in 0..4294967295, got {seed}")
     assert not (tmp_path / "qs").exists()
 
 
@@ -281,7 +274,7 @@ def test_quickstart_refuses_a_seed_out_of_range_before_any_work(tmp_path, seed):
 def test_parity_refuses_options_it_cannot_use_before_any_work(artifacts, tmp_path, args, message):
     a = artifacts()
     report = tmp_path / "parity.json"
-    one_line_error(run("parity", a.checkpoint, a.onnx, *args, "--report", report), message)
+    error_line(run("parity", a.checkpoint, a.onnx, *args, "--report", report), message)
     assert not report.exists()
 
 
@@ -289,9 +282,9 @@ def test_parity_on_a_bundle_without_items_exits_2(artifacts, tmp_path):
     a = artifacts()
     empty = {k: v if k == "genes" else v[:0] for k, v in a.arrays.items()}
     bundle = save_bundle(tmp_path / "empty.npz", empty)
-    one_line_error(run("parity", a.checkpoint, a.onnx, "-i", bundle), "empty.npz: has no items")
+    error_line(run("parity", a.checkpoint, a.onnx, "-i", bundle), "empty.npz: has no items")
     np.save(tmp_path / "expected.npy", np.zeros((0, a.arrays["target"].shape[1]), np.float32))
-    one_line_error(run("parity", a.onnx, "--expected", tmp_path / "expected.npy", "-i", bundle),
+    error_line(run("parity", a.onnx, "--expected", tmp_path / "expected.npy", "-i", bundle),
                    "expected.npy: has no items")  # fmt: skip
 
 
@@ -315,12 +308,12 @@ def test_infer_refuses_counts_below_1_and_more_threads_than_cpus(artifacts, tmp_
         (["--threads", 0], f"--threads must lie in 1..{cpus}"),
         (["--threads", -1], f"--threads must lie in 1..{cpus}"),
     ]:
-        one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", out, *args), message)
+        error_line(run("infer", a.onnx, "-i", a.bundle, "-o", out, *args), message)
         assert not out.exists()
     # A cohort refuses them before any slide runs, not once per slide.
     cohort = tmp_path / "cohort"
     for args in (["--threads", _too_many_threads()], ["--batch-size", 0], ["--max-bag", 0]):
-        one_line_error(run("infer", a.onnx, "-i", a.bundle, a.bundle, "--output-dir", cohort, *args), args[0])
+        error_line(run("infer", a.onnx, "-i", a.bundle, a.bundle, "--output-dir", cohort, *args), args[0])
     assert not cohort.exists()
 
 
@@ -335,7 +328,7 @@ def test_bench_refuses_counts_below_1_and_more_threads_than_cpus(tmp_path):
         (["--quick", "--threads", 0], "--threads must lie in 1.."),
         (["--workload", "xenium-slide", "--quick", "--items", 0], "needs at least 2 items, got 0"),
     ]:
-        one_line_error(run("bench", *args, "--json", report), message)
+        error_line(run("bench", *args, "--json", report), message)
         assert not report.exists()
 
 
@@ -365,15 +358,15 @@ def test_the_folder_train_writes_given_for_a_model_names_the_checkpoint_in_it(ar
     run_dir.mkdir()
     shutil.copyfile(a.checkpoint, run_dir / "model.safetensors")
     hint = f"run: not a model file; it is the folder `deepspot train` writes: pass {run_dir / 'model.safetensors'}"
-    one_line_error(run("infer", run_dir, "-i", a.bundle, "-o", tmp_path / "p.npy"), hint)
-    one_line_error(run("bench", "--model", run_dir, "--quick"), hint)
+    error_line(run("infer", run_dir, "-i", a.bundle, "-o", tmp_path / "p.npy"), hint)
+    error_line(run("bench", "--model", run_dir, "--quick"), hint)
     parity = run("parity", run_dir, a.onnx, "--random", 4)
-    one_line_error(parity, f"run: no such checkpoint file; it is the folder `deepspot train` writes: pass {run_dir}/")
+    error_line(parity, f"run: no such checkpoint file; it is the folder `deepspot train` writes: pass {run_dir}/")
     empty = tmp_path / "empty"
     empty.mkdir()
-    one_line_error(run("infer", empty, "-i", a.bundle, "-o", tmp_path / "p.npy"), "empty: a folder, not a model file")
+    error_line(run("infer", empty, "-i", a.bundle, "-o", tmp_path / "p.npy"), "empty: a folder, not a model file")
     (empty / "encoder.onnx").write_bytes(b"")  # an indexed export's folder that lost its head graph
-    one_line_error(run("infer", empty, "-i", a.bundle, "-o", tmp_path / "p.npy"),
+    error_line(run("infer", empty, "-i", a.bundle, "-o", tmp_path / "p.npy"),
                    "empty: an indexed export's folder without head.onnx")  # fmt: skip
     assert not (tmp_path / "p.npy").exists()
 
@@ -390,10 +383,10 @@ def test_infer_refuses_unknown_option_values_whichever_layout_runs(artifacts, tm
         (["--precision", "FP32"], "unknown precision 'FP32' (--precision); expected one of: fp32, fp16, bf16"),
         (["--precision", "fp8"], "unknown precision 'fp8'"),
     ]:
-        one_line_error(run("infer", a.onnx, "-i", a.bundle, "-o", out, *args), message)
+        error_line(run("infer", a.onnx, "-i", a.bundle, "-o", out, *args), message)
         assert not out.exists()
-    one_line_error(run("infer", a.checkpoint, "-i", a.bundle, "-o", out, "--precision", "half"), "unknown precision")
-    one_line_error(run("parity", a.checkpoint, a.onnx, "--random", 4, "--device", -2), "--device must be at least 0")
+    error_line(run("infer", a.checkpoint, "-i", a.bundle, "-o", out, "--precision", "half"), "unknown precision")
+    error_line(run("parity", a.checkpoint, a.onnx, "--random", 4, "--device", -2), "--device must be at least 0")
     assert not out.exists()
 
 
@@ -408,13 +401,13 @@ def test_infer_refuses_unknown_option_values_whichever_layout_runs(artifacts, tm
 def test_infer_refuses_options_the_backend_would_pass_over(artifacts, tmp_path, model, args, message):
     a = artifacts()
     out = tmp_path / "p.npy"
-    one_line_error(run("infer", getattr(a, model), "-i", a.bundle, "-o", out, *args), message)
+    error_line(run("infer", getattr(a, model), "-i", a.bundle, "-o", out, *args), message)
     assert not out.exists()
 
 
 def test_parity_refuses_a_torch_graph_for_an_onnx_backend(artifacts):
     a = artifacts()
-    one_line_error(run("parity", a.checkpoint, a.onnx, "--random", 4, "--torch-graph", "export"),
+    error_line(run("parity", a.checkpoint, a.onnx, "--random", 4, "--torch-graph", "export"),
                    "--torch-graph applies to the torch backends")  # fmt: skip
     assert run("parity", a.checkpoint, a.checkpoint, "--random", 4, "--torch-graph", "export").exit_code == 0
 
@@ -422,9 +415,9 @@ def test_parity_refuses_a_torch_graph_for_an_onnx_backend(artifacts):
 def test_parity_refuses_a_gpu_index_on_a_cpu_backend(artifacts, tmp_path):
     # infer refused it, parity ran on the CPU and reported a pass for a GPU it never used
     a = artifacts()
-    one_line_error(run("parity", a.checkpoint, a.onnx, "--random", 4, "--device", 1),
+    error_line(run("parity", a.checkpoint, a.onnx, "--random", 4, "--device", 1),
                    "--device 1 names a GPU, but backend 'ort-cpu' runs on the CPU")  # fmt: skip
     expected = tmp_path / "pred.npy"
     np.save(expected, np.zeros((3, 3), np.float32))
-    one_line_error(run("parity", a.onnx, "--expected", expected, "-i", a.bundle, "--device", 1),
+    error_line(run("parity", a.onnx, "--expected", expected, "-i", a.bundle, "--device", 1),
                    "--device 1 names a GPU, but backend 'ort-cpu' runs on the CPU")  # fmt: skip

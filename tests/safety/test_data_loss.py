@@ -24,21 +24,14 @@ import deepspot
 from deepspot.cli import app
 from deepspot.data import save_bundle, synth_bundle
 
+from _cli import error_line
+
 runner = CliRunner()
 D, G = 6, 3
 
 
 def run(*args) -> object:
     return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line(result, *needles: str) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -64,12 +57,12 @@ def bundle(tmp_path) -> Path:
 # -- an output that is an input, and --no-clobber --------------------------------------------------------------
 def test_an_output_that_is_an_input_is_refused(tmp_path, models, bundle):
     before = bundle.read_bytes()
-    one_line(run("infer", models["onnx"], "-i", bundle, "-o", bundle), "is an input of this run")
+    error_line(run("infer", models["onnx"], "-i", bundle, "-o", bundle), "is an input of this run")
     assert bundle.read_bytes() == before
     os.link(bundle, tmp_path / "alias.npz")  # the same file under another name
-    one_line(run("infer", models["onnx"], "-i", bundle, "-o", tmp_path / "alias.npz"), "is an input of this run")
+    error_line(run("infer", models["onnx"], "-i", bundle, "-o", tmp_path / "alias.npz"), "is an input of this run")
     folder = save_bundle(tmp_path / "folder", synth_bundle("cell", "neighbors", 10, D, G, n_neighbors=4))
-    one_line(run("infer", models["onnx"], "-i", folder, "-o", folder / "cell.npy"), "is an input of this run")
+    error_line(run("infer", models["onnx"], "-i", folder, "-o", folder / "cell.npy"), "is an input of this run")
     assert np.load(folder / "cell.npy").shape == (10, D)
     assert bundle.read_bytes() == before and leftovers(tmp_path) == []
 
@@ -82,21 +75,21 @@ def test_no_command_writes_over_its_own_inputs_or_a_file_of_another_kind(tmp_pat
     ckpt = Path(shutil.copy(models["ckpt"], tmp_path / "m.safetensors"))
     onnx_file = Path(shutil.copy(models["onnx"], tmp_path / "m.onnx"))
     kept = {path: path.read_bytes() for path in (ckpt, onnx_file, bundle)}
-    one_line(run("export", ckpt, "-o", ckpt), "must end in .onnx")
-    one_line(run("export", ckpt, "-o", tmp_path / "model"), "must end in .onnx")
+    error_line(run("export", ckpt, "-o", ckpt), "must end in .onnx")
+    error_line(run("export", ckpt, "-o", tmp_path / "model"), "must end in .onnx")
     os.link(onnx_file, tmp_path / "same.onnx")
-    one_line(run("export", tmp_path / "same.onnx", "-o", onnx_file), "is an input of this run")
-    one_line(run("parity", ckpt, onnx_file, "--random", "8", "--report", onnx_file), "--report writes a .json file")
+    error_line(run("export", tmp_path / "same.onnx", "-o", onnx_file), "is an input of this run")
+    error_line(run("parity", ckpt, onnx_file, "--random", "8", "--report", onnx_file), "--report writes a .json file")
     report = tmp_path / "r.json"
     os.link(bundle, report)
-    one_line(run("parity", ckpt, onnx_file, "-i", report, "--report", report), "is an input of this run")
-    one_line(run("bench", "--quick", "--json", ckpt), "--json writes a .json file")
+    error_line(run("parity", ckpt, onnx_file, "-i", report, "--report", report), "is an input of this run")
+    error_line(run("bench", "--quick", "--json", ckpt), "--json writes a .json file")
     for target in ("x.h5ad", "x.txt"):
         refused = run("synth", "--family", "cell", "--n", "10", tmp_path / target)
-        one_line(refused, "a bundle is a .npz file or a folder")
+        error_line(refused, "a bundle is a .npz file or a folder")
         assert not (tmp_path / target).exists()
     (tmp_path / "dir.npy").mkdir()
-    one_line(run("infer", onnx_file, "-i", bundle, "-o", tmp_path / "dir.npy"), "dir.npy: is a directory")
+    error_line(run("infer", onnx_file, "-i", bundle, "-o", tmp_path / "dir.npy"), "dir.npy: is a directory")
     assert {path: path.read_bytes() for path in kept} == kept and leftovers(tmp_path) == []
 
 
@@ -127,7 +120,7 @@ def test_no_clobber_on_every_command_that_writes(tmp_path, models, bundle, refer
         target = out / "model.safetensors" if name == "train" else out
         target.parent.mkdir(exist_ok=True)
         target.write_bytes(b"precious")
-        one_line(run(*args, out, "--no-clobber"), "already exists", "--no-clobber")
+        error_line(run(*args, out, "--no-clobber"), "already exists", "--no-clobber")
         assert target.read_bytes() == b"precious", name
         result = run(*args, out)  # the default: replaced, as the help says
         assert result.exit_code == 0, (name, result.output)
@@ -148,7 +141,7 @@ def test_not_enough_free_space_is_said_before_the_work(tmp_path, models, bundle,
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 100))
     out = tmp_path / f"p{suffix}"
-    one_line(run("infer", models["onnx"], "-i", bundle, "-o", out), "not enough free space", "MiB free")
+    error_line(run("infer", models["onnx"], "-i", bundle, "-o", out), "not enough free space", "MiB free")
     assert not out.exists() and leftovers(tmp_path) == []
 
 
@@ -167,7 +160,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, models, monkeypatc
     monkeypatch.setattr(os, "posix_fallocate", full)
     model = models["indexed"] if layout == "indexed" else models["onnx"]
     args = ["--table", "mmap"] if layout == "indexed" else []
-    one_line(run("infer", model, "-i", bundle, "-o", tmp_path / "p.npz", *args), "No space left on device")
+    error_line(run("infer", model, "-i", bundle, "-o", tmp_path / "p.npz", *args), "No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.npz"]
 
 
@@ -180,7 +173,7 @@ def test_a_npz_member_claiming_more_rows_than_it_stores(tmp_path, models):
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
         z.writestr("cell.npy", header.getvalue() + cells.tobytes())  # 8 rows claimed, 4 stored
         z.writestr("neighbors.npy", _npy(np.full((8, 4, D), 7.0, np.float32)))
-    one_line(run("infer", models["onnx"], "-i", path, "-o", tmp_path / "p.npy"),
+    error_line(run("infer", models["onnx"], "-i", path, "-o", tmp_path / "p.npy"),
              "'cell' claims shape (8, 1, 6)", "its member stores 96")  # fmt: skip
     assert not (tmp_path / "p.npy").exists()
 
@@ -205,7 +198,7 @@ def test_an_array_file_that_is_not_numpy_data_never_gets_advice_to_unpickle(tmp_
                      "cell", "-o", tmp_path / "b.npz"),
     }  # fmt: skip
     for name, result in runs.items():
-        line = one_line(result, name, "never unpickles")
+        line = error_line(result, name, "never unpickles")
         assert "allow_pickle" not in line and "pickle.load" not in line, line
     assert not (tmp_path / "p.npy").exists() and not (tmp_path / "b.npz").exists()
 
@@ -221,13 +214,13 @@ def test_float64_beyond_float32_range_is_named(tmp_path, models):
     data["neighbors"] = data["neighbors"].astype(np.float64)
     data["neighbors"][7, 2, 1] = 1e300  # finite in float64, inf once cast
     path = save_bundle(tmp_path / "wide.npz", data)
-    one_line(run("infer", models["onnx"], "-i", path, "-o", tmp_path / "p.npy"),
+    error_line(run("infer", models["onnx"], "-i", path, "-o", tmp_path / "p.npy"),
              "'neighbors' holds a value beyond float32's range", "row 7")  # fmt: skip
 
 
 def test_bags_are_capped_with_a_flag_to_raise_the_cap(tmp_path, models):
     path = save_bundle(tmp_path / "wide.npz", synth_bundle("cell", "neighbors", 3, D, G, n_neighbors=2000))
-    one_line(run("infer", models["onnx"], "-i", path, "-o", tmp_path / "p.npy"), "bags of 2000 tiles", "--max-bag")
+    error_line(run("infer", models["onnx"], "-i", path, "-o", tmp_path / "p.npy"), "bags of 2000 tiles", "--max-bag")
     assert run("infer", models["onnx"], "-i", path, "-o", tmp_path / "p.npy", "--max-bag", "2000").exit_code == 0
 
 
@@ -238,7 +231,7 @@ def test_barcodes_that_are_paths_are_refused(tmp_path):
     for barcode in ("../outside", str(tmp_path / "outside")):
         csv = tmp_path / "obs.csv"
         csv.write_text(f"barcode,x_pixel,y_pixel\n{barcode},0,0\n")
-        one_line(run("bundle", "--features", folder, "--obs", csv, "--family", "cell", "--k", "1", "-o",
+        error_line(run("bundle", "--features", folder, "--obs", csv, "--family", "cell", "--k", "1", "-o",
                      tmp_path / "b.npz"), "is a path, not a file name")  # fmt: skip
     assert not (tmp_path / "b.npz").exists()
 
@@ -270,7 +263,7 @@ def test_a_nan_weight_in_an_onnx_file_is_named(tmp_path, models, bundle):
         init.CopyFrom(onnx.numpy_helper.from_array(values, init.name))
 
     bad = _edit_onnx(models["onnx"], tmp_path / "nan.onnx", poison)
-    one_line(run("infer", bad, "-i", bundle, "-o", tmp_path / "p.npy"), "holds NaN or infinite values")
+    error_line(run("infer", bad, "-i", bundle, "-o", tmp_path / "p.npy"), "holds NaN or infinite values")
     assert not (tmp_path / "p.npy").exists()
 
 
@@ -293,7 +286,7 @@ def test_crafted_onnx_metadata_is_one_line(tmp_path, models, bundle, key, value,
         config = json.loads(next(p.value for p in onnx.load(str(models["onnx"])).metadata_props if p.key == "config"))
         value = json.dumps({**config, "output_size": 10**12})
     bad = _edit_onnx(models["onnx"], tmp_path / "bad.onnx", _set_meta(key, value))
-    one_line(run("infer", bad, "-i", bundle, "-o", tmp_path / "p.npy"), needle)
+    error_line(run("infer", bad, "-i", bundle, "-o", tmp_path / "p.npy"), needle)
     assert not (tmp_path / "p.npy").exists()
 
 
@@ -319,8 +312,8 @@ def test_onnx_external_data_outside_the_model_folder_is_refused_and_named(tmp_pa
         weight.external_data.add(key=key, value=value)
     bad = folder / "model.onnx"
     onnx.save(model, str(bad))
-    one_line(run("info", bad), "not a readable ONNX model", needle)
-    one_line(run("infer", bad, "-i", bundle, "-o", tmp_path / "p.npy"), needle)
+    error_line(run("info", bad), "not a readable ONNX model", needle)
+    error_line(run("infer", bad, "-i", bundle, "-o", tmp_path / "p.npy"), needle)
     assert not (tmp_path / "p.npy").exists()
 
 
@@ -357,7 +350,7 @@ def test_crafted_indexed_exports_are_one_line(tmp_path, models, edit, needle):
     data["neighbor_index"] = np.tile(np.arange(4), (10, 1))
     bundle = save_bundle(tmp_path / "b.npz", data)
     folder = _indexed_copy(models, tmp_path, edit)
-    one_line(run("infer", folder, "-i", bundle, "-o", tmp_path / "p.npy"), needle)
+    error_line(run("infer", folder, "-i", bundle, "-o", tmp_path / "p.npy"), needle)
     assert not (tmp_path / "p.npy").exists()
 
 
@@ -397,7 +390,7 @@ PLANS = {
 def test_engine_info_on_crafted_plan_headers(tmp_path, case):
     path = tmp_path / "m.plan"
     path.write_bytes(PLANS[case])
-    line = one_line(run("engine", "info", path))
+    line = error_line(run("engine", "info", path))
     assert "m.plan" in line
 
 

@@ -13,16 +13,10 @@ from typer.testing import CliRunner
 
 from deepspot.cli import app
 
+from _cli import error_line
+
 runner = CliRunner()
 SECRET = b"not yours to read, 64 bytes long ........................ secret"
-
-
-def one_line(result, *needles: str) -> None:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture()
@@ -81,7 +75,7 @@ def test_features_h5_reads_only_the_file_named(tmp_path, obs_csv, make, needle):
         make(f, secret)
         _coords(f)
     out = tmp_path / "out.npz"
-    one_line(runner.invoke(app, ["bundle", "--features-h5", str(h5), "--obs", str(obs_csv), "-o", str(out)]), needle)
+    error_line(runner.invoke(app, ["bundle", "--features-h5", str(h5), "--obs", str(obs_csv), "-o", str(out)]), needle)
     assert not out.exists()
 
 
@@ -109,7 +103,7 @@ def test_an_h5ad_obs_reads_only_the_file_named(tmp_path):
             del f["obs/x_pixel" if name == "storage" else "obs"]
             edit(f)
         out = tmp_path / f"{name}.npz"
-        one_line(runner.invoke(app, ["bundle", "--features", str(features), "--obs", str(h5ad), "-o", str(out)]),
+        error_line(runner.invoke(app, ["bundle", "--features", str(features), "--obs", str(h5ad), "-o", str(out)]),
                  needle)  # fmt: skip
         assert not out.exists()
 

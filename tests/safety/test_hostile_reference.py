@@ -23,6 +23,8 @@ from deepspot.errors import CheckpointError
 from deepspot.importer import import_reference
 from deepspot.reference import safe_torch_load
 
+from _cli import error_line
+
 _spec = importlib.util.spec_from_file_location("hostile", Path(__file__).with_name("hostile.py"))
 hostile = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(hostile)
@@ -32,13 +34,6 @@ REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures" /
 SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt", ".bin")
 #: The issue's bound: every hostile file ends in under 2 s.
 SECONDS = 2.0
-
-
-def _one_line(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
 
 
 @pytest.fixture()
@@ -68,7 +63,7 @@ def test_torchscript_archives_are_refused_everywhere_and_never_run(tmp_path, bun
     out = tmp_path / "out"
     out.mkdir()
     for name, args in _commands(model, bundle, out).items():
-        line = _one_line(runner.invoke(app, args))
+        line = error_line(runner.invoke(app, args))
         assert "TorchScript archive" in line, (name, line)
     assert not marker.exists()
     assert list(out.iterdir()) == []
@@ -104,7 +99,7 @@ def test_small_files_cannot_ask_for_memory_or_time(tmp_path, case):
 
         os.mkfifo(tmp_path / "fifo")  # reading it would block forever
     start = time.perf_counter()
-    line = _one_line(runner.invoke(app, ["import", str(model), "-o", str(tmp_path / "m.safetensors")]))
+    line = error_line(runner.invoke(app, ["import", str(model), "-o", str(tmp_path / "m.safetensors")]))
     assert time.perf_counter() - start < SECONDS
     assert "final_model.pkl" in line
     assert any(__import__("re").search(message, line) for _ in [0]), line
@@ -113,7 +108,7 @@ def test_small_files_cannot_ask_for_memory_or_time(tmp_path, case):
 
 def test_deep_nesting_is_not_a_model(tmp_path):
     model = hostile.deep_nesting(tmp_path / "model.pt")
-    line = _one_line(runner.invoke(app, ["import", str(model), "-o", str(tmp_path / "m.safetensors")]))
+    line = error_line(runner.invoke(app, ["import", str(model), "-o", str(tmp_path / "m.safetensors")]))
     assert "holds a list" in line
 
 
@@ -226,7 +221,7 @@ def test_crafted_checkpoint_metadata_is_one_line(tmp_path, checkpoint, case):
     edit, message = CHECKPOINT_CASES[case]
     bad = _rewrite(checkpoint, tmp_path / "bad.safetensors", edit)
     start = time.perf_counter()
-    line = _one_line(runner.invoke(app, ["export", str(bad), "-o", str(tmp_path / "m.onnx")]))
+    line = error_line(runner.invoke(app, ["export", str(bad), "-o", str(tmp_path / "m.onnx")]))
     assert time.perf_counter() - start < SECONDS
     assert __import__("re").search(message, line), line
     assert not (tmp_path / "m.onnx").exists()
@@ -243,7 +238,7 @@ def test_a_nan_weight_in_a_checkpoint_is_named(tmp_path, checkpoint):
         state["rho.1.model.2.bias"][0] = float("inf")
 
     bad = _rewrite(checkpoint, tmp_path / "bad.safetensors", tensors=poison)
-    line = _one_line(runner.invoke(app, ["export", str(bad), "-o", str(tmp_path / "m.onnx")]))
+    line = error_line(runner.invoke(app, ["export", str(bad), "-o", str(tmp_path / "m.onnx")]))
     assert "weight rho.1.model.2.bias holds NaN or infinite values" in line
 
 
