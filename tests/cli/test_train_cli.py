@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 import deepspot
 from deepspot.cli import app
 
+from _cli import error_line
+
 runner = CliRunner()
 
 
@@ -210,9 +212,7 @@ def test_bad_validation_bundle_is_refused_before_training(tmp_path, bad, message
     args = ["train", "--data", str(bundle), "--val-data", str(val), "--family", "spot", "--out", str(out),
             "--no-progress", "--n-ensemble", "2", "--phi2rho-size", "4"]  # fmt: skip
     result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert message in result.output and "diverged" not in result.output
-    assert result.output.strip().count("\n") == 0 and not out.exists()
+    assert "diverged" not in error_line(result, message) and not out.exists()
 
 
 def test_a_target_that_is_not_numbers_is_one_line(tmp_path):
@@ -227,9 +227,8 @@ def test_a_target_that_is_not_numbers_is_one_line(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--data", str(bundle), "--family", "spot", "--out", str(out), "--no-progress"]
     result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert "'target' must hold numbers" in result.output and "Traceback" not in result.output
-    assert result.output.strip().count("\n") == 0 and not out.exists()
+    error_line(result, "'target' must hold numbers")
+    assert not out.exists()
 
 
 def test_a_validation_bundle_of_other_genes_is_refused(tmp_path):
@@ -244,9 +243,8 @@ def test_a_validation_bundle_of_other_genes_is_refused(tmp_path):
     args = ["train", "--data", str(bundle), "--val-data", str(val), "--family", "spot", "--out", str(out),
             "--no-progress", "--n-ensemble", "2", "--phi2rho-size", "4"]  # fmt: skip
     result = runner.invoke(app, args)
-    assert result.exit_code == 2, result.output
-    assert "its genes differ from the training bundle's (gene 1: 'gene_0002', not 'gene_0001')" in result.output
-    assert result.output.strip().count("\n") == 0 and not out.exists()
+    error_line(result, "its genes differ from the training bundle's (gene 1: 'gene_0002', not 'gene_0001')")
+    assert not out.exists()
 
 
 def test_val_data_with_the_default_val_fraction_spelled_out_is_refused(tmp_path):
