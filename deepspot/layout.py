@@ -72,9 +72,15 @@ def read_features(folder: str | Path, barcodes: Sequence[str], family: str = "sp
     missing = [b for b, f in zip(barcodes, files) if not f.is_file()]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        # Barcodes are taken verbatim; a CSV written as "a, b" gives " b", which names another file than "b".
+        spaced = next((b for b in missing if b != b.strip() and (folder / f"{b.strip()}.npy").is_file()), None)
+        hint = "" if spaced is None else (
+            f"; {spaced.strip() + '.npy'!r} exists, but barcodes are taken verbatim and {spaced!r} has spaces around "
+            "it (a CSV written as 'a, b'?)"
+        )  # fmt: skip
         raise InputError(
             f"{folder}: no features file for barcode(s) {', '.join(map(repr, missing[:3]))}{more} "
-            f"(expected {folder / (missing[0] + '.npy')})"
+            f"(expected {folder / (missing[0] + '.npy')}){hint}"
         )
     if not files:
         raise InputError(f"{folder}: no barcodes to read")
