@@ -211,3 +211,29 @@ def test_barcodes_with_spaces_reach_the_predictions_unchanged_from_a_csv_or_an_h
     assert result.exit_code == 2 and "no features file for barcode(s) ' c1', ' c 2', ' c3' and 2 more" in line, line
     assert "'c 2.npy' exists, but barcodes are taken verbatim and ' c 2' has spaces around it" in line, line
     assert not (tmp_path / "spaced.npz").exists()
+
+
+@pytest.mark.parametrize("name", ["bundle", "bundle.npz"])
+def test_bundle_against_a_file_size_limit_names_the_cause_and_leaves_nothing(tmp_path, name):
+    """The dense bags are written a block at a time: a write the disk stops is one line naming the bundle and the
+    array, exit 2, and no partial output."""
+    import resource
+    import subprocess
+    import sys
+
+    folder, csv, _ = _reference_folder(tmp_path, n_side=5, d=200)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))
+
+    env = {**os.environ, "PYTHONPATH": str(os.path.dirname(os.path.dirname(deepspot.__file__)))}
+    proc = subprocess.run([sys.executable, "-m", "deepspot.cli", "bundle", "--features", str(folder), "--obs", str(csv),
+                           "-o", str(out / name)], capture_output=True, text=True, env=env, preexec_fn=limit,
+                          timeout=120)  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"{out / name}: the write stopped (File too large) while writing " in lines[0], lines[0]
+    assert "file size limit (ulimit -f)" in lines[0], lines[0]
+    assert list(out.iterdir()) == []
