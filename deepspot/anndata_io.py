@@ -32,7 +32,9 @@ COORD_ALIASES = {
 SPACERANGER_V1_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
 #: ``obs`` columns read besides the coordinates: which spots lie on the tissue, and the reference's sample grouping.
 EXTRA_COLUMNS = ("in_tissue", "sampleID")
-#: Names accepted for the barcode column of a CSV (pandas writes an unnamed index column as "" or "Unnamed: 0").
+#: Names of a CSV's barcode column: ours, Xenium's ``cells.csv`` (``cell_id``), and the index column pandas writes
+#: (``DataFrame.to_csv``: an empty name; ``Unnamed: 0`` is what pandas calls that column when it reads it back).
+#: Never "the first column" by position. Two of them that disagree are an error, not a choice.
 BARCODE_COLUMNS = ("barcode", "barcodes", "cell_id", "", "Unnamed: 0")
 
 
@@ -52,18 +54,25 @@ def read_obs(path: str | Path, extra: Sequence[str] = ()) -> tuple[list[str], di
 
     From an ``.h5ad``: ``obs_names``, the ``obs`` coordinate columns that exist (``x_array``, ``y_array``, ``x_pixel``,
     ``y_pixel``, or scanpy's ``array_row``, ``array_col``), and ``obsm["spatial"]`` (scanpy's ``[column, row]`` pixel
-    order) where ``obs`` has no pixel columns; only ``obs`` and ``obsm`` are read, not ``X``. From a ``.csv``: a
-    ``barcode`` column (or pandas' unnamed index column) and the same columns, Space Ranger's ``tissue_positions.csv``
-    included (``pxl_row_in_fullres``, ``pxl_col_in_fullres``), and Space Ranger 1.x's ``tissue_positions_list.csv``,
-    which has no header line (six columns, the last five numbers). ``in_tissue`` and the ``extra`` columns (such as
-    ``sampleID``) come along when present.
+    order) where ``obs`` has no pixel columns; only ``obs`` and ``obsm`` are read, not ``X``. From a ``.csv``: the
+    barcode column (one of :data:`BARCODE_COLUMNS`: ``barcode``, ``barcodes``, ``cell_id`` or pandas' unnamed index
+    column) and the same columns, Space Ranger's ``tissue_positions.csv`` included (``pxl_row_in_fullres``,
+    ``pxl_col_in_fullres``), and Space Ranger 1.x's ``tissue_positions_list.csv``, which has no header line (six
+    columns, the last five numbers). ``in_tissue`` and the ``extra`` columns (such as ``sampleID``) come along when
+    present.
+
+    Barcodes (and the ``extra`` columns' values) are identifiers, taken verbatim from either source, as
+    ``pandas.read_csv`` and ``anndata.read_csv`` take them: a space inside or around one is kept (a CSV written as
+    ``a, b`` gives ``" b"``). Only the header's names are matched without their surrounding spaces, and numbers are
+    read as ``float`` reads them.
 
     Returns:
         ``(barcodes, columns)``: barcodes in file order; float64 coordinates by the reference's names, and the other
         columns as they are.
 
     Raises:
-        InputError: The file is missing, unreadable, has no barcodes or a non-numeric coordinate.
+        InputError: The file is missing, unreadable, has no barcodes, an empty one, two barcode columns that disagree,
+            or a non-numeric coordinate.
         BackendUnavailableError: An ``.h5ad`` without anndata installed.
     """
     path = Path(path)
@@ -124,31 +133,54 @@ def _read_csv_obs(path: Path, delimiter: str, wanted: Sequence[str]) -> tuple[li
         raise InputError(f"{path}: not a readable CSV file ({e})") from None
     if header is None:
         raise InputError(f"{path}: empty CSV file")
-    header = [h.strip() for h in header]
-    col = next((header.index(c) for c in BARCODE_COLUMNS if c in header), None)
-    if col is None and len(header) == len(SPACERANGER_V1_COLUMNS) and all(_is_number(v) for v in header[1:]):
-        header, rows = list(SPACERANGER_V1_COLUMNS), [header, *rows]  # its first line is a spot, not a header
-        col = 0
-    if col is None:
-        raise InputError(f"{path}: no barcode column (columns: {', '.join(header)})")
-    bad = next((i for i, r in enumerate(rows) if len(r) != len(header)), None)
+    names = [h.strip() for h in header]  # names we look up; the values below are taken as they are
+    if (not any(c in names for c in BARCODE_COLUMNS) and len(header) == len(SPACERANGER_V1_COLUMNS)
+            and all(_is_number(v) for v in header[1:])):  # fmt: skip
+        names, rows = list(SPACERANGER_V1_COLUMNS), [header, *rows]  # its first line is a spot, not a header
+    bad = next((i for i, r in enumerate(rows) if len(r) != len(names)), None)
     if bad is not None:
-        raise InputError(f"{path}: line {bad + 2} has {len(rows[bad])} fields, the header {len(header)}")
-    barcodes = [r[col].strip() for r in rows]
+        raise InputError(f"{path}: line {bad + 2} has {len(rows[bad])} fields, the header {len(names)}")
+    barcodes = _csv_barcodes(path, names, rows)
     columns = {}
     for name in wanted:
-        if name in header:
-            j = header.index(name)
-            values = [r[j].strip() for r in rows]
+        if name in names:
+            j = names.index(name)
+            values = [r[j] for r in rows]
             if COORD_ALIASES.get(name, name) in COORD_COLUMNS + ("in_tissue",):
                 try:
                     values = [float(v) for v in values]
                 except ValueError:
                     line, value = next((i + 2, v) for i, v in enumerate(values) if not _is_number(v))
-                    what = "is empty" if not value else f"holds {value[:40]!r}, which is not a number"
+                    what = "is empty" if not value.strip() else f"holds {value[:40]!r}, which is not a number"
                     raise InputError(f"{path}: line {line}: column {name!r} {what}") from None
             columns[name] = np.asarray(values)
     return barcodes, columns
+
+
+def _csv_barcodes(path: Path, names: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """The barcodes of a CSV's rows, verbatim, from its barcode column (see :data:`BARCODE_COLUMNS`).
+
+    Raises:
+        InputError: No barcode column, an empty barcode, or two barcode columns that disagree (naming the line).
+    """
+    found = [c for c in BARCODE_COLUMNS if c in names]
+    if not found:
+        raise InputError(f"{path}: no barcode column (columns: {', '.join(names)}); name it one of "
+                         f"{', '.join(repr(c) for c in BARCODE_COLUMNS if c)}, or write pandas' index")  # fmt: skip
+    label = {c: repr(c) if c else "the unnamed index column" for c in found}
+    first = names.index(found[0])
+    barcodes = [r[first] for r in rows]
+    for other in found[1:]:
+        j = names.index(other)
+        line = next((i + 2 for i, r in enumerate(rows) if r[j] != r[first]), None)
+        if line is not None:
+            raise InputError(f"{path}: columns {label[found[0]]} and {label[other]} both name the barcodes but disagree "
+                             f"at line {line} ({rows[line - 2][first][:40]!r} and {rows[line - 2][j][:40]!r}); keep "
+                             "one")  # fmt: skip
+    empty = next((i + 2 for i, b in enumerate(barcodes) if not b), None)
+    if empty is not None:
+        raise InputError(f"{path}: line {empty}: the barcode ({label[found[0]]}) is empty")
+    return barcodes
 
 
 def _is_number(text: str) -> bool:

@@ -12,6 +12,7 @@ A bundle is a ``.npz`` file or a directory of ``.npy`` files (memory-mapped when
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import shutil
 import warnings
@@ -19,13 +20,22 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ._pages import row_blocks
+from ._pages import release_rows, row_blocks
 from .checks import at_least, check_memory
 from .errors import DeepSpotError, InputError, UnusedInputWarning
-from .fileio import OBJECT_ARRAY_HINT, atomic_path, is_short_write, numpy_error, short_write, temporary_folder
+from .fileio import (
+    OBJECT_ARRAY_HINT,
+    atomic_path,
+    ensure_free_space,
+    is_short_write,
+    numpy_error,
+    short_write,
+    temporary_folder,
+)
 from .modes import Mode, get_mode
 
 FEATURE_KEYS = ("spot", "cell", "subspot", "neighbors")
@@ -255,7 +265,8 @@ FEATURE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 
 
 def cast_features(arrays: Mapping[str, np.ndarray], dtype: str = "fp32") -> dict[str, np.ndarray]:
-    """The arrays with the feature arrays (``spot``, ``cell``, ``subspot``, ``neighbors``) in ``dtype``.
+    """The arrays with the feature arrays (``spot``, ``cell``, ``subspot``, ``neighbors``) in ``dtype``; a
+    :class:`RowSource` is cast a block of rows at a time when it is written, and its range is checked then.
 
     Raises:
         InputError: An unknown dtype, or a feature beyond float16's range (it would become inf).
@@ -263,7 +274,9 @@ def cast_features(arrays: Mapping[str, np.ndarray], dtype: str = "fp32") -> dict
     target = feature_dtype(dtype)
     out = dict(arrays)
     for key in FEATURE_KEYS:
-        if key in out and out[key].dtype != target:
+        if key in out and isinstance(out[key], RowSource) and out[key].dtype != target:
+            out[key] = _CastRows(out[key], target, repr(key))  # cast a block at a time as it is written
+        elif key in out and out[key].dtype != target:
             a = np.asarray(out[key])
             cast = np.empty(a.shape, dtype=target)
             # A block of rows at a time: the range check makes no full-size |a| beside the two arrays.
@@ -309,22 +322,141 @@ def _check_keys(arrays: Mapping[str, np.ndarray]) -> None:
         raise InputError(f"unknown bundle array {unknown[0]!r}; a bundle holds {', '.join(KNOWN_KEYS)}")
 
 
+@runtime_checkable
+class RowSource(Protocol):
+    """An array that a bundle writer takes a block of rows at a time, so it is never whole in memory: the dense
+    neighbour bags gathered from the features (:class:`deepspot.layout.NeighborBags`, K times their size), or
+    :func:`synth_bundle`'s neighbours drawn again."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (a writer asks for them in order, each once)."""
+        ...
+
+
+@dataclass(frozen=True)
+class _CastRows:
+    """A :class:`RowSource` cast to ``dtype`` a block at a time, checked as :func:`cast_features` checks."""
+
+    source: RowSource
+    dtype: np.dtype
+    what: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.source.shape)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return check_fp16_range(self.source.rows(start, stop), self.dtype, self.what).astype(self.dtype)
+
+
+#: Bytes of an array a bundle writer takes at a time: the peak of writing is the arrays held plus one such block.
+WRITE_BLOCK_BYTES = 32 << 20
+#: errno values that mean the disk (or a file size limit) stopped a write.
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _bundle_array(key: str, value) -> np.ndarray | RowSource:
+    """``value`` as written: a :class:`RowSource` as it is, anything else as an array that holds no Python objects
+    (``np.savez`` would pickle those, and loading a bundle refuses them)."""
+    if isinstance(value, RowSource):
+        return value
+    value = np.asarray(value)
+    if value.dtype.hasobject:
+        raise InputError(f"bundle array {key!r} holds Python objects, which bundles never do; {OBJECT_ARRAY_HINT}")
+    return value
+
+
+def _nbytes(value: np.ndarray | RowSource) -> int:
+    return math.prod(value.shape) * np.dtype(value.dtype).itemsize
+
+
+def _write_npy(f, value: np.ndarray | RowSource, block_bytes: int | None = None) -> None:
+    """Write ``value`` to the open file ``f`` in NumPy's ``.npy`` format (C order, the header ``np.save`` writes), a
+    block of rows at a time: a :class:`RowSource` makes each block only now, and a memory-mapped array gives back
+    each block's pages once written."""
+    dtype = np.dtype(value.dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(value.shape)}
+    try:
+        np.lib.format.write_array_header_1_0(f, header)
+    except ValueError:  # a header over 64 KiB: format 2.0, as np.save then writes
+        np.lib.format.write_array_header_2_0(f, header)
+    if not value.shape:
+        f.write(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+        return
+    row_bytes = math.prod(value.shape[1:]) * dtype.itemsize
+    for start, stop in row_blocks(value.shape[0], row_bytes, block_bytes or WRITE_BLOCK_BYTES):
+        block = value.rows(start, stop) if isinstance(value, RowSource) else value[start:stop]
+        f.write(np.ascontiguousarray(block, dtype=dtype).reshape(-1).view(np.uint8))
+        if isinstance(value, np.ndarray):
+            release_rows(value, start, stop)
+
+
+def _write_failed(path: Path, member: str, e: OSError) -> DeepSpotError | None:
+    """A write that the disk stopped, in one line naming the bundle and the array; ``None`` for another error."""
+    if is_short_write(e):
+        return DeepSpotError(f"{path}: {short_write(e)} while writing {member}")
+    if e.errno in _DISK_FULL:
+        return DeepSpotError(f"{path}: the write stopped ({e.strerror}) while writing {member}: the disk is full or a "
+                             "file size limit (ulimit -f) was reached")  # fmt: skip
+    return None
+
+
+def _write_npz(tmp: Path, path: Path, arrays: Mapping[str, np.ndarray | RowSource]) -> None:
+    """The arrays as ``tmp``, a ``.npz`` as ``np.savez`` writes it (members stored, not compressed, so a reader maps
+    them in place), each member written a block of rows at a time."""
+    where = "the .npz's header"
+    try:  # around the zip too: closing it after a failed write writes again, and fails again
+        with open(tmp, "wb") as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, value in arrays.items():
+                where = f"{key}.npy"
+                with zf.open(where, "w", force_zip64=True) as member:
+                    _write_npy(member, value)
+            where = "the .npz's directory"
+    except OSError as e:
+        failed = _write_failed(path, where, e)
+        if failed is None:
+            raise
+        raise failed from None
+
+
+def _check_free_space(bundles: Mapping[Path, Mapping[str, np.ndarray | RowSource]]) -> None:
+    """Refuse up front bundles that the free space of their folders cannot hold."""
+    need: dict[Path, int] = {}
+    for path, arrays in bundles.items():
+        folder = path.parent if str(path.parent) else Path(".")
+        need[folder] = need.get(folder, 0) + sum(_nbytes(v) for v in arrays.values())
+    for folder, nbytes in need.items():
+        ensure_free_space(folder, nbytes, "the bundle" if len(bundles) == 1 else f"{len(bundles)} bundles")
+
+
 def save_bundles(bundles: Mapping[str | Path, Mapping[str, np.ndarray]], no_clobber: bool = False) -> None:
     """Write ``.npz`` bundles all or none: each goes to a temporary file beside its path, and they take their names
-    only once every one is written, so a name the file system refuses (too long) or a full disk leaves none."""
+    only once every one is written, so a name the file system refuses (too long) or a full disk leaves none.
+
+    Arrays are written a block of rows at a time (:data:`WRITE_BLOCK_BYTES`), and a :class:`RowSource` (the dense
+    neighbour bags) is made block by block as it is written, so writing needs one block beside the arrays held.
+    """
+    bundles = {Path(path): {k: _bundle_array(k, v) for k, v in arrays.items()} for path, arrays in bundles.items()}
     for path, arrays in bundles.items():
         _check_keys(arrays)
-        if Path(path).suffix.lower() != ".npz":
+        if path.suffix.lower() != ".npz":
             raise InputError(f"{path}: expected a .npz path")
+    _check_free_space(bundles)
     with contextlib.ExitStack() as stack:  # renames on the way out, the last bundle's first; any error removes them
         temporaries = [stack.enter_context(atomic_path(path, no_clobber=no_clobber)) for path in bundles]
-        for tmp, arrays in zip(temporaries, bundles.values()):
-            with open(tmp, "wb") as f:
-                np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+        for tmp, (path, arrays) in zip(temporaries, bundles.items()):
+            _write_npz(tmp, path, arrays)
 
 
 def save_bundle(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
-    """Write arrays as a bundle, atomically: ``.npz`` for a path ending in ``.npz``, else a directory of ``.npy``."""
+    """Write arrays as a bundle, atomically: ``.npz`` for a path ending in ``.npz``, else a directory of ``.npy``;
+    a block of rows at a time, as :func:`save_bundles` writes."""
     path = Path(path)
     _check_keys(arrays)
     if path.suffix.lower() in NOT_A_BUNDLE:
@@ -337,17 +469,19 @@ def save_bundle(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{path}: output folder {parent} does not exist")
+    arrays = {k: _bundle_array(k, v) for k, v in arrays.items()}
+    _check_free_space({path: arrays})
     tmp = temporary_folder(path)
     try:
         for k, v in arrays.items():
             try:
-                np.save(tmp / f"{k}.npy", np.asarray(v), allow_pickle=False)
+                with open(tmp / f"{k}.npy", "wb") as f:
+                    _write_npy(f, v)
             except OSError as e:
-                if not is_short_write(e):
+                failed = _write_failed(path, f"{k}.npy", e)
+                if failed is None:
                     raise
-                # NumPy's own words for a short write ("2880000 requested and 203744 written") name neither the
-                # file nor the cause.
-                raise DeepSpotError(f"{path}: {short_write(e)} while writing {k}.npy") from None
+                raise failed from None
         tmp.rename(path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -365,6 +499,7 @@ def synth_bundle(
     n_subspots: int = 9,
     n_neighbors: int | None = None,
     noise: float = 0.1,
+    stream: bool = False,
 ) -> dict[str, np.ndarray]:
     """A seeded synthetic bundle with a learnable signal.
 
@@ -382,6 +517,8 @@ def synth_bundle(
         n_subspots: Sub-spots per spot ``S``.
         n_neighbors: Neighbours per item ``K`` (default 6 for spots, 8 for cells).
         noise: Standard deviation of the noise added to the targets.
+        stream: Give ``neighbors`` as a :class:`RowSource` that draws them again, a block at a time, as
+            :func:`save_bundle` writes them (the same numbers), so the ``(N, K, D)`` bags are never in memory at once.
 
     Raises:
         ConfigError: A size below 1, a negative seed, or a bundle larger than the memory available.
@@ -392,7 +529,7 @@ def synth_bundle(
                           (k, "--neighbors")):  # fmt: skip
         at_least(value, option)
     at_least(seed, "--seed", 0)
-    tiles = 1 + n_subspots * ("subspot" in m.input_names) + k * ("neighbors" in m.input_names)
+    tiles = 1 + n_subspots * ("subspot" in m.input_names) + (1 if stream else k) * ("neighbors" in m.input_names)
     check_memory(4 * n * (tiles * input_size + genes),
                  f"a bundle of --n {n} items with {tiles} tiles of --input-size {input_size}")  # fmt: skip
     rng = np.random.default_rng(seed)
@@ -406,7 +543,13 @@ def synth_bundle(
     x = arrays[own] = _normal_f32(rng, (n, input_size))
     if "subspot" in m.input_names:
         arrays["subspot"] = _normal_f32(rng, (n, n_subspots, input_size), add=x[:, None, :])
-    if "neighbors" in m.input_names:
+    nb_max = None  # with stream: each item's neighbours' maximum (N, D), which the targets need, kept instead
+    if "neighbors" in m.input_names and stream:
+        arrays["neighbors"] = _SynthNeighbors(rng, (n, k, input_size))
+        nb_max = np.empty((n, input_size), dtype=np.float32)
+        for start, stop in row_blocks(n, 8 * k * input_size, SYNTH_BLOCK_BYTES):  # drawn to move the generator on
+            nb_max[start:stop] = rng.standard_normal((stop - start, k, input_size)).astype(np.float32).max(axis=1)
+    elif "neighbors" in m.input_names:
         arrays["neighbors"] = _normal_f32(rng, (n, k, input_size))
     # The targets block by block too (the noise is drawn last, as before): float64 only for a block of rows.
     target = arrays["target"] = np.empty((n, genes), dtype=np.float32)
@@ -415,7 +558,8 @@ def synth_bundle(
         if "subspot" in arrays:
             signal += 0.5 * np.maximum(arrays["subspot"][start:stop].mean(axis=1) @ w_ctx, 0)
         if "neighbors" in arrays:
-            signal += 0.5 * np.tanh(arrays["neighbors"][start:stop].max(axis=1) @ w_ctx / 2.0)
+            pooled = nb_max[start:stop] if nb_max is not None else arrays["neighbors"][start:stop].max(axis=1)
+            signal += 0.5 * np.tanh(pooled @ w_ctx / 2.0)
         target[start:stop] = signal + noise * rng.standard_normal(signal.shape)
     arrays["barcode"] = np.array([f"{own}_{i:06d}" for i in range(n)])
     arrays["genes"] = np.array([f"gene_{j:04d}" for j in range(genes)])
@@ -424,6 +568,30 @@ def synth_bundle(
 
 #: Bytes :func:`synth_bundle` draws (in float64) and :func:`cast_features` casts at a time.
 SYNTH_BLOCK_BYTES = 32 << 20
+
+
+class _SynthNeighbors:
+    """:func:`synth_bundle`'s neighbours as a :class:`RowSource`: drawn again from a copy of the generator taken where
+    they start, a block of rows at a time, in order (the generator's stream is sequential, so the blocks hold the
+    numbers one draw of the whole array gives)."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, rng: np.random.Generator, shape: tuple[int, ...]):
+        self.shape = shape
+        self._state = rng.bit_generator.state
+        self._kind = type(rng.bit_generator)
+        self._rng, self._next = None, 0
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        if start == 0:  # a writer starts over: a fresh copy of the generator
+            bits = self._kind()
+            bits.state = self._state
+            self._rng, self._next = np.random.Generator(bits), 0
+        if self._rng is None or start != self._next:
+            raise ValueError(f"synthetic neighbours are drawn in order: rows {start}:{stop} after {self._next}")
+        self._next = stop
+        return self._rng.standard_normal((stop - start, *self.shape[1:])).astype(np.float32)
 
 
 def _normal_f32(rng: np.random.Generator, shape: tuple[int, ...], add: np.ndarray | None = None) -> np.ndarray:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .data import save_bundle, save_bundles
+from .data import load_bundle, save_bundle, save_bundles
 from .errors import InputError
 from .fileio import check_clobber, check_hdf5, numpy_error
 from .modes import check_family
@@ -72,9 +72,15 @@ def read_features(folder: str | Path, barcodes: Sequence[str], family: str = "sp
     missing = [b for b, f in zip(barcodes, files) if not f.is_file()]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        # Barcodes are taken verbatim; a CSV written as "a, b" gives " b", which names another file than "b".
+        spaced = next((b for b in missing if b != b.strip() and (folder / f"{b.strip()}.npy").is_file()), None)
+        hint = "" if spaced is None else (
+            f"; {spaced.strip() + '.npy'!r} exists, but barcodes are taken verbatim and {spaced!r} has spaces around "
+            "it (a CSV written as 'a, b'?)"
+        )  # fmt: skip
         raise InputError(
             f"{folder}: no features file for barcode(s) {', '.join(map(repr, missing[:3]))}{more} "
-            f"(expected {folder / (missing[0] + '.npy')})"
+            f"(expected {folder / (missing[0] + '.npy')}){hint}"
         )
     if not files:
         raise InputError(f"{folder}: no barcodes to read")
@@ -183,14 +189,41 @@ def pad_neighbor_lists(flat: np.ndarray, counts: np.ndarray, width: int | None =
 
 
 def gather_neighbors(features: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """``(N, K, D)`` neighbour features from ``(M, D)`` features and an ``(N, K)`` index; ``-1`` gives a zero row."""
+    """``(N, K, D)`` neighbour features from ``(M, D)`` features and an ``(N, K)`` index; ``-1`` gives a zero row.
+
+    Only the result is allocated (no copy of the features with a zero row appended), so gathering a block of
+    ``index``'s rows at a time (:class:`NeighborBags`) costs that block alone.
+    """
     features = np.asarray(features)
     index = np.asarray(index)
     if features.ndim == 3 and features.shape[1] == 1:
         features = features[:, 0]
-    # One extra zero row at the end, so that -1 picks it without a mask.
-    padded = np.concatenate([features, np.zeros((1, features.shape[-1]), dtype=features.dtype)], axis=0)
-    return padded[np.where(index < 0, len(features), index)]
+    if len(features) == 0:
+        return np.zeros((*index.shape, features.shape[-1]), dtype=features.dtype)
+    bags = features[np.maximum(index, 0)]  # (N, K, D); -1 takes row 0 here, and is zeroed next
+    bags[index < 0] = 0
+    return bags
+
+
+@dataclass(frozen=True)
+class NeighborBags:
+    """The dense neighbour bags ``gather_neighbors(features, index)``, ``(N, K, D)``, made a block of rows at a time
+    as a bundle writer asks for them (a :class:`deepspot.data.RowSource`): K times the features' size (44 times for
+    Xenium) is never in memory at once."""
+
+    features: np.ndarray  # (M, D) or (M, 1, D)
+    index: np.ndarray  # (N, K) int64, -1 for a zero row
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*self.index.shape, self.features.shape[-1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.features.dtype
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return gather_neighbors(self.features, self.index[start:stop])
 
 
 def check_coordinates(barcodes: Sequence[str], coords: Mapping[str, np.ndarray], source: str = "obs") -> None:
@@ -252,11 +285,21 @@ def build_bundle(
 
     Returns:
         ``spot`` ``(N, 1, D)`` (and ``subspot`` ``(N, S, D)``) or ``cell`` ``(N, 1, D)``; ``neighbors`` or
-        ``neighbor_index``; ``barcode``; and the coordinates that were given.
+        ``neighbor_index``; ``barcode``; and the coordinates that were given. All in memory: :func:`write_bundle`
+        writes the dense ``neighbors`` a block at a time instead.
 
     Raises:
         InputError: Duplicate barcodes, missing coordinates, missing or inconsistent feature files.
     """
+    arrays = _bundle_arrays(features, barcodes, coords, family, radius, k, index, max_neighbors, source, feats, dtype)
+    if isinstance(arrays.get("neighbors"), NeighborBags):
+        arrays["neighbors"] = arrays["neighbors"].rows(0, len(arrays["barcode"]))
+    return arrays
+
+
+def _bundle_arrays(features, barcodes, coords, family, radius, k, index, max_neighbors, source, feats,
+                   dtype) -> dict[str, np.ndarray | NeighborBags]:  # fmt: skip
+    """:func:`build_bundle`'s arrays, with dense ``neighbors`` as :class:`NeighborBags`, made as they are written."""
     check_family(family)
     barcodes = [str(b) for b in barcodes]
     n = len(barcodes)
@@ -308,7 +351,7 @@ def build_bundle(
     if index:
         arrays["neighbor_index"] = nb_index
     else:
-        arrays["neighbors"] = gather_neighbors(feats.own, nb_index)
+        arrays["neighbors"] = NeighborBags(feats.own, nb_index)
     arrays["barcode"] = np.asarray(barcodes, dtype=str)
     for name in COORD_KEYS:
         if name in coords:
@@ -436,7 +479,8 @@ def _read_sample(obs, by: str | None, all_spots: bool):
     return barcodes, columns
 
 
-def _build(features, names, columns, family, radius, k, index, max_neighbors, dtype, source) -> dict[str, np.ndarray]:
+def _build(features, names, columns, family, radius, k, index, max_neighbors, dtype, source):
+    """A sample's bundle arrays as :func:`save_bundle` writes them: dense ``neighbors`` as :class:`NeighborBags`."""
     from .data import cast_features
 
     coords = {c: v for c, v in columns.items() if c in COORD_KEYS}
@@ -444,8 +488,7 @@ def _build(features, names, columns, family, radius, k, index, max_neighbors, dt
     h5 = Path(features).is_file() or Path(features).suffix.lower() in (".h5", ".hdf5")
     check_coordinates(names, coords, source)  # before the tiles are matched by position
     feats = read_h5_features(features, coords, source, dtype=dtype) if h5 else None
-    arrays = build_bundle(features, names, coords, family, radius, k, index, max_neighbors, source=source, feats=feats,
-                          dtype=dtype)  # fmt: skip
+    arrays = _bundle_arrays(features, names, coords, family, radius, k, index, max_neighbors, source, feats, dtype)
     return cast_features(arrays, dtype)
 
 
@@ -465,12 +508,15 @@ def write_bundle(
 
     ``features`` is the reference's folder of ``<barcode>.npy`` files, or a TRIDENT/CLAM ``.h5`` of the slide's tiles
     (see :func:`read_h5_features`). Spots with ``in_tissue`` 0 are left out unless ``all_spots``. Features are stored
-    as ``dtype`` (``fp32`` or ``fp16``). Everything is checked before anything is written. Returns the arrays written.
+    as ``dtype`` (``fp32`` or ``fp16``). Everything is checked before anything is written. The dense ``neighbors``
+    are gathered a block of rows at a time straight into the output, so memory holds the features and one block, not
+    the bundle. Returns the arrays written, memory-mapped from ``out``.
     """
     barcodes, columns = _read_sample(obs, None, all_spots)
     arrays = _build(features, barcodes, columns, family, radius, k, index, max_neighbors, dtype, str(obs))
     save_bundle(out, arrays)
-    return arrays
+    del arrays
+    return load_bundle(out).arrays
 
 
 def write_sample_bundles(
@@ -489,7 +535,7 @@ def write_sample_bundles(
 ) -> dict[str, dict[str, np.ndarray]]:
     """The reference's multi-sample layout: one bundle per value of ``obs[by]``, ``out/<sample>.npz``, each with its
     neighbours chosen within the sample; as :func:`write_bundle` otherwise. With ``no_clobber``, a sample whose bundle
-    exists is refused before any is written. Returns the arrays by sample."""
+    exists is refused before any is written. Returns the arrays written by sample, memory-mapped."""
     barcodes, columns = _read_sample(obs, by, all_spots)
     if by not in columns:
         raise InputError(f"{obs}: no {by!r} column to split the samples by")
@@ -501,7 +547,7 @@ def write_sample_bundles(
     for name in names:
         check_clobber(Path(out) / f"{name}.npz", no_clobber)
     built = {}
-    for name in names:  # all built (and checked) before any is written
+    for name in names:  # all built (and checked) before any is written; dense bags are gathered as they are written
         sub_barcodes, sub_columns = _select(barcodes, columns, np.array([g == name for g in groups]))
         built[name] = _build(features, sub_barcodes, sub_columns, family, radius, k, index, max_neighbors, dtype,
                              f"{obs} (sample {name})")  # fmt: skip
@@ -515,4 +561,5 @@ def write_sample_bundles(
             with contextlib.suppress(OSError):
                 out.rmdir()
         raise
-    return built
+    del built
+    return {name: load_bundle(out / f"{name}.npz").arrays for name in names}

@@ -168,3 +168,26 @@ def test_casting_features_to_fp16_makes_no_full_size_temporary(monkeypatch):
     x[5, 2, 1] = 1e6
     with pytest.raises(InputError, match="beyond float16's range"):
         cast_features({"neighbors": x}, "fp16")
+
+
+@pytest.mark.parametrize("suffix", [".npz", ""])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_synthetic_neighbours_streamed_to_the_file_are_the_bundle_drawn_in_memory(tmp_path, monkeypatch, suffix,
+                                                                                   dtype):
+    """``synth`` drew the whole bundle, neighbours (K times the features) included, before writing; with ``stream``
+    they are drawn again a block at a time as they are written: the same keys, dtypes and numbers."""
+    import deepspot.data as data
+    from deepspot.data import cast_features
+
+    args = ("cell", "neighbors", 13, 16, 4)
+    whole = cast_features(synth_bundle(*args, seed=2, n_neighbors=5), dtype)
+    monkeypatch.setattr(data, "WRITE_BLOCK_BYTES", 5 * 5 * 16 * np.dtype(whole["neighbors"].dtype).itemsize)
+    streamed = cast_features(synth_bundle(*args, seed=2, n_neighbors=5, stream=True), dtype)
+    assert not isinstance(streamed["neighbors"], np.ndarray)
+    written = load_bundle(save_bundle(tmp_path / f"b{suffix}", streamed))
+    assert sorted(written.arrays) == sorted(whole)
+    for key, expected in whole.items():
+        assert written[key].dtype == expected.dtype and written[key].shape == expected.shape, key
+        assert np.asarray(written[key]).tobytes() == expected.tobytes(), key
+    with pytest.raises(ValueError, match="drawn in order"):
+        streamed["neighbors"].source.rows(5, 10) if dtype == "fp16" else streamed["neighbors"].rows(5, 10)

@@ -52,7 +52,8 @@ def bundle(
     ),
     obs: Path = typer.Option(
         ..., "--obs", help="Coordinates: the sample's .h5ad (reference or scanpy names, obsm['spatial']) or a CSV "
-        "(a barcode column; Space Ranger's tissue_positions.csv and 1.x's tissue_positions_list.csv work)."
+        "(a barcode, cell_id or pandas index column, taken verbatim; Space Ranger's tissue_positions.csv and 1.x's "
+        "tissue_positions_list.csv work)."
     ),
     out: Path = typer.Option(
         ...,

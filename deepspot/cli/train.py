@@ -43,7 +43,8 @@ def synth(
     out = out_arg or out_opt
     check_clobber(out, no_clobber)
     check_family(family)
-    arrays = synth_bundle(family, mode or DEFAULT_MODE[family], n, input_size, genes, seed, subspots, neighbors)
+    arrays = synth_bundle(family, mode or DEFAULT_MODE[family], n, input_size, genes, seed, subspots, neighbors,
+                          stream=True)  # the neighbours drawn as they are written, never whole in memory
     save_bundle(out, cast_features(arrays, dtype))
     typer.echo(f"wrote {out}: {n} {family}s, {input_size} features, {genes} genes")
 

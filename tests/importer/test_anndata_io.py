@@ -126,3 +126,60 @@ def test_read_obs_bad_input(tmp_path):
     not_h5.write_text("nope")
     with pytest.raises(InputError, match=r"x\.h5ad: not a readable \.h5ad file"):
         read_obs(not_h5)
+
+
+# -- barcodes: identifiers, taken verbatim from a CSV as from an .h5ad ---------------------------------------------
+def test_csv_barcodes_are_verbatim_as_pandas_and_anndata_read_them(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "coords.csv"  # written as "a, b": the spaces after the commas belong to the fields
+    path.write_text("barcode, x_array, y_array\n A-1 , 1, 2\nB 1,3, 4\n")
+    barcodes, coords = read_obs(path)
+    assert barcodes == [" A-1 ", "B 1"]
+    assert barcodes == list(pd.read_csv(path, dtype=str)["barcode"])  # pandas keeps them too (skipinitialspace=False)
+    read_csv = ad.io.read_csv if hasattr(ad, "io") and hasattr(ad.io, "read_csv") else ad.read_csv
+    assert barcodes == list(read_csv(path, first_column_names=True).obs_names)
+    np.testing.assert_array_equal(coords["x_array"], [1.0, 3.0])  # names and numbers read as before
+    np.testing.assert_array_equal(coords["y_array"], [2.0, 4.0])
+
+
+def test_csv_and_h5ad_of_one_table_give_the_same_barcodes(tmp_path):
+    import pandas as pd
+
+    names = [" lead", "trail ", "in side", "plain", "  two"]
+    obs = pd.DataFrame({"x_pixel": np.arange(5.0), "y_pixel": np.arange(5.0) * 2,
+                        "sampleID": [" s1", " s1", "s 2", "s 2", "s 2"]}, index=pd.Index(names, name="cell_id"))  # fmt: skip
+    obs.to_csv(tmp_path / "obs.csv")  # the index under its name, cell_id, as Xenium's cells.csv names it
+    obs.rename_axis(None).to_csv(tmp_path / "unnamed.csv")  # the index under an empty name
+    ad.AnnData(X=np.zeros((5, 1), np.float32), obs=obs).write_h5ad(tmp_path / "obs.h5ad")
+    results = [read_obs(tmp_path / f, extra=("sampleID",)) for f in ("obs.csv", "unnamed.csv", "obs.h5ad")]
+    for barcodes, columns in results:
+        assert barcodes == names
+        assert [str(s) for s in columns["sampleID"]] == [" s1", " s1", "s 2", "s 2", "s 2"]
+        np.testing.assert_array_equal(columns["y_pixel"], np.arange(5.0) * 2)
+
+
+@pytest.mark.parametrize("header,rows", [
+    ("barcode,cell_id,x_array", ["A,A,1", "B,C,2"]),
+    (",Unnamed: 0,x_array", ["0,A,1", "1,B,2"]),  # pandas' index written again after read_csv without index_col
+])  # fmt: skip
+def test_two_barcode_columns_that_disagree_are_one_error(tmp_path, header, rows):
+    path = tmp_path / "coords.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    with pytest.raises(InputError, match=r"coords\.csv: columns .* both name the barcodes but disagree at line \d "
+                                         r"\('.*' and '.*'\); keep one"):  # fmt: skip
+        read_obs(path)
+
+
+def test_barcode_column_names(tmp_path):
+    path = tmp_path / "coords.csv"
+    path.write_text("cell_id,x_centroid,x_pixel\naaab-1,1,2\n")  # Xenium's cells.csv names it cell_id
+    assert read_obs(path)[0] == ["aaab-1"]
+    path.write_text("x_pixel,barcode,cell_id\n2,A,A\n3,B,B\n")  # two that agree: not ambiguous
+    assert read_obs(path)[0] == ["A", "B"]
+    path.write_text("x_pixel,barcode\n2,A\n3,\n")
+    with pytest.raises(InputError, match=r"coords\.csv: line 3: the barcode \('barcode'\) is empty"):
+        read_obs(path)
+    path.write_text("id,x_pixel\nA,2\n")  # never "the first column" by position
+    with pytest.raises(InputError, match=r"no barcode column \(columns: id, x_pixel\); name it one of 'barcode'"):
+        read_obs(path)

@@ -165,3 +165,71 @@ def test_files_that_are_not_reference_files(tmp_path):
         result = runner.invoke(app, ["import", str(source), "-o", str(out)])
         assert result.exit_code == 2 and message in error_line(result)
         assert "Traceback" not in result.output and not out.exists()
+
+
+def test_barcodes_with_spaces_reach_the_predictions_unchanged_from_a_csv_or_an_h5ad(reference_dir, tmp_path):
+    """A CSV's barcodes were stripped of surrounding spaces and an .h5ad's were not: the same table gave two bundles,
+    and a barcode " c0" read from a CSV looked for c0.npy."""
+    ad = pytest.importorskip("anndata")
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    names = [" c0", "c1 ", "c 2", "c3", "  c4  ", "c5"]
+    folder = tmp_path / "features"
+    folder.mkdir()
+    for b in names:
+        np.save(folder / f"{b}.npy", rng.standard_normal(12).astype(np.float32))  # the reference cell model: 12
+    obs = pd.DataFrame({"x_pixel": rng.uniform(0, 100, 6), "y_pixel": rng.uniform(0, 100, 6)},
+                       index=pd.Index(names, name="cell_id"))  # fmt: skip
+    obs.to_csv(tmp_path / "cells.csv")
+    ad.AnnData(X=np.zeros((6, 1), np.float32), obs=obs).write_h5ad(tmp_path / "cells.h5ad")
+    bundles = {}
+    for source in ("cells.csv", "cells.h5ad"):
+        out = tmp_path / f"{source}.npz"
+        result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(tmp_path / source), "-o",
+                                     str(out), "--family", "cell", "--k", "4"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        bundles[source] = load_bundle(out)
+        assert bundles[source].barcodes == names
+        pred = tmp_path / f"{source}.h5ad"
+        result = runner.invoke(app, ["infer", str(reference_dir / "cell_neighbors_max.pkl"), "-i", str(out),
+                                     "-o", str(pred)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert list(ad.read_h5ad(pred).obs_names) == names
+    for key in bundles["cells.csv"].arrays:
+        np.testing.assert_array_equal(bundles["cells.csv"][key], bundles["cells.h5ad"][key])
+    # A CSV written as "a, b": " c1" is another barcode than "c1", and the error says why its file is not found.
+    (tmp_path / "spaced.csv").write_text("x_pixel, y_pixel, cell_id\n" + "".join(
+        f"{x}, {y}, {b.strip()}\n" for b, x, y in zip(names, obs["x_pixel"], obs["y_pixel"])))  # fmt: skip
+    result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(tmp_path / "spaced.csv"), "-o",
+                                 str(tmp_path / "spaced.npz"), "--family", "cell", "--k", "4"])  # fmt: skip
+    line = _error_line(result)
+    assert result.exit_code == 2 and "no features file for barcode(s) ' c1', ' c 2', ' c3' and 2 more" in line, line
+    assert "'c 2.npy' exists, but barcodes are taken verbatim and ' c 2' has spaces around it" in line, line
+    assert not (tmp_path / "spaced.npz").exists()
+
+
+@pytest.mark.parametrize("name", ["bundle", "bundle.npz"])
+def test_bundle_against_a_file_size_limit_names_the_cause_and_leaves_nothing(tmp_path, name):
+    """The dense bags are written a block at a time: a write the disk stops is one line naming the bundle and the
+    array, exit 2, and no partial output."""
+    import resource
+    import subprocess
+    import sys
+
+    folder, csv, _ = _reference_folder(tmp_path, n_side=5, d=200)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))
+
+    env = {**os.environ, "PYTHONPATH": str(os.path.dirname(os.path.dirname(deepspot.__file__)))}
+    proc = subprocess.run([sys.executable, "-m", "deepspot.cli", "bundle", "--features", str(folder), "--obs", str(csv),
+                           "-o", str(out / name)], capture_output=True, text=True, env=env, preexec_fn=limit,
+                          timeout=120)  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert f"{out / name}: the write stopped (File too large) while writing " in lines[0], lines[0]
+    assert "file size limit (ulimit -f)" in lines[0], lines[0]
+    assert list(out.iterdir()) == []

@@ -252,3 +252,92 @@ def test_an_existing_bundle_folder_is_refused_and_help_says_so(tmp_path):
     assert "a bundle folder is never replaced" in again.output, again.output
     help_text = " ".join(runner.invoke(app, ["bundle", "--help"], terminal_width=200).output.split())
     assert "a .npz file (replaced if it exists), or a new directory of .npy files" in help_text, help_text
+
+
+# -- writing: the dense bags a block of rows at a time --------------------------------------------------------------
+def _sample(tmp_path, family, rng):
+    """13 items (a block of 5 rows does not divide them) with features and a CSV of coordinates."""
+    barcodes, x, y = spot_grid()
+    rows = 1 + 3 if family == "spot" else None
+    write_features(tmp_path / "f", barcodes, rows=rows, d=6, rng=rng)
+    coords = {"x_array": x, "y_array": y, "x_pixel": x * 100 + rng.uniform(0, 9, len(x)), "y_pixel": y * 100}
+    return barcodes, coords, write_csv(tmp_path / "coords.csv", barcodes, coords)
+
+
+@pytest.mark.parametrize("out", ["bundle.npz", "bundle"])
+@pytest.mark.parametrize("family,dtype", [("spot", "fp32"), ("cell", "fp32"), ("cell", "fp16")])
+def test_a_bundle_written_in_blocks_equals_the_one_built_in_memory(tmp_path, monkeypatch, out, family, dtype):
+    """``bundle`` built the whole bundle in memory, the dense bags K times the features; now it gathers them a block
+    of rows at a time into the file. Same keys, dtypes, shapes and bytes as the bundle built in memory."""
+    import zipfile
+
+    import deepspot.data as data
+    import deepspot.layout as layout
+
+    barcodes, coords, csv = _sample(tmp_path, family, np.random.default_rng(3))
+    k = 6 if family == "cell" else 45
+    whole = build_bundle(tmp_path / "f", barcodes, coords, family, radius=1, k=k, dtype=dtype)
+    n, width, d = whole["neighbors"].shape
+    itemsize = np.dtype(whole["neighbors"].dtype).itemsize
+    monkeypatch.setattr(data, "WRITE_BLOCK_BYTES", 5 * width * d * itemsize)  # 5 bags a block: 5 + 5 + 3
+    blocks = []
+    gather = layout.NeighborBags.rows
+    monkeypatch.setattr(layout.NeighborBags, "rows", lambda self, a, b: blocks.append((a, b)) or gather(self, a, b))
+    write_bundle(tmp_path / out, tmp_path / "f", csv, family, radius=1, k=k, dtype=dtype)
+    assert blocks == [(0, 5), (5, 10), (10, 13)]
+    written = load_bundle(tmp_path / out)
+    assert sorted(written.arrays) == sorted(whole)
+    for key, expected in whole.items():
+        got = written[key]
+        assert isinstance(got, np.memmap), f"{key} is not memory-mapped"
+        assert got.dtype == expected.dtype and got.shape == expected.shape, key
+        assert np.asarray(got).tobytes() == np.ascontiguousarray(expected).tobytes(), key
+    if out.endswith(".npz"):  # as np.savez writes it: members stored in order, which NumPy's own reader reads
+        with zipfile.ZipFile(tmp_path / out) as zf:
+            assert [i.filename for i in zf.infolist()] == [f"{key}.npy" for key in whole]
+            assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_STORED}
+        with np.load(tmp_path / out) as z:
+            for key, expected in whole.items():
+                np.testing.assert_array_equal(z[key], expected)
+                assert z[key].dtype == expected.dtype
+    else:
+        for key, expected in whole.items():
+            np.testing.assert_array_equal(np.load(tmp_path / out / f"{key}.npy"), expected)
+
+
+def test_writing_dense_bags_needs_a_block_not_the_bags(tmp_path, monkeypatch):
+    """The peak of ``write_bundle`` is the features and one block of bags, not the (N, K, D) bags."""
+    import tracemalloc
+
+    import deepspot.data as data
+
+    rng = np.random.default_rng(0)
+    n, d, k = 600, 128, 33
+    barcodes = [f"c{i}" for i in range(n)]
+    write_features(tmp_path / "f", barcodes, rows=None, d=d, rng=rng)
+    coords = {"x_pixel": rng.uniform(0, 1000, n), "y_pixel": rng.uniform(0, 1000, n)}
+    csv = write_csv(tmp_path / "coords.csv", barcodes, coords)
+    monkeypatch.setattr(data, "WRITE_BLOCK_BYTES", 64 << 10)
+    bags = n * (k - 1) * d * 4
+    tracemalloc.start()
+    try:
+        write_bundle(tmp_path / "b.npz", tmp_path / "f", csv, "cell", k=k)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert load_bundle(tmp_path / "b.npz")["neighbors"].shape == (n, k - 1, d)
+    assert peak < 0.2 * bags, f"writing peaked at {peak / bags:.2f}x the dense bags"
+
+
+def test_a_bundle_larger_than_the_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    import collections
+    import shutil
+
+    barcodes, coords, csv = _sample(tmp_path, "cell", np.random.default_rng(0))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: usage(1 << 30, 1 << 30, 1000))
+    for out in ("b.npz", "b"):
+        with pytest.raises(DeepSpotError, match=r"not enough free space for the bundle: needs \d+ MiB, 0 MiB free"):
+            write_bundle(tmp_path / out, tmp_path / "f", csv, "cell", k=4)
+        assert not (tmp_path / out).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["coords.csv", "f"]
