@@ -203,7 +203,7 @@ def test_barcodes_with_spaces_reach_the_predictions_unchanged_from_a_csv_or_an_h
         f"{x}, {y}, {b.strip()}\n" for b, x, y in zip(names, obs["x_pixel"], obs["y_pixel"])))  # fmt: skip
     result = runner.invoke(app, ["bundle", "--features", str(folder), "--obs", str(tmp_path / "spaced.csv"), "-o",
                                  str(tmp_path / "spaced.npz"), "--family", "cell", "--k", "4"])  # fmt: skip
-    line = _error_line(result)
+    line = error_line(result)
     assert result.exit_code == 2 and "no features file for barcode(s) ' c1', ' c 2', ' c3' and 2 more" in line, line
     assert "'c 2.npy' exists, but barcodes are taken verbatim and ' c 2' has spaces around it" in line, line
     assert not (tmp_path / "spaced.npz").exists()
