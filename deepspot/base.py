@@ -115,6 +115,9 @@ class DeepSetModel(nn.Module):
         names = self.mode.input_names
         if x is not None and bags:
             raise InputError("pass the bags either positionally or by keyword, not both")
+        if isinstance(x, Mapping):
+            raise InputError(f"pass a dict of bags as keyword arguments, model(**bags); mode {self.mode.reference!r} "
+                             f"takes {', '.join(names)}")  # fmt: skip
         if x is not None:
             if isinstance(x, torch.Tensor):
                 if len(names) != 1:
@@ -137,10 +140,18 @@ class DeepSetModel(nn.Module):
             raise InputError(f"unexpected input {extra[0]!r}: mode {self.mode.reference!r} takes {', '.join(names)}")
 
         batch = None
+        weights = next(self.parameters()).dtype
         for bag in self.mode.bags:
             t = bags[bag.name]
             if not isinstance(t, torch.Tensor):
-                raise InputError(f"input {bag.name!r} must be a torch.Tensor, got {type(t).__name__}")
+                raise InputError(f"input {bag.name!r} must be a torch.Tensor, got {type(t).__name__}"
+                                 + (" (torch.from_numpy(a) makes one)" if hasattr(t, "__array__") else ""))
+            if not t.is_floating_point():
+                raise InputError(f"input {bag.name!r} must be floating point, got {t.dtype}")
+            if t.dtype != weights and not torch.is_autocast_enabled(t.device.type):
+                # torch.from_numpy keeps NumPy's float64; torch would fail deep in a matrix product.
+                raise InputError(f"input {bag.name!r} is {t.dtype}, the model's weights are {weights}: pass "
+                                 f"{bag.name}.to({weights}), or convert the model")  # fmt: skip
             expected = f"(B, 1, {self.input_size})" if bag.single else f"(B, {bag.name[0].upper()}, {self.input_size})"
             if t.dim() != 3:
                 raise InputError(f"input {bag.name!r} must have shape {expected}, got {tuple(t.shape)}")
