@@ -185,6 +185,15 @@ class Bundle:
 def load_bundle(path: str | Path, mmap: bool = True) -> Bundle:
     """Read a bundle from a ``.npz`` file or a directory of ``.npy`` files (memory-mapped with ``mmap``).
 
+    Args:
+        path: The ``.npz`` file or the folder.
+        mmap: Memory-map the arrays (``.npy`` files, and ``.npz`` members stored uncompressed) instead of reading
+            them into memory.
+
+    Returns:
+        A :class:`Bundle`: ``bundle["spot"]``, ``bundle.n``, ``bundle.barcodes``, ``bundle.genes``; it is checked
+        against a model by :meth:`Bundle.validate`, and :func:`deepspot.runtime.infer` takes it as it is.
+
     Raises:
         InputError: The path is missing, not a bundle, or an array cannot be read.
     """
