@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .base import building_from_weights
 from .errors import CheckpointError, DeepSpotError
 from .factory import model_class
 from .metacheck import check_genes, check_scaler
@@ -90,7 +91,7 @@ def check_weights(config: dict[str, Any], family: str, shapes: Mapping[str, Any]
         if isinstance(count, int) and count > len(shapes):
             raise CheckpointError(f"{source}: {name}={count}, but the file holds only {len(shapes)} tensors")
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), building_from_weights():
             expected = {k: tuple(v.shape) for k, v in cls(**config).state_dict().items()}
     except DeepSpotError as e:
         raise CheckpointError(f"{source}: {e}") from None
@@ -143,7 +144,8 @@ def from_parts(meta: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], 
     check_weights(config, family, state_dict, source)
     check_finite(state_dict, source)
     try:
-        model = model_class(family)(**config, scaler=scaler)
+        with building_from_weights():  # the caller's seeds, cuDNN flags and environment stay as they were
+            model = model_class(family)(**config, scaler=scaler)
     except DeepSpotError as e:
         raise CheckpointError(f"{source}: {e}") from None
     model.load_state_dict({k: t.to(torch.float32) for k, t in state_dict.items()})

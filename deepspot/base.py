@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,6 +17,23 @@ from .modes import Mode, get_mode
 from .scaler import Scaler
 from .utils import fix_seed
 
+
+
+#: Off while a model is rebuilt from saved weights: its initial weights are replaced at once, so seeding every global
+#: generator (and cuDNN's flags, and the environment) as the reference's constructor does would only be a side effect.
+_SEED_ON_BUILD = contextvars.ContextVar("deepspot_seed_on_build", default=True)
+
+
+@contextlib.contextmanager
+def building_from_weights() -> Iterator[None]:
+    """Construct models without :func:`~deepspot.utils.fix_seed` and put torch's CPU generator back afterwards (the
+    initial weights draw from it): for loading, which leaves the caller's global random state as it was."""
+    token = _SEED_ON_BUILD.set(False)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        _SEED_ON_BUILD.reset(token)
 
 class DeepSetModel(nn.Module):
     """An ensemble of Phi networks, pooled over bags, followed by an ensemble of Rho networks.
@@ -59,7 +78,8 @@ class DeepSetModel(nn.Module):
         self.n_ensemble_rho = config["n_ensemble"] if config["n_ensemble_rho"] is None else config["n_ensemble_rho"]
 
         # Seeding first, then Phi, then Rho: the reference's order, which fixes the initial weights.
-        fix_seed(config["random_seed"])
+        if _SEED_ON_BUILD.get():
+            fix_seed(config["random_seed"])
         h = config["phi2rho_size"]
         phis = nn.ModuleList(Phi(config["input_size"], h, self.p_phi) for _ in range(self.n_ensemble_phi))
         setattr(self, self.phi_attr, phis)
@@ -115,6 +135,9 @@ class DeepSetModel(nn.Module):
         names = self.mode.input_names
         if x is not None and bags:
             raise InputError("pass the bags either positionally or by keyword, not both")
+        if isinstance(x, Mapping):
+            raise InputError(f"pass a dict of bags as keyword arguments, model(**bags); mode {self.mode.reference!r} "
+                             f"takes {', '.join(names)}")  # fmt: skip
         if x is not None:
             if isinstance(x, torch.Tensor):
                 if len(names) != 1:
@@ -137,10 +160,18 @@ class DeepSetModel(nn.Module):
             raise InputError(f"unexpected input {extra[0]!r}: mode {self.mode.reference!r} takes {', '.join(names)}")
 
         batch = None
+        weights = next(self.parameters()).dtype
         for bag in self.mode.bags:
             t = bags[bag.name]
             if not isinstance(t, torch.Tensor):
-                raise InputError(f"input {bag.name!r} must be a torch.Tensor, got {type(t).__name__}")
+                raise InputError(f"input {bag.name!r} must be a torch.Tensor, got {type(t).__name__}"
+                                 + (" (torch.from_numpy(a) makes one)" if hasattr(t, "__array__") else ""))
+            if not t.is_floating_point():
+                raise InputError(f"input {bag.name!r} must be floating point, got {t.dtype}")
+            if t.dtype != weights and not torch.is_autocast_enabled(t.device.type):
+                # torch.from_numpy keeps NumPy's float64; torch would fail deep in a matrix product.
+                raise InputError(f"input {bag.name!r} is {t.dtype}, the model's weights are {weights}: pass "
+                                 f"{bag.name}.to({weights}), or convert the model")  # fmt: skip
             expected = f"(B, 1, {self.input_size})" if bag.single else f"(B, {bag.name[0].upper()}, {self.input_size})"
             if t.dim() != 3:
                 raise InputError(f"input {bag.name!r} must have shape {expected}, got {tuple(t.shape)}")

@@ -17,12 +17,14 @@ from safetensors.torch import save_file
 
 from ._version import __version__
 from .assemble import from_parts, shapes_of
-from .errors import CheckpointError, folder_hint
-from .fileio import atomic_path, file_sha256
+from .errors import CheckpointError, InputError, folder_hint
+from .fileio import atomic_path, check_output_file, file_sha256
 
 FORMAT = "deepspot-checkpoint"
 FORMAT_VERSION = 1
 REFERENCE_SUFFIXES = (".pkl", ".ckpt", ".pt", ".pth", ".bin")
+#: What ``deepspot export`` and ``deepspot engine build`` write: runtime files, not checkpoints.
+EXPORT_SUFFIXES = (".onnx", ".plan", ".engine")
 
 
 def model_metadata(model) -> dict[str, Any]:
@@ -41,9 +43,31 @@ def model_metadata(model) -> dict[str, Any]:
 
 
 def save(model, path: str | Path, no_clobber: bool = False) -> Path:
-    """Write ``model`` to ``path`` (``.safetensors``) atomically and return the path; with ``no_clobber`` an
-    existing file is an error instead of being replaced."""
-    path = Path(path)
+    """Write a model to a ``.safetensors`` checkpoint, atomically: the weights under the reference's keys, and the
+    family, mode, constructor arguments, scaler, gene names and training history in its metadata. The same model gives
+    the same bytes.
+
+    Args:
+        model: A DeepSpot or DeepCell (:func:`deepspot.create_model`, :func:`deepspot.load`).
+        path: The file to write, ending in ``.safetensors``; its folder must exist. An existing file is replaced.
+        no_clobber: Refuse to replace an existing file instead.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        TypeError: ``model`` is not a DeepSpot or DeepCell.
+        InputError: ``path`` does not end in ``.safetensors`` (``deepspot.load`` would take a ``.pt`` or ``.pkl`` for
+            a reference file, and an ``.onnx`` name is an export's).
+        DeepSpotError: The folder is missing or not writable, ``path`` is a folder, or it exists and ``no_clobber``.
+    """
+    from .base import DeepSetModel
+
+    if not isinstance(model, DeepSetModel):
+        raise TypeError(f"deepspot.save writes a DeepSpot or DeepCell model, not a {type(model).__name__}")
+    path = check_output_file(path, "checkpoint")
+    if path.suffix.lower() != ".safetensors":
+        raise InputError(f"{path}: a checkpoint is a .safetensors file; give a name ending in .safetensors")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # One metadata key: safetensors stores the metadata map in no fixed order, and equal models must give equal bytes.
     meta = {"deepspot": json.dumps(model_metadata(model))}
@@ -98,18 +122,34 @@ def _parse_metadata(path: Path, raw: dict[str, str]) -> dict[str, Any]:
 def load(path: str | Path):
     """Load a model, in eval mode, from a deepspot checkpoint or a reference file.
 
-    ``.safetensors`` files are deepspot checkpoints. Reference files (``.pkl``, ``.ckpt``, ``.pt``) are imported on
-    the fly with :func:`deepspot.importer.import_reference` (safely: nothing in them is executed). Either way every
-    claim of the file is checked before memory is allocated for it (:mod:`deepspot.assemble`).
+    ``.safetensors`` files are deepspot checkpoints (:func:`save`). Reference files (``.pkl``, ``.ckpt``, ``.pt``,
+    ``.pth``, ``.bin``) are imported on the fly with :func:`deepspot.importer.import_reference` (safely: nothing in
+    them is executed). Either way every claim of the file is checked before memory is allocated for it
+    (:mod:`deepspot.assemble`). Unlike building a model (:func:`deepspot.create_model` seeds Python, NumPy and torch
+    as the reference does), loading leaves the global random state as it was.
+
+    Args:
+        path: The checkpoint or reference file.
+
+    Returns:
+        The :class:`~deepspot.spot.DeepSpot` or :class:`~deepspot.cell.DeepCell`, with its ``scaler``, ``genes`` and
+        ``history``. Call it with ``float32`` tensors ``(B, n, D)`` by name (``spot=``, ``subspot=``,
+        ``neighbors=``, ``cell=``) for ``(B, G)`` predictions; ``model.inverse_transform`` maps them to the original
+        scale.
 
     Raises:
-        CheckpointError: The file is missing, truncated, foreign, or does not match its hyperparameters.
+        CheckpointError: The file is missing, truncated, foreign, an ONNX export or TensorRT plan (run those with
+            :func:`deepspot.runtime.load_runner`), or does not match its hyperparameters.
     """
     path = Path(path)
-    if path.suffix.lower() in REFERENCE_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix in REFERENCE_SUFFIXES:
         from .importer import import_reference
 
         return import_reference(path)
+    if suffix in EXPORT_SUFFIXES and path.is_file():
+        raise CheckpointError(f"{path}: an exported model, not a checkpoint; run it with deepspot.runtime.load_runner "
+                              "(deepspot.load reads .safetensors checkpoints and reference files)")  # fmt: skip
     meta, tensors = _open(path, with_tensors=True)
     return from_parts(meta, tensors, source=str(path))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import os
 import shutil
 import warnings
 import zipfile
@@ -58,6 +59,15 @@ class Bundle:
 
     def __post_init__(self):
         self._source = str(self.path) if self.path is not None else "bundle"
+
+    def __repr__(self) -> str:  # the arrays' shapes, not their values (a slide's would fill the screen)
+        arrays = ", ".join(f"{k}: {a.shape} {a.dtype}" for k, a in self.arrays.items())
+        return f"Bundle({self._source}, {{{arrays}}})"
+
+    @property
+    def source(self) -> str:
+        """What messages call the bundle: its path, or ``bundle`` for one made in memory."""
+        return self._source
 
     def __contains__(self, key: str) -> bool:
         return key in self.arrays
@@ -185,6 +195,15 @@ class Bundle:
 def load_bundle(path: str | Path, mmap: bool = True) -> Bundle:
     """Read a bundle from a ``.npz`` file or a directory of ``.npy`` files (memory-mapped with ``mmap``).
 
+    Args:
+        path: The ``.npz`` file or the folder.
+        mmap: Memory-map the arrays (``.npy`` files, and ``.npz`` members stored uncompressed) instead of reading
+            them into memory.
+
+    Returns:
+        A :class:`Bundle`: ``bundle["spot"]``, ``bundle.n``, ``bundle.barcodes``, ``bundle.genes``; it is checked
+        against a model by :meth:`Bundle.validate`, and :func:`deepspot.runtime.infer` takes it as it is.
+
     Raises:
         InputError: The path is missing, not a bundle, or an array cannot be read.
     """
@@ -214,6 +233,24 @@ def load_bundle(path: str | Path, mmap: bool = True) -> Bundle:
     if unknown:
         raise InputError(f"{path}: unknown array {unknown[0]!r}; a bundle holds {', '.join(KNOWN_KEYS)}")
     return Bundle(arrays, path)
+
+
+def as_bundle(bundle: Bundle | Mapping[str, np.ndarray] | str | Path, mmap: bool = True) -> Bundle:
+    """A :class:`Bundle` from a path (read with :func:`load_bundle`), a :class:`Bundle` (as it is) or arrays by name
+    (in memory, with a file's names: ``spot``, ``subspot``, ``neighbors``, ``barcode``, ...).
+
+    Raises:
+        InputError: A path that is no bundle, or an array name a bundle does not hold.
+        TypeError: Anything else.
+    """
+    if isinstance(bundle, Bundle):
+        return bundle
+    if isinstance(bundle, (str, os.PathLike)):
+        return load_bundle(bundle, mmap=mmap)
+    if isinstance(bundle, Mapping):
+        _check_keys(bundle)
+        return Bundle({k: np.asarray(v) for k, v in bundle.items()})
+    raise TypeError(f"expected a bundle's path, a deepspot.data.Bundle or arrays by name, not a {type(bundle).__name__}")
 
 
 def _read_npz(path: Path, mmap: bool) -> dict[str, np.ndarray]:

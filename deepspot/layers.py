@@ -49,7 +49,7 @@ def pool(x: torch.Tensor, op: str) -> torch.Tensor:
     if op == "max":
         return x.max(dim=1).values
     if op == "none":
-        return x.reshape(x.shape[0], -1)
+        return x.reshape(x.shape[0], x.shape[1] * x.shape[2])  # not -1: a batch of 0 items has no size to infer
     raise ValueError(f"unknown pooling {op!r}; expected one of: {', '.join(POOLS)}")
 
 
@@ -67,7 +67,8 @@ def phi_bag(x: torch.Tensor, phis: nn.ModuleList, op: str) -> torch.Tensor:
     b, t, d = x.shape
     flat = x.reshape(b * t, d)
     h = torch.stack([phi(flat) for phi in phis], dim=1)  # (B*T, E, H)
-    h = lower_median(h, dim=1).reshape(b, t, -1)  # (B, T, H)
+    h = lower_median(h, dim=1)  # (B*T, H)
+    h = h.reshape(b, t, h.shape[-1])  # (B, T, H); not -1, which a batch of 0 items leaves undefined
     return pool(h, op)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 
 import numpy as np
 import pytest
@@ -97,3 +99,35 @@ def test_written_files_get_default_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644  # not the private 0600 of the temporary file
+
+
+def test_load_leaves_the_global_random_state_alone(tmp_path, monkeypatch):
+    # Building a model seeds Python, NumPy and torch and sets cuDNN's flags, as the reference does; loading threw the
+    # caller's seeds away for weights it replaces at once.
+    path = deepspot.save(_model(), tmp_path / "m.safetensors")
+    monkeypatch.delenv("PYTHONHASHSEED", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    states = random.getstate(), np.random.get_state()[1].copy(), torch.random.get_rng_state()
+    loaded = deepspot.load(path)
+    assert random.getstate() == states[0]
+    np.testing.assert_array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.random.get_rng_state(), states[2])
+    assert torch.backends.cudnn.benchmark and "PYTHONHASHSEED" not in os.environ
+    for k, v in loaded.state_dict().items():  # the weights are the file's all the same
+        assert torch.equal(v, _model().state_dict()[k])
+
+
+def test_save_refuses_what_is_no_model_and_names_that_are_no_checkpoint(tmp_path):
+    with pytest.raises(TypeError, match="a DeepSpot or DeepCell model, not a Linear"):
+        deepspot.save(torch.nn.Linear(2, 2), tmp_path / "m.safetensors")
+    for name in ("model.onnx", "model.pt"):  # an export's name; a reference file's, which load would import
+        with pytest.raises(ValueError, match=f"{name}: a checkpoint is a .safetensors file"):
+            deepspot.save(_model(), tmp_path / name)
+        assert not (tmp_path / name).exists()
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"\x08\x07")
+    with pytest.raises(CheckpointError, match="an exported model, not a checkpoint; run it with deepspot.runtime"):
+        deepspot.load(onnx_file)

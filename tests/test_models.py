@@ -128,6 +128,38 @@ def test_bad_inputs_raise_named_value_errors(bad, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "cast, message",
+    [
+        (lambda t: t.double(), "input 'spot' is torch.float64, the model's weights are torch.float32: pass spot.to("),
+        (lambda t: t.half(), "input 'spot' is torch.float16"),
+        (lambda t: t.int(), "input 'spot' must be floating point, got torch.int32"),
+        (lambda t: t.numpy(), "input 'spot' must be a torch.Tensor, got ndarray (torch.from_numpy(a) makes one)"),
+    ],
+)
+def test_inputs_of_another_dtype_raise_named_value_errors(cast, message):
+    # torch.from_numpy of NumPy's default float64 gave "mat1 and mat2 must have the same dtype" from deep in Linear.
+    mode = get_mode("spot", "subspot_neighbors")
+    model = DeepSpot(6, 3, phi2rho_size=4, n_ensemble=2).eval()
+    x = _inputs(mode, 4, 3, 6)
+    with pytest.raises(ValueError) as err:
+        model(**{**x, "spot": cast(x["spot"])})
+    assert message in str(err.value)
+    with pytest.raises(ValueError, match=r"keyword arguments, model\(\*\*bags\)"):
+        model(x)  # a dict positionally
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # autocast casts for the model: allowed
+        assert model(**{k: v.to(torch.bfloat16) for k, v in x.items()}).shape == (4, 3)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.key)
+def test_an_empty_batch_gives_no_rows(mode):
+    # As the ONNX graphs do: (0, G), not "cannot reshape tensor of 0 elements".
+    cls = DeepSpot if mode.family == "spot" else DeepCell
+    model = cls(6, 3, phi2rho_size=4, n_ensemble=2, **{f"{mode.family}_context": mode.reference}).eval()
+    with torch.no_grad():
+        assert model(**_inputs(mode, 0, 3, 6)).shape == (0, 3)
+
+
 def test_positional_inputs_are_checked():
     model = DeepSpot(6, 3, phi2rho_size=4, n_ensemble=2).eval()
     with pytest.raises(ValueError, match="takes 3 bags"):

@@ -35,7 +35,6 @@ _LAZY = {
         "ValidationReport",
         "session_from_onnx",
         "validate_onnx",
-    "write_triton_repository",
     ),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}

@@ -20,8 +20,12 @@ def artifact_kind(model: Any) -> str:
 
     Raises:
         CheckpointError: A path with a suffix that is none of these.
+        TypeError: Neither a path nor a model.
     """
     if not isinstance(model, (str, Path)):
+        if not (hasattr(model, "family") and hasattr(model, "mode")):
+            raise TypeError(f"expected the path of a model file or a DeepSpot/DeepCell model, not a "
+                            f"{type(model).__name__}")  # fmt: skip
         return "model"
     suffix = Path(model).suffix.lower()
     if suffix in CHECKPOINT_SUFFIXES:

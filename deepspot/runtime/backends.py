@@ -315,12 +315,26 @@ def load_runner(
 ) -> Runner:
     """Build (but do not activate) the runner for a model, a checkpoint, an ONNX file or a TensorRT plan.
 
+    Use it as a context manager (or ``activate()`` it), then ``runner.infer(feed)``: a feed maps each input name
+    (``spot``, ``subspot``, ``neighbors`` or ``cell``, ``neighbors``) to a float NumPy array ``(B, n, D)`` (a single
+    tile may be ``(B, D)``; float64 is cast), and the result maps ``expression`` to float32 ``(B, G)``, on the
+    model's standardised scale unless the export folded the scaler (``runner.info.inverse_transform`` maps it back).
     The runner's ``selection`` attribute records the backend asked for and the one that runs.
+
+    Args:
+        model: A path (``.onnx``, ``.plan``, a ``.safetensors`` checkpoint or a reference file) or an in-memory
+            DeepSpot/DeepCell (torch backends).
+        backend: A name from :data:`BACKENDS`; default ``ort-cpu`` for ONNX, ``torch`` for a checkpoint or model,
+            ``tensorrt`` for a plan.
+        options: How to build the runner (:class:`RunnerOptions`: device, precision, threads, ...).
+        allow_fallback: Permit another backend where ``backend`` cannot run here (with a :class:`FallbackWarning`).
+        probe: What this machine can run (default: probed once).
 
     Raises:
         BackendUnavailableError: The backend cannot run here (see :func:`select_backend`).
         ConfigError: The backend cannot run this kind of file, or the precision does not fit.
         CheckpointError: The file is missing or unreadable.
+        TypeError: ``model`` is neither a path nor a model.
     """
     options = options or RunnerOptions()
     kind = artifact_kind(model)
@@ -330,9 +344,11 @@ def load_runner(
         raise ConfigError(f"{model}: a TensorRT plan runs on the tensorrt backend only, not {requested!r}")
     if kind != "plan" and b.runs != kind:
         what = "a checkpoint or model" if b.runs == "model" else "an ONNX file (deepspot export)"
-        raise ConfigError(
-            f"backend {requested!r} runs {what}; {model} is {'an ONNX file' if kind == 'onnx' else 'a checkpoint'}"
-        )
+        if not isinstance(model, (str, Path)):  # its repr is the whole module tree
+            given = f"an in-memory {type(model).__name__} is a model (deepspot.export.export_onnx writes its graph)"
+        else:
+            given = f"{model} is {'an ONNX file' if kind == 'onnx' else 'a checkpoint'}"
+        raise ConfigError(f"backend {requested!r} runs {what}; {given}")
     # The backend asked for counts, as it does for --device; a fallback leaves out what its backend cannot take.
     check_gpu_options(options, requested)
     selection = select_backend(requested, allow_fallback, probe, kind)

@@ -161,6 +161,8 @@ def check_feed(feed: Mapping[str, np.ndarray], specs: Mapping[str, TensorSpec], 
         for axis, size in enumerate(spec.shape):
             if not spec.is_dynamic(axis) and shape[axis] != size:
                 raise InputError(f"{where}: input {name!r} has size {shape[axis]} on axis {axis}, expected {size}")
+        if spec.rank == 3 and shape[1] == 0:  # a bag axis: onnxruntime fails deep in a Reshape, torch names it
+            raise InputError(f"{where}: input {name!r} has an empty bag, shape {shape}: every item needs a tile")
         if batch is None:
             batch = shape[0]
         elif shape[0] != batch:
@@ -175,11 +177,18 @@ def conform_feed(feed: Mapping[str, np.ndarray], specs: Mapping[str, TensorSpec]
     Raises:
         InputError: A non-floating-point input, or a value the graph's dtype cannot represent.
     """
+    if not isinstance(feed, Mapping):
+        raise InputError(f"{where}: the feed must map input names to arrays ({', '.join(specs)}), not "
+                         f"{type(feed).__name__}")  # fmt: skip
     out = dict(feed)
     for name, spec in specs.items():
         if name not in out:
             continue
-        a = np.asarray(out[name])
+        try:
+            a = np.asarray(out[name])
+        except (TypeError, ValueError, RuntimeError) as e:  # a CUDA tensor, one that requires grad, ragged lists
+            raise InputError(f"{where}: input {name!r} is no array NumPy can read ({str(e).splitlines()[0]}); pass "
+                             "a NumPy array (a torch tensor as t.detach().cpu().numpy())") from None  # fmt: skip
         if a.ndim == 2 and spec.rank == 3 and spec.shape[1] == 1:
             a = a[:, None, :]
         if a.dtype != np.dtype(spec.dtype) and np.dtype(spec.dtype).kind == "f":

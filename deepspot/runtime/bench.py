@@ -12,6 +12,7 @@ host-to-device bandwidth measured in the same run.
 from __future__ import annotations
 
 import functools
+import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
@@ -40,6 +41,23 @@ from .bench_common import (  # noqa: F401  (moved to bench_common; re-exported, 
 )
 
 
+def _keeps_torch_threads(fn):
+    """The benchmarks run PyTorch on the physical cores; put the caller's thread setting back when they end."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        torch = sys.modules.get("torch")  # not imported: nothing set yet, and none needed for ONNX-only runs
+        threads = torch.get_num_threads() if torch is not None else None
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if threads is not None:
+                torch.set_num_threads(threads)
+
+    return wrapper
+
+
+@_keeps_torch_threads
 def run_bench(
     workload: str | Workload = "visium-uni",
     backends: tuple[str, ...] | list[str] = ("torch", "ort-cpu"),

@@ -183,8 +183,11 @@ def infer(
 
     Args:
         model: A checkpoint (runs on ``torch``), an ``.onnx`` file, a ``.plan``, or an in-memory model.
-        bundle: A feature bundle (``.npz`` or a directory of ``.npy``), memory-mapped.
-        output: ``.npy`` (predictions), ``.npz`` (``predictions``, ``barcodes``, ``genes``) or ``.h5ad``.
+        bundle: A feature bundle's path (``.npz`` or a directory of ``.npy``, memory-mapped), a
+            :class:`~deepspot.data.Bundle` (:func:`~deepspot.data.load_bundle`), or its arrays by name in memory
+            (``spot``, ``subspot``, ``neighbors``, optionally ``barcode``, ``x_pixel``, ... as in a file).
+        output: ``.npy`` (predictions), ``.npz`` (``predictions``, ``barcodes``, ``genes``) or ``.h5ad`` (an AnnData:
+            barcodes as ``obs_names``, gene names as ``var_names``, ``obsm["spatial"]`` from the pixel coordinates).
         backend: Backend name; default ``torch`` for a checkpoint, ``ort-cpu`` for ONNX, ``tensorrt`` for a plan.
         batch_size: Items per batch; default :func:`default_batch_size` (large on a GPU).
         options: Runner options (device, precision, threads, ...); ``batch_size`` and the data's bag sizes are
@@ -202,14 +205,18 @@ def infer(
         no_clobber: Refuse to replace an existing output (by default it is replaced, atomically).
         session: A :class:`ModelSession` to reuse (a cohort's); by default one is made for this call and closed.
 
+    Returns:
+        An :class:`InferResult`: the output path, items, genes, seconds, items/s and the backend that ran.
+
     Raises:
         DeepSpotError: Bad input (reported before anything runs), unavailable backend, unwritable output.
+        TypeError: ``bundle`` is neither a path, a bundle nor arrays by name.
     """
-    from ..data import load_bundle
+    from ..data import Bundle, as_bundle
 
     check_layout_options(layout, table, table_dtype)
-    output = check_output_path(output, (bundle, model), no_clobber)
-    data = load_bundle(bundle, mmap=True)
+    output = check_output_path(output, (bundle.path if isinstance(bundle, Bundle) else bundle, model), no_clobber)
+    data = as_bundle(bundle, mmap=True)
     layout = resolve_layout(layout, data, model)
     if batch_size is not None:
         at_least(batch_size, "--batch-size")  # 0 is not "the default"
@@ -241,11 +248,11 @@ def _infer_dense(session, data, output, batch_size, inverse_transform, progress,
         # A per-item graph on an indexed bundle: gather each batch's neighbour bags from the index.
         from .indexed import check_indexed_inputs, dense_from_index
 
-        n = check_indexed_inputs(data.arrays, info, source=str(data.path), max_bag=max_bag, dtypes=dtypes)
+        n = check_indexed_inputs(data.arrays, info, source=data.source, max_bag=max_bag, dtypes=dtypes)
         inputs, prepare = dense_from_index(data.arrays, mode)
     else:
         inputs = data.inputs(mode)
-        n = check_inputs(inputs, info, source=str(data.path), max_bag=max_bag, dtypes=dtypes)
+        n = check_inputs(inputs, info, source=data.source, max_bag=max_bag, dtypes=dtypes)
     _warn_if_empty(n, data)
     if inverse_transform:
         info.check_inverse_transform(session.model)
@@ -392,11 +399,11 @@ def resolve_layout(layout: str | None, data, model: Any) -> str:
     if layout == "indexed" and "neighbor_index" not in data:
         if indexed_export:
             raise ConfigError(
-                f"{data.path}: holds neighbour features, and {model} is an indexed export, which takes neighbour "
+                f"{data.source}: holds neighbour features, and {model} is an indexed export, which takes neighbour "
                 "indices: build the bundle with deepspot bundle --index, or run the per-item .onnx export"
             )
         raise ConfigError(
-            f"{data.path}: the indexed layout needs 'neighbor_index' in the bundle (deepspot bundle --index); "
+            f"{data.source}: the indexed layout needs 'neighbor_index' in the bundle (deepspot bundle --index); "
             "this bundle holds neighbour features, so run it with --layout dense"
         )
     if layout == "dense" and is_indexed_folder(model):
@@ -414,7 +421,7 @@ def _infer_indexed(session, data, output, batch_size, inverse_transform, progres
     mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
     if not mode.has_neighbors:
         raise ConfigError(f"mode {mode.name!r} has no neighbours, so it has no indexed layout; use --layout dense")
-    n = check_indexed_inputs(data.arrays, info, source=str(data.path), max_bag=max_bag,
+    n = check_indexed_inputs(data.arrays, info, source=data.source, max_bag=max_bag,
                              dtypes=pipeline.feature_dtypes())  # fmt: skip
     _warn_if_empty(n, data)
     if inverse_transform:
@@ -438,7 +445,7 @@ def _infer_indexed(session, data, output, batch_size, inverse_transform, progres
 
 def _warn_if_empty(n: int, data) -> None:
     if n == 0:  # a valid bundle (a slide with no tissue spots), but more often a mistake upstream: say so
-        warnings.warn(f"{data.path}: the bundle holds no items, so the predictions have no rows", DeepSpotWarning,
+        warnings.warn(f"{data.source}: the bundle holds no items, so the predictions have no rows", DeepSpotWarning,
                       stacklevel=3)  # fmt: skip
 
 

@@ -320,7 +320,8 @@ def check_parity(
         checkpoint: The reference: a checkpoint path or an in-memory model.
         model: What to test: an ``.onnx`` file, a ``.plan`` or a checkpoint (for ``torch`` variants).
         backend: Backend for ``model`` (default from its file type).
-        bundle: Compare on a feature bundle's items; else on ``n_random`` seeded random items (default 64).
+        bundle: Compare on a feature bundle's items; else on ``n_random`` seeded random items.
+        n_random: How many random items without a bundle (default 64).
         atol: Override the precision's absolute tolerance.
         rtol: Override the precision's relative tolerance.
         batch_size: Items per batch.
@@ -554,6 +555,13 @@ def check_parity_expected(
         model: An ``.onnx`` file, an indexed export folder, a ``.plan`` or a checkpoint.
         expected: ``.npy`` (N x G), or an ``.npz`` with ``predictions`` (as ``infer`` writes).
         bundle: The bundle the expected outputs were computed on.
+        backend: Backend for ``model`` (default from its file type).
+        atol: Override the precision's absolute tolerance.
+        rtol: Override the precision's relative tolerance.
+        batch_size: Items per batch.
+        options: :class:`~deepspot.runtime.backends.RunnerOptions` for ``model``'s runner.
+        allow_fallback: Permit another backend (the report then names the one that ran).
+        layout: ``dense`` or ``indexed``, as :func:`~deepspot.runtime.infer` takes it.
         inverse_transform: The expected outputs are on the original scale (``infer --inverse-transform``).
 
     Raises:

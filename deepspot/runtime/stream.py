@@ -209,7 +209,11 @@ def predict(
     fixed_batch: bool = False,
     check_finite: bool = False,
 ) -> np.ndarray:
-    """Run ``runner`` over every item in batches; write into ``out`` (allocated if ``None``) and return it.
+    """Run an active ``runner`` over every item of in-memory arrays in batches; write into ``out`` (allocated if
+    ``None``) and return it, ``(N, G)`` float32.
+
+    ``inputs`` maps the runner's input names to arrays ``(N, n, D)`` (``Bundle.inputs(mode)`` gives a bundle's);
+    ``inverse_transform`` maps each batch back through the model's scaler, ``progress`` draws a bar on stderr.
 
     Inputs are not checked here (see :func:`check_inputs`); the runner checks each batch's names and ranks.
     ``prepare`` finishes each feed in the prefetch thread (see :func:`batches`); inputs the graph does not take

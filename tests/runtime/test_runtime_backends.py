@@ -227,6 +227,11 @@ def test_load_runner_matches_backend_to_file_type(artifacts, tmp_path):
         load_runner(a.onnx, "torch")
     with pytest.raises(ConfigError, match="runs an ONNX file"):
         load_runner(a.checkpoint, "ort-cpu")
+    with pytest.raises(ConfigError) as err:  # named by its type: its repr is the whole module tree
+        load_runner(a.model, "ort-cpu")
+    assert str(err.value).endswith("an in-memory DeepSpot is a model (deepspot.export.export_onnx writes its graph)")
+    with pytest.raises(TypeError, match="a model file or a DeepSpot/DeepCell model, not a dict"):
+        load_runner({"spot": None})
     with pytest.raises(ConfigError, match="unknown backend 'onnx'"):
         load_runner(a.onnx, "onnx")
     with pytest.raises(CheckpointError, match="model.txt: no such model file or folder"):

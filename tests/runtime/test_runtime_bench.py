@@ -62,6 +62,18 @@ def test_quick_bench_reports_sane_fields(tmp_path):
     assert list(tmp_path.iterdir()) == [tmp_path / "bench.json"]  # the temporary export is gone
 
 
+def test_bench_puts_the_callers_torch_threads_back(tmp_path):
+    # It runs on the physical cores; a notebook that had set its own thread count kept the benchmark's.
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        run_bench("xenium", ["ort-cpu"], repeats=1, warmup=0, quick=True, workdir=tmp_path)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_bench_refuses_bad_arguments():
     with pytest.raises(ConfigError, match="repeats"):
         run_bench("visium-uni", ["ort-cpu"], repeats=0, quick=True)

@@ -103,3 +103,23 @@ def test_infer_takes_what_a_bundle_takes(runner_for, backend):
         with pytest.raises(InputError, match="'spot' must be floating point"):
             runner.infer({**canonical, "spot": canonical["spot"].astype(np.int32)})
 
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort-cpu"])
+def test_feed_mistakes_are_named_input_errors(runner_for, backend):
+    # onnxruntime failed in a Reshape node on an empty bag (and logged a block of its own); a non-mapping feed and a
+    # tensor that requires grad raised errors about dict updates and tensors, not about the feed.
+    torch = pytest.importorskip("torch")
+    a, runner = runner_for(backend)
+    feed = {k: np.ascontiguousarray(v[:4]) for k, v in a.inputs().items()}
+    with runner:
+        with pytest.raises(InputError, match=r"input 'subspot' has an empty bag, shape \(4, 0, 16\)"):
+            runner.infer({**feed, "subspot": feed["subspot"][:, :0]})
+        with pytest.raises(InputError, match="the feed must map input names to arrays .spot, subspot, neighbors., not"):
+            runner.infer(feed["spot"])
+        grad = torch.from_numpy(feed["spot"]).requires_grad_()
+        with pytest.raises(InputError, match=r"input 'spot' is no array NumPy can read .*t.detach\(\).cpu\(\)"):
+            runner.infer({**feed, "spot": grad})
+        np.testing.assert_array_equal(runner.infer({**feed, "spot": torch.from_numpy(feed["spot"])})["expression"],
+                                      runner.infer(feed)["expression"])  # fmt: skip
+        assert runner.infer({k: v[:0] for k, v in feed.items()})["expression"].shape == (0, 5)

@@ -63,6 +63,30 @@ def test_h5ad_output(artifacts, tmp_path):
     assert list(adata.obs_names) == list(a.arrays["barcode"])
 
 
+def test_infer_takes_a_loaded_bundle_or_arrays_in_memory(artifacts, tmp_path):
+    # A Python user holds a load_bundle() result or arrays; infer took only a path (TypeError from pathlib).
+    from deepspot.data import load_bundle
+
+    a = artifacts("cell", "neighbors")
+    infer(a.onnx, a.bundle, tmp_path / "path.npz", batch_size=10)
+    bundle = load_bundle(a.bundle)
+    assert repr(bundle).startswith(f"Bundle({a.bundle}, {{cell: (37, 16) float32, ")  # shapes, not values
+    infer(a.onnx, bundle, tmp_path / "bundle.npz", batch_size=10)
+    infer(a.onnx, dict(a.arrays), tmp_path / "arrays.npz", batch_size=10)
+    with np.load(tmp_path / "path.npz") as want:
+        for name in ("bundle", "arrays"):
+            with np.load(tmp_path / f"{name}.npz") as got:
+                assert all(np.array_equal(got[k], want[k]) for k in want.files)
+    with pytest.raises(InputError, match="bundle: missing 'neighbors'"):
+        infer(a.onnx, {"cell": a.arrays["cell"]}, tmp_path / "p.npy")
+    with pytest.raises(InputError, match="unknown bundle array 'features'"):
+        infer(a.onnx, {"features": a.arrays["cell"]}, tmp_path / "p.npy")
+    with pytest.raises(TypeError, match="a bundle's path, a deepspot.data.Bundle or arrays by name, not a list"):
+        infer(a.onnx, [a.arrays["cell"]], tmp_path / "p.npy")
+    with pytest.raises(DeepSpotError, match="is an input of this run"):
+        infer(a.onnx, bundle, a.bundle)
+
+
 def test_failed_run_leaves_no_output(artifacts, tmp_path, monkeypatch):
     a = artifacts()
     from deepspot.runtime.ort import OrtRunner
