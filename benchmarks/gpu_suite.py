@@ -77,11 +77,14 @@ class Suite:
                 value = fn(*args)
                 self.results["steps"][name] = {"status": "ok", "seconds": time.perf_counter() - t0, "result": value}
             except Exception as e:  # noqa: BLE001  one failing step must not lose the others
+                before = self.results["steps"].get(name) or {}
                 self.results["steps"][name] = {
                     "status": "failed",
                     "seconds": time.perf_counter() - t0,
                     "error": f"{type(e).__name__}: {e}",
                     "traceback": traceback.format_exc(limit=6),
+                    # what it had recorded before it failed (see partial)
+                    **({"result": before["result"]} if before.get("status") == "running" else {}),
                 }
         self.write()
         return self.results["steps"][name].get("result")
@@ -629,8 +632,9 @@ def markdown(results: dict) -> str:
         if not step:
             continue
         lines.append(f"## {name} ({step['status']})")
-        if step.get("result") is None:  # skipped or failed ("running": cut short, with what it had done)
+        if step["status"] in ("skipped", "failed"):
             lines += [f"{step.get('reason') or step.get('error')}", ""]
+        if step.get("result") is None:  # what a failed or cut-short ("running") step had done is shown below
             continue
         result = step["result"]
         if name == "parity":

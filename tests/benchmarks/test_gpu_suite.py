@@ -240,3 +240,18 @@ def test_slide_runs_past_the_budget_are_skipped_and_a_cut_short_step_keeps_its_r
     saved = json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]["slides"]
     assert saved["status"] == "running" and saved["result"]["xenium-slide"]["rows"]["r"]["items_per_s"] == 5.0
     assert "| xenium-slide | r | 5 |" in (tmp_path / "gpu_suite.md").read_text()
+
+
+def test_a_step_that_fails_after_recording_cases_keeps_them(tmp_path):
+    suite = _suite()
+    run = suite.Suite(tmp_path, budget=1e9, smoke=True)
+
+    def step(partial):
+        partial({"spot/spot torch fp32": {"passed": True, "max_abs": 1e-7}})
+        raise MemoryError("out of host memory")
+
+    run.step("parity", step, run.partial("parity"))
+    saved = json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]["parity"]
+    assert saved["status"] == "failed" and saved["result"]["spot/spot torch fp32"]["passed"] is True
+    markdown = (tmp_path / "gpu_suite.md").read_text()
+    assert "MemoryError: out of host memory" in markdown and "| spot/spot torch fp32 | True | 1e-07 |" in markdown
