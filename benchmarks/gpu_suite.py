@@ -101,7 +101,11 @@ class Suite:
 
     def write(self) -> None:
         (self.out / "gpu_suite.json").write_text(json.dumps(self.results, indent=1, default=str))
-        (self.out / "gpu_suite.md").write_text(markdown(self.results))
+        try:
+            text = markdown(self.results)
+        except Exception as e:  # noqa: BLE001  the JSON holds everything; a table that fails must not stop the suite
+            text = f"# deepspot GPU suite\n\nThe table could not be written ({type(e).__name__}: {e}); see the JSON.\n"
+        (self.out / "gpu_suite.md").write_text(text)
 
 
 def cuda_available() -> tuple[bool, str]:

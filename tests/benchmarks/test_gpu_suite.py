@@ -255,3 +255,12 @@ def test_a_step_that_fails_after_recording_cases_keeps_them(tmp_path):
     assert saved["status"] == "failed" and saved["result"]["spot/spot torch fp32"]["passed"] is True
     markdown = (tmp_path / "gpu_suite.md").read_text()
     assert "MemoryError: out of host memory" in markdown and "| spot/spot torch fp32 | True | 1e-07 |" in markdown
+
+
+def test_a_table_that_cannot_be_written_does_not_stop_the_suite(tmp_path, monkeypatch):
+    suite = _suite()
+    monkeypatch.setattr(suite, "markdown", lambda results: 1 / 0)
+    run = suite.Suite(tmp_path, budget=1e9, smoke=True)
+    run.step("gemm", lambda: {"fp32_tflops": 1.0})
+    assert json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]["gemm"]["status"] == "ok"
+    assert "ZeroDivisionError" in (tmp_path / "gpu_suite.md").read_text()
