@@ -2,8 +2,9 @@
 
     python benchmarks/gpu_suite.py --out DIR [--budget 360] [--smoke]
 
-Steps, each written to ``DIR/gpu_suite.json`` and ``DIR/gpu_suite.md`` as soon as it ends (a time-out keeps what was
-done; a step that fails records its error and the suite goes on):
+Steps, each written to ``DIR/gpu_suite.json`` and ``DIR/gpu_suite.md`` as soon as it ends, and the long ones after each
+case or run too (status ``running``: a time-out keeps what was done); a step, case or run that fails records its error
+and the suite goes on:
 
 1. ``doctor``: versions, GPU, driver, CUDA and cuDNN libraries, and which backends run;
 2. ``bandwidth``: host-to-device copies from page-locked and from pageable memory (256 MiB, median of 5), and the
@@ -18,6 +19,8 @@ done; a step that fails records its error and the suite goes on):
    ``fraction_of_limit`` = items/s / (pinned bandwidth / input bytes per item); fp32 features also with TF32 products
    and with an fp16 graph (strict fp32 arithmetic may bound them below the bus), and for each ``ort-cuda`` row the
    rate of the graph alone on a batch already on the device (``resident_items_per_s``): what bounds it, measured;
+   each row's ``ratio_to_eager`` pairs its timed repeats with eager PyTorch (fp32 features) timed just before each
+   of them, alternating as ``deepspot bench`` does;
 5. ``slides``: the whole-slide workloads (``xenium-slide`` at 100,000 cells, ``visium-slide``) in the indexed
    layout on ``ort-cuda`` and ``torch-cuda``, with the same fraction (only each item's own tiles cross the bus).
 
@@ -74,18 +77,35 @@ class Suite:
                 value = fn(*args)
                 self.results["steps"][name] = {"status": "ok", "seconds": time.perf_counter() - t0, "result": value}
             except Exception as e:  # noqa: BLE001  one failing step must not lose the others
+                before = self.results["steps"].get(name) or {}
                 self.results["steps"][name] = {
                     "status": "failed",
                     "seconds": time.perf_counter() - t0,
                     "error": f"{type(e).__name__}: {e}",
                     "traceback": traceback.format_exc(limit=6),
+                    # what it had recorded before it failed (see partial)
+                    **({"result": before["result"]} if before.get("status") == "running" else {}),
                 }
         self.write()
         return self.results["steps"][name].get("result")
 
+    def partial(self, name: str):
+        """A callback for step ``name`` to record what it has so far (written at once: a time-out keeps it)."""
+
+        def record(value) -> None:
+            self.results["steps"][name] = {"status": "running", "suite_seconds": time.perf_counter() - self.start,
+                                           "result": value}  # fmt: skip
+            self.write()
+
+        return record
+
     def write(self) -> None:
         (self.out / "gpu_suite.json").write_text(json.dumps(self.results, indent=1, default=str))
-        (self.out / "gpu_suite.md").write_text(markdown(self.results))
+        try:
+            text = markdown(self.results)
+        except Exception as e:  # noqa: BLE001  the JSON holds everything; a table that fails must not stop the suite
+            text = f"# deepspot GPU suite\n\nThe table could not be written ({type(e).__name__}: {e}); see the JSON.\n"
+        (self.out / "gpu_suite.md").write_text(text)
 
 
 def cuda_available() -> tuple[bool, str]:
@@ -182,7 +202,7 @@ def _over(until: float | None) -> bool:
 SPENT = {"skipped": "this step's share of the time budget was spent"}
 
 
-def parity(smoke: bool, work: Path, until: float | None = None) -> dict:
+def parity(smoke: bool, work: Path, until: float | None = None, partial=None) -> dict:
     import deepspot
     from deepspot.export import export_onnx
     from deepspot.export.indexed import export_indexed
@@ -224,6 +244,8 @@ def parity(smoke: bool, work: Path, until: float | None = None) -> dict:
                     check = lambda o, c=ckpt, t=target, b=backend, k=k: check_parity_indexed(  # noqa: E731
                         c, t, b, n_random=k, options=o)  # fmt: skip
                     cases[f"{family}/{mode} indexed {backend}"] = _case(check, None)
+            if partial is not None:
+                partial(cases)
     return cases
 
 
@@ -237,7 +259,7 @@ def _case(check, options) -> dict:
     try:
         return _parity_row(check(options))
     except Exception as e:  # noqa: BLE001  one case must not lose the others
-        if "CUDA graph" not in str(e):
+        if not _cannot_capture(e):
             return {"passed": False, "max_abs": None, "error": f"{type(e).__name__}: {e}"}
         first = f"{type(e).__name__}: {e}"
     try:
@@ -245,6 +267,14 @@ def _case(check, options) -> dict:
     except Exception as e:  # noqa: BLE001
         row = {"passed": False, "max_abs": None, "error": f"{type(e).__name__}: {e}"}
     return {**row, "without CUDA graphs, because": first}
+
+
+def _cannot_capture(e: BaseException) -> bool:
+    """Whether ``e`` says a CUDA graph could not be made: refused when the session was made (the runner's
+    ConfigError), or failing while onnxruntime captured it (a CUDA error raised from the run, such as
+    "operation not permitted when stream is capturing", or onnxruntime's "cudaStreamEndCapture" / "Graph capture")."""
+    text = str(e)
+    return "CUDA graph" in text or "captur" in text.lower()
 
 
 def _parity_row(report) -> dict:
@@ -275,22 +305,60 @@ def _resident(runner, inputs: dict[str, np.ndarray], batch: int) -> float | None
     return runner.resident_rate({k: v[:batch] for k, v in inputs.items()}, repeats=20)
 
 
-def _time_predict(runner, inputs: dict[str, np.ndarray], batch: int, repeats: int) -> float:
+def _time_predict(runner, inputs: dict[str, np.ndarray], batch: int, repeats: int,
+                  baseline=None) -> tuple[float, list[float]]:  # fmt: skip
+    """The median rate of ``repeats`` timed runs over ``inputs``, and with ``baseline`` (:class:`_Eager`) timed before
+    each of them, the paired per-repeat ratios to it (alternating: drift hits both alike)."""
     from deepspot.runtime.stream import predict
 
     n = next(iter(inputs.values())).shape[0]
     out = np.empty((n, runner.info.output_size), np.float32)
     predict(runner, {k: v[: batch * 2] for k, v in inputs.items()}, batch)  # warm-up: sessions, graphs, allocator
-    rates = []
+    rates, ratios = [], []
     for _ in range(repeats):
+        base = baseline.run() if baseline is not None else None
         t0 = time.perf_counter()
         predict(runner, inputs, batch, out=out)
         rates.append(n / (time.perf_counter() - t0))
-    return statistics.median(rates)
+        if base:
+            ratios.append(rates[-1] / base)
+    return statistics.median(rates), ratios
+
+
+class _Eager:
+    """The eager model with fp32 features, the baseline of the throughput rows' "x eager": timed before each timed
+    repeat of every other row, as ``deepspot bench`` and the whole-slide rows alternate their contenders. Two batches
+    per run keep it to a fraction of a second (its own row streams more)."""
+
+    def __init__(self, model, backend: str, inputs: dict[str, np.ndarray], batch: int):
+        from deepspot.runtime import RunnerOptions, load_runner
+
+        self.runner = load_runner(model, backend, RunnerOptions()).activate()
+        self.inputs, self.batch = inputs, batch
+        self.n = next(iter(inputs.values())).shape[0]
+        self.out = np.empty((self.n, self.runner.info.output_size), np.float32)
+        self.rates: list[float] = []
+        try:
+            self.run()  # warm-up
+        except BaseException:
+            self.close()
+            raise
+        self.rates = []
+
+    def run(self) -> float:
+        from deepspot.runtime.stream import predict
+
+        t0 = time.perf_counter()
+        predict(self.runner, self.inputs, self.batch, out=self.out)
+        self.rates.append(self.n / (time.perf_counter() - t0))
+        return self.rates[-1]
+
+    def close(self) -> None:
+        self.runner.deactivate()
 
 
 def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = None,
-               until: float | None = None) -> dict:  # fmt: skip
+               until: float | None = None, partial=None) -> dict:  # fmt: skip
     from deepspot.export import export_onnx
     from deepspot.runtime import RunnerOptions
     from deepspot.runtime.bench import get_workload
@@ -345,28 +413,47 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
     ]  # fmt: skip
     if not smoke and not ok:
         return {"skipped": why}
-    features_by_dtype = {}
-    for name, path, backend, options, features, *threads in variants:
-        if _over(until):
-            rows[name] = SPENT
-            continue
-        if features not in features_by_dtype:  # made once per dtype: at GPU sizes they are gigabytes
-            features_by_dtype[features] = _features(w, n, features, features_by_dtype)
-        inputs = features_by_dtype[features]
-        with _copy_threads(threads[0] if threads else None):
-            rows[name] = _row(_measure, path, backend, options, inputs, batch, smoke, rates, w, n, pinned)
-    for name, backend, options, features in ckpt_variants:
-        if _over(until) or (options.compile and until is not None and until - time.perf_counter() < 60):
-            rows[name] = SPENT
-            continue
-        if features not in features_by_dtype:
-            features_by_dtype[features] = _features(w, n, features, features_by_dtype)
-        inputs, m = features_by_dtype[features], n
-        if "eager" in name and not smoke:  # ~30k spots/s: a quarter of the items (8 batches) keeps it to seconds
-            m = n // 4
-            inputs = {k: v[:m] for k, v in inputs.items()}
-        rows[name] = _row(_measure, model, backend, options, inputs, batch, smoke, rates, w, m, pinned)
-    return {"workload": w.name, "items": n, "batch": batch, "rows": rows}
+    features_by_dtype = {"fp32": _features(w, n, "fp32", {})}  # made once per dtype: at GPU sizes they are gigabytes
+    result = {"workload": w.name, "items": n, "batch": batch, "rows": rows}
+    own_row = ckpt_variants[0][0]  # the baseline's own row, timed on its own
+    try:
+        eager = _Eager(model, ckpt_variants[0][1], {k: v[: 2 * batch] for k, v in features_by_dtype["fp32"].items()},
+                       batch)  # fmt: skip
+        result["eager_baseline"] = f"{own_row}, {eager.n} items per run, before each repeat of every row"
+    except Exception as e:  # noqa: BLE001  the rows go on, their "x eager" then from the eager row's rate
+        eager, result["eager_baseline"] = None, _error_row(e)
+
+    def record(name: str, row: dict) -> None:
+        rows[name] = row
+        if partial is not None:
+            partial(result)
+
+    try:
+        for name, path, backend, options, features, *threads in variants:
+            if _over(until):
+                record(name, SPENT)
+                continue
+            if features not in features_by_dtype:
+                features_by_dtype[features] = _features(w, n, features, features_by_dtype)
+            inputs = features_by_dtype[features]
+            with _copy_threads(threads[0] if threads else None):
+                record(name, _row(_measure, path, backend, options, inputs, batch, smoke, rates, w, n, pinned, eager))
+        for name, backend, options, features in ckpt_variants:
+            if _over(until) or (options.compile and until is not None and until - time.perf_counter() < 60):
+                record(name, SPENT)
+                continue
+            if features not in features_by_dtype:
+                features_by_dtype[features] = _features(w, n, features, features_by_dtype)
+            inputs, m = features_by_dtype[features], n
+            if "eager" in name and not smoke:  # ~30k spots/s: a quarter of the items (8 batches) keeps it to seconds
+                m = n // 4
+                inputs = {k: v[:m] for k, v in inputs.items()}
+            paired = None if name == own_row else eager
+            record(name, _row(_measure, model, backend, options, inputs, batch, smoke, rates, w, m, pinned, paired))
+    finally:
+        if eager is not None:
+            eager.close()
+    return result
 
 
 @contextlib.contextmanager
@@ -391,16 +478,18 @@ def _row(measure, *args) -> dict:
     try:
         return measure(*args)
     except Exception as e:  # noqa: BLE001
-        return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)}
+        return _error_row(e)
 
 
-def _measure(source, backend, options, inputs, batch, smoke, rates, w, n, pinned) -> dict:
+def _measure(source, backend, options, inputs, batch, smoke, rates, w, n, pinned, baseline=None) -> dict:
     from deepspot.runtime import load_runner
     from deepspot.runtime.bench_common import computes_folded
 
     with load_runner(source, backend, options) as runner:
-        rate = _time_predict(runner, inputs, batch, 3 if smoke else 5)
+        rate, paired = _time_predict(runner, inputs, batch, 3 if smoke else 5, baseline)
         how = {
+            # the median of the per-repeat ratios to the eager baseline timed just before each repeat
+            "ratio_to_eager": statistics.median(paired) if paired else None,
             "resident_items_per_s": _resident(runner, inputs, batch),
             # The overlapping pipeline needs the CUDA runtime (ctypes for onnxruntime, PyTorch's for torch-cuda);
             # without it predict() runs batch by batch (deepspot doctor says why). Recorded, so that a slow row is
@@ -439,9 +528,11 @@ def _rate_row(rate: float, inputs: dict[str, np.ndarray], n: int, pinned: float 
 SLIDE_REPEATS = 5
 
 
-def slides(smoke: bool) -> dict:
+def slides(smoke: bool, until: float | None = None, partial=None) -> dict:
+    """The whole-slide rows. A run that fails is recorded in its row and the other runs go on; where two backends
+    ran together, each runs again alone, so that one failing backend does not lose the other's row. Runs not started
+    by ``until`` are recorded as skipped, and ``partial(out)`` is called after each run (a time-out keeps them)."""
     from deepspot.runtime.bench import get_workload
-    from deepspot.runtime.slide_bench import run_slide_bench
 
     ok, why = cuda_available()
     if not smoke and not ok:
@@ -456,33 +547,63 @@ def slides(smoke: bool) -> dict:
             w, n = w.quick(), 2000
         backends = ["ort-cpu"] if smoke else ["ort-cuda"] if batch else ["ort-cuda", "torch-cuda"]
         repeats = 2 if smoke else SLIDE_REPEATS
+        rows = out.setdefault(name, {"items": n, "rows": {}})["rows"]
+        label = f"batch {batch}" if batch else "the workload's batch"
+        if _over(until):
+            rows[f"{', '.join(backends)}, {label}"] = SPENT
+            continue
+        reports = []
         try:
-            report = run_slide_bench(w, backends, batch, repeats, 1, n_items=n)
-        except Exception as e:  # noqa: BLE001  one failing backend must not lose the other's row
-            if len(backends) == 1:
-                raise
-            out.setdefault(name, {"items": n, "rows": {}})["rows"][f"{', '.join(backends)}, batch {batch}"] = {
-                "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)}
-            backends = backends[:1]
-            report = run_slide_bench(w, backends, batch, repeats, 1, n_items=n)
-        # The bench's own bus figures: the bandwidth it measured, and the bytes that cross per item (the indexed
-        # layout: own tiles and neighbour indices; the per-item baseline: every tile).
-        pinned = (report.bus_gb_per_s or {}).get("pinned_gb_per_s")
-        out.setdefault(name, {"items": n, "rows": {}})["eager_baseline"] = report.baseline  # what the ratios are to
-        rows = out[name]["rows"]
-        for r in report.results:
-            if batch and "indexed" not in r.backend:
-                continue  # the per-item baseline is measured once, in the workload-batch run
-            rows[f"{r.backend}, batch {r.batch_size}"] = {
-                "items_per_s": r.items_per_s,
-                "ratio_to_eager_per_item": r.ratio_to_torch,
-                "input_bytes_per_item": r.input_bytes_per_item,
-                "bus_limit_items_per_s": pinned * 1e9 / r.input_bytes_per_item if pinned and r.input_bytes_per_item
-                else None,
-                "fraction_of_limit": r.fraction_of_bus,
-                "phases_s": r.phases_s,  # encoder pass, table to the device, head pass: what bounds the slide
-            }
+            reports.append(_slide_bench(w, backends, batch, repeats, n))
+        except Exception as e:  # noqa: BLE001  recorded in its row; the other runs go on
+            rows[f"{', '.join(backends)}, {label}"] = _error_row(e)
+            for backend in backends if len(backends) > 1 else ():  # each alone: which one failed, and the other's row
+                try:
+                    reports.append(_slide_bench(w, [backend], batch, repeats, n))
+                except Exception as e:  # noqa: BLE001
+                    rows[f"{backend} alone, {label}"] = _error_row(e)
+        for report, without_graphs in reports:
+            # The bench's own bus figures: the bandwidth it measured, and the bytes that cross per item (the indexed
+            # layout: own tiles and neighbour indices; the per-item baseline: every tile).
+            pinned = (report.bus_gb_per_s or {}).get("pinned_gb_per_s")
+            out[name]["eager_baseline"] = report.baseline  # what the ratios are to
+            for r in report.results:
+                if batch and "indexed" not in r.backend:
+                    continue  # the per-item baseline is measured once, in the workload-batch run
+                rows[f"{r.backend}, batch {r.batch_size}"] = {
+                    "items_per_s": r.items_per_s,
+                    "ratio_to_eager_per_item": r.ratio_to_torch,
+                    "input_bytes_per_item": r.input_bytes_per_item,
+                    "bus_limit_items_per_s": pinned * 1e9 / r.input_bytes_per_item if pinned and r.input_bytes_per_item
+                    else None,
+                    "fraction_of_limit": r.fraction_of_bus,
+                    "phases_s": r.phases_s,  # encoder pass, table to the device, head pass: what bounds the slide
+                }
+                if without_graphs and "indexed" in r.backend:
+                    rows[f"{r.backend}, batch {r.batch_size}"]["without CUDA graphs, because"] = without_graphs
+        if partial is not None:
+            partial(out)
     return out
+
+
+def _slide_bench(w, backends: list[str], batch: int | None, repeats: int, n: int):
+    """``run_slide_bench`` and ``None``; where onnxruntime could not capture a CUDA graph of an indexed export's
+    graphs, the run again without CUDA graphs and why."""
+    from deepspot.runtime import RunnerOptions
+    from deepspot.runtime.slide_bench import run_slide_bench
+
+    try:
+        return run_slide_bench(w, backends, batch, repeats, 1, n_items=n), None
+    except Exception as e:
+        if not _cannot_capture(e) or not any(b.startswith("ort") for b in backends):
+            raise
+        why = f"{type(e).__name__}: {e}"
+    options = RunnerOptions(cuda_graph=False)
+    return run_slide_bench(w, backends, batch, repeats, 1, options=options, n_items=n), why
+
+
+def _error_row(e: BaseException) -> dict:
+    return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=6)}
 
 
 # -- report -----------------------------------------------------------------------------------------------------------
@@ -515,8 +636,9 @@ def markdown(results: dict) -> str:
         if not step:
             continue
         lines.append(f"## {name} ({step['status']})")
-        if step["status"] != "ok":
+        if step["status"] in ("skipped", "failed"):
             lines += [f"{step.get('reason') or step.get('error')}", ""]
+        if step.get("result") is None:  # what a failed or cut-short ("running") step had done is shown below
             continue
         result = step["result"]
         if name == "parity":
@@ -541,7 +663,8 @@ def markdown(results: dict) -> str:
                     frac, resident = row.get("fraction_of_limit"), row.get("resident_items_per_s")
                     arithmetic = row.get("arithmetic_limit_items_per_s")
                     memory = row.get("memory_limit_items_per_s")
-                    ratio = row.get("ratio_to_eager_per_item") or (row["items_per_s"] / eager if eager else None)
+                    ratio = (row.get("ratio_to_eager_per_item") or row.get("ratio_to_eager")
+                             or (row["items_per_s"] / eager if eager else None))  # fmt: skip
                     lines.append(f"| {workload} | {variant} | {row['items_per_s']:,.0f} | "
                                  f"{'-' if frac is None else f'{frac:.0%}'} | "
                                  f"{'-' if ratio is None else f'{ratio:.2f}'} | "
@@ -549,11 +672,18 @@ def markdown(results: dict) -> str:
                                  f"{'-' if arithmetic is None else f'{arithmetic:,.0f}'} | "
                                  f"{'-' if memory is None else f'{memory:,.0f}'} |")  # fmt: skip
             for workload, table in tables.items():
-                baseline = table.get("eager_baseline") or next(
+                # Both tables alternate their repeats with the eager baseline (the whole-slide bench, and the
+                # throughput rows each paired with a baseline run before every repeat), unless the baseline failed.
+                paired = table.get("eager_baseline")
+                if isinstance(paired, str):
+                    how = "" if name == "slides" else " (the median of per-repeat ratios, alternated)"
+                    lines.append(f"\n{workload}: x eager is against {paired}{how}")
+                    continue
+                baseline = next(
                     (v for v in (table.get("rows") or {}) if "eager" in v and "items_per_s" in table["rows"][v]), None)
-                if baseline:  # the whole-slide bench alternates its repeats; this table times each row in turn
-                    how = "" if name == "slides" else " (timed in the same run, one row after another, not alternated)"
-                    lines.append(f"\n{workload}: x eager is against {baseline}{how}")
+                if baseline:
+                    lines.append(f"\n{workload}: x eager is against {baseline} (timed in the same run, one row after "
+                                 "another, not alternated)")  # fmt: skip
             for workload, table in tables.items():
                 for variant, row in (table.get("rows") or {}).items():
                     if row.get("phases_s"):
@@ -577,9 +707,10 @@ def main(argv: list[str] | None = None) -> int:
     # Shares of the budget, so that a slow step cannot starve the next: parity a third, throughput the next third,
     # the slides what is left. Each step records the cases it had no time for.
     share = args.budget / 3
-    suite.step("parity", parity, args.smoke, work, suite.start + share)
-    suite.step("throughput", throughput, args.smoke, work, bw, rates, suite.start + 2 * share)
-    suite.step("slides", slides, args.smoke)
+    suite.step("parity", parity, args.smoke, work, suite.start + share, suite.partial("parity"))
+    suite.step("throughput", throughput, args.smoke, work, bw, rates, suite.start + 2 * share,
+               suite.partial("throughput"))
+    suite.step("slides", slides, args.smoke, suite.start + args.budget, suite.partial("slides"))
     print((args.out / "gpu_suite.md").read_text())
     return 0 if all(s["status"] != "failed" for s in suite.results["steps"].values()) else 1
 

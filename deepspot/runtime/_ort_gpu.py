@@ -348,15 +348,20 @@ class OrtCudaAdapter:
         self.cuda.synchronize(handle)
 
     def close(self) -> None:
-        """Free the page-locked buffers, streams and events (no batch may be in flight)."""
-        for state in self._slots.values():
-            for event in state["events"]:
-                self.cuda.destroy_event(event)
-        for stream in (self.upload, self.download):
-            self.cuda.destroy_stream(stream)
-        for ptr in self._pinned:
-            self.cuda.free_host(ptr)
+        """Free the page-locked buffers, streams and events (no batch may be in flight). Each is freed even where
+        another fails (after a CUDA error every call fails); the first error is raised at the end."""
+        calls = [(self.cuda.destroy_event, event) for state in self._slots.values() for event in state["events"]]
+        calls += [(self.cuda.destroy_stream, stream) for stream in (self.upload, self.download)]
+        calls += [(self.cuda.free_host, ptr) for ptr in self._pinned]
         self._slots, self._pinned = {}, []
+        first = None
+        for free, handle in calls:
+            try:
+                free(handle)
+            except Exception as e:  # noqa: BLE001  raised below, once the rest is freed
+                first = first or e
+        if first is not None:
+            raise first
 
 
 def pinned_allocator(cuda, keep: list):

@@ -245,8 +245,17 @@ class Runner(abc.ABC):
     def __enter__(self) -> "Runner":
         return self.activate()
 
-    def __exit__(self, *exc) -> None:
-        self.deactivate()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.deactivate()
+            return
+        try:
+            self.deactivate()
+        except Exception as cleanup:  # noqa: BLE001
+            # The error raised in the block is the one to see. Freeing after it can fail too (a CUDA error is sticky:
+            # every later call on the context fails), and would otherwise replace it.
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(f"freeing {self.name} afterwards failed too: {type(cleanup).__name__}: {cleanup}")
 
     # -- inference ----------------------------------------------------------------------------------------------
     @property

@@ -265,9 +265,15 @@ class CudaRuntime:
         self._call("cudaEventDestroy", ctypes.c_void_p(event))
 
     def copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
-        """A copy that has ended when this returns (``cudaMemcpy``)."""
+        """A copy that has ended when this returns: ``cudaMemcpy``, then a wait for the default stream it ran on.
+
+        ``cudaMemcpy`` alone returns before a device-to-device copy has ended, and before the last DMA of a copy from
+        pageable memory has (CUDA runtime API, "API synchronization behavior"). The streams here are non-blocking, so
+        nothing would order the next graph's reads (or a graph's next write to the copy's source) after it.
+        """
         self._call("cudaMemcpy", ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes),
                    ctypes.c_int(kind))  # fmt: skip
+        self._call("cudaStreamSynchronize", ctypes.c_void_p(0))  # the legacy default stream, where cudaMemcpy ran
 
     def record(self, event: int, stream: int) -> None:
         self._call("cudaEventRecord", ctypes.c_void_p(event), ctypes.c_void_p(stream))

@@ -323,13 +323,14 @@ class OrtRunner(Runner):
         return self._adapter, None
 
     def deactivate_impl(self) -> None:
-        if self._adapter is not None:
-            self._adapter.close()
-        self._adapter = None
-        if self._io is not None:
-            self._io.close()
-        self._io = None
-        self.session = None
+        adapter, io = self._adapter, self._io
+        self._adapter, self._io, self.session = None, None, None  # dropped even if freeing their buffers fails
+        try:
+            if adapter is not None:
+                adapter.close()
+        finally:
+            if io is not None:
+                io.close()
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._io is not None:

@@ -41,8 +41,11 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     markdown = (tmp_path / "gpu_suite.md").read_text()
     assert "## parity (ok)" in markdown and "| visium-uni (quick) | ort-cpu fp32 features |" in markdown
     # which ratios come from alternated repeats (the whole-slide bench's) and which from rows timed in turn
-    assert "visium-uni (quick): x eager is against torch eager (timed in the same run, one row after another" in markdown
-    assert "not alternated" not in markdown.split("## slides")[1]
+    # every row's "x eager" is paired with the eager baseline timed before each of its repeats (alternated)
+    assert "visium-uni (quick): x eager is against torch eager, 64 items per run" in markdown
+    assert "not alternated" not in markdown
+    paired = {name: row["ratio_to_eager"] for name, row in rows.items()}
+    assert paired.pop("torch eager") is None and all(r > 0 for r in paired.values())
 
 
 def test_a_spent_budget_skips_steps_and_keeps_what_was_done(tmp_path):
@@ -140,3 +143,124 @@ def test_the_whole_slide_rows_take_the_median_of_at_least_five_repeats(monkeypat
     monkeypatch.setattr(suite, "cuda_available", lambda: (True, "stand-in"))
     suite.slides(False)
     assert calls and all(repeats >= 5 and warmup >= 1 for _, repeats, warmup in calls)
+
+
+def test_a_parity_case_whose_capture_fails_while_running_runs_again_without(tmp_path):
+    """onnxruntime may accept a graph for CUDA graphs and fail while capturing it, with the CUDA error of the run."""
+    suite = _suite()
+    seen = []
+
+    class Report:
+        passed = True
+
+        def to_dict(self):
+            return {"outputs": [{"max_abs": 1e-7}]}
+
+        def summary(self):
+            return "ok"
+
+    def check(options):
+        seen.append(None if options is None else options.cuda_graph)
+        if options is None:
+            raise RuntimeError("Error in execution: CUDA failure 900: operation not permitted when stream is "
+                               "capturing ; expr=cudaStreamEndCapture(stream_, &graph);")  # fmt: skip
+        return Report()
+
+    row = suite._case(check, None)
+    assert seen == [None, False] and row["passed"] is True and "capturing" in row["without CUDA graphs, because"]
+
+
+def _slide_report(backends, batch):
+    from types import SimpleNamespace
+
+    results = [SimpleNamespace(backend="torch-cuda (eager, per-item)", items_per_s=1.0, ratio_to_torch=1.0,
+                               input_bytes_per_item=8, fraction_of_bus=None, phases_s={}, batch_size=batch or 1024)]
+    results += [SimpleNamespace(backend=f"{b} (indexed, table on the device)", items_per_s=2.0, ratio_to_torch=2.0,
+                                input_bytes_per_item=4, fraction_of_bus=None, phases_s={"encoder": 0.1},
+                                batch_size=batch or 1024) for b in backends]  # fmt: skip
+    return SimpleNamespace(bus_gb_per_s=None, baseline="torch-cuda (eager, per-item)", results=results)
+
+
+def test_a_failing_slide_backend_loses_neither_the_others_row_nor_the_other_runs(monkeypatch):
+    """ort-cuda failing beside torch-cuda: each runs again alone (torch-cuda's row is kept), and a failing run of one
+    backend is a row, not the end of the step."""
+    from deepspot.runtime import slide_bench
+
+    suite = _suite()
+    calls, saved = [], []
+
+    def fake(w, backends, batch, repeats, warmup, options=None, n_items=None):
+        calls.append((w.name, tuple(backends), batch))
+        if "ort-cuda" in backends:
+            raise RuntimeError("ort-cuda broke")
+        return _slide_report(backends, batch)
+
+    monkeypatch.setattr(slide_bench, "run_slide_bench", fake)
+    monkeypatch.setattr(suite, "cuda_available", lambda: (True, "stand-in"))
+    out = suite.slides(False, partial=saved.append)
+    rows = out["xenium-slide"]["rows"]
+    assert "ort-cuda broke" in rows["ort-cuda, torch-cuda, the workload's batch"]["error"]
+    assert "ort-cuda broke" in rows["ort-cuda alone, the workload's batch"]["error"]
+    assert rows["torch-cuda (indexed, table on the device), batch 1024"]["items_per_s"] == 2.0
+    assert "ort-cuda broke" in rows["ort-cuda, batch 4096"]["error"]  # the second xenium run: a row, no raise
+    assert "torch-cuda (indexed, table on the device), batch 1024" in out["visium-slide"]["rows"]
+    assert ("visium-slide", ("torch-cuda",), None) in calls and len(saved) == 3  # written after each run
+
+
+def test_a_slide_run_whose_cuda_graph_cannot_be_captured_runs_again_without(monkeypatch):
+    from deepspot.runtime import slide_bench
+
+    suite = _suite()
+    seen = []
+
+    def fake(w, backends, batch, repeats, warmup, options=None, n_items=None):
+        seen.append(None if options is None else options.cuda_graph)
+        if options is None:
+            raise RuntimeError("CUDA failure 901: operation failed due to a previous error during capture")
+        return _slide_report(backends, batch)
+
+    monkeypatch.setattr(slide_bench, "run_slide_bench", fake)
+    monkeypatch.setattr(suite, "cuda_available", lambda: (True, "stand-in"))
+    rows = suite.slides(False)["xenium-slide"]["rows"]
+    row = rows["ort-cuda (indexed, table on the device), batch 4096"]
+    assert row["items_per_s"] == 2.0 and "during capture" in row["without CUDA graphs, because"]
+    assert seen[:2] == [None, False]
+
+
+def test_slide_runs_past_the_budget_are_skipped_and_a_cut_short_step_keeps_its_rows(tmp_path, monkeypatch):
+    from deepspot.runtime import slide_bench
+
+    suite = _suite()
+    monkeypatch.setattr(slide_bench, "run_slide_bench", lambda *a, **k: _slide_report(["ort-cuda"], 4096))
+    monkeypatch.setattr(suite, "cuda_available", lambda: (True, "stand-in"))
+    out = suite.slides(False, until=0.0)
+    assert all(row == suite.SPENT for table in out.values() for row in table["rows"].values())
+    run = suite.Suite(tmp_path, budget=1e9, smoke=False)
+    run.partial("slides")({"xenium-slide": {"items": 10, "rows": {"r": {"items_per_s": 5.0}}}})
+    saved = json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]["slides"]
+    assert saved["status"] == "running" and saved["result"]["xenium-slide"]["rows"]["r"]["items_per_s"] == 5.0
+    assert "| xenium-slide | r | 5 |" in (tmp_path / "gpu_suite.md").read_text()
+
+
+def test_a_step_that_fails_after_recording_cases_keeps_them(tmp_path):
+    suite = _suite()
+    run = suite.Suite(tmp_path, budget=1e9, smoke=True)
+
+    def step(partial):
+        partial({"spot/spot torch fp32": {"passed": True, "max_abs": 1e-7}})
+        raise MemoryError("out of host memory")
+
+    run.step("parity", step, run.partial("parity"))
+    saved = json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]["parity"]
+    assert saved["status"] == "failed" and saved["result"]["spot/spot torch fp32"]["passed"] is True
+    markdown = (tmp_path / "gpu_suite.md").read_text()
+    assert "MemoryError: out of host memory" in markdown and "| spot/spot torch fp32 | True | 1e-07 |" in markdown
+
+
+def test_a_table_that_cannot_be_written_does_not_stop_the_suite(tmp_path, monkeypatch):
+    suite = _suite()
+    monkeypatch.setattr(suite, "markdown", lambda results: 1 / 0)
+    run = suite.Suite(tmp_path, budget=1e9, smoke=True)
+    run.step("gemm", lambda: {"fp32_tflops": 1.0})
+    assert json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]["gemm"]["status"] == "ok"
+    assert "ZeroDivisionError" in (tmp_path / "gpu_suite.md").read_text()

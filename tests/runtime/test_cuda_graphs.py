@@ -210,3 +210,26 @@ def test_the_pipeline_orders_its_streams_with_events(artifacts, replaying, cuda_
     for x, y in zip(expected, got):
         np.testing.assert_allclose(y, x, rtol=0, atol=1e-6)
     np.testing.assert_allclose(plain_run, expected[0][:8], rtol=0, atol=1e-6)
+
+
+def test_an_error_on_the_device_is_the_one_raised_and_everything_is_freed(artifacts, replaying):
+    """After a CUDA error every call on the context fails, freeing included: the runner frees what it can, and the
+    error of the run, not the one of freeing after it, is the one raised (a GPU report must name what broke)."""
+    cuda = HostCuda()
+    a = artifacts()
+    inputs = a.inputs()
+    runner = _device_runner(a.onnx, cuda=cuda)
+    destroy = cuda.destroy_event
+
+    def broken(event):
+        destroy(event)
+        raise RuntimeError("cudaEventDestroy failed: an illegal memory access was encountered (error 700)")
+
+    with pytest.raises(ValueError, match="the run broke") as raised:
+        with runner:
+            predict(runner, inputs, 8)
+            cuda.destroy_event = broken
+            raise ValueError("the run broke")
+    assert any("illegal memory access" in note for note in getattr(raised.value, "__notes__", [None]))
+    assert cuda.host == {} and cuda.streams == set() and cuda.events == set()  # all freed all the same
+    assert runner.session is None and runner._adapter is None and runner._io is None

@@ -134,6 +134,33 @@ def test_both_graphs_under_cuda_graphs_over_two_slides(folders, replaying):
     assert len(bound) == 3 and all(1 in s.captured and 0 not in s.graph_ids for s in bound)
 
 
+def test_slides_of_one_size_keep_the_heads_session_and_its_graphs(folders, replaying):
+    """A benchmark's repeats (or a cohort's slides of one size): the table of the last slide is rewritten in place,
+    so the head's graphs, captured on its address, replay with the new slide's rows instead of a new session being
+    made and captured for each slide (seconds on a GPU, more than the head's whole pass)."""
+    mode = NEIGHBOR_MODES[-1]
+    _, folder = folders(mode)
+    slides = [_graph(mode), _graph(mode, seed=1), _graph(mode), _graph(mode, n=45, seed=2)]
+    with pipeline_from_folder(folder, "ort-cpu", RunnerOptions(batch_size=8)) as pipeline:
+        expected = [predict_indexed(pipeline, arrays, batch_size=8)[0] for arrays in slides]
+        host = pipeline.encoder, pipeline.head
+
+        def graphed(runner):
+            return OrtRunner(runner.path, "ort-cpu", runner.info, cuda_graph=True, io_binding=True, batch_size=8)
+
+        pipeline.encoder, pipeline.head = graphed(host[0]).activate(), OrtGatherHead(graphed(host[1])).activate()
+        try:
+            got = [predict_indexed(pipeline, arrays, batch_size=8)[0] for arrays in slides]
+        finally:
+            pipeline.encoder.deactivate()
+            pipeline.head.deactivate()
+            pipeline.encoder, pipeline.head = host
+    for x, y in zip(expected, got):
+        np.testing.assert_allclose(y, x, rtol=0, atol=1e-6 * (1 + np.abs(x).max()))
+    bound = [s for s in replaying if s.graph_ids]  # the encoder's, the head's for 37 items, and for 45
+    assert len(bound) == 3 and all(1 in s.captured for s in bound)
+
+
 @pytest.mark.parametrize("table_dtype", ["fp32", "fp16"])
 def test_the_encoder_writes_the_table_where_the_head_reads_it(tmp_path, monkeypatch, table_dtype):
     """ort-cuda's indexed path: the encoder's outputs are copied into the head's table on the device, batch by

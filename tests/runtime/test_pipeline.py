@@ -462,6 +462,25 @@ def test_cuda_versions_need_no_gpu(monkeypatch, driver, code, expected):
     assert found == {"cuda runtime": "13.0 (libcudart.so)", "cuda driver api": expected, "cudnn": "9.19.0"}
 
 
+@pytest.mark.parametrize("kind", [cuda_libs.CudaRuntime.D2D, cuda_libs.CudaRuntime.H2D])
+def test_a_synchronous_copy_waits_for_the_default_stream_it_ran_on(monkeypatch, kind):
+    """cudaMemcpy returns before a device-to-device copy ends (and before a pageable copy's last DMA): the indexed
+    layout's zero row, copied so into the table, could otherwise still be in flight when the head's graph reads it
+    on a non-blocking stream (or when the encoder's next run overwrites the copy's source)."""
+    calls = []
+
+    class Cudart:
+        def __getattr__(self, name):
+            return lambda *args: calls.append((name, [getattr(a, "value", a) for a in args])) or 0
+
+    monkeypatch.setattr(cuda_libs, "load_cudart", lambda: (Cudart(), "libcudart.so"))
+    cuda = cuda_libs.CudaRuntime(0)
+    calls.clear()
+    cuda.copy(4096, 8192, 64, kind)
+    assert [name for name, _ in calls] == ["cudaMemcpy", "cudaStreamSynchronize"]
+    assert calls[1][1] == [None]  # stream 0: the legacy default stream, on which cudaMemcpy runs
+
+
 def test_doctor_reports_the_cuda_libraries_where_a_gpu_provider_is_listed_without_a_gpu(monkeypatch):
     from deepspot.runtime import backends, doctor
     from deepspot.runtime._onnxruntime import ort_install
