@@ -23,7 +23,7 @@ from ..errors import InputError
 from ._cuda import PinnedPool, pinned_array
 from ._onnxruntime import import_ort
 from .base import TensorSpec
-from .pipeline import DEFAULT_DEPTH, HostRing
+from .pipeline import HostRing, default_depth
 
 GRAPH_ID = "gpu_graph_id"  # onnxruntime's run option: which CUDA graph a run captures or replays; -1 for none
 MAX_GRAPHS = 4  # graphs per session; further shapes run without one (each graph keeps its buffers on the device)
@@ -258,6 +258,12 @@ class OrtCudaAdapter:
     With :attr:`sink` set (``slot -> device address``), the graph's one output goes there on the device instead of
     back to the host: the indexed layout's encoder writes each batch into the slide's table this way.
 
+    With CUDA graphs, :meth:`submit` returns only once the batch has computed: onnxruntime's CUDA provider
+    synchronizes its stream after every graph replay (``cudaStreamSynchronize`` in ``CUDAGraphManager::Replay``),
+    whatever ``disable_synchronize_execution_providers`` says. :attr:`submit_blocks` says so, and the pipeline then
+    calls :meth:`stage` for the next batch (its copy to the device) before it submits this one, on a ring of
+    :data:`~deepspot.runtime.pipeline.STAGED_DEPTH` slots.
+
     Args:
         runner: The active :class:`~deepspot.runtime.ort.OrtRunner` (with IO binding).
         cuda: The CUDA runtime (:class:`~deepspot.runtime.cuda_libs.CudaRuntime`).
@@ -275,7 +281,9 @@ class OrtCudaAdapter:
         self.device_type = runner.device_type  # cpu: ort-cpu with a host stand-in for cuda, as the tests run it
         self.upload, self.download = cuda.stream(), cuda.stream()
         self._pinned: list = []
-        self.ring = HostRing(DEFAULT_DEPTH, pinned_allocator(cuda, self._pinned))
+        # A graph replay returns once the device has run it (onnxruntime synchronizes after it): stage ahead.
+        self.submit_blocks = self.io.graphs is not None
+        self.ring = HostRing(default_depth(self), pinned_allocator(cuda, self._pinned))
         self._slots: dict[int, dict] = {}
         self.sink = None  # slot -> device address of its rows, for an output that stays on the device
         # run_with_iobinding would otherwise wait for the GPU before returning; the events do the waiting.
@@ -305,18 +313,39 @@ class OrtCudaAdapter:
                 "events": events,
                 "binding": None,  # made when the slot runs without a graph
                 "constants": None,  # the constants' version it was made with
+                "staged": None,  # the feed whose copy to the device is enqueued and not yet submitted
             }
             self._slots[slot.index] = state
         return state
 
+    def stage(self, slot):
+        """Enqueue the copy of ``slot``'s inputs to its device buffers on the upload stream, without waiting; return
+        the event recorded after it (:meth:`wait` takes it). :meth:`submit` then does the rest."""
+        cuda = self.cuda
+        state = self._buffers(slot)
+        uploaded = state["events"][0]
+        try:
+            for name, host in slot.feed.items():
+                cuda.copy_async(state["in"][name].data_ptr(), host.ctypes.data, host.nbytes, cuda.H2D, self.upload)
+            cuda.record(uploaded, self.upload)
+        except BaseException:  # nothing left in flight: the copies enqueued before the failure are waited for
+            try:
+                cuda.record(uploaded, self.upload)
+                cuda.synchronize(uploaded)
+            except Exception:  # noqa: BLE001  the first error is the one raised
+                pass
+            raise
+        state["staged"] = slot.feed  # this batch's feed (a new dict each fill): a stale mark never skips a copy
+        return uploaded
+
     def submit(self, slot):
         cuda, graphs = self.cuda, self.io.graphs
         state = self._buffers(slot)
+        if state["staged"] is not slot.feed:  # not staged ahead (the pipeline stages only where submit blocks)
+            self.stage(slot)
+        state["staged"] = None
         uploaded, computed, done = state["events"]
-        for name, host in slot.feed.items():
-            cuda.copy_async(state["in"][name].data_ptr(), host.ctypes.data, host.nbytes, cuda.H2D, self.upload)
-        cuda.record(uploaded, self.upload)
-        cuda.wait_event(self.compute, uploaded)
+        cuda.wait_event(self.compute, uploaded)  # on the device: the host does not wait for the copy
         graph = graphs.find(feed_shapes(slot.feed)) if graphs is not None else None
         if graph is not None:  # into the graph's buffers, run, and out of them: all in order on the compute stream
             for name, value in state["in"].items():

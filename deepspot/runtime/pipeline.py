@@ -10,7 +10,13 @@ one after the other, the copies and the compute take turns and the bus idles hal
   the compute stream (not on the host), and its outputs are copied back asynchronously into the slot's page-locked
   output buffer;
 - the host waits only for the oldest batch in flight, writes its rows out and hands its slot back to the prefetch
-  thread.
+  thread;
+- where the adapter's ``submit`` blocks until the compute is done (:attr:`DeviceAdapter.submit_blocks`: onnxruntime's
+  CUDA provider synchronizes its stream after every CUDA graph replay, whatever the run options say), the copy of
+  batch ``i + 1`` would only be enqueued after batch ``i`` computed, and the two would take turns again. So the
+  pipeline *stages ahead*: it enqueues the copy of batch ``i + 1`` (:meth:`DeviceAdapter.stage`) before it submits
+  batch ``i``, and the ring has one slot more (:data:`STAGED_DEPTH`: one filling, one staged, one computing, one
+  draining). An adapter whose submit does not block runs as before (no batch held back).
 
 The ring logic is backend-neutral: a :class:`DeviceAdapter` does the device work (``torch-cuda`` with torch streams,
 ``ort-cuda`` with the CUDA runtime and IO binding), and :class:`HostAdapter` does the same steps synchronously on the
@@ -34,6 +40,18 @@ from ._copy import copy_rows, default_copy_threads
 
 Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 DEFAULT_DEPTH = 3  # ring slots: one being filled, two in flight
+STAGED_DEPTH = 4  # ring slots when staging ahead: one being filled, one staged, one computing, one draining
+
+
+def stages_ahead(adapter) -> bool:
+    """Whether :func:`run_pipeline` stages batch ``i + 1`` before it submits batch ``i``: where the adapter's submit
+    blocks until the compute is done and the adapter can stage a batch on its own."""
+    return bool(getattr(adapter, "submit_blocks", False)) and callable(getattr(adapter, "stage", None))
+
+
+def default_depth(adapter) -> int:
+    """The ring's slots for ``adapter``: one more where the pipeline stages ahead."""
+    return STAGED_DEPTH if stages_ahead(adapter) else DEFAULT_DEPTH
 
 
 @dataclass
@@ -111,15 +129,20 @@ class DeviceAdapter(Protocol):
     """The device side of a pipeline (one runner's graph on one device).
 
     ``ring``: the adapter's own ring, reused across calls (``None``: each call makes one with ``allocate``).
+
+    ``submit_blocks`` (optional, default false): ``submit`` returns only once the batch's compute is done (onnxruntime
+    replaying a CUDA graph). Such an adapter with a ``stage`` method gets the next batch staged before each submit.
     """
 
     ring: HostRing | None
 
     def submit(self, slot: Slot) -> Any:
-        """Enqueue copy-in, compute and copy-out of ``slot`` (asynchronously) and return a handle to wait on."""
+        """Enqueue copy-in (unless :meth:`stage` did), compute and copy-out of ``slot`` (asynchronously) and return a
+        handle to wait on."""
 
     def wait(self, handle: Any) -> None:
-        """Block until the batch of ``handle`` has landed in its slot's output buffers."""
+        """Block until the batch of ``handle`` has landed in its slot's output buffers (or, for a handle from
+        :meth:`stage`, until its inputs are on the device)."""
 
     def output_specs(self) -> Mapping[str, tuple[tuple[int, ...], np.dtype]]:
         """Per output: the shape of one item and the dtype, for the slots' output buffers."""
@@ -152,7 +175,7 @@ def run_pipeline(
     batch_size: int,
     allocate: Allocate = lambda shape, dtype: np.empty(shape, dtype),
     dtypes: Mapping[str, Any] | None = None,
-    depth: int = DEFAULT_DEPTH,
+    depth: int | None = None,
     fixed_batch: bool = False,
     prepare: Callable[[int, int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     ring: HostRing | None = None,
@@ -169,7 +192,8 @@ def run_pipeline(
         batch_size: Rows per batch.
         allocate: Allocates a host buffer (page-locked on a GPU).
         dtypes: Dtype of each input as the graph takes it (default float32).
-        depth: Slots in the ring: how many batches may be in flight or being filled at once.
+        depth: Slots in the ring: how many batches may be in flight or being filled at once (default
+            :func:`default_depth`: :data:`STAGED_DEPTH` where the pipeline stages ahead, else :data:`DEFAULT_DEPTH`).
         fixed_batch: Pad the last short batch to ``batch_size`` rows (zeros), as CUDA graph replay needs; padded
             rows never reach the caller.
         prepare: Finishes a feed in the prefetch thread (the indexed layout gathers neighbour embeddings there); its
@@ -177,6 +201,9 @@ def run_pipeline(
         ring: A ring to reuse across calls (its buffers stay allocated); default the adapter's own, if it has one.
         copy_threads: Threads that stage each batch into its slot (one core's memory copy is slower than the bus;
             default :func:`~deepspot.runtime._copy.default_copy_threads`).
+
+    Where :func:`stages_ahead` holds for ``adapter``, each batch's copy to the device is enqueued
+    (``adapter.stage``) before the previous batch is submitted, so that it runs while that batch computes.
 
     Raises:
         Whatever the prefetch thread or the adapter raised, once, after the thread has stopped.
@@ -186,6 +213,8 @@ def run_pipeline(
     n = next(iter(inputs.values())).shape[0]
     dtypes = dict(dtypes or {})
     threads = copy_threads or default_copy_threads()
+    ahead = stages_ahead(adapter)
+    depth = depth if depth is not None else default_depth(adapter)
     ring = ring if ring is not None else getattr(adapter, "ring", None) or HostRing(depth, allocate)
     specs = adapter.output_specs()
     filled: queue.Queue = queue.Queue()
@@ -230,20 +259,34 @@ def run_pipeline(
 
     worker = threading.Thread(target=work, name="deepspot-pipeline-fill", daemon=True)
     worker.start()
-    in_flight: deque[Slot] = deque()
+    staged: deque[Slot] = deque()  # inputs on their way to the device, not submitted yet (when staging ahead)
+    in_flight: deque[Slot] = deque()  # submitted: computing or on their way back
+
+    def submit() -> None:
+        slot = staged[0]
+        slot.handle = adapter.submit(slot)  # while it runs the slot stays in ``staged``: its upload is waited for
+        in_flight.append(staged.popleft())
+
     try:
         finished = False
-        while not finished or in_flight:
-            # Keep up to depth - 1 batches in flight; the remaining slot is the one being filled.
-            while not finished and len(in_flight) < len(ring.slots) - 1:
+        while not finished or staged or in_flight:
+            # Keep up to depth - 1 batches staged or in flight; the remaining slot is the one being filled.
+            while not finished and len(staged) + len(in_flight) < len(ring.slots) - 1:
                 item = filled.get()
                 if item is done:
                     finished = True
                     break
                 if isinstance(item, BaseException):
                     raise item
-                item.handle = adapter.submit(item)
-                in_flight.append(item)
+                staged.append(item)
+                if ahead:
+                    item.handle = adapter.stage(item)  # its copy runs while the batch before it computes
+                    if len(staged) > 1:
+                        submit()  # blocks until that batch computed; the next one is on its way meanwhile
+                else:
+                    submit()
+            if staged and (finished or not in_flight):  # the last batch, or a ring too small to stage ahead
+                submit()
             if not in_flight:
                 continue
             slot = in_flight.popleft()
@@ -252,7 +295,11 @@ def run_pipeline(
             ring.release(slot)
     finally:
         stop.set()
-        for slot in in_flight:  # an error or an early stop: let the device finish before the buffers are reused
+        # An error or an early stop: let the device finish (the copies of a staged batch included) before the buffers
+        # are reused.
+        for slot in (*in_flight, *staged):
+            if slot.handle is None:
+                continue
             try:
                 adapter.wait(slot.handle)
             except Exception:  # noqa: BLE001  the first error is the one being raised
@@ -264,4 +311,14 @@ def run_pipeline(
         ring.reset()  # the ring may serve the next call (an adapter's own ring does)
 
 
-__all__ = ["DeviceAdapter", "HostAdapter", "HostRing", "Slot", "run_pipeline"]
+__all__ = [
+    "DEFAULT_DEPTH",
+    "STAGED_DEPTH",
+    "DeviceAdapter",
+    "HostAdapter",
+    "HostRing",
+    "Slot",
+    "default_depth",
+    "run_pipeline",
+    "stages_ahead",
+]
