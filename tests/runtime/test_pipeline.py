@@ -18,7 +18,7 @@ from deepspot.cli import app
 from deepspot.errors import BackendUnavailableError
 from deepspot.runtime import cuda_libs
 from deepspot.runtime.backends import Probe, unavailable_reason
-from deepspot.runtime.pipeline import HostAdapter, HostRing, run_pipeline
+from deepspot.runtime.pipeline import DEFAULT_DEPTH, STAGED_DEPTH, HostAdapter, HostRing, run_pipeline
 
 G = 3
 
@@ -191,6 +191,169 @@ def test_stopping_early_waits_for_batches_in_flight():
     stream.close()
     time.sleep(0.05)
     assert _live_fill_threads() == []
+
+
+class Blocking:
+    """A fake device whose submit returns only once the batch computed (onnxruntime replaying a CUDA graph), with a
+    ``stage`` that copies a slot's inputs "to the device" in a thread after a random delay (the copy stream).
+
+    ``log``: ``("stage" | "submit" | "wait", batch)`` in call order. ``uploading``: batches staged whose copy nobody
+    has consumed (submit) or waited for; ``pending``: batches submitted and not waited for. Both must be empty once a
+    call has ended, however it ended.
+    """
+
+    submit_blocks = True
+
+    def __init__(self, fail_stage_at=None, fail_submit_at=None, seed=0, batch_size=10):
+        self.rng = random.Random(seed)
+        self.fail_stage_at, self.fail_submit_at = fail_stage_at, fail_submit_at
+        self.batch_size = batch_size
+        self.log: list[tuple[str, int]] = []
+        self.uploading: set[int] = set()
+        self.pending: set[int] = set()
+        self.seen: list[np.ndarray] = []
+        self.slots: set[int] = set()
+        self._device: dict[int, tuple[threading.Thread, dict]] = {}
+        self.lock = threading.Lock()
+
+    def output_specs(self):
+        return {"y": ((G,), np.dtype(np.float32))}
+
+    def _batch(self, slot):
+        return slot.start // self.batch_size
+
+    def stage(self, slot):
+        i = self._batch(slot)
+        self.log.append(("stage", i))
+        if i == self.fail_stage_at:
+            raise RuntimeError(f"copy error in batch {i}")
+        self.slots.add(slot.index)
+        copied: dict = {}
+        delay = self.rng.uniform(0, 0.005)
+
+        def upload():
+            time.sleep(delay)  # the host buffer must stay untouched until this copy has read it
+            copied.update({k: v.copy() for k, v in slot.feed.items()})
+
+        thread = threading.Thread(target=upload)
+        thread.start()
+        self._device[slot.index] = (thread, copied)
+        with self.lock:
+            self.uploading.add(i)
+        return ("staged", i, thread)
+
+    def submit(self, slot):
+        i = self._batch(slot)
+        if slot.index not in self._device:
+            self.stage(slot)
+        self.log.append(("submit", i))
+        thread, copied = self._device.pop(slot.index)
+        if i == self.fail_submit_at:
+            raise RuntimeError(f"device error in batch {i}")
+        thread.join()  # the compute waits for the copy (on the device, here in the blocking submit)
+        with self.lock:
+            self.uploading.discard(i)
+            self.pending.add(i)
+        self.seen.append(copied["x"])
+        slot.result["y"][...] = _compute(copied)["y"]
+        return ("done", i, None)
+
+    def wait(self, handle):
+        kind, i, thread = handle
+        self.log.append(("wait", i))
+        if thread is not None:
+            thread.join()
+            self._device.pop(next((k for k, v in self._device.items() if v[0] is thread), None), None)
+        with self.lock:
+            (self.uploading if kind == "staged" else self.pending).discard(i)
+
+    def order(self, kind):
+        return {i: n for n, (k, i) in enumerate(self.log) if k == kind}
+
+
+def _counting():
+    allocations = []
+
+    def allocate(shape, dtype):
+        allocations.append(shape)
+        return np.empty(shape, dtype)
+
+    return allocations, allocate
+
+
+def test_a_blocking_submit_gets_the_next_batch_staged_before_it():
+    """Where submit blocks until the batch computed, the copy of batch i + 1 must be on its way before batch i is
+    submitted (else copy and compute take turns), on a ring with one slot more: one filling, one staged, one
+    computing, one draining."""
+    inputs = _inputs()
+    adapter = Blocking()
+    allocations, allocate = _counting()
+    out, writes = _collect(run_pipeline(inputs, adapter, 10, allocate=allocate), 103)
+    assert (writes == 1).all()
+    np.testing.assert_array_equal(out, np.concatenate([_compute({"x": inputs["x"][i : i + 10]})["y"]
+                                                       for i in range(0, 103, 10)]))  # fmt: skip
+    staged, submitted = adapter.order("stage"), adapter.order("submit")
+    assert sorted(staged) == sorted(submitted) == list(range(11))
+    assert all(staged[i + 1] < submitted[i] for i in range(10))
+    assert len(allocations) == STAGED_DEPTH * 2 and adapter.slots == set(range(STAGED_DEPTH))  # x and y per slot
+    assert adapter.uploading == adapter.pending == set()
+
+
+def test_an_adapter_whose_submit_does_not_block_is_not_staged_ahead():
+    adapter = Blocking()
+    adapter.submit_blocks = False
+    allocations, allocate = _counting()
+    _, writes = _collect(run_pipeline(_inputs(), adapter, 10, allocate=allocate), 103)
+    assert (writes == 1).all()
+    assert [k for k, _ in adapter.log if k != "wait"] == ["stage", "submit"] * 11  # submit stages its own batch
+    assert len(allocations) == DEFAULT_DEPTH * 2
+
+
+def test_staging_ahead_pads_the_last_batch():
+    inputs = _inputs(n=25)
+    adapter = Blocking()
+    out, writes = _collect(run_pipeline(inputs, adapter, 10, fixed_batch=True), 25)
+    assert [x.shape[0] for x in adapter.seen] == [10, 10, 10]
+    assert (adapter.seen[-1][5:] == 0).all() and np.array_equal(adapter.seen[-1][:5], inputs["x"][20:])
+    assert (writes == 1).all() and out[20, 2] == 10
+    staged, submitted = adapter.order("stage"), adapter.order("submit")
+    assert staged[1] < submitted[0] and staged[2] < submitted[1]
+
+
+@pytest.mark.parametrize("where", ["stage", "submit"])
+def test_an_error_while_staging_ahead_is_raised_once_and_every_staged_copy_is_waited_for(where):
+    ring = HostRing(STAGED_DEPTH, lambda shape, dtype: np.empty(shape, dtype))
+    adapter = Blocking(**{f"fail_{where}_at": 4})
+    stream = run_pipeline(_inputs(), adapter, 10, ring=ring)
+    got = []
+    with pytest.raises(RuntimeError, match="error in batch 4") as raised:
+        for start, _, _ in stream:
+            got.append(start)
+    assert "copy" in str(raised.value) if where == "stage" else "device" in str(raised.value)
+    assert got == [0, 10, 20][: len(got)] and len(got) >= 2
+    assert list(stream) == []  # raised once: the generator has ended
+    assert adapter.uploading == set() and adapter.pending == set()  # nothing left in flight into the buffers
+    assert ("submit", 3) not in adapter.log[: adapter.log.index(("stage", 4))]  # batch 4 was staged ahead of it
+    assert _live_fill_threads() == []
+    assert ring._free.qsize() == STAGED_DEPTH
+    again = Blocking()
+    out, writes = _collect(run_pipeline(_inputs(), again, 10, ring=ring), 103)
+    assert (writes == 1).all()
+    np.testing.assert_allclose(out[:, :2], _compute(_inputs())["y"][:, :2], rtol=1e-6)
+    assert again.uploading == again.pending == set()
+
+
+def test_a_consumer_that_stops_while_batches_are_staged_leaves_nothing_in_flight():
+    ring = HostRing(STAGED_DEPTH, lambda shape, dtype: np.empty(shape, dtype))
+    adapter = Blocking()
+    stream = run_pipeline(_inputs(), adapter, 10, ring=ring)
+    assert [next(stream)[0], next(stream)[0]] == [0, 10]
+    assert adapter.uploading  # the batch after the one computing is on its way
+    stream.close()
+    assert adapter.uploading == adapter.pending == set()
+    assert _live_fill_threads() == [] and ring._free.qsize() == STAGED_DEPTH
+    out, writes = _collect(run_pipeline(_inputs(), Blocking(), 10, ring=ring), 103)
+    assert (writes == 1).all()
 
 
 def test_predict_through_the_pipeline_equals_the_plain_loop(artifacts):
