@@ -10,7 +10,8 @@
   CUDA graphs: per graph id (the ``gpu_graph_id`` run option, 0 when a run names none, -1 for no graph), the first run
   is a plain one, the second is captured, and every later run of that id replays on the buffers bound at capture,
   whatever the binding it is given. Code that binds new buffers to a captured graph gets stale results here, as it
-  would on a GPU.
+  would on a GPU. A replay waits for its stream before returning, whatever the run options say, as onnxruntime's
+  CUDA provider does (``cudaStreamSynchronize`` after ``cudaGraphLaunch`` in ``CUDAGraphManager::Replay``).
 """
 
 from __future__ import annotations
@@ -182,8 +183,10 @@ class ReplaySession:
         except (AttributeError, RuntimeError):  # no run options, or none naming a graph: onnxruntime's default, 0
             graph_id = 0
         self.graph_ids.append(graph_id)
+        replay = False
         if graph_id != -1 and self.cuda_graphs:
             if graph_id in self.captured:
+                replay = True
                 binding = self.captured[graph_id]  # a replay: the addresses of the capture, not the ones given
             elif self.runs.get(graph_id, 0) >= WARMUP_RUNS:
                 self.captured[graph_id] = binding
@@ -197,5 +200,5 @@ class ReplaySession:
             asynchronous = run_options.get_run_config_entry("disable_synchronize_execution_providers") == "1"
         except (AttributeError, RuntimeError):
             asynchronous = False
-        if not asynchronous:  # onnxruntime waits for its stream before returning
+        if replay or not asynchronous:  # onnxruntime waits for its stream before returning
             cuda.drain_stream(stream)

@@ -13,7 +13,7 @@ from deepspot.errors import InputError
 from deepspot.runtime import _ort_gpu, ort
 from deepspot.runtime.artifacts import read_onnx
 from deepspot.runtime.ort import OrtRunner
-from deepspot.runtime.pipeline import HostRing
+from deepspot.runtime.pipeline import DEFAULT_DEPTH, STAGED_DEPTH, HostRing
 from deepspot.runtime.stream import predict
 
 from .graph_replay import HostCuda, ReplaySession
@@ -210,6 +210,40 @@ def test_the_pipeline_orders_its_streams_with_events(artifacts, replaying, cuda_
     for x, y in zip(expected, got):
         np.testing.assert_allclose(y, x, rtol=0, atol=1e-6)
     np.testing.assert_allclose(plain_run, expected[0][:8], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["cuda-graph", "no-graph"])
+def test_the_next_batch_is_uploaded_before_a_graph_replays(artifacts, replaying, cuda_graph):
+    """onnxruntime's CUDA provider waits for the device after each graph replay, so the adapter's submit blocks: the
+    copy of batch i + 1 to the device must be enqueued before batch i's graph runs, or copy and compute take turns.
+    Without graphs a run returns at once and each batch is uploaded in its own submit, as before."""
+    cuda = HostCuda()
+    inputs, expected, runner = _graph_case(artifacts, replaying, cuda_graph, cuda)
+    log: list[str] = []
+    copy = cuda.copy_async
+
+    def copy_async(dst, src, nbytes, kind, stream):
+        if kind == cuda.H2D:
+            log.append("upload")
+        return copy(dst, src, nbytes, kind, stream)
+
+    cuda.copy_async = copy_async
+    with runner:
+        adapter, _ = runner.pipeline_adapter(8)
+        assert adapter.submit_blocks is cuda_graph
+        assert len(adapter.ring.slots) == (STAGED_DEPTH if cuda_graph else DEFAULT_DEPTH)
+        session = replaying[-1]
+        run = session.run_with_iobinding
+        session.run_with_iobinding = lambda binding, options=None: log.append("run") or run(binding, options)
+        got = predict(runner, inputs, 8)
+    n = next(iter(inputs.values())).shape[0]
+    batches, per_batch = -(-n // 8), len(inputs)
+    runs = [i for i, what in enumerate(log) if what == "run"]
+    assert len(runs) == batches >= 3 and log.count("upload") == batches * per_batch
+    ahead = 2 if cuda_graph else 1  # batches whose inputs are on their way when batch k runs, counting k
+    for k, at in enumerate(runs):
+        assert log[:at].count("upload") == min(k + ahead, batches) * per_batch, (k, log)
+    np.testing.assert_allclose(got, expected[0], rtol=0, atol=1e-6)
 
 
 def test_an_error_on_the_device_is_the_one_raised_and_everything_is_freed(artifacts, replaying):
