@@ -484,9 +484,11 @@ def _row(measure, *args) -> dict:
 def _measure(source, backend, options, inputs, batch, smoke, rates, w, n, pinned, baseline=None) -> dict:
     from deepspot.runtime import load_runner
     from deepspot.runtime.bench_common import computes_folded
+    from deepspot.runtime.pipeline import stages_ahead
 
     with load_runner(source, backend, options) as runner:
         rate, paired = _time_predict(runner, inputs, batch, 3 if smoke else 5, baseline)
+        pipeline = runner.pipeline_adapter(batch)
         how = {
             # the median of the per-repeat ratios to the eager baseline timed just before each repeat
             "ratio_to_eager": statistics.median(paired) if paired else None,
@@ -494,7 +496,10 @@ def _measure(source, backend, options, inputs, batch, smoke, rates, w, n, pinned
             # The overlapping pipeline needs the CUDA runtime (ctypes for onnxruntime, PyTorch's for torch-cuda);
             # without it predict() runs batch by batch (deepspot doctor says why). Recorded, so that a slow row is
             # not misread.
-            "pipelined": runner.pipeline_adapter(batch) is not None,
+            "pipelined": pipeline is not None,
+            # Whether the pipeline staged batch i + 1's copy to the GPU before it submitted batch i (ort-cuda with
+            # CUDA graphs: onnxruntime waits for the GPU after each replay, so the copy could not overlap otherwise).
+            "staged_ahead": pipeline is not None and stages_ahead(pipeline[0]),
             "providers": runner.session.get_providers() if getattr(runner, "session", None) else None,
             "precision": runner.info.precision,
         }

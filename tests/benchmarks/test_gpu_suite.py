@@ -32,6 +32,7 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     rows = steps["throughput"]["result"]["rows"]
     assert rows["ort-cpu fp16 features"]["input_bytes_per_item"] * 2 == rows["ort-cpu fp32 features"]["input_bytes_per_item"]
     assert all(row["items_per_s"] > 0 and "fraction_of_limit" in row for row in rows.values())
+    assert rows["ort-cpu fp32 features"]["staged_ahead"] is False
     assert rows["ort-cpu fp32 features"]["pipelined"] is False and rows["ort-cpu fp32 features"]["precision"] == "fp32"
     # the graphs' memory traffic per spot (the memory limit needs the GPU's bandwidth): the fp16 graph moves less
     traffic = {k: rows[f"ort-cpu {k} features"]["memory_bytes_per_item"] for k in ("fp32", "fp16")}
