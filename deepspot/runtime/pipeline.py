@@ -132,6 +132,10 @@ class DeviceAdapter(Protocol):
 
     ``submit_blocks`` (optional, default false): ``submit`` returns only once the batch's compute is done (onnxruntime
     replaying a CUDA graph). Such an adapter with a ``stage`` method gets the next batch staged before each submit.
+
+    ``stage(slot) -> handle`` (optional): enqueue only the copy of ``slot``'s inputs to the device, without waiting;
+    ``wait`` takes the handle (it lands when the inputs are on the device), and ``submit`` of that slot then skips the
+    copy. ``submit`` of a slot not staged stages it itself.
     """
 
     ring: HostRing | None
