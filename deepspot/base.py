@@ -18,7 +18,6 @@ from .scaler import Scaler
 from .utils import fix_seed
 
 
-
 #: Off while a model is rebuilt from saved weights: its initial weights are replaced at once, so seeding every global
 #: generator (and cuDNN's flags, and the environment) as the reference's constructor does would only be a side effect.
 _SEED_ON_BUILD = contextvars.ContextVar("deepspot_seed_on_build", default=True)
@@ -34,6 +33,7 @@ def building_from_weights() -> Iterator[None]:
             yield
     finally:
         _SEED_ON_BUILD.reset(token)
+
 
 class DeepSetModel(nn.Module):
     """An ensemble of Phi networks, pooled over bags, followed by an ensemble of Rho networks.

@@ -99,7 +99,6 @@ def test_a_parity_case_that_cannot_capture_a_cuda_graph_runs_again_without(tmp_p
     assert failed["passed"] is False and "ZeroDivisionError" in failed["error"]
 
 
-
 def test_a_failing_throughput_row_is_recorded_and_the_others_go_on(tmp_path):
     suite = _suite()
     row = suite._row(lambda a, b: a / b, 1, 0)

@@ -335,7 +335,6 @@ def test_tf32_is_asked_for_and_reported(artifacts, tmp_path):
             load_runner(a.onnx if backend == "ort-cpu" else a.checkpoint, backend, RunnerOptions(tf32=True))
 
 
-
 def test_cuda_graph_options_and_a_graph_onnxruntime_cannot_capture(artifacts, monkeypatch):
     import onnxruntime
 

@@ -104,7 +104,6 @@ def test_infer_takes_what_a_bundle_takes(runner_for, backend):
             runner.infer({**canonical, "spot": canonical["spot"].astype(np.int32)})
 
 
-
 @pytest.mark.parametrize("backend", ["torch", "ort-cpu"])
 def test_feed_mistakes_are_named_input_errors(runner_for, backend):
     # onnxruntime failed in a Reshape node on an empty bag (and logged a block of its own); a non-mapping feed and a
