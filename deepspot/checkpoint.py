@@ -25,6 +25,8 @@ FORMAT_VERSION = 1
 REFERENCE_SUFFIXES = (".pkl", ".ckpt", ".pt", ".pth", ".bin")
 #: What ``deepspot export`` and ``deepspot engine build`` write: runtime files, not checkpoints.
 EXPORT_SUFFIXES = (".onnx", ".plan", ".engine")
+#: Data files a command takes beside a model (feature bundles, AnnData, tile features): named as such when given as one.
+DATA_SUFFIXES = (".npz", ".npy", ".h5ad", ".h5", ".hdf5", ".csv")
 
 
 def model_metadata(model) -> dict[str, Any]:
@@ -86,6 +88,9 @@ def _open(path: Path, with_tensors: bool = False) -> tuple[dict[str, Any], dict[
     """The metadata, and the tensors once their shapes have been checked against it (before any is read)."""
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file{folder_hint(path)}")
+    if path.suffix.lower() in DATA_SUFFIXES:
+        raise CheckpointError(f"{path}: a data file ({path.suffix.lower()}), not a model; give a .safetensors "
+                              "checkpoint or a reference file (.pkl, .ckpt, .pt)")  # fmt: skip
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}

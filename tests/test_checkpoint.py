@@ -131,3 +131,12 @@ def test_save_refuses_what_is_no_model_and_names_that_are_no_checkpoint(tmp_path
     onnx_file.write_bytes(b"\x08\x07")
     with pytest.raises(CheckpointError, match="an exported model, not a checkpoint; run it with deepspot.runtime"):
         deepspot.load(onnx_file)
+
+
+@pytest.mark.parametrize("name", ["bundle.npz", "pred.h5ad", "tiles.h5"])
+def test_a_data_file_given_as_the_model_is_named_as_such(tmp_path, name):
+    # `deepspot export bundle.npz` read the bundle as a .safetensors file: "header too large".
+    path = tmp_path / name
+    np.savez(path, spot=np.zeros((2, 1, 4), np.float32)) if name.endswith(".npz") else path.write_bytes(b"\x89HDF")
+    with pytest.raises(CheckpointError, match=rf"{name}: a data file \(\.\w+\), not a model; give a \.safetensors"):
+        deepspot.load(path)
