@@ -24,6 +24,16 @@ and the suite goes on:
 5. ``slides``: the whole-slide workloads (``xenium-slide`` at 100,000 cells, ``visium-slide``) in the indexed
    layout on ``ort-cuda`` and ``torch-cuda``, with the same fraction (only each item's own tiles cross the bus).
 
+The steps run in one child process; the command itself only supervises it. If the child dies (a segfault in a native
+library, an abort, a kill) the step it was running is recorded as failed ("the process died: signal 11 (SIGSEGV)"),
+with the cases it had recorded, and a fresh child resumes with the next step; after a sticky CUDA error (an illegal
+memory access, a launch failure, a device-side assert: every later CUDA call of the process would fail, see
+``_poisons_cuda``) the child records the step as failed and exits with status 3, and a fresh one resumes likewise (such an
+error in one case or row ends its step: the later ones would fail too). A
+resumed child takes the earlier steps' results from the JSON, and the budget and its shares stay counted from the
+suite's start; at most one restart per step, none once the budget is spent. When nothing fails, one child runs
+everything. ``DEEPSPOT_GPU_SUITE_FAULT=step:kind`` is a test hook only (see ``FAULT``).
+
 ``--smoke`` runs the same plumbing on the CPU at toy sizes (GPU steps are recorded as skipped, with the reason), so
 the suite is tested where there is no GPU. Written without a GPU at hand: the first run on one is its test.
 """
