@@ -25,14 +25,14 @@ and the suite goes on:
    layout on ``ort-cuda`` and ``torch-cuda``, with the same fraction (only each item's own tiles cross the bus).
 
 The steps run in one child process; the command itself only supervises it. If the child dies (a segfault in a native
-library, an abort, a kill) the step it was running is recorded as failed ("the process died: signal 11 (SIGSEGV)"),
-with the cases it had recorded, and a fresh child resumes with the next step; after a sticky CUDA error (an illegal
-memory access, a launch failure, a device-side assert: every later CUDA call of the process would fail, see
-``_poisons_cuda``) the child records the step as failed and exits with status 3, and a fresh one resumes likewise (such an
-error in one case or row ends its step: the later ones would fail too). A
-resumed child takes the earlier steps' results from the JSON, and the budget and its shares stay counted from the
-suite's start; at most one restart per step, none once the budget is spent. When nothing fails, one child runs
-everything. ``DEEPSPOT_GPU_SUITE_FAULT=step:kind`` is a test hook only (see ``FAULT``).
+library, an abort, a kill) the step it was running is recorded as failed ("the process died: signal 11 (SIGSEGV)"), with
+the cases it had recorded, and a fresh child resumes with the next step; after a sticky CUDA error (an illegal memory
+access, a launch failure, a device-side assert: every later CUDA call of the process would fail, see ``_poisons_cuda``)
+the child records the step as failed and exits with status 3, and a fresh one resumes likewise (such an error in one
+case or row ends its step: the later ones would fail too). A resumed child takes the earlier steps' results from the
+JSON, and the budget and its shares stay counted from the suite's start; at most one restart per step, none once the
+budget is spent. When nothing fails, one child runs everything. ``DEEPSPOT_GPU_SUITE_FAULT=step:kind`` is a test hook
+only (see ``FAULT``).
 
 ``--smoke`` runs the same plumbing on the CPU at toy sizes (GPU steps are recorded as skipped, with the reason), so
 the suite is tested where there is no GPU. Written without a GPU at hand: the first run on one is its test.
@@ -84,7 +84,8 @@ _STICKY_NAMES = ("cudaErrorIllegalAddress", "cudaErrorLaunchFailure", "cudaError
                  "cudaErrorIllegalInstruction", "cudaErrorHardwareStackError", "cudaErrorInvalidPc",
                  "cudaErrorInvalidAddressSpace", "CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_LAUNCH_FAILED",
                  "CUDA_ERROR_MISALIGNED_ADDRESS", "CUDA_ERROR_ASSERT", "CUDA_ERROR_ILLEGAL_INSTRUCTION",
-                 "CUDA_ERROR_HARDWARE_STACK_ERROR", "CUDA_ERROR_INVALID_PC", "CUDA_ERROR_INVALID_ADDRESS_SPACE")  # fmt: skip
+                 "CUDA_ERROR_HARDWARE_STACK_ERROR", "CUDA_ERROR_INVALID_PC",
+                 "CUDA_ERROR_INVALID_ADDRESS_SPACE")  # fmt: skip
 _STICKY_CODES = (700, 710, 714, 715, 716, 717, 718, 719)
 
 
@@ -146,7 +147,7 @@ class Suite:
                 value = fn(*args)
                 self._fault(name)
                 self.results["steps"][name] = {"status": "ok", "seconds": time.perf_counter() - t0, "result": value}
-            except Exception as e:  # noqa: BLE001  one failing step must not lose the others
+            except Exception as e:  # one failing step must not lose the others
                 before = self.results["steps"].get(name) or {}
                 self.results["steps"][name] = {
                     "status": "failed",
@@ -155,7 +156,7 @@ class Suite:
                     "traceback": traceback.format_exc(limit=6),
                     # what it had recorded before it failed (see partial)
                     **({"result": before["result"]} if before.get("status") == "running" and "result" in before
-                       else {}),  # fmt: skip
+                       else {}),
                 }
                 if _poisons_cuda(e):
                     self.results["steps"][name]["restart"] = "a sticky CUDA error: the next steps run in a new process"
@@ -354,7 +355,7 @@ def _case(check, options) -> dict:
 
     try:
         return _parity_row(check(options))
-    except Exception as e:  # noqa: BLE001  one case must not lose the others
+    except Exception as e:  # one case must not lose the others
         if _poisons_cuda(e):  # every later case would fail too: the step ends, the next runs in a fresh process
             raise
         if not _cannot_capture(e):
@@ -362,7 +363,7 @@ def _case(check, options) -> dict:
         first = f"{type(e).__name__}: {e}"
     try:
         row = _parity_row(check(replace(options or RunnerOptions(), cuda_graph=False)))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if _poisons_cuda(e):
             raise
         row = {"passed": False, "max_abs": None, "error": f"{type(e).__name__}: {e}"}
@@ -520,7 +521,7 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
         eager = _Eager(model, ckpt_variants[0][1], {k: v[: 2 * batch] for k, v in features_by_dtype["fp32"].items()},
                        batch)  # fmt: skip
         result["eager_baseline"] = f"{own_row}, {eager.n} items per run, before each repeat of every row"
-    except Exception as e:  # noqa: BLE001  the rows go on, their "x eager" then from the eager row's rate
+    except Exception as e:  # the rows go on, their "x eager" then from the eager row's rate
         if _poisons_cuda(e):
             raise
         eager, result["eager_baseline"] = None, _error_row(e)
@@ -580,7 +581,7 @@ def _row(measure, *args) -> dict:
     error is raised: the step ends, and the next runs in a fresh process)."""
     try:
         return measure(*args)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if _poisons_cuda(e):
             raise
         return _error_row(e)
@@ -665,14 +666,14 @@ def slides(smoke: bool, until: float | None = None, partial=None) -> dict:
         reports = []
         try:
             reports.append(_slide_bench(w, backends, batch, repeats, n))
-        except Exception as e:  # noqa: BLE001  recorded in its row; the other runs go on
+        except Exception as e:  # recorded in its row; the other runs go on
             if _poisons_cuda(e):  # unless the process's CUDA context is lost
                 raise
             rows[f"{', '.join(backends)}, {label}"] = _error_row(e)
             for backend in backends if len(backends) > 1 else ():  # each alone: which one failed, and the other's row
                 try:
                     reports.append(_slide_bench(w, [backend], batch, repeats, n))
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
                     if _poisons_cuda(e):
                         raise
                     rows[f"{backend} alone, {label}"] = _error_row(e)
