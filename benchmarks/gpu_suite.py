@@ -91,11 +91,18 @@ _STICKY_CODES = (700, 710, 714, 715, 716, 717, 718, 719)
 
 def _poisons_cuda(error: BaseException | str) -> bool:
     """Whether ``error`` (an exception or its message) is a sticky CUDA error: one after which every CUDA call of
-    the process fails, so that the suite must go on in a fresh process."""
-    text = str(error)
-    if any(t in text for t in _STICKY_TEXTS) or any(n in text for n in _STICKY_NAMES):
-        return True
-    return any(f"CUDA failure {c}" in text or f"(error {c})" in text for c in _STICKY_CODES)
+    the process fails, so that the suite must go on in a fresh process. The exceptions it was raised from or while
+    handling count too (a runner's clean-up failing after the sticky error may be the one that arrives)."""
+    seen: list[BaseException | str] = []
+    while error is not None and len(seen) < 8 and not any(error is s for s in seen):
+        seen.append(error)
+        text = str(error)
+        if any(t in text for t in _STICKY_TEXTS) or any(n in text for n in _STICKY_NAMES):
+            return True
+        if any(f"CUDA failure {c}" in text or f"(error {c})" in text for c in _STICKY_CODES):
+            return True
+        error = None if isinstance(error, str) else (error.__cause__ or error.__context__)
+    return False
 
 
 class _Poisoned(Exception):

@@ -293,6 +293,13 @@ def test_sticky_cuda_errors_are_told_from_the_others():
         ZeroDivisionError("division by zero"),
     ]
     assert all(suite._poisons_cuda(e) for e in sticky)
+    try:  # a clean-up failing after the sticky error: the error that arrives is another, raised while handling it
+        try:
+            raise RuntimeError(STICKY)
+        finally:
+            raise ValueError("the runner could not be closed")
+    except ValueError as e:
+        assert suite._poisons_cuda(e) and not suite._poisons_cuda(ValueError("the runner could not be closed"))
     assert not any(suite._poisons_cuda(e) for e in ordinary)
 
 
