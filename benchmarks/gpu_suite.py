@@ -826,7 +826,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--started-at", type=float, default=None, help=argparse.SUPPRESS)  # time.time() at the start
     args = parser.parse_args(argv)
-    return run_steps(args) if args.child else supervise(args)
+    if not args.child:
+        return supervise(args)
+    rc = run_steps(args)
+    if rc == POISONED:  # the JSON is written; a lost CUDA context's clean-up at exit could crash or hang: skip it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 def run_steps(args) -> int:

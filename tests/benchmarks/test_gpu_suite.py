@@ -387,6 +387,22 @@ def test_a_sticky_cuda_error_resumes_in_a_fresh_process_with_the_next_step(tmp_p
     assert "Restarted in a fresh process after: a sticky CUDA error in parity" in markdown
 
 
+def test_the_child_exits_with_its_own_status_after_a_sticky_cuda_error(tmp_path):
+    """A real child process (the test hook raises the sticky error in its first step): exit status 3, the step
+    recorded, no later step started."""
+    import os
+    import subprocess
+    import sys
+
+    suite = _suite()
+    env = {**os.environ, suite.FAULT: "doctor:poison"}
+    command = [sys.executable, str(SUITE), "--child", "--out", str(tmp_path), "--smoke",
+               "--started-at", repr(time.time())]  # fmt: skip
+    assert subprocess.run(command, env=env, check=False).returncode == suite.POISONED
+    steps = json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]
+    assert list(steps) == ["doctor"] and steps["doctor"]["status"] == "failed" and "restart" in steps["doctor"]
+
+
 def test_an_ordinary_failure_does_not_restart(tmp_path, monkeypatch):
     suite = _suite()
     calls, children = [], []
