@@ -749,6 +749,9 @@ def markdown(results: dict) -> str:
                   f"torch {v.get('torch')}", ""]  # fmt: skip
     for restart in results.get("restarts") or []:
         lines += [f"Restarted in a fresh process after: {restart.get('why')}", ""]
+    for name in ("doctor", "bandwidth", "gemm"):  # the later steps' sections say their own failures
+        if (steps.get(name) or {}).get("status") == "failed":
+            lines += [f"{name} failed: {steps[name].get('error')}", ""]
     bw = (steps.get("bandwidth") or {}).get("result") or {}
     if bw:
         lines += [f"Host-to-device bandwidth: {json.dumps(bw)}", ""]

@@ -401,6 +401,8 @@ def test_the_child_exits_with_its_own_status_after_a_sticky_cuda_error(tmp_path)
     assert subprocess.run(command, env=env, check=False).returncode == suite.POISONED
     steps = json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]
     assert list(steps) == ["doctor"] and steps["doctor"]["status"] == "failed" and "restart" in steps["doctor"]
+    markdown = (tmp_path / "gpu_suite.md").read_text()
+    assert "doctor failed: RuntimeError: CUDA error: an illegal memory access" in markdown
 
 
 def test_an_ordinary_failure_does_not_restart(tmp_path, monkeypatch):
