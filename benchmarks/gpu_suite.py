@@ -24,6 +24,16 @@ and the suite goes on:
 5. ``slides``: the whole-slide workloads (``xenium-slide`` at 100,000 cells, ``visium-slide``) in the indexed
    layout on ``ort-cuda`` and ``torch-cuda``, with the same fraction (only each item's own tiles cross the bus).
 
+The steps run in one child process; the command itself only supervises it. If the child dies (a segfault in a native
+library, an abort, a kill) the step it was running is recorded as failed ("the process died: signal 11 (SIGSEGV)"), with
+the cases it had recorded, and a fresh child resumes with the next step; after a sticky CUDA error (an illegal memory
+access, a launch failure, a device-side assert: every later CUDA call of the process would fail, see ``_poisons_cuda``)
+the child records the step as failed and exits with status 3, and a fresh one resumes likewise (such an error in one
+case or row ends its step: the later ones would fail too). A resumed child takes the earlier steps' results from the
+JSON, and the budget and its shares stay counted from the suite's start; at most one restart per step, none once the
+budget is spent. When nothing fails, one child runs everything. ``DEEPSPOT_GPU_SUITE_FAULT=step:kind`` is a test hook
+only (see ``FAULT``).
+
 ``--smoke`` runs the same plumbing on the CPU at toy sizes (GPU steps are recorded as skipped, with the reason), so
 the suite is tested where there is no GPU. Written without a GPU at hand: the first run on one is its test.
 """
@@ -33,8 +43,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,12 +63,63 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/staging_c
 MODES = {"spot": ("spot", "subspot", "neighbors", "subspot_neighbors"), "cell": ("cell", "neighbors")}
 
 
-class Suite:
-    """Runs steps within a time budget and writes the results after each one."""
+#: The steps, in the order they run.
+STEPS = ("doctor", "bandwidth", "gemm", "parity", "throughput", "slides")
+#: A step's status once it has ended: a fresh process resuming the suite does not run it again.
+DONE = ("ok", "failed", "skipped")
+#: The child's exit status after a step failed with a sticky CUDA error: the supervisor resumes in a fresh process.
+POISONED = 3
+#: A test hook only: ``step:kind`` makes the child fail at step ``step``'s first recorded case (or at its end, for a
+#: step that records none): ``segv`` and ``kill`` kill the process by that signal, ``poison`` raises a sticky CUDA
+#: error's message, anything else an ordinary error.
+FAULT = "DEEPSPOT_GPU_SUITE_FAULT"
 
-    def __init__(self, out: Path, budget: float, smoke: bool):
+# The CUDA errors after which every later CUDA call of the process fails (the context is lost), as torch
+# ("CUDA error: <text>"), onnxruntime ("CUDA failure 700: <text>", "CUDA error cudaErrorIllegalAddress:<text>") and
+# deepspot.runtime.cuda_libs ("<call> failed: <text> (error 700)") word them: the runtime's texts, enum names and codes.
+_STICKY_TEXTS = ("an illegal memory access was encountered", "unspecified launch failure", "misaligned address",
+                 "device-side assert triggered", "an illegal instruction was encountered", "hardware stack error",
+                 "invalid program counter", "operation not supported on global/shared address space")  # fmt: skip
+_STICKY_NAMES = ("cudaErrorIllegalAddress", "cudaErrorLaunchFailure", "cudaErrorMisalignedAddress", "cudaErrorAssert",
+                 "cudaErrorIllegalInstruction", "cudaErrorHardwareStackError", "cudaErrorInvalidPc",
+                 "cudaErrorInvalidAddressSpace", "CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_LAUNCH_FAILED",
+                 "CUDA_ERROR_MISALIGNED_ADDRESS", "CUDA_ERROR_ASSERT", "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+                 "CUDA_ERROR_HARDWARE_STACK_ERROR", "CUDA_ERROR_INVALID_PC",
+                 "CUDA_ERROR_INVALID_ADDRESS_SPACE")  # fmt: skip
+_STICKY_CODES = (700, 710, 714, 715, 716, 717, 718, 719)
+
+
+def _poisons_cuda(error: BaseException | str) -> bool:
+    """Whether ``error`` (an exception or its message) is a sticky CUDA error: one after which every CUDA call of
+    the process fails, so that the suite must go on in a fresh process. The exceptions it was raised from or while
+    handling count too (a runner's clean-up failing after the sticky error may be the one that arrives)."""
+    seen: list[BaseException | str] = []
+    while error is not None and len(seen) < 8 and not any(error is s for s in seen):
+        seen.append(error)
+        text = str(error)
+        if any(t in text for t in _STICKY_TEXTS) or any(n in text for n in _STICKY_NAMES):
+            return True
+        if any(f"CUDA failure {c}" in text or f"(error {c})" in text for c in _STICKY_CODES):
+            return True
+        error = None if isinstance(error, str) else (error.__cause__ or error.__context__)
+    return False
+
+
+class _Poisoned(Exception):
+    """A step failed with a sticky CUDA error: it is recorded, and the process must not run another step."""
+
+
+class Suite:
+    """Runs steps within a time budget and writes the results after each one.
+
+    ``start`` is the suite's start on ``time.perf_counter()``'s clock (a resumed process passes the first one's, so
+    that the budget and its shares stay absolute); ``resume`` reads ``out/gpu_suite.json`` and skips the steps it
+    says have ended, returning their recorded results."""
+
+    def __init__(self, out: Path, budget: float, smoke: bool, start: float | None = None, resume: bool = False):
         self.out, self.budget, self.smoke = out, budget, smoke
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() if start is None else start
+        self._faulted = False
         self.results: dict[str, Any] = {
             "suite": "deepspot gpu_suite",
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -64,19 +128,33 @@ class Suite:
             "steps": {},
         }
         out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            with contextlib.suppress(OSError, ValueError):
+                saved = json.loads((out / "gpu_suite.json").read_text())
+                if isinstance(saved.get("steps"), dict):
+                    self.results = saved
 
     def left(self) -> float:
         return self.budget - (time.perf_counter() - self.start)
 
     def step(self, name: str, fn, *args) -> Any:
+        """Runs step ``name`` (unless it has ended already: then its recorded result). A sticky CUDA error is
+        recorded and raised (as ``_Poisoned``): the process must not run another step."""
+        done = self.results["steps"].get(name) or {}
+        if done.get("status") in DONE:
+            return done.get("result")
         if self.left() <= 0:
             self.results["steps"][name] = {"status": "skipped", "reason": "time budget spent"}
         else:
+            # Marked running before it starts: if the process dies in it, the supervisor knows which step it was.
+            self.results["steps"][name] = {"status": "running", "suite_seconds": time.perf_counter() - self.start}
+            self.write()
             t0 = time.perf_counter()
             try:
                 value = fn(*args)
+                self._fault(name)
                 self.results["steps"][name] = {"status": "ok", "seconds": time.perf_counter() - t0, "result": value}
-            except Exception as e:  # noqa: BLE001  one failing step must not lose the others
+            except Exception as e:  # one failing step must not lose the others
                 before = self.results["steps"].get(name) or {}
                 self.results["steps"][name] = {
                     "status": "failed",
@@ -84,8 +162,13 @@ class Suite:
                     "error": f"{type(e).__name__}: {e}",
                     "traceback": traceback.format_exc(limit=6),
                     # what it had recorded before it failed (see partial)
-                    **({"result": before["result"]} if before.get("status") == "running" else {}),
+                    **({"result": before["result"]} if before.get("status") == "running" and "result" in before
+                       else {}),
                 }
+                if _poisons_cuda(e):
+                    self.results["steps"][name]["restart"] = "a sticky CUDA error: the next steps run in a new process"
+                    self.write()
+                    raise _Poisoned(name) from e
         self.write()
         return self.results["steps"][name].get("result")
 
@@ -96,11 +179,31 @@ class Suite:
             self.results["steps"][name] = {"status": "running", "suite_seconds": time.perf_counter() - self.start,
                                            "result": value}  # fmt: skip
             self.write()
+            self._fault(name)
 
         return record
 
+    def _fault(self, name: str) -> None:
+        """The test hook ``DEEPSPOT_GPU_SUITE_FAULT`` (see ``FAULT``): fails step ``name`` once, if it names it."""
+        step, _, kind = os.environ.get(FAULT, "").partition(":")
+        if step != name or self._faulted:
+            return
+        self._faulted = True
+        if kind in ("segv", "kill"):
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))  # no core file
+            os.kill(os.getpid(), signal.SIGSEGV if kind == "segv" else signal.SIGKILL)
+        if kind == "poison":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (injected by the test hook)")
+        raise RuntimeError(f"a fault injected by the test hook ({kind})")
+
     def write(self) -> None:
-        (self.out / "gpu_suite.json").write_text(json.dumps(self.results, indent=1, default=str))
+        # Written to a temporary file and renamed: a process killed while writing leaves the previous JSON whole.
+        path = self.out / "gpu_suite.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1, default=str))
+        os.replace(tmp, path)
         try:
             text = markdown(self.results)
         except Exception as e:  # noqa: BLE001  the JSON holds everything; a table that fails must not stop the suite
@@ -250,21 +353,26 @@ def parity(smoke: bool, work: Path, until: float | None = None, partial=None) ->
 
 
 def _case(check, options) -> dict:
-    """One parity case; an error is recorded in its row and the others go on. If onnxruntime cannot capture a CUDA
-    graph of the model, the case runs again without one, and the row says so."""
+    """One parity case; an error is recorded in its row and the others go on (a sticky CUDA error is raised: see
+    ``_poisons_cuda``). If onnxruntime cannot capture a CUDA graph of the model, the case runs again without one, and
+    the row says so."""
     from dataclasses import replace
 
     from deepspot.runtime import RunnerOptions
 
     try:
         return _parity_row(check(options))
-    except Exception as e:  # noqa: BLE001  one case must not lose the others
+    except Exception as e:  # one case must not lose the others
+        if _poisons_cuda(e):  # every later case would fail too: the step ends, the next runs in a fresh process
+            raise
         if not _cannot_capture(e):
             return {"passed": False, "max_abs": None, "error": f"{type(e).__name__}: {e}"}
         first = f"{type(e).__name__}: {e}"
     try:
         row = _parity_row(check(replace(options or RunnerOptions(), cuda_graph=False)))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
+        if _poisons_cuda(e):
+            raise
         row = {"passed": False, "max_abs": None, "error": f"{type(e).__name__}: {e}"}
     return {**row, "without CUDA graphs, because": first}
 
@@ -420,7 +528,9 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
         eager = _Eager(model, ckpt_variants[0][1], {k: v[: 2 * batch] for k, v in features_by_dtype["fp32"].items()},
                        batch)  # fmt: skip
         result["eager_baseline"] = f"{own_row}, {eager.n} items per run, before each repeat of every row"
-    except Exception as e:  # noqa: BLE001  the rows go on, their "x eager" then from the eager row's rate
+    except Exception as e:  # the rows go on, their "x eager" then from the eager row's rate
+        if _poisons_cuda(e):
+            raise
         eager, result["eager_baseline"] = None, _error_row(e)
 
     def record(name: str, row: dict) -> None:
@@ -474,10 +584,13 @@ def _copy_threads(threads: int | None):
 
 
 def _row(measure, *args) -> dict:
-    """One throughput row, ``measure(*args)``; an error is recorded in it and the other rows go on."""
+    """One throughput row, ``measure(*args)``; an error is recorded in it and the other rows go on (a sticky CUDA
+    error is raised: the step ends, and the next runs in a fresh process)."""
     try:
         return measure(*args)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
+        if _poisons_cuda(e):
+            raise
         return _error_row(e)
 
 
@@ -560,12 +673,16 @@ def slides(smoke: bool, until: float | None = None, partial=None) -> dict:
         reports = []
         try:
             reports.append(_slide_bench(w, backends, batch, repeats, n))
-        except Exception as e:  # noqa: BLE001  recorded in its row; the other runs go on
+        except Exception as e:  # recorded in its row; the other runs go on
+            if _poisons_cuda(e):  # unless the process's CUDA context is lost
+                raise
             rows[f"{', '.join(backends)}, {label}"] = _error_row(e)
             for backend in backends if len(backends) > 1 else ():  # each alone: which one failed, and the other's row
                 try:
                     reports.append(_slide_bench(w, [backend], batch, repeats, n))
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:
+                    if _poisons_cuda(e):
+                        raise
                     rows[f"{backend} alone, {label}"] = _error_row(e)
         for report, without_graphs in reports:
             # The bench's own bus figures: the bandwidth it measured, and the bytes that cross per item (the indexed
@@ -600,7 +717,7 @@ def _slide_bench(w, backends: list[str], batch: int | None, repeats: int, n: int
     try:
         return run_slide_bench(w, backends, batch, repeats, 1, n_items=n), None
     except Exception as e:
-        if not _cannot_capture(e) or not any(b.startswith("ort") for b in backends):
+        if _poisons_cuda(e) or not _cannot_capture(e) or not any(b.startswith("ort") for b in backends):
             raise
         why = f"{type(e).__name__}: {e}"
     options = RunnerOptions(cuda_graph=False)
@@ -630,6 +747,11 @@ def markdown(results: dict) -> str:
         lines += [f"GPU: {gpu.get('name') or gpu.get('torch sees') or 'none'}, driver {gpu.get('driver')}; "
                   f"onnxruntime {v.get('onnxruntime')} ({v.get('onnxruntime package')}), "
                   f"torch {v.get('torch')}", ""]  # fmt: skip
+    for restart in results.get("restarts") or []:
+        lines += [f"Restarted in a fresh process after: {restart.get('why')}", ""]
+    for name in ("doctor", "bandwidth", "gemm"):  # the later steps' sections say their own failures
+        if (steps.get(name) or {}).get("status") == "failed":
+            lines += [f"{name} failed: {steps[name].get('error')}", ""]
     bw = (steps.get("bandwidth") or {}).get("result") or {}
     if bw:
         lines += [f"Host-to-device bandwidth: {json.dumps(bw)}", ""]
@@ -703,19 +825,99 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="Folder for gpu_suite.json and gpu_suite.md.")
     parser.add_argument("--budget", type=float, default=360.0, help="Seconds; steps not started by then are skipped.")
     parser.add_argument("--smoke", action="store_true", help="Toy sizes on the CPU: tests the plumbing.")
+    # The supervisor's calls of its child process (not for use by hand).
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--started-at", type=float, default=None, help=argparse.SUPPRESS)  # time.time() at the start
     args = parser.parse_args(argv)
-    suite = Suite(args.out, args.budget, args.smoke)
+    if not args.child:
+        return supervise(args)
+    rc = run_steps(args)
+    if rc == POISONED:  # the JSON is written; a lost CUDA context's clean-up at exit could crash or hang: skip it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
+
+
+def run_steps(args) -> int:
+    """The child: the steps that ``gpu_suite.json`` does not say have ended, in this process; ``POISONED`` when one
+    failed with a sticky CUDA error."""
+    start = None if args.started_at is None else time.perf_counter() - (time.time() - args.started_at)
+    suite = Suite(args.out, args.budget, args.smoke, start=start, resume=True)
     work = Path(tempfile.mkdtemp(prefix="deepspot-gpu-suite-"))
-    suite.step("doctor", doctor)
-    bw = suite.step("bandwidth", bandwidth, args.smoke)
-    rates = suite.step("gemm", gemm, args.smoke)
-    # Shares of the budget, so that a slow step cannot starve the next: parity a third, throughput the next third,
-    # the slides what is left. Each step records the cases it had no time for.
-    share = args.budget / 3
-    suite.step("parity", parity, args.smoke, work, suite.start + share, suite.partial("parity"))
-    suite.step("throughput", throughput, args.smoke, work, bw, rates, suite.start + 2 * share,
-               suite.partial("throughput"))
-    suite.step("slides", slides, args.smoke, suite.start + args.budget, suite.partial("slides"))
+    try:
+        suite.step("doctor", doctor)
+        bw = suite.step("bandwidth", bandwidth, args.smoke)  # a resumed process takes these from the JSON
+        rates = suite.step("gemm", gemm, args.smoke)
+        # Shares of the budget, so that a slow step cannot starve the next: parity a third, throughput the next
+        # third, the slides what is left. Each step records the cases it had no time for.
+        share = args.budget / 3
+        suite.step("parity", parity, args.smoke, work, suite.start + share, suite.partial("parity"))
+        suite.step("throughput", throughput, args.smoke, work, bw, rates, suite.start + 2 * share,
+                   suite.partial("throughput"))  # fmt: skip
+        suite.step("slides", slides, args.smoke, suite.start + args.budget, suite.partial("slides"))
+    except _Poisoned:
+        return POISONED
+    return 0 if all(s["status"] != "failed" for s in suite.results["steps"].values()) else 1
+
+
+def _run_child(args, started: float) -> int:
+    """Runs the steps in a child process (a crash there does not end the supervisor); its exit status."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--out", str(args.out),
+               "--budget", repr(args.budget), "--started-at", repr(started)]  # fmt: skip
+    command += ["--smoke"] if args.smoke else []
+    sys.stdout.flush()
+    return subprocess.run(command, check=False).returncode
+
+
+def _death(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"the process died: signal {-rc} ({signal.Signals(-rc).name})"
+        except ValueError:
+            return f"the process died: signal {-rc}"
+    return f"the process died: exit status {rc}"
+
+
+def supervise(args, run_child=_run_child) -> int:
+    """Runs the steps in a child process, and again in a fresh one after a crash or a sticky CUDA error, resuming
+    with the next step (at no cost when nothing fails: one child runs them all). A step the dead child was running
+    is recorded as failed, with what it had recorded. At most one restart per step, and none once the budget is
+    spent; the steps not run then are recorded as skipped, with why."""
+    started = time.time()
+    Suite(args.out, args.budget, args.smoke).write()  # a fresh JSON (a previous run's in the folder is replaced)
+    why_not = None
+    for attempt in range(len(STEPS) + 1):
+        rc = run_child(args, started)
+        suite = Suite(args.out, args.budget, args.smoke, resume=True)
+        steps = suite.results["steps"]
+        if all((steps.get(name) or {}).get("status") in DONE for name in STEPS):
+            break
+        if rc == POISONED:  # the child recorded the step
+            failed = next((n for n in reversed(STEPS) if "restart" in (steps.get(n) or {})), None)
+            why = f"a sticky CUDA error in {failed}"
+        else:
+            why = _death(rc)
+            failed = next((name for name in STEPS if (steps.get(name) or {}).get("status") == "running"), None)
+            if failed is not None:  # what it had recorded stays
+                before = steps[failed]
+                steps[failed] = {"status": "failed", "error": why,
+                                 **({"result": before["result"]} if "result" in before else {})}  # fmt: skip
+        if time.time() - started >= args.budget:
+            why_not = "time budget spent"
+        elif attempt == len(STEPS):
+            why_not = f"the suite's process ended early {attempt + 1} times; no restart left"
+        else:
+            suite.results.setdefault("restarts", []).append(
+                {"why": why, "failed_step": failed, "suite_seconds": time.time() - started})
+        suite.write()
+        if why_not:
+            break
+    suite = Suite(args.out, args.budget, args.smoke, resume=True)
+    for name in STEPS:
+        if (suite.results["steps"].get(name) or {}).get("status") not in DONE:
+            suite.results["steps"][name] = {"status": "skipped", "reason": why_not or "the suite's process ended early"}
+    suite.write()
     print((args.out / "gpu_suite.md").read_text())
     return 0 if all(s["status"] != "failed" for s in suite.results["steps"].values()) else 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -264,3 +265,193 @@ def test_a_table_that_cannot_be_written_does_not_stop_the_suite(tmp_path, monkey
     run.step("gemm", lambda: {"fp32_tflops": 1.0})
     assert json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]["gemm"]["status"] == "ok"
     assert "ZeroDivisionError" in (tmp_path / "gpu_suite.md").read_text()
+
+
+# -- resuming in a fresh process after a crash or a sticky CUDA error ------------------------------------------------
+STICKY = "CUDA error: an illegal memory access was encountered"
+
+
+def test_sticky_cuda_errors_are_told_from_the_others():
+    suite = _suite()
+    sticky = [
+        RuntimeError(STICKY),  # torch (torch.AcceleratorError is a RuntimeError)
+        RuntimeError("CUDA error: unspecified launch failure\nCUDA kernel errors might be asynchronously reported"),
+        RuntimeError("CUDA error: misaligned address"),
+        RuntimeError("CUDA error: device-side assert triggered"),
+        RuntimeError("[ONNXRuntimeError] : 1 : FAIL : CUDA failure 700: an illegal memory access was encountered"),
+        RuntimeError("CUDA error cudaErrorIllegalAddress:an illegal memory access was encountered"),
+        RuntimeError("CUDA error cudaErrorLaunchFailure:unspecified launch failure"),
+        "cudaMemcpyAsync failed: an illegal memory access was encountered (error 700)",  # deepspot's CudaError
+        "cudaEventSynchronize failed: unspecified launch failure (error 719)",
+    ]
+    ordinary = [
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA failure 900: operation not permitted when stream is capturing"),  # retried without graphs
+        RuntimeError("CUDA failure 901: operation failed due to a previous error during capture"),
+        "cudaMalloc failed: out of memory (error 2)",
+        ZeroDivisionError("division by zero"),
+    ]
+    assert all(suite._poisons_cuda(e) for e in sticky)
+    try:  # a clean-up failing after the sticky error: the error that arrives is another, raised while handling it
+        try:
+            raise RuntimeError(STICKY)
+        finally:
+            raise ValueError("the runner could not be closed")
+    except ValueError as e:
+        assert suite._poisons_cuda(e) and not suite._poisons_cuda(ValueError("the runner could not be closed"))
+    assert not any(suite._poisons_cuda(e) for e in ordinary)
+
+
+def test_a_sticky_cuda_error_in_a_case_or_row_ends_the_step_instead_of_failing_every_later_one(tmp_path):
+    suite = _suite()
+
+    def poisoned(*args):
+        raise RuntimeError(STICKY)
+
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        suite._case(poisoned, None)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        suite._row(poisoned)
+    run = suite.Suite(tmp_path, budget=1e9, smoke=True)
+
+    def step(partial):
+        partial({"case": {"passed": True}})
+        poisoned()
+
+    with pytest.raises(suite._Poisoned):
+        run.step("parity", step, run.partial("parity"))
+    saved = json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]["parity"]
+    assert saved["status"] == "failed" and STICKY in saved["error"] and saved["result"] == {"case": {"passed": True}}
+
+
+def _fake_steps(monkeypatch, suite, calls, parity_error=None):
+    """Stand-in steps (fast, in this process): each records its call; parity records a case, then raises."""
+
+    def parity(smoke, work, until, partial):
+        calls.append("parity")
+        partial({"spot/spot torch fp32": {"passed": True, "max_abs": 0.0}})
+        if parity_error is not None:
+            raise parity_error
+        return {"spot/spot torch fp32": {"passed": True, "max_abs": 0.0}}
+
+    def throughput(smoke, work, bw, rates, until, partial):
+        calls.append(("throughput", bw, rates, until - time.perf_counter() + time.time()))
+        return {"workload": "w", "rows": {}}
+
+    monkeypatch.setattr(suite, "doctor", lambda: calls.append("doctor") or {})
+    monkeypatch.setattr(suite, "bandwidth", lambda smoke: calls.append("bandwidth") or {"pinned_gb_per_s": 50.0})
+    monkeypatch.setattr(suite, "gemm", lambda smoke: calls.append("gemm") or {"fp32_tflops": 60.0})
+    monkeypatch.setattr(suite, "parity", parity)
+    monkeypatch.setattr(suite, "throughput", throughput)
+    monkeypatch.setattr(suite, "slides", lambda smoke, until, partial: calls.append("slides") or {})
+
+
+def _in_process_child(suite, children):
+    """``run_steps`` in this process, as the child runs it; records the exit status of each "child"."""
+    import argparse
+
+    def run(args, started):
+        children.append(suite.run_steps(argparse.Namespace(**{**vars(args), "started_at": started})))
+        return children[-1]
+
+    return run
+
+
+def _args(tmp_path, budget=1e9):
+    import argparse
+
+    return argparse.Namespace(out=tmp_path, budget=budget, smoke=True, child=False, started_at=None)
+
+
+def test_a_sticky_cuda_error_resumes_in_a_fresh_process_with_the_next_step(tmp_path, monkeypatch):
+    """The child exits with POISONED; the next one takes the bandwidth and GEMM rates from the JSON (it does not run
+    those steps again) and keeps the budget's shares from the suite's start."""
+    suite = _suite()
+    calls, children = [], []
+    _fake_steps(monkeypatch, suite, calls, parity_error=RuntimeError(STICKY))
+    t0 = time.time()
+    assert suite.supervise(_args(tmp_path, budget=300.0), _in_process_child(suite, children)) == 1
+    assert children == [suite.POISONED, 1]
+    assert calls[:4] == ["doctor", "bandwidth", "gemm", "parity"] and calls[5] == "slides"
+    _, bw, rates, until = calls[4]
+    assert bw == {"pinned_gb_per_s": 50.0} and rates == {"fp32_tflops": 60.0}
+    assert until == pytest.approx(t0 + 200.0, abs=1.0)  # the suite's start + 2/3 of the budget
+    results = json.loads((tmp_path / "gpu_suite.json").read_text())
+    steps = results["steps"]
+    assert steps["parity"]["status"] == "failed" and STICKY in steps["parity"]["error"]
+    assert steps["parity"]["result"]["spot/spot torch fp32"]["passed"] is True
+    assert [steps[s]["status"] for s in ("throughput", "slides")] == ["ok", "ok"]
+    assert results["restarts"][0]["failed_step"] == "parity"
+    markdown = (tmp_path / "gpu_suite.md").read_text()
+    assert "Restarted in a fresh process after: a sticky CUDA error in parity" in markdown
+
+
+def test_the_child_exits_with_its_own_status_after_a_sticky_cuda_error(tmp_path):
+    """A real child process (the test hook raises the sticky error in its first step): exit status 3, the step
+    recorded, no later step started."""
+    import os
+    import subprocess
+    import sys
+
+    suite = _suite()
+    env = {**os.environ, suite.FAULT: "doctor:poison"}
+    command = [sys.executable, str(SUITE), "--child", "--out", str(tmp_path), "--smoke",
+               "--started-at", repr(time.time())]  # fmt: skip
+    assert subprocess.run(command, env=env, check=False).returncode == suite.POISONED
+    steps = json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]
+    assert list(steps) == ["doctor"] and steps["doctor"]["status"] == "failed" and "restart" in steps["doctor"]
+    markdown = (tmp_path / "gpu_suite.md").read_text()
+    assert "doctor failed: RuntimeError: CUDA error: an illegal memory access" in markdown
+
+
+def test_an_ordinary_failure_does_not_restart(tmp_path, monkeypatch):
+    suite = _suite()
+    calls, children = [], []
+    _fake_steps(monkeypatch, suite, calls, parity_error=ValueError("tolerance"))
+    assert suite.supervise(_args(tmp_path), _in_process_child(suite, children)) == 1
+    assert children == [1]
+    results = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert results["steps"]["parity"]["status"] == "failed" and "restarts" not in results
+    assert results["steps"]["slides"]["status"] == "ok"
+
+
+def test_restarts_are_bounded_and_stop_once_the_budget_is_spent(tmp_path):
+    suite = _suite()
+    children = []
+
+    def dies(args, started):  # dies before it starts a step, every time
+        children.append(-9)
+        return -9
+
+    assert suite.supervise(_args(tmp_path / "a"), dies) == 0
+    assert len(children) == len(suite.STEPS) + 1
+    steps = json.loads((tmp_path / "a" / "gpu_suite.json").read_text())["steps"]
+    assert all(steps[s]["status"] == "skipped" and "no restart left" in steps[s]["reason"] for s in suite.STEPS)
+    children.clear()
+
+    def poisons(args, started):  # a sticky CUDA error in the first step, with the budget spent by then
+        run = suite.Suite(args.out, args.budget, args.smoke, resume=True)
+        with pytest.raises(suite._Poisoned):
+            run.step("doctor", lambda: (_ for _ in ()).throw(RuntimeError(STICKY)))
+        time.sleep(0.05)
+        children.append(suite.POISONED)
+        return suite.POISONED
+
+    assert suite.supervise(_args(tmp_path / "b", budget=0.01), poisons) == 1
+    assert children == [suite.POISONED]
+    steps = json.loads((tmp_path / "b" / "gpu_suite.json").read_text())["steps"]
+    assert steps["doctor"]["status"] == "failed"
+    assert all(steps[s] == {"status": "skipped", "reason": "time budget spent"} for s in suite.STEPS[1:])
+
+
+def test_a_child_killed_by_a_signal_mid_step_loses_neither_its_cases_nor_the_next_steps(tmp_path, monkeypatch):
+    """A real child process, killed by SIGSEGV after parity recorded its first cases (the test hook)."""
+    suite = _suite()
+    monkeypatch.setenv(suite.FAULT, "parity:segv")
+    assert suite.main(["--out", str(tmp_path), "--smoke"]) == 1
+    results = json.loads((tmp_path / "gpu_suite.json").read_text())
+    steps = results["steps"]
+    assert steps["parity"]["status"] == "failed" and steps["parity"]["error"] == "the process died: signal 11 (SIGSEGV)"
+    assert steps["parity"]["result"] and all(row["passed"] for row in steps["parity"]["result"].values())
+    assert [steps[s]["status"] for s in ("doctor", "bandwidth", "gemm", "throughput", "slides")] == ["ok"] * 5
+    assert [r["failed_step"] for r in results["restarts"]] == ["parity"]
