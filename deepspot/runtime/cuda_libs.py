@@ -27,6 +27,7 @@ import io
 import os
 import site
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -206,16 +207,31 @@ def cuda_device_error(device_id: int = 0) -> str | None:
 
 
 class CudaRuntime:
-    """The CUDA runtime calls of the pipeline: page-locked memory, streams, events and asynchronous copies."""
+    """The CUDA runtime calls of the pipeline: page-locked memory, streams, events and asynchronous copies.
+
+    Every call runs on ``device_id``, from whichever thread it is made: the runtime's current device is per thread,
+    and the pipeline's prefetch thread allocates the ring's page-locked buffers. Left at the default there, it would
+    make a context on GPU 0 (hundreds of MiB of that GPU's memory) for a run on another GPU.
+    """
 
     H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice
     NON_BLOCKING, DISABLE_TIMING = 0x01, 0x02
 
     def __init__(self, device_id: int = 0):
         self.lib, _ = load_cudart()
-        self._call("cudaSetDevice", ctypes.c_int(device_id))
+        self.device_id = device_id
+        self._thread = threading.local()  # .device: the device this thread was set to
+        self._set_device()
+
+    def _set_device(self) -> None:
+        code = self.lib.cudaSetDevice(ctypes.c_int(self.device_id))
+        if code != 0:
+            raise CudaError(f"cudaSetDevice failed: {cuda_error_string(self.lib, code)}")
+        self._thread.device = self.device_id
 
     def _call(self, name: str, *args: Any) -> None:
+        if getattr(self._thread, "device", None) != self.device_id:  # a thread's first call
+            self._set_device()
         code = getattr(self.lib, name)(*args)
         if code != 0:
             raise CudaError(f"{name} failed: {cuda_error_string(self.lib, code)}")

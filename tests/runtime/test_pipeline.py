@@ -644,6 +644,28 @@ def test_a_synchronous_copy_waits_for_the_default_stream_it_ran_on(monkeypatch, 
     assert calls[1][1] == [None]  # stream 0: the legacy default stream, on which cudaMemcpy runs
 
 
+def test_every_thread_calls_the_cuda_runtime_on_the_runners_gpu(monkeypatch):
+    """The runtime's current device is per thread: the prefetch thread, which allocates the ring's page-locked
+    buffers, would otherwise make a context on GPU 0 (hundreds of MiB there) for a run on GPU 3."""
+    import threading
+
+    calls = []
+
+    class Cudart:
+        def __getattr__(self, name):
+            return lambda *args: calls.append((name, [getattr(a, "value", a) for a in args])) or 0
+
+    monkeypatch.setattr(cuda_libs, "load_cudart", lambda: (Cudart(), "libcudart.so"))
+    cuda = cuda_libs.CudaRuntime(3)
+    cuda.stream()
+    assert [name for name, _ in calls] == ["cudaSetDevice", "cudaStreamCreateWithFlags"] and calls[0][1] == [3]
+    calls.clear()
+    thread = threading.Thread(target=lambda: (cuda.host_alloc(64), cuda.host_alloc(64)))
+    thread.start()
+    thread.join()
+    assert [name for name, _ in calls] == ["cudaSetDevice", "cudaHostAlloc", "cudaHostAlloc"] and calls[0][1] == [3]
+
+
 def test_doctor_reports_the_cuda_libraries_where_a_gpu_provider_is_listed_without_a_gpu(monkeypatch):
     from deepspot.runtime import backends, doctor
     from deepspot.runtime._onnxruntime import ort_install
