@@ -34,7 +34,8 @@ SPACERANGER_V1_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl
 EXTRA_COLUMNS = ("in_tissue", "sampleID")
 #: Names of a CSV's barcode column: ours, Xenium's ``cells.csv`` (``cell_id``), and the index column pandas writes
 #: (``DataFrame.to_csv``: an empty name; ``Unnamed: 0`` is what pandas calls that column when it reads it back).
-#: Never "the first column" by position. Two of them that disagree are an error, not a choice.
+#: Never "the first column" by position. A named one comes before the unnamed index (a ``RangeIndex`` written beside a
+#: ``barcode`` column); two named ones, or two unnamed ones, that disagree are an error, not a choice.
 BARCODE_COLUMNS = ("barcode", "barcodes", "cell_id", "", "Unnamed: 0")
 
 
@@ -163,7 +164,10 @@ def _csv_barcodes(path: Path, names: Sequence[str], rows: Sequence[Sequence[str]
     Raises:
         InputError: No barcode column, an empty barcode, or two barcode columns that disagree (naming the line).
     """
-    found = [c for c in BARCODE_COLUMNS if c in names]
+    # A named column comes before pandas' unnamed index: a frame written with its default RangeIndex (",barcode,...")
+    # or a header with a trailing comma has an unnamed column that holds no barcodes.
+    named = [c for c in BARCODE_COLUMNS if c and c != "Unnamed: 0" and c in names]
+    found = named or [c for c in ("", "Unnamed: 0") if c in names]
     if not found:
         raise InputError(f"{path}: no barcode column (columns: {', '.join(names)}); name it one of "
                          f"{', '.join(repr(c) for c in BARCODE_COLUMNS if c)}, or write pandas' index")  # fmt: skip

@@ -183,3 +183,13 @@ def test_barcode_column_names(tmp_path):
     path.write_text("id,x_pixel\nA,2\n")  # never "the first column" by position
     with pytest.raises(InputError, match=r"no barcode column \(columns: id, x_pixel\); name it one of 'barcode'"):
         read_obs(path)
+
+
+@pytest.mark.parametrize("text", [
+    ",barcode,x_pixel\n0,A-1,1\n1,B-1,2\n",  # DataFrame.to_csv with its default RangeIndex beside the barcodes
+    "barcode,x_pixel,\nA-1,1,\nB-1,2,\n",  # a trailing comma on every line: an empty column with an empty name
+])  # fmt: skip
+def test_a_named_barcode_column_comes_before_an_unnamed_one(tmp_path, text):
+    path = tmp_path / "coords.csv"
+    path.write_text(text)
+    assert read_obs(path)[0] == ["A-1", "B-1"]
