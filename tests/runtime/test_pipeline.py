@@ -625,11 +625,8 @@ def test_cuda_versions_need_no_gpu(monkeypatch, driver, code, expected):
     assert found == {"cuda runtime": "13.0 (libcudart.so)", "cuda driver api": expected, "cudnn": "9.19.0"}
 
 
-@pytest.mark.parametrize("kind", [cuda_libs.CudaRuntime.D2D, cuda_libs.CudaRuntime.H2D])
-def test_a_synchronous_copy_waits_for_the_default_stream_it_ran_on(monkeypatch, kind):
-    """cudaMemcpy returns before a device-to-device copy ends (and before a pageable copy's last DMA): the indexed
-    layout's zero row, copied so into the table, could otherwise still be in flight when the head's graph reads it
-    on a non-blocking stream (or when the encoder's next run overwrites the copy's source)."""
+def _recording_cudart(monkeypatch) -> list:
+    """A libcudart whose every call succeeds and is recorded as ``(name, argument values)`` in the list returned."""
     calls = []
 
     class Cudart:
@@ -637,6 +634,15 @@ def test_a_synchronous_copy_waits_for_the_default_stream_it_ran_on(monkeypatch, 
             return lambda *args: calls.append((name, [getattr(a, "value", a) for a in args])) or 0
 
     monkeypatch.setattr(cuda_libs, "load_cudart", lambda: (Cudart(), "libcudart.so"))
+    return calls
+
+
+@pytest.mark.parametrize("kind", [cuda_libs.CudaRuntime.D2D, cuda_libs.CudaRuntime.H2D])
+def test_a_synchronous_copy_waits_for_the_default_stream_it_ran_on(monkeypatch, kind):
+    """cudaMemcpy returns before a device-to-device copy ends (and before a pageable copy's last DMA): the indexed
+    layout's zero row, copied so into the table, could otherwise still be in flight when the head's graph reads it
+    on a non-blocking stream (or when the encoder's next run overwrites the copy's source)."""
+    calls = _recording_cudart(monkeypatch)
     cuda = cuda_libs.CudaRuntime(0)
     calls.clear()
     cuda.copy(4096, 8192, 64, kind)
@@ -649,13 +655,7 @@ def test_every_thread_calls_the_cuda_runtime_on_the_runners_gpu(monkeypatch):
     buffers, would otherwise make a context on GPU 0 (hundreds of MiB there) for a run on GPU 3."""
     import threading
 
-    calls = []
-
-    class Cudart:
-        def __getattr__(self, name):
-            return lambda *args: calls.append((name, [getattr(a, "value", a) for a in args])) or 0
-
-    monkeypatch.setattr(cuda_libs, "load_cudart", lambda: (Cudart(), "libcudart.so"))
+    calls = _recording_cudart(monkeypatch)
     cuda = cuda_libs.CudaRuntime(3)
     cuda.stream()
     assert [name for name, _ in calls] == ["cudaSetDevice", "cudaStreamCreateWithFlags"] and calls[0][1] == [3]
