@@ -844,20 +844,22 @@ def run_steps(args) -> int:
     failed with a sticky CUDA error."""
     start = None if args.started_at is None else time.perf_counter() - (time.time() - args.started_at)
     suite = Suite(args.out, args.budget, args.smoke, start=start, resume=True)
-    work = Path(tempfile.mkdtemp(prefix="deepspot-gpu-suite-"))
-    try:
-        suite.step("doctor", doctor)
-        bw = suite.step("bandwidth", bandwidth, args.smoke)  # a resumed process takes these from the JSON
-        rates = suite.step("gemm", gemm, args.smoke)
-        # Shares of the budget, so that a slow step cannot starve the next: parity a third, throughput the next
-        # third, the slides what is left. Each step records the cases it had no time for.
-        share = args.budget / 3
-        suite.step("parity", parity, args.smoke, work, suite.start + share, suite.partial("parity"))
-        suite.step("throughput", throughput, args.smoke, work, bw, rates, suite.start + 2 * share,
-                   suite.partial("throughput"))  # fmt: skip
-        suite.step("slides", slides, args.smoke, suite.start + args.budget, suite.partial("slides"))
-    except _Poisoned:
-        return POISONED
+    # The exported graphs go into a folder of this process, removed when it ends (a resumed process makes its own).
+    with tempfile.TemporaryDirectory(prefix="deepspot-gpu-suite-", ignore_cleanup_errors=True) as folder:
+        work = Path(folder)
+        try:
+            suite.step("doctor", doctor)
+            bw = suite.step("bandwidth", bandwidth, args.smoke)  # a resumed process takes these from the JSON
+            rates = suite.step("gemm", gemm, args.smoke)
+            # Shares of the budget, so that a slow step cannot starve the next: parity a third, throughput the next
+            # third, the slides what is left. Each step records the cases it had no time for.
+            share = args.budget / 3
+            suite.step("parity", parity, args.smoke, work, suite.start + share, suite.partial("parity"))
+            suite.step("throughput", throughput, args.smoke, work, bw, rates, suite.start + 2 * share,
+                       suite.partial("throughput"))  # fmt: skip
+            suite.step("slides", slides, args.smoke, suite.start + args.budget, suite.partial("slides"))
+        except _Poisoned:
+            return POISONED
     return 0 if all(s["status"] != "failed" for s in suite.results["steps"].values()) else 1
 
 

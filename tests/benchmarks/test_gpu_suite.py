@@ -19,9 +19,13 @@ def _suite():
     return module
 
 
-def test_smoke_run_writes_json_and_markdown(tmp_path):
+def test_smoke_run_writes_json_and_markdown(tmp_path, monkeypatch):
     suite = _suite()
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))  # the child's temporary folder for the exported graphs
     assert suite.main(["--out", str(tmp_path), "--smoke"]) == 0
+    assert not list(scratch.glob("deepspot-gpu-suite-*"))  # removed when the child ends
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
     steps = results["steps"]
     names = ("doctor", "bandwidth", "gemm", "parity", "throughput", "slides")
