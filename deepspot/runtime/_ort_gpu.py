@@ -12,6 +12,8 @@ pipeline (:class:`OrtCudaAdapter`) both go through it, across any number of call
 
 from __future__ import annotations
 
+import contextlib
+
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -339,6 +341,17 @@ class OrtCudaAdapter:
         return uploaded
 
     def submit(self, slot):
+        try:
+            return self._submit(slot)
+        except BaseException:
+            # What was enqueued before the failure may still read or write this slot's buffers, and the ring hands
+            # them out again after the error: let the streams finish first (after a sticky CUDA error this fails too).
+            for stream in (self.upload, self.compute, self.download):
+                with contextlib.suppress(Exception):
+                    self.cuda.synchronize_stream(stream)
+            raise
+
+    def _submit(self, slot):
         cuda, graphs = self.cuda, self.io.graphs
         state = self._buffers(slot)
         if state["staged"] is not slot.feed:  # not staged ahead (the pipeline stages only where submit blocks)

@@ -300,6 +300,9 @@ class CudaRuntime:
     def synchronize(self, event: int) -> None:
         self._call("cudaEventSynchronize", ctypes.c_void_p(event))
 
+    def synchronize_stream(self, stream: int) -> None:
+        self._call("cudaStreamSynchronize", ctypes.c_void_p(stream))
+
 
 __all__ = [
     "CudaError",

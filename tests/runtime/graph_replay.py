@@ -88,6 +88,9 @@ class HostCuda:
     def synchronize(self, event: int) -> None:
         assert event in self.events
 
+    def synchronize_stream(self, stream: int) -> None:
+        assert stream in self.streams or stream == 0
+
 
 class AsyncHostCuda(HostCuda):
     """Streams as queues of deferred work, run when the host synchronises on an event (see the module's text).
@@ -137,6 +140,8 @@ class AsyncHostCuda(HostCuda):
     def drain_stream(self, stream: int) -> None:
         """Run until ``stream`` is empty (what a synchronous call on that stream waits for)."""
         self.drain(lambda: not self.queues[stream])
+
+    synchronize_stream = drain_stream
 
     def drain(self, until=lambda: False) -> None:
         while not until():

@@ -267,3 +267,33 @@ def test_an_error_on_the_device_is_the_one_raised_and_everything_is_freed(artifa
     assert any("illegal memory access" in note for note in getattr(raised.value, "__notes__", [None]))
     assert cuda.host == {} and cuda.streams == set() and cuda.events == set()  # all freed all the same
     assert runner.session is None and runner._adapter is None and runner._io is None
+
+
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["cuda-graph", "no-graph"])
+def test_a_failed_submit_leaves_nothing_in_flight(artifacts, replaying, cuda_graph):
+    """A run that fails after its batch's copies were enqueued: the ring hands the slot's buffers out again after the
+    error, so the copies still queued on the streams must have finished by then (the pipeline waits only for the
+    batches it submitted, and for a staged batch's upload)."""
+    from .graph_replay import AsyncHostCuda
+
+    cuda = AsyncHostCuda()
+    inputs, expected, runner = _graph_case(artifacts, replaying, cuda_graph, cuda)
+    compute = cuda.stream()
+    with runner:
+        runner._compute_stream = compute
+        replaying[-1].device = (cuda, compute)
+        session = replaying[-1]
+        run, runs = session.run_with_iobinding, []
+
+        def failing(binding, options=None):
+            runs.append(1)
+            if len(runs) == 3:
+                raise RuntimeError("the third run fails")
+            return run(binding, options)
+
+        session.run_with_iobinding = failing
+        with pytest.raises(RuntimeError, match="the third run fails"):
+            predict(runner, inputs, 8)
+        assert not any(cuda.queues.values()), {s: len(q) for s, q in cuda.queues.items() if q}
+        session.run_with_iobinding = run
+        np.testing.assert_allclose(predict(runner, inputs, 8), expected[0], rtol=0, atol=1e-6)  # the ring serves again
