@@ -52,10 +52,10 @@ def test_infer_mistakes_exit_2_with_one_line(artifacts, tmp_path):
             "pip install 'deepspot[tensorrt]'",
         )
     error_line(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--tf32"),
-                   "tf32 is a math mode of NVIDIA GPUs; the ort-cpu backend runs on the CPU")  # fmt: skip
+               "tf32 is a math mode of NVIDIA GPUs; the ort-cpu backend runs on the CPU")  # fmt: skip
     error_line(run("parity", a.checkpoint, a.onnx, "--random", 8, "--tf32"), "tf32 is a math mode")
     error_line(run("infer", a.onnx, "-i", a.bundle, "-o", tmp_path / "p.npy", "--cuda-graph"),
-                   "CUDA graphs are replayed by the onnxruntime GPU backends")  # fmt: skip
+               "CUDA graphs are replayed by the onnxruntime GPU backends")  # fmt: skip
     assert not (tmp_path / "p.npy").exists()
 
 
@@ -63,9 +63,9 @@ def test_infer_refuses_a_gpu_index_on_a_cpu_backend_and_runs_what_torch_takes(ar
     a = artifacts()
     out = tmp_path / "p.npy"
     error_line(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--device", "1"),
-                   "--device 1 names a GPU, but backend 'ort-cpu' runs on the CPU")  # fmt: skip
+               "--device 1 names a GPU, but backend 'ort-cpu' runs on the CPU")  # fmt: skip
     error_line(run("infer", a.checkpoint, "-i", a.bundle, "-o", out, "--device", "1"),
-                   "backend 'torch' runs on the CPU")  # fmt: skip
+               "backend 'torch' runs on the CPU")  # fmt: skip
     assert not out.exists()
     # what the torch backends take still runs
     result = run("infer", a.checkpoint, "-i", a.bundle, "-o", out, "--torch-graph", "export", "--no-progress")
@@ -77,11 +77,11 @@ def test_an_unknown_table_option_is_refused_on_a_dense_run_too(artifacts, tmp_pa
     a = artifacts()
     out = tmp_path / "p.npy"
     error_line(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--table", "bogus"),
-                   "unknown table location 'bogus'; expected one of: auto, memory, mmap, device")  # fmt: skip
+               "unknown table location 'bogus'; expected one of: auto, memory, mmap, device")  # fmt: skip
     error_line(run("infer", a.onnx, "-i", a.bundle, "-o", out, "--table-dtype", "fp8"),
-                   "unknown table dtype 'fp8'; expected one of: fp32, fp16")  # fmt: skip
+               "unknown table dtype 'fp8'; expected one of: fp32, fp16")  # fmt: skip
     error_line(run("infer", a.onnx, "-i", a.bundle, a.bundle, "--output-dir", tmp_path / "c", "--table", "x"),
-                   "unknown table location 'x'")  # fmt: skip
+               "unknown table location 'x'")  # fmt: skip
     assert not out.exists() and not (tmp_path / "c").exists()
 
 
@@ -285,7 +285,7 @@ def test_parity_on_a_bundle_without_items_exits_2(artifacts, tmp_path):
     error_line(run("parity", a.checkpoint, a.onnx, "-i", bundle), "empty.npz: has no items")
     np.save(tmp_path / "expected.npy", np.zeros((0, a.arrays["target"].shape[1]), np.float32))
     error_line(run("parity", a.onnx, "--expected", tmp_path / "expected.npy", "-i", bundle),
-                   "expected.npy: has no items")  # fmt: skip
+               "expected.npy: has no items")  # fmt: skip
 
 
 def _too_many_threads() -> int:
@@ -367,7 +367,7 @@ def test_the_folder_train_writes_given_for_a_model_names_the_checkpoint_in_it(ar
     error_line(run("infer", empty, "-i", a.bundle, "-o", tmp_path / "p.npy"), "empty: a folder, not a model file")
     (empty / "encoder.onnx").write_bytes(b"")  # an indexed export's folder that lost its head graph
     error_line(run("infer", empty, "-i", a.bundle, "-o", tmp_path / "p.npy"),
-                   "empty: an indexed export's folder without head.onnx")  # fmt: skip
+               "empty: an indexed export's folder without head.onnx")  # fmt: skip
     assert not (tmp_path / "p.npy").exists()
 
 
@@ -408,7 +408,7 @@ def test_infer_refuses_options_the_backend_would_pass_over(artifacts, tmp_path, 
 def test_parity_refuses_a_torch_graph_for_an_onnx_backend(artifacts):
     a = artifacts()
     error_line(run("parity", a.checkpoint, a.onnx, "--random", 4, "--torch-graph", "export"),
-                   "--torch-graph applies to the torch backends")  # fmt: skip
+               "--torch-graph applies to the torch backends")  # fmt: skip
     assert run("parity", a.checkpoint, a.checkpoint, "--random", 4, "--torch-graph", "export").exit_code == 0
 
 
@@ -416,8 +416,8 @@ def test_parity_refuses_a_gpu_index_on_a_cpu_backend(artifacts, tmp_path):
     # infer refused it, parity ran on the CPU and reported a pass for a GPU it never used
     a = artifacts()
     error_line(run("parity", a.checkpoint, a.onnx, "--random", 4, "--device", 1),
-                   "--device 1 names a GPU, but backend 'ort-cpu' runs on the CPU")  # fmt: skip
+               "--device 1 names a GPU, but backend 'ort-cpu' runs on the CPU")  # fmt: skip
     expected = tmp_path / "pred.npy"
     np.save(expected, np.zeros((3, 3), np.float32))
     error_line(run("parity", a.onnx, "--expected", expected, "-i", a.bundle, "--device", 1),
-                   "--device 1 names a GPU, but backend 'ort-cpu' runs on the CPU")  # fmt: skip
+               "--device 1 names a GPU, but backend 'ort-cpu' runs on the CPU")  # fmt: skip

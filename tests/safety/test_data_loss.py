@@ -174,7 +174,7 @@ def test_a_npz_member_claiming_more_rows_than_it_stores(tmp_path, models):
         z.writestr("cell.npy", header.getvalue() + cells.tobytes())  # 8 rows claimed, 4 stored
         z.writestr("neighbors.npy", _npy(np.full((8, 4, D), 7.0, np.float32)))
     error_line(run("infer", models["onnx"], "-i", path, "-o", tmp_path / "p.npy"),
-             "'cell' claims shape (8, 1, 6)", "its member stores 96")  # fmt: skip
+               "'cell' claims shape (8, 1, 6)", "its member stores 96")  # fmt: skip
     assert not (tmp_path / "p.npy").exists()
 
 
@@ -215,7 +215,7 @@ def test_float64_beyond_float32_range_is_named(tmp_path, models):
     data["neighbors"][7, 2, 1] = 1e300  # finite in float64, inf once cast
     path = save_bundle(tmp_path / "wide.npz", data)
     error_line(run("infer", models["onnx"], "-i", path, "-o", tmp_path / "p.npy"),
-             "'neighbors' holds a value beyond float32's range", "row 7")  # fmt: skip
+               "'neighbors' holds a value beyond float32's range", "row 7")  # fmt: skip
 
 
 def test_bags_are_capped_with_a_flag_to_raise_the_cap(tmp_path, models):

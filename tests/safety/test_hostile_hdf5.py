@@ -104,7 +104,7 @@ def test_an_h5ad_obs_reads_only_the_file_named(tmp_path):
             edit(f)
         out = tmp_path / f"{name}.npz"
         error_line(runner.invoke(app, ["bundle", "--features", str(features), "--obs", str(h5ad), "-o", str(out)]),
-                 needle)  # fmt: skip
+                   needle)  # fmt: skip
         assert not out.exists()
 
 
