@@ -18,6 +18,8 @@ import typer
 
 from .._version import __version__
 from ..errors import TORCH_MODULES, DeepSpotError, DeepSpotWarning, torch_missing_message
+from . import signals
+from .signals import INTERRUPTED, TERMINATED, Terminated
 
 app = typer.Typer(
     name="deepspot",
@@ -34,14 +36,6 @@ app = typer.Typer(
 USER_ERROR = 2
 #: Every command that writes a file replaces an existing one (atomically) unless told not to.
 NO_CLOBBER_HELP = "Refuse to replace an existing output (by default an existing file is replaced)."
-
-
-#: Exit codes of a run stopped by Ctrl-C (SIGINT) and by a scheduler (SIGTERM: SLURM at its time limit, preemption).
-INTERRUPTED, TERMINATED = 130, 143
-
-
-class Terminated(BaseException):
-    """Raised in the main thread on SIGTERM, so that a terminated run cleans up as an interrupted one does."""
 
 
 def fail(message: str, code: int = USER_ERROR) -> None:
@@ -76,37 +70,53 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             with _one_line_warnings():
                 return fn(*args, **kwargs)
-        except DeepSpotError as e:
-            fail(str(e))
-        except ModuleNotFoundError as e:
-            # A serving install has no PyTorch: training, checkpoints and export say what to install, in one line.
-            root = (e.name or "").partition(".")[0]
-            if root not in TORCH_MODULES:
-                raise
-            command = {"import_weights": "import"}.get(fn.__name__, fn.__name__.removesuffix("_command"))
-            fail(torch_missing_message(f"deepspot {command.replace('_', ' ')}", root))
-        except OSError as e:
-            # The file system refused (no such folder, no permission, disk full): the user's to fix, in one line.
-            from ..fileio import is_short_write, short_write
-
-            where = f"{e.filename}: " if e.filename else ""
-            fail(f"{where}{short_write(e) if is_short_write(e) else e.strerror or e}")
-        except MemoryError as e:
-            # The last line of defence: options are checked against the memory up front where a size is known.
-            fail(_out_of_memory(e))
-        except RuntimeError as e:
-            # PyTorch's CPU allocator says so with a RuntimeError, not a MemoryError.
-            if CPU_ALLOCATOR_FAILED not in str(e):
-                raise
-            fail(_out_of_memory(e))
         except KeyboardInterrupt:
-            _say_stopped("Interrupted.")
-            raise typer.Exit(INTERRUPTED) from None
+            _stop(KeyboardInterrupt)
         except Terminated:
-            _say_stopped("Terminated.")
-            raise typer.Exit(TERMINATED) from None
+            _stop(Terminated)
+        except Exception as e:
+            # After a Ctrl-C or SIGTERM, whatever error the interrupted code raised is the signal's doing: a C
+            # extension (PyTorch reading a checkpoint, say) may have swallowed the interrupt and raised its own.
+            stop = signals.received()
+            if stop is not None and not isinstance(e, typer.Exit):
+                _stop(stop)
+            _fail_for(fn, e)
 
     return wrapper
+
+
+def _stop(stop: type[BaseException]) -> None:
+    """Say that the run was interrupted or terminated, and exit with that signal's code."""
+    if stop is Terminated:
+        _say_stopped("Terminated.")
+        raise typer.Exit(TERMINATED) from None
+    _say_stopped("Interrupted.")
+    raise typer.Exit(INTERRUPTED) from None
+
+
+def _fail_for(fn: Callable[..., Any], e: Exception) -> None:
+    """One line and exit code 2 for a user's mistake; anything else is raised again (a bug: its traceback helps)."""
+    if isinstance(e, DeepSpotError):
+        fail(str(e))
+    if isinstance(e, ModuleNotFoundError):
+        # A serving install has no PyTorch: training, checkpoints and export say what to install, in one line.
+        root = (e.name or "").partition(".")[0]
+        if root in TORCH_MODULES:
+            command = {"import_weights": "import"}.get(fn.__name__, fn.__name__.removesuffix("_command"))
+            fail(torch_missing_message(f"deepspot {command.replace('_', ' ')}", root))
+    elif isinstance(e, OSError):
+        # The file system refused (no such folder, no permission, disk full): the user's to fix, in one line.
+        from ..fileio import is_short_write, short_write
+
+        where = f"{e.filename}: " if e.filename else ""
+        fail(f"{where}{short_write(e) if is_short_write(e) else e.strerror or e}")
+    elif isinstance(e, MemoryError):
+        # The last line of defence: options are checked against the memory up front where a size is known.
+        fail(_out_of_memory(e))
+    elif isinstance(e, RuntimeError) and CPU_ALLOCATOR_FAILED in str(e):
+        # PyTorch's CPU allocator says so with a RuntimeError, not a MemoryError.
+        fail(_out_of_memory(e))
+    raise e
 
 
 #: What PyTorch's CPU allocator says when it cannot allocate (``RuntimeError: [enforce fail at alloc_cpu.cpp...]``).

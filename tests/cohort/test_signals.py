@@ -3,6 +3,7 @@ traceback, and the next run in a folder removes what a SIGKILL left. Real proces
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -215,3 +216,52 @@ def test_a_signal_just_after_a_temporary_file_is_made_leaves_nothing(tmp_path, m
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("sig", "exc", "code", "said"),
+                         [(signal.SIGINT, KeyboardInterrupt, 130, "Interrupted."),
+                          (signal.SIGTERM, "Terminated", 143, "Terminated.")])  # fmt: skip
+def test_an_error_raised_after_a_signal_is_reported_as_the_signal(capsys, sig, exc, code, said):
+    # PyTorch, interrupted while it builds a tensor from a checkpoint's buffer, swallows the KeyboardInterrupt and
+    # raises "could not determine the shape of object type"; the loader then said the checkpoint was unreadable
+    # (exit 2), once in CI. The handler remembers the signal, and the error that follows it is the signal's.
+    import typer
+
+    from deepspot.cli import signals
+    from deepspot.cli.core import handle_errors
+    from deepspot.errors import DeepSpotError
+
+    exc = signals.Terminated if exc == "Terminated" else exc
+
+    @handle_errors
+    def infer():
+        with contextlib.suppress(exc):  # what the C extension does with it
+            signals.handler(exc)(sig, None)
+        raise DeepSpotError("model.safetensors: not a readable .safetensors checkpoint (could not determine ...)")
+
+    signals.forget()
+    try:
+        with pytest.raises(typer.Exit) as stopped:
+            infer()
+    finally:
+        signals.forget()
+    assert stopped.value.exit_code == code
+    assert capsys.readouterr().err.splitlines() == [said]
+
+
+def test_without_a_signal_the_error_is_the_users(capsys):
+    import typer
+
+    from deepspot.cli import signals
+    from deepspot.cli.core import handle_errors
+    from deepspot.errors import DeepSpotError
+
+    @handle_errors
+    def infer():
+        raise DeepSpotError("model.safetensors: not a readable .safetensors checkpoint")
+
+    signals.forget()
+    with pytest.raises(typer.Exit) as failed:
+        infer()
+    assert failed.value.exit_code == 2
+    assert capsys.readouterr().err.splitlines() == ["Error: model.safetensors: not a readable .safetensors checkpoint"]
