@@ -31,7 +31,8 @@ access, a launch failure, a device-side assert: every later CUDA call of the pro
 the child records the step as failed and exits with status 3, and a fresh one resumes likewise (such an error in one
 case or row ends its step: the later ones would fail too). A resumed child takes the earlier steps' results from the
 JSON, and the budget and its shares stay counted from the suite's start; at most one restart per step, none once the
-budget is spent. When nothing fails, one child runs everything. ``DEEPSPOT_GPU_SUITE_FAULT=step:kind`` is a test hook
+budget is spent. A child still in a step 45 s after that step's share of the budget ended (``HANG_GRACE``) is taken
+for hung, killed, and the step recorded as failed in the same way. When nothing fails, one child runs everything. ``DEEPSPOT_GPU_SUITE_FAULT=step:kind`` is a test hook
 only (see ``FAULT``).
 
 ``--smoke`` runs the same plumbing on the CPU at toy sizes (GPU steps are recorded as skipped, with the reason), so
@@ -70,9 +71,20 @@ DONE = ("ok", "failed", "skipped")
 #: The child's exit status after a step failed with a sticky CUDA error: the supervisor resumes in a fresh process.
 POISONED = 3
 #: A test hook only: ``step:kind`` makes the child fail at step ``step``'s first recorded case (or at its end, for a
-#: step that records none): ``segv`` and ``kill`` kill the process by that signal, ``poison`` raises a sticky CUDA
-#: error's message, anything else an ordinary error.
+#: step that records none): ``segv`` and ``kill`` kill the process by that signal, ``hang`` sleeps for an hour,
+#: ``poison`` raises a sticky CUDA error's message, anything else an ordinary error.
 FAULT = "DEEPSPOT_GPU_SUITE_FAULT"
+#: Seconds a child may run past the end of its step's share of the budget (a case started just before the end runs
+#: to its end) before the supervisor takes it for hung, kills it and resumes with the next step. Below the 60 s
+#: between the default budget and the runbook's outer ``timeout 420``, so that the supervisor writes first.
+HANG_GRACE = 45.0
+
+
+def step_deadline(name: str, budget: float) -> float:
+    """Seconds from the suite's start at which step ``name``'s share of the budget ends: parity (and the short steps
+    before it) a third, throughput the next third, the slides what is left."""
+    share = budget / 3
+    return {"throughput": 2 * share, "slides": budget}.get(name, share)
 
 # The CUDA errors after which every later CUDA call of the process fails (the context is lost), as torch
 # ("CUDA error: <text>"), onnxruntime ("CUDA failure 700: <text>", "CUDA error cudaErrorIllegalAddress:<text>") and
@@ -194,6 +206,8 @@ class Suite:
 
             resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))  # no core file
             os.kill(os.getpid(), signal.SIGSEGV if kind == "segv" else signal.SIGKILL)
+        if kind == "hang":
+            time.sleep(3600)
         if kind == "poison":
             raise RuntimeError("CUDA error: an illegal memory access was encountered (injected by the test hook)")
         raise RuntimeError(f"a fault injected by the test hook ({kind})")
@@ -828,6 +842,7 @@ def main(argv: list[str] | None = None) -> int:
     # The supervisor's calls of its child process (not for use by hand).
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--started-at", type=float, default=None, help=argparse.SUPPRESS)  # time.time() at the start
+    parser.add_argument("--hang-grace", type=float, default=HANG_GRACE, help=argparse.SUPPRESS)  # see HANG_GRACE
     args = parser.parse_args(argv)
     if not args.child:
         return supervise(args)
@@ -851,25 +866,60 @@ def run_steps(args) -> int:
             suite.step("doctor", doctor)
             bw = suite.step("bandwidth", bandwidth, args.smoke)  # a resumed process takes these from the JSON
             rates = suite.step("gemm", gemm, args.smoke)
-            # Shares of the budget, so that a slow step cannot starve the next: parity a third, throughput the next
-            # third, the slides what is left. Each step records the cases it had no time for.
-            share = args.budget / 3
-            suite.step("parity", parity, args.smoke, work, suite.start + share, suite.partial("parity"))
-            suite.step("throughput", throughput, args.smoke, work, bw, rates, suite.start + 2 * share,
+            # Shares of the budget, so that a slow step cannot starve the next (step_deadline). Each step records the
+            # cases it had no time for.
+            until = {name: suite.start + step_deadline(name, args.budget) for name in STEPS}
+            suite.step("parity", parity, args.smoke, work, until["parity"], suite.partial("parity"))
+            suite.step("throughput", throughput, args.smoke, work, bw, rates, until["throughput"],
                        suite.partial("throughput"))  # fmt: skip
-            suite.step("slides", slides, args.smoke, suite.start + args.budget, suite.partial("slides"))
+            suite.step("slides", slides, args.smoke, until["slides"], suite.partial("slides"))
         except _Poisoned:
             return POISONED
     return 0 if all(s["status"] != "failed" for s in suite.results["steps"].values()) else 1
 
 
+class Hung(int):
+    """A child's exit status after the supervisor killed it as hung; ``why`` says in which step."""
+
+    why: str
+
+    def __new__(cls, rc: int, why: str):
+        self = super().__new__(cls, rc)
+        self.why = why
+        return self
+
+
 def _run_child(args, started: float) -> int:
-    """Runs the steps in a child process (a crash there does not end the supervisor); its exit status."""
+    """Runs the steps in a child process (a crash there does not end the supervisor); its exit status.
+
+    A child still in a step ``args.hang_grace`` seconds after that step's share of the budget ended is hung (a
+    deadlocked driver call, a kernel that never ends: nothing in the process could stop it): it is killed, and the
+    status says so (``Hung``), so that the next steps still run in a fresh child."""
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--out", str(args.out),
                "--budget", repr(args.budget), "--started-at", repr(started)]  # fmt: skip
     command += ["--smoke"] if args.smoke else []
     sys.stdout.flush()
-    return subprocess.run(command, check=False).returncode
+    grace = getattr(args, "hang_grace", HANG_GRACE)
+    with subprocess.Popen(command) as child:
+        while True:
+            try:
+                return child.wait(timeout=0.25)
+            except subprocess.TimeoutExpired:
+                pass
+            step = _current_step(args.out)
+            late = time.time() - started - step_deadline(step, args.budget)
+            if late > grace:
+                child.kill()
+                child.wait()
+                return Hung(child.returncode, f"hung in {step}: killed {late:.0f} s after its share of the budget ended")
+
+
+def _current_step(out: Path) -> str:
+    """The step the child is in, or will start next, by the JSON it writes."""
+    with contextlib.suppress(OSError, ValueError):
+        steps = json.loads((out / "gpu_suite.json").read_text()).get("steps") or {}
+        return next((name for name in STEPS if (steps.get(name) or {}).get("status") not in DONE), STEPS[-1])
+    return STEPS[-1]
 
 
 def _death(rc: int) -> str:
@@ -899,7 +949,7 @@ def supervise(args, run_child=_run_child) -> int:
             failed = next((n for n in reversed(STEPS) if "restart" in (steps.get(n) or {})), None)
             why = f"a sticky CUDA error in {failed}"
         else:
-            why = _death(rc)
+            why = rc.why if isinstance(rc, Hung) else _death(rc)
             failed = next((name for name in STEPS if (steps.get(name) or {}).get("status") == "running"), None)
             if failed is not None:  # what it had recorded stays
                 before = steps[failed]

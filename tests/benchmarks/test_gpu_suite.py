@@ -459,3 +459,32 @@ def test_a_child_killed_by_a_signal_mid_step_loses_neither_its_cases_nor_the_nex
     assert steps["parity"]["result"] and all(row["passed"] for row in steps["parity"]["result"].values())
     assert [steps[s]["status"] for s in ("doctor", "bandwidth", "gemm", "throughput", "slides")] == ["ok"] * 5
     assert [r["failed_step"] for r in results["restarts"]] == ["parity"]
+
+
+def test_a_hung_child_is_killed_after_its_steps_share_and_the_next_steps_still_run(tmp_path, monkeypatch):
+    """A real child that hangs in parity (the test hook sleeps an hour after the first recorded case): killed once
+    parity's share of the budget and the grace have passed, recorded with what it had, and a fresh child runs the
+    rest. Without the watchdog only the runbook's outer ``timeout`` would have ended it, and every later step with it."""
+    suite = _suite()
+    monkeypatch.setenv(suite.FAULT, "parity:hang")
+    t0 = time.time()
+    assert suite.main(["--out", str(tmp_path), "--smoke", "--budget", "36", "--hang-grace", "1"]) == 1
+    assert time.time() - t0 < 36  # parity's share ends at 12 s
+    results = json.loads((tmp_path / "gpu_suite.json").read_text())
+    steps = results["steps"]
+    assert steps["parity"]["status"] == "failed" and steps["parity"]["error"].startswith("hung in parity: killed ")
+    assert steps["parity"]["result"] and all(row["passed"] for row in steps["parity"]["result"].values())
+    assert [steps[s]["status"] for s in ("doctor", "bandwidth", "gemm", "throughput", "slides")] == ["ok"] * 5
+    assert [r["failed_step"] for r in results["restarts"]] == ["parity"]
+    assert "Restarted in a fresh process after: hung in parity" in (tmp_path / "gpu_suite.md").read_text()
+
+
+def test_the_watchdog_takes_the_step_the_child_is_in_from_its_json(tmp_path):
+    suite = _suite()
+    assert [suite.step_deadline(s, 360.0) for s in suite.STEPS] == [120.0] * 4 + [240.0, 360.0]
+    assert suite._current_step(tmp_path) == "slides"  # no JSON yet: only the whole budget bounds it
+    run = suite.Suite(tmp_path, budget=360.0, smoke=True)
+    run.results["steps"] = {"doctor": {"status": "ok"}, "bandwidth": {"status": "ok"}, "gemm": {"status": "failed"},
+                            "parity": {"status": "ok"}, "throughput": {"status": "running"}}  # fmt: skip
+    run.write()
+    assert suite._current_step(tmp_path) == "throughput"
