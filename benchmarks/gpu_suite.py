@@ -843,6 +843,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--started-at", type=float, default=None, help=argparse.SUPPRESS)  # time.time() at the start
     parser.add_argument("--hang-grace", type=float, default=HANG_GRACE, help=argparse.SUPPRESS)  # see HANG_GRACE
+    parser.add_argument("--work-root", type=Path, default=None, help=argparse.SUPPRESS)  # the supervisor's folder
     args = parser.parse_args(argv)
     if not args.child:
         return supervise(args)
@@ -859,8 +860,10 @@ def run_steps(args) -> int:
     failed with a sticky CUDA error."""
     start = None if args.started_at is None else time.perf_counter() - (time.time() - args.started_at)
     suite = Suite(args.out, args.budget, args.smoke, start=start, resume=True)
-    # The exported graphs go into a folder of this process, removed when it ends (a resumed process makes its own).
-    with tempfile.TemporaryDirectory(prefix="deepspot-gpu-suite-", ignore_cleanup_errors=True) as folder:
+    # The exported graphs go into a folder of this process, removed when it ends (a resumed process makes its own),
+    # inside the supervisor's, which removes what a child killed or ended by os._exit could not.
+    with tempfile.TemporaryDirectory(prefix="deepspot-gpu-suite-", dir=getattr(args, "work_root", None),
+                                     ignore_cleanup_errors=True) as folder:  # fmt: skip
         work = Path(folder)
         try:
             suite.step("doctor", doctor)
@@ -898,6 +901,7 @@ def _run_child(args, started: float) -> int:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--out", str(args.out),
                "--budget", repr(args.budget), "--started-at", repr(started)]  # fmt: skip
     command += ["--smoke"] if args.smoke else []
+    command += ["--work-root", str(args.work_root)] if getattr(args, "work_root", None) else []
     sys.stdout.flush()
     grace = getattr(args, "hang_grace", HANG_GRACE)
     with subprocess.Popen(command) as child:
@@ -938,6 +942,15 @@ def supervise(args, run_child=_run_child) -> int:
     spent; the steps not run then are recorded as skipped, with why."""
     started = time.time()
     Suite(args.out, args.budget, args.smoke).write()  # a fresh JSON (a previous run's in the folder is replaced)
+    with tempfile.TemporaryDirectory(prefix="deepspot-gpu-suite-", ignore_cleanup_errors=True) as root:
+        _supervise(argparse.Namespace(**{**vars(args), "work_root": root}), run_child, started)
+    print((args.out / "gpu_suite.md").read_text())
+    suite = Suite(args.out, args.budget, args.smoke, resume=True)
+    return 0 if all(s["status"] != "failed" for s in suite.results["steps"].values()) else 1
+
+
+def _supervise(args, run_child, started: float) -> None:
+    """:func:`supervise`'s loop: children until every step has ended, then the steps not run recorded as skipped."""
     why_not = None
     for attempt in range(len(STEPS) + 1):
         rc = run_child(args, started)
@@ -970,8 +983,6 @@ def supervise(args, run_child=_run_child) -> int:
         if (suite.results["steps"].get(name) or {}).get("status") not in DONE:
             suite.results["steps"][name] = {"status": "skipped", "reason": why_not or "the suite's process ended early"}
     suite.write()
-    print((args.out / "gpu_suite.md").read_text())
-    return 0 if all(s["status"] != "failed" for s in suite.results["steps"].values()) else 1
 
 
 if __name__ == "__main__":

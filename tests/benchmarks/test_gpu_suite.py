@@ -21,11 +21,9 @@ def _suite():
 
 def test_smoke_run_writes_json_and_markdown(tmp_path, monkeypatch):
     suite = _suite()
-    scratch = tmp_path / "tmp"
-    scratch.mkdir()
-    monkeypatch.setenv("TMPDIR", str(scratch))  # the child's temporary folder for the exported graphs
+    scratch = _scratch(tmp_path, monkeypatch)
     assert suite.main(["--out", str(tmp_path), "--smoke"]) == 0
-    assert not list(scratch.glob("deepspot-gpu-suite-*"))  # removed when the child ends
+    assert _left(scratch) == []  # the exported graphs' folders are removed when the suite ends
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
     steps = results["steps"]
     names = ("doctor", "bandwidth", "gemm", "parity", "throughput", "slides")
@@ -52,6 +50,22 @@ def test_smoke_run_writes_json_and_markdown(tmp_path, monkeypatch):
     assert "not alternated" not in markdown
     paired = {name: row["ratio_to_eager"] for name, row in rows.items()}
     assert paired.pop("torch eager") is None and all(r > 0 for r in paired.values())
+
+
+def _scratch(tmp_path, monkeypatch) -> Path:
+    """An empty temporary folder for the supervisor (this process) and its children."""
+    import tempfile
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    return scratch
+
+
+def _left(scratch: Path) -> list[str]:
+    # onnxruntime keeps a session-id file (.ses) in the temporary folder; it is not the suite's
+    return sorted(p.name for p in scratch.iterdir() if p.name != ".ses")
 
 
 def test_a_spent_budget_skips_steps_and_keeps_what_was_done(tmp_path):
@@ -452,7 +466,9 @@ def test_a_child_killed_by_a_signal_mid_step_loses_neither_its_cases_nor_the_nex
     """A real child process, killed by SIGSEGV after parity recorded its first cases (the test hook)."""
     suite = _suite()
     monkeypatch.setenv(suite.FAULT, "parity:segv")
+    scratch = _scratch(tmp_path, monkeypatch)
     assert suite.main(["--out", str(tmp_path), "--smoke"]) == 1
+    assert _left(scratch) == []  # the killed child's folder too
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
     steps = results["steps"]
     assert steps["parity"]["status"] == "failed" and steps["parity"]["error"] == "the process died: signal 11 (SIGSEGV)"
@@ -467,9 +483,11 @@ def test_a_hung_child_is_killed_after_its_steps_share_and_the_next_steps_still_r
     rest. Without the watchdog only the runbook's outer ``timeout`` would have ended it, and every later step with it."""
     suite = _suite()
     monkeypatch.setenv(suite.FAULT, "parity:hang")
+    scratch = _scratch(tmp_path, monkeypatch)
     t0 = time.time()
     assert suite.main(["--out", str(tmp_path), "--smoke", "--budget", "36", "--hang-grace", "1"]) == 1
     assert time.time() - t0 < 36  # parity's share ends at 12 s
+    assert _left(scratch) == []  # the killed child's folder too
     results = json.loads((tmp_path / "gpu_suite.json").read_text())
     steps = results["steps"]
     assert steps["parity"]["status"] == "failed" and steps["parity"]["error"].startswith("hung in parity: killed ")
