@@ -789,8 +789,11 @@ def markdown(results: dict) -> str:
                 if "without CUDA graphs, because" in row:
                     detail = f"{detail} (without CUDA graphs: {row['without CUDA graphs, because'][:120]})"
                 lines.append(f"| {case} | {row.get('passed', row.get('skipped'))} | {detail} |")
+        elif isinstance(result.get("skipped"), str):  # the whole step had nothing to run (no GPU)
+            lines += [f"skipped: {result['skipped']}", ""]
         else:
             tables = {result.get("workload", name): result} if name == "throughput" else result
+            tables = {workload: table for workload, table in tables.items() if isinstance(table, dict)}
             lines += ["| workload | variant | items/s | fraction of bus limit | x eager | graph alone on the device, "
                       "items/s | arithmetic limit, items/s | memory limit, items/s |",
                       "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip

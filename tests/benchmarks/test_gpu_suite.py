@@ -506,3 +506,17 @@ def test_the_watchdog_takes_the_step_the_child_is_in_from_its_json(tmp_path):
                             "parity": {"status": "ok"}, "throughput": {"status": "running"}}  # fmt: skip
     run.write()
     assert suite._current_step(tmp_path) == "throughput"
+
+
+def test_the_table_says_why_steps_had_nothing_to_run_where_there_is_no_gpu(tmp_path):
+    """The full suite (not --smoke) on a machine whose CUDA is missing: the steps record "skipped" with the reason
+    instead of their tables, and the Markdown says so (it failed with AttributeError, leaving only the JSON)."""
+    suite = _suite()
+    reason = "torch.cuda.is_available() is False"
+    results = {"date": "today", "smoke": False, "steps": {
+        "parity": {"status": "ok", "result": {"spot/spot": {"skipped": reason}}},
+        "throughput": {"status": "ok", "result": {"skipped": reason}},
+        "slides": {"status": "ok", "result": {"skipped": reason}}}}  # fmt: skip
+    text = suite.markdown(results)
+    assert "## throughput (ok)\nskipped: " + reason in text and "## slides (ok)\nskipped: " + reason in text
+    assert f"| spot/spot | {reason} |" in text
