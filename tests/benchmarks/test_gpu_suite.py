@@ -90,9 +90,18 @@ def test_a_step_that_runs_out_of_its_share_records_the_cases_it_skipped(tmp_path
     assert "| w | v | skipped: this step's share" in (tmp_path / "gpu_suite.md").read_text()
 
 
-def test_a_parity_case_that_cannot_capture_a_cuda_graph_runs_again_without(tmp_path):
+def _capture_error(kind: str) -> Exception:
     from deepspot.errors import ConfigError
 
+    if kind == "refused":  # onnxruntime says up front that it cannot capture the graph
+        return ConfigError("m.onnx: onnxruntime cannot capture it as a CUDA graph (x); run it without")
+    # accepted, then failing while capturing, with the CUDA error of the run
+    return RuntimeError("Error in execution: CUDA failure 900: operation not permitted when stream is capturing ; "
+                        "expr=cudaStreamEndCapture(stream_, &graph);")  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "said"), [("refused", "capture it as a CUDA graph"), ("failed", "capturing")])
+def test_a_parity_case_whose_cuda_graph_cannot_be_captured_runs_again_without(kind, said):
     suite = _suite()
     seen = []
 
@@ -108,12 +117,11 @@ def test_a_parity_case_that_cannot_capture_a_cuda_graph_runs_again_without(tmp_p
     def check(options):
         seen.append(None if options is None else options.cuda_graph)
         if options is None:
-            raise ConfigError("m.onnx: onnxruntime cannot capture it as a CUDA graph (x); run it without")
+            raise _capture_error(kind)
         return Report()
 
     row = suite._case(check, None)
-    assert seen == [None, False] and row["passed"] is True and "capture it as a CUDA graph" in row[
-        "without CUDA graphs, because"]  # fmt: skip
+    assert seen == [None, False] and row["passed"] is True and said in row["without CUDA graphs, because"]
     failed = suite._case(lambda options: 1 / 0, None)
     assert failed["passed"] is False and "ZeroDivisionError" in failed["error"]
 
@@ -162,31 +170,6 @@ def test_the_whole_slide_rows_take_the_median_of_at_least_five_repeats(monkeypat
     monkeypatch.setattr(suite, "cuda_available", lambda: (True, "stand-in"))
     suite.slides(False)
     assert calls and all(repeats >= 5 and warmup >= 1 for _, repeats, warmup in calls)
-
-
-def test_a_parity_case_whose_capture_fails_while_running_runs_again_without(tmp_path):
-    """onnxruntime may accept a graph for CUDA graphs and fail while capturing it, with the CUDA error of the run."""
-    suite = _suite()
-    seen = []
-
-    class Report:
-        passed = True
-
-        def to_dict(self):
-            return {"outputs": [{"max_abs": 1e-7}]}
-
-        def summary(self):
-            return "ok"
-
-    def check(options):
-        seen.append(None if options is None else options.cuda_graph)
-        if options is None:
-            raise RuntimeError("Error in execution: CUDA failure 900: operation not permitted when stream is "
-                               "capturing ; expr=cudaStreamEndCapture(stream_, &graph);")  # fmt: skip
-        return Report()
-
-    row = suite._case(check, None)
-    assert seen == [None, False] and row["passed"] is True and "capturing" in row["without CUDA graphs, because"]
 
 
 def _slide_report(backends, batch):

@@ -4,6 +4,7 @@ provider does (:mod:`tests.runtime.graph_replay`)."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -41,6 +42,21 @@ def _graph_case(artifacts, replaying, cuda_graph, cuda):
     expected = _plain_predictions(a.onnx, inputs)
     replaying.cuda_graphs = cuda_graph
     return inputs, expected, _device_runner(a.onnx, cuda_graph, cuda=cuda)
+
+
+@contextlib.contextmanager
+def _deferred_case(artifacts, replaying, cuda_graph):
+    """:func:`_graph_case` on streams whose work is deferred until the host waits (``AsyncHostCuda``), the runner
+    open and computing on one of them: ``(cuda, compute stream, inputs, expected, runner)``."""
+    from .graph_replay import AsyncHostCuda
+
+    cuda = AsyncHostCuda()
+    inputs, expected, runner = _graph_case(artifacts, replaying, cuda_graph, cuda)
+    compute = cuda.stream()
+    with runner:
+        runner._compute_stream = compute
+        replaying[-1].device = (cuda, compute)
+        yield cuda, compute, inputs, expected, runner
 
 
 def _scaled(inputs, factor):
@@ -194,14 +210,7 @@ def test_staging_takes_page_locked_memory_from_the_cuda_runtime_and_gives_it_bac
 def test_the_pipeline_orders_its_streams_with_events(artifacts, replaying, cuda_graph, order):
     """The pipeline's copies and runs on streams whose work is deferred until the host waits, and then run in every
     order the events allow: each batch's upload, run and download must be ordered by events alone."""
-    from .graph_replay import AsyncHostCuda
-
-    cuda = AsyncHostCuda()
-    inputs, expected, runner = _graph_case(artifacts, replaying, cuda_graph, cuda)
-    compute = cuda.stream()
-    with runner:
-        runner._compute_stream = compute
-        replaying[-1].device = (cuda, compute)
+    with _deferred_case(artifacts, replaying, cuda_graph) as (cuda, compute, inputs, expected, runner):
         adapter, _ = runner.pipeline_adapter(8)
         streams = [adapter.upload, compute, adapter.download]
         cuda.priority = [streams[i] for i in order]
@@ -274,14 +283,7 @@ def test_a_failed_submit_leaves_nothing_in_flight(artifacts, replaying, cuda_gra
     """A run that fails after its batch's copies were enqueued: the ring hands the slot's buffers out again after the
     error, so the copies still queued on the streams must have finished by then (the pipeline waits only for the
     batches it submitted, and for a staged batch's upload)."""
-    from .graph_replay import AsyncHostCuda
-
-    cuda = AsyncHostCuda()
-    inputs, expected, runner = _graph_case(artifacts, replaying, cuda_graph, cuda)
-    compute = cuda.stream()
-    with runner:
-        runner._compute_stream = compute
-        replaying[-1].device = (cuda, compute)
+    with _deferred_case(artifacts, replaying, cuda_graph) as (cuda, compute, inputs, expected, runner):
         session = replaying[-1]
         run, runs = session.run_with_iobinding, []
 

@@ -3,6 +3,8 @@ run here on ``ort-cpu`` with the same binding code."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx
 import pytest
@@ -105,6 +107,24 @@ def test_fixed_buffers_pad_the_last_batch(folders, monkeypatch):
     assert len(rewrites) == 1  # a new session per slide, but the head is rewritten once
 
 
+@contextlib.contextmanager
+def _under_cuda_graphs(pipeline, batch_size: int = 8):
+    """The pipeline's encoder and head swapped for runners with ``ort-cuda``'s defaults (CUDA graphs, IO binding) on
+    the CPU, for the duration; the host runners are put back after."""
+    host = pipeline.encoder, pipeline.head
+
+    def graphed(runner):
+        return OrtRunner(runner.path, "ort-cpu", runner.info, cuda_graph=True, io_binding=True, batch_size=batch_size)
+
+    pipeline.encoder, pipeline.head = graphed(host[0]).activate(), OrtGatherHead(graphed(host[1])).activate()
+    try:
+        yield pipeline
+    finally:
+        pipeline.encoder.deactivate()
+        pipeline.head.deactivate()
+        pipeline.encoder, pipeline.head = host
+
+
 def test_both_graphs_under_cuda_graphs_over_two_slides(folders, replaying):
     """``ort-cuda``'s defaults on the CPU: encoder and head capture CUDA graphs (replayed here as the CUDA provider
     replays them). The encoder's first run is the zero tile (one row), then full and short batches; the head's table
@@ -114,19 +134,9 @@ def test_both_graphs_under_cuda_graphs_over_two_slides(folders, replaying):
     slides = [_graph(mode), _graph(mode, n=45, seed=1)]
     with pipeline_from_folder(folder, "ort-cpu", RunnerOptions(batch_size=8)) as pipeline:
         expected = [predict_indexed(pipeline, arrays, batch_size=8)[0] for arrays in slides]
-        host = pipeline.encoder, pipeline.head
-
-        def graphed(runner):
-            return OrtRunner(runner.path, "ort-cpu", runner.info, cuda_graph=True, io_binding=True, batch_size=8)
-
-        pipeline.encoder, pipeline.head = graphed(host[0]).activate(), OrtGatherHead(graphed(host[1])).activate()
-        try:
+        with _under_cuda_graphs(pipeline):
             got = [predict_indexed(pipeline, arrays, batch_size=8)[0] for arrays in slides]
             encoder_graphs = [(g.id, g.rows) for g in pipeline.encoder._io.graphs.graphs]
-        finally:
-            pipeline.encoder.deactivate()
-            pipeline.head.deactivate()
-            pipeline.encoder, pipeline.head = host
     for x, y in zip(expected, got):
         np.testing.assert_allclose(y, x, rtol=0, atol=1e-6 * (1 + np.abs(x).max()))
     assert encoder_graphs == [(1, 8)]  # the zero tile padded into the batch's graph, not a graph of its own
@@ -143,18 +153,8 @@ def test_slides_of_one_size_keep_the_heads_session_and_its_graphs(folders, repla
     slides = [_graph(mode), _graph(mode, seed=1), _graph(mode), _graph(mode, n=45, seed=2)]
     with pipeline_from_folder(folder, "ort-cpu", RunnerOptions(batch_size=8)) as pipeline:
         expected = [predict_indexed(pipeline, arrays, batch_size=8)[0] for arrays in slides]
-        host = pipeline.encoder, pipeline.head
-
-        def graphed(runner):
-            return OrtRunner(runner.path, "ort-cpu", runner.info, cuda_graph=True, io_binding=True, batch_size=8)
-
-        pipeline.encoder, pipeline.head = graphed(host[0]).activate(), OrtGatherHead(graphed(host[1])).activate()
-        try:
+        with _under_cuda_graphs(pipeline):
             got = [predict_indexed(pipeline, arrays, batch_size=8)[0] for arrays in slides]
-        finally:
-            pipeline.encoder.deactivate()
-            pipeline.head.deactivate()
-            pipeline.encoder, pipeline.head = host
     for x, y in zip(expected, got):
         np.testing.assert_allclose(y, x, rtol=0, atol=1e-6 * (1 + np.abs(x).max()))
     bound = [s for s in replaying if s.graph_ids]  # the encoder's, the head's for 37 items, and for 45
