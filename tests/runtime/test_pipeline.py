@@ -702,26 +702,14 @@ def test_doctor_reports_every_backend_and_exits_0():
 
 
 @pytest.mark.gpu
-def test_torch_cuda_pipeline_equals_the_plain_loop(artifacts, require):
-    require("cuda")
+@pytest.mark.parametrize("backend", ["torch-cuda", "ort-cuda"])
+def test_the_gpu_pipeline_equals_the_plain_loop(artifacts, require, backend):
+    require("cuda" if backend == "torch-cuda" else backend)
     from deepspot.runtime import load_runner
     from deepspot.runtime.stream import predict
 
     a = artifacts("spot", "subspot_neighbors")
     inputs = a.inputs()
-    with load_runner(a.checkpoint, "torch-cuda") as runner:
-        assert runner.pipeline_adapter(8) is not None
-        np.testing.assert_allclose(predict(runner, inputs, 8), predict(runner, inputs, 8, pipelined=False), atol=1e-5)
-
-
-@pytest.mark.gpu
-def test_ort_cuda_pipeline_equals_the_plain_loop(artifacts, require):
-    require("ort-cuda")
-    from deepspot.runtime import load_runner
-    from deepspot.runtime.stream import predict
-
-    a = artifacts("spot", "subspot_neighbors")
-    inputs = a.inputs()
-    with load_runner(a.onnx, "ort-cuda") as runner:
+    with load_runner(a.checkpoint if backend == "torch-cuda" else a.onnx, backend) as runner:
         assert runner.pipeline_adapter(8) is not None
         np.testing.assert_allclose(predict(runner, inputs, 8), predict(runner, inputs, 8, pipelined=False), atol=1e-5)
