@@ -66,10 +66,11 @@ def option(name: str, cli: str | None = None) -> str:
 
 def option_value(name: str, value: object, cli: str | None = None) -> str:
     """An option with a value, as advice gives it: ``layout='indexed'`` in Python, ``--layout indexed`` on the
-    command line, or ``cli`` where the command line spells it otherwise (``--no-validate`` for ``validate=False``)."""
+    command line; a switch is its flag alone there (``cli='--no-validate'`` for ``validate=False``)."""
     if not _FROM_CLI.get():
         return f"{name}={value!r}"
-    return cli or f"{option(name)} {value}"
+    flag = option(name, cli)
+    return flag if isinstance(value, bool) else f"{flag} {value}"
 
 
 class DeepSpotWarning(UserWarning):
