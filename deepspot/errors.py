@@ -73,6 +73,12 @@ def option_value(name: str, value: object, cli: str | None = None) -> str:
     return flag if isinstance(value, bool) else f"{flag} {value}"
 
 
+def advice(python: str, cli: str) -> str:
+    """Advice that names another step, as the caller would take it: its Python call, or on the command line its
+    command (``deepspot.layout.write_bundle(..., index=True)`` or ``deepspot bundle --index``)."""
+    return cli if _FROM_CLI.get() else python
+
+
 class DeepSpotWarning(UserWarning):
     """Something in the user's input deepspot goes on without, said once (the CLI prints it as one line)."""
 
