@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..checks import at_least, check_precision, check_threads
-from ..errors import BackendUnavailableError, ConfigError, option, option_value
+from ..errors import BackendUnavailableError, ConfigError, advice, option, option_value
 from .artifacts import artifact_kind, read_onnx
 from ._onnxruntime import DRIVER_HINT, GPU_INSTALL, OrtInstall, import_ort, ort_install
 from .base import ModelInfo, Runner
@@ -345,7 +345,9 @@ def load_runner(
     if kind == "plan" and requested != "tensorrt":
         raise ConfigError(f"{model}: a TensorRT plan runs on the tensorrt backend only, not {requested!r}")
     if kind != "plan" and b.runs != kind:
-        what = "a checkpoint or model" if b.runs == "model" else "an ONNX file (deepspot export)"
+        what = "a checkpoint or model"
+        if b.runs != "model":
+            what = f"an ONNX file ({advice('deepspot.export.export_onnx', 'deepspot export')})"
         if not isinstance(model, (str, Path)):  # its repr is the whole module tree
             given = f"an in-memory {type(model).__name__} is a model (deepspot.export.export_onnx writes its graph)"
         else:
