@@ -273,7 +273,8 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path, model):
 def test_plan_refuses_unclear_requests(tmp_path):
     from deepspot.errors import ConfigError, InputError
 
-    with pytest.raises(ConfigError, match="either as --input"):
+    with pytest.raises(ConfigError, match=r"^give the slides either as inputs=\['A.npz', 'B.npz', ...\] or as "
+                                          "manifest='slides.csv'$"):  # fmt: skip
         plan_slides([], None, tmp_path)
     with pytest.raises(ConfigError, match="unknown output format"):
         plan_slides([tmp_path / "a.npz"], None, tmp_path, "csv")
@@ -310,12 +311,14 @@ def test_shard_and_batch_size_messages_name_what_is_wrong(tmp_path, model):
     from deepspot.runtime import infer
     from deepspot.runtime.cohort import parse_shard
 
-    with pytest.raises(ConfigError, match="N \\(the number of shards\\) must be at least 1, got 0"):
+    with pytest.raises(ConfigError, match="^shard='1/0': N \\(the number of shards\\) must be at least 1, got 0$"):
         parse_shard("1/0")
-    with pytest.raises(ConfigError, match="I must lie in 0..2, got 3"):
+    with pytest.raises(ConfigError, match="^shard='3/3': I must lie in 0..2, got 3$"):
         parse_shard("3/3")
+    with pytest.raises(ConfigError, match="^shard takes I/N with integers, such as 0/4; got 'half'$"):
+        parse_shard("half")
     slide = make_slides(tmp_path / "in", ["a"])[0]
-    with pytest.raises(ConfigError, match="--batch-size must be at least 1, got 0"):
+    with pytest.raises(ConfigError, match="^batch_size must be at least 1, got 0$"):
         infer(model, slide, tmp_path / "p.npy", batch_size=0)  # 0 is not "the default" from Python either
     assert not (tmp_path / "p.npy").exists()
 

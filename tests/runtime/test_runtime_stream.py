@@ -165,7 +165,7 @@ def test_bad_bundles_are_refused_before_anything_runs(artifacts, tmp_path):
     index["neighbor_index"] = np.zeros((37, 4), dtype=np.int64)
     save_bundle(tmp_path / "indexed.npz", index)
     # A per-item graph does not silently take an indexed bundle: it says how to run it.
-    with pytest.raises(ConfigError, match="cannot run the indexed layout .* --layout dense"):
+    with pytest.raises(ConfigError, match="cannot run the indexed layout .*export_indexed, or pass layout='dense'"):
         infer(a.onnx, tmp_path / "indexed.npz", tmp_path / "out.npy")
     index["neighbor_index"][3, 1] = 37  # out of range, reported by row even on the dense path
     save_bundle(tmp_path / "indexed.npz", index)
