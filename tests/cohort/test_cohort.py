@@ -523,3 +523,44 @@ def test_an_output_dir_that_is_an_input_a_file_or_lacks_its_parent_is_refused(tm
     # An output folder that holds the bundles is what most users give: it is taken.
     result = run("infer", model, "-i", *slides, folder, "--output-dir", tmp_path / "in", "--format", "npy")
     assert result.exit_code == 0, result.output
+
+
+def test_a_cohort_s_errors_name_its_arguments_from_python_and_its_flags_from_the_command_line(tmp_path, model):
+    from deepspot.errors import ConfigError
+    from deepspot.runtime.cohort import run_cohort
+
+    from _cli import error_line
+
+    slides = make_slides(tmp_path / "in", ["a", "b"])
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as e:
+        run_cohort(model, plan_slides(slides, None, out, "npy"), out, devices=["0", "1"])
+    assert str(e.value) == ("devices=['0', '1'] names GPUs, but backend 'ort-cpu' runs on the CPU; add "
+                            "backend='ort-cuda' (or torch-cuda), or give devices=['cpu', 'cpu'] for CPU workers")  # fmt: skip
+    result = run("infer", model, "-i", *slides, "--output-dir", out, "--devices", "0,1")
+    assert error_line(result) == ("Error: --devices 0,1 names GPUs, but backend 'ort-cpu' runs on the CPU; add "
+                                  "--backend ort-cuda (or torch-cuda), or give --devices cpu,cpu for CPU workers")  # fmt: skip
+    result = run("infer", model, "-i", *slides, "--output-dir", out, "--shard", "3/3")
+    assert error_line(result) == "Error: --shard 3/3: I must lie in 0..2, got 3"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("from_cli", [False, True])
+def test_a_slide_s_error_in_a_worker_process_names_what_the_caller_gave(tmp_path, model, from_cli):
+    """Spawned workers start with a fresh context: a cohort run from the command line tells them so, and their slides'
+    errors name its flags; one run from Python, its arguments."""
+    from deepspot.runtime.cohort import CohortSettings, run_cohort
+
+    slides = make_slides(tmp_path / "in", ["a", "b"])
+    out = tmp_path / "out"
+    if from_cli:
+        result = run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy", "--layout", "indexed",
+                     "--devices", "cpu,cpu")  # fmt: skip
+        assert result.exit_code == 1, result.output
+    else:
+        result = run_cohort(model, plan_slides(slides, None, out, "npy"), out, CohortSettings(layout="indexed"),
+                            devices=["cpu", "cpu"])  # fmt: skip
+        assert len(result.failed) == 2
+    errors = [s["error"] for s in record(out).values()]
+    advice = "run it with --layout dense" if from_cli else "run it with layout='dense'"
+    assert len(errors) == 2 and all(e.endswith(f"this bundle holds neighbour features, so {advice}") for e in errors)

@@ -355,3 +355,21 @@ def test_cuda_graph_options_and_a_graph_onnxruntime_cannot_capture(artifacts, mo
                                           r"\(RunnerOptions\(cuda_graph=False\)\)$") as error:  # fmt: skip
         ort_module.session_from_onnx(a.onnx)
     assert "\n" not in str(error.value)
+
+
+def test_runner_options_are_named_as_python_gives_them_and_as_flags_on_the_command_line(artifacts, tmp_path):
+    from typer.testing import CliRunner
+
+    from deepspot.cli import app
+
+    from _cli import error_line
+
+    a = artifacts()
+    with pytest.raises(ConfigError, match="^device must be at least 0, got -1$"):
+        RunnerOptions(device=-1)
+    with pytest.raises(ConfigError) as e:
+        load_runner(a.onnx, "ort-cpu", RunnerOptions(precision="fp16"))
+    assert "onnxruntime runs it as exported, so export it with precision='fp16' (or use" in str(e.value)
+    args = ["infer", str(a.onnx), "-i", str(a.bundle), "-o", str(tmp_path / "p.npy")]
+    error_line(CliRunner().invoke(app, [*args, "--precision", "fp16"]),
+               "onnxruntime runs it as exported, so export it with --precision fp16 (or use")  # fmt: skip
