@@ -1,7 +1,8 @@
 """Checks of numeric options, shared by the library functions the commands call.
 
 Each raises a :class:`~deepspot.errors.ConfigError` that names the option and the value and says what is allowed,
-before any work is done. Kept free of NumPy and PyTorch, so that any module can use it.
+before any work is done; callers name the option with :func:`~deepspot.errors.option`, so that it reads as the
+caller's Python argument or command-line flag. Kept free of NumPy and PyTorch, so that any module can use it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 import os
 
 from .errors import ConfigError
+from .errors import option as option_name
 
 #: Compute precisions: the export's, the torch backends' and TensorRT's.
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -19,7 +21,7 @@ MAX_SEED = 2**32 - 1
 
 
 def at_least(value: int, option: str, minimum: int = 1) -> int:
-    """``value`` if it is at least ``minimum``; else ``--option must be at least 1, got 0``."""
+    """``value`` if it is at least ``minimum``; else ``batch_size must be at least 1, got 0``."""
     if value < minimum:
         raise ConfigError(f"{option} must be at least {minimum}, got {value}")
     return value
@@ -32,18 +34,19 @@ def finite_at_least(value: float, option: str, minimum: float = 0.0) -> float:
     return value
 
 
-def check_seed(seed: int, option: str = "--seed") -> int:
+def check_seed(seed: int, option: str | None = None) -> int:
     """A seed in ``0..2**32-1``: the range that NumPy's, PyTorch's and Python's generators all take."""
     if not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"{option} must lie in 0..{MAX_SEED}, got {seed}")
+        raise ConfigError(f"{option or option_name('seed')} must lie in 0..{MAX_SEED}, got {seed}")
     return seed
 
 
-def check_precision(precision: str | None, option: str = "--precision") -> str | None:
+def check_precision(precision: str | None, option: str | None = None) -> str | None:
     """``None`` (the model's own) or one of :data:`PRECISIONS`, named exactly (``FP32`` or ``fp8`` is refused here,
     not taken for a precision that some backend lacks)."""
     if precision is not None and precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r} ({option}); expected one of: {', '.join(PRECISIONS)}")
+        raise ConfigError(f"unknown precision {precision!r} ({option or option_name('precision')}); expected one of: "
+                          f"{', '.join(PRECISIONS)}")  # fmt: skip
     return precision
 
 
@@ -54,13 +57,14 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def check_threads(threads: int | None, option: str = "--threads") -> int | None:
+def check_threads(threads: int | None, option: str | None = None) -> int | None:
     """``None`` (the default) or a thread count in ``1..available_cpus()``: more threads than CPUs only contend."""
     if threads is None:
         return None
     cpus = available_cpus()
     if not 1 <= threads <= cpus:
-        raise ConfigError(f"{option} must lie in 1..{cpus} (the CPUs this process may use), got {threads}")
+        raise ConfigError(f"{option or option_name('threads')} must lie in 1..{cpus} (the CPUs this process may use), "
+                          f"got {threads}")  # fmt: skip
     return threads
 
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from ._pages import release_rows, row_blocks
 from .checks import at_least, check_memory
-from .errors import DeepSpotError, InputError, UnusedInputWarning
+from .errors import DeepSpotError, InputError, UnusedInputWarning, option, option_value
 from .fileio import (
     OBJECT_ARRAY_HINT,
     atomic_path,
@@ -562,13 +562,15 @@ def synth_bundle(
     """
     m = get_mode(family, mode)
     k = n_neighbors if n_neighbors is not None else (6 if family == "spot" else 8)
-    for value, option in ((n, "--n"), (input_size, "--input-size"), (genes, "--genes"), (n_subspots, "--subspots"),
-                          (k, "--neighbors")):  # fmt: skip
-        at_least(value, option)
-    at_least(seed, "--seed", 0)
+    sizes = ((n, option("n")), (input_size, option("input_size")), (genes, option("genes")),
+             (n_subspots, option("n_subspots", "--subspots")), (k, option("n_neighbors", "--neighbors")))  # fmt: skip
+    for value, name in sizes:
+        at_least(value, name)
+    at_least(seed, option("seed"), 0)
     tiles = 1 + n_subspots * ("subspot" in m.input_names) + (1 if stream else k) * ("neighbors" in m.input_names)
     check_memory(4 * n * (tiles * input_size + genes),
-                 f"a bundle of --n {n} items with {tiles} tiles of --input-size {input_size}")  # fmt: skip
+                 f"a bundle of {option_value('n', n)} items with {tiles} tiles of "
+                 f"{option_value('input_size', input_size)}")  # fmt: skip
     rng = np.random.default_rng(seed)
     own = m.bags[0].name
     # Hidden structure shared by all items, then per-item features.
@@ -688,11 +690,11 @@ def check_neighbor_index(
 
 def check_bag_size(name: str, size: int, source: str, max_bag: int = MAX_BAG) -> None:
     """Refuse a bag larger than ``max_bag`` (memory grows with it: Phi runs on every tile of every bag)."""
-    at_least(max_bag, "--max-bag")
+    at_least(max_bag, option("max_bag"))
     if size > max_bag:
         raise InputError(
             f"{source}: {name!r} has bags of {size} tiles, more than the limit of {max_bag}; "
-            "raise it with --max-bag if this is intended"
+            f"raise it with {option('max_bag')} if this is intended"
         )
 
 

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import DeepSpotError, InputError
+from .errors import DeepSpotError, InputError, option_value
 
 
 def short_write(e: OSError) -> str:
@@ -29,7 +29,7 @@ def is_short_write(e: OSError) -> bool:
 def check_clobber(path: str | Path, no_clobber: bool) -> None:
     """With ``no_clobber``, refuse an output that exists (before any work is done)."""
     if no_clobber and os.path.lexists(path):
-        raise DeepSpotError(f"{path}: already exists, and --no-clobber forbids replacing it")
+        raise DeepSpotError(f"{path}: already exists, and {option_value('no_clobber', True)} forbids replacing it")
 
 
 def ensure_free_space(folder: str | Path, nbytes: int, what: str) -> None:
@@ -120,7 +120,8 @@ def atomic_path(path: str | Path, suffix: str | None = None, no_clobber: bool = 
             try:
                 os.link(tmp_path, path)
             except FileExistsError:
-                raise DeepSpotError(f"{path}: already exists, and --no-clobber forbids replacing it") from None
+                raise DeepSpotError(f"{path}: already exists, and {option_value('no_clobber', True)} forbids "
+                                    "replacing it") from None  # fmt: skip
             tmp_path.unlink()
         else:
             os.replace(tmp_path, path)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .assemble import from_parts
-from .errors import CheckpointError, ConfigError, DeepSpotError
+from .errors import CheckpointError, ConfigError, DeepSpotError, option
 from .factory import model_class
 from .modes import get_mode
 from .reference import BoundMethod, Record, safe_torch_load
@@ -279,7 +279,8 @@ def model_config(family: str, hparams: Mapping[str, Any], context: str | None, s
     missing = [k for k in ("input_size", "output_size") if config.get(k) is None]
     if missing:
         raise CheckpointError(
-            f"{source}: missing hyperparameters {', '.join(missing)}; pass the reference's YAML with --hparams"
+            f"{source}: missing hyperparameters {', '.join(missing)}; pass the reference's YAML with "
+            f"{option('hparams')}"
         )
     for key in _OR_DEFAULT:
         if isinstance(config.get(key), (int, float)) and not config[key]:
@@ -325,7 +326,8 @@ def import_reference(
         beside = find_hparams(path)
         if beside is None:
             raise CheckpointError(
-                f"{source}: holds no hyperparameters and no YAML was found beside it; pass one with --hparams"
+                f"{source}: holds no hyperparameters and no YAML was found beside it; pass one with "
+                f"{option('hparams')}"
             )
         found = load_hparams(beside)
         scaler_obj = found.get("scaler")

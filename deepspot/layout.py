@@ -29,7 +29,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from .data import load_bundle, save_bundle, save_bundles
-from .errors import InputError
+from .errors import InputError, option_value
 from .fileio import check_clobber, check_hdf5, numpy_error
 from .modes import check_family
 
@@ -334,13 +334,14 @@ def _bundle_arrays(features, barcodes, coords, family, radius, k, index, max_nei
             worst = int(np.argmax(counts))
             raise InputError(
                 f"{source}: spot {barcodes[worst]!r} has {counts[worst]} neighbours within radius {radius}, "
-                f"more than --max-neighbors {max_neighbors}"
+                f"more than {option_value('max_neighbors', max_neighbors)}"
             ) from None
     else:
         nb_index = cell_neighbor_index(coords["x_pixel"], coords["y_pixel"], k)
         if max_neighbors is not None:
             if max_neighbors < nb_index.shape[1]:
-                raise InputError(f"{source}: k={k} gives {k - 1} neighbours, more than --max-neighbors {max_neighbors}")
+                raise InputError(f"{source}: k={k} gives {k - 1} neighbours, more than "
+                                 f"{option_value('max_neighbors', max_neighbors)}")  # fmt: skip
             extra = np.full((n, max_neighbors - nb_index.shape[1]), -1, dtype=np.int64)
             nb_index = np.concatenate([nb_index, extra], axis=1)
 
@@ -475,7 +476,7 @@ def _read_sample(obs, by: str | None, all_spots: bool):
     if "in_tissue" in columns and not all_spots:
         barcodes, columns = _select(barcodes, columns, columns["in_tissue"] > 0)
         if not barcodes:
-            raise InputError(f"{obs}: no spot has in_tissue set; --all-spots keeps them all")
+            raise InputError(f"{obs}: no spot has in_tissue set; {option_value('all_spots', True)} keeps them all")
     return barcodes, columns
 
 

@@ -20,7 +20,7 @@ import torch
 
 from .base import DeepSetModel
 from .checks import finite_at_least
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, option
 from .scaler import Scaler
 
 MONITORS = ("val_loss", "train_loss")
@@ -74,8 +74,8 @@ def check_optimizer(lr: float, weight_decay: float) -> None:
     Raises:
         ConfigError: ``lr`` or ``weight_decay`` is not a finite number >= 0.
     """
-    finite_at_least(float(lr), "--lr")  # 0 is allowed, as AdamW allows it: the weights stay as built
-    finite_at_least(float(weight_decay), "--weight-decay")
+    finite_at_least(float(lr), option("lr"))  # 0 is allowed, as AdamW allows it: the weights stay as built
+    finite_at_least(float(weight_decay), option("weight_decay"))
 
 
 def _float32(value: Any, name: str, which: str) -> torch.Tensor:
@@ -295,7 +295,8 @@ def _check_loss(loss: float, which: str, epoch: int, lr: float) -> None:
     """Stop at the first loss that is not a finite number: the weights are lost, and more epochs would waste time."""
     if not math.isfinite(loss):
         raise ConfigError(
-            f"training diverged: the {which} loss is {loss} in epoch {epoch + 1}; try a lower --lr (got {lr:g})"
+            f"training diverged: the {which} loss is {loss} in epoch {epoch + 1}; try a lower {option('lr')} "
+            f"(got {lr:g})"
         )
 
 

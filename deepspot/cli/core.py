@@ -17,7 +17,7 @@ from typing import Any, Optional
 import typer
 
 from .._version import __version__
-from ..errors import TORCH_MODULES, DeepSpotError, DeepSpotWarning, torch_missing_message
+from ..errors import TORCH_MODULES, DeepSpotError, DeepSpotWarning, command_line, torch_missing_message
 from . import signals
 from .signals import INTERRUPTED, TERMINATED, Terminated
 
@@ -63,12 +63,13 @@ def _one_line_warnings():
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a user's mistake into one line and exit code 2; Ctrl-C into exit code 130."""
+    """Turn a user's mistake into one line and exit code 2; Ctrl-C into exit code 130. Errors raised inside name the
+    command's flags (``--batch-size``), not the library's arguments (``batch_size``)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            with _one_line_warnings():
+            with command_line(), _one_line_warnings():
                 return fn(*args, **kwargs)
         except KeyboardInterrupt:
             _stop(KeyboardInterrupt)

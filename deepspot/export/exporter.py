@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..errors import CheckpointError, ConfigError, DeepSpotError, folder_hint
+from ..errors import CheckpointError, ConfigError, DeepSpotError, folder_hint, option_value
 from ..fileio import atomic_path, check_output_file
 from .metadata import DEFAULT_OPSET, METADATA_FORMAT, METADATA_VERSION, metadata_value  # noqa: F401  (re-exported)
 from .graph import ExportModule, build_export_module, check_mode
@@ -331,8 +331,8 @@ def _validate(tmp: Path, path: Path, model, spec, precision, io_dtype, fold_scal
     except KernelUnavailableError as e:
         raise KernelUnavailableError(
             f"{path}: cannot validate the {precision} graph: onnxruntime's {e.provider} has no {precision} kernel for "
-            f"{e.op}; nothing was written (pass validate=False / --no-validate to write it unvalidated, e.g. for the "
-            "CUDA or TensorRT providers)",
+            f"{e.op}; nothing was written (pass {option_value('validate', False, '--no-validate')} to write it "
+            "unvalidated, e.g. for the CUDA or TensorRT providers)",
             op=e.op,
             provider=e.provider,
         ) from None

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, option, option_value
 from ..modes import get_mode
 from .median import lower_median_of, median_network
 from .specs import TORCH_DTYPES, check_precision, resolve_io_dtype
@@ -295,7 +295,8 @@ def check_mode(model: nn.Module, mode: str | None) -> None:
     if requested != model.mode:
         raise ConfigError(
             f"the model was built for mode {model.mode.name!r} ({model.mode.reference}), not {requested.name!r}: "
-            f"Rho's input width depends on the mode; export it with --mode {model.mode.name} or leave --mode out"
+            f"Rho's input width depends on the mode; export it with {option_value('mode', model.mode.name)} or leave "
+            f"{option('mode')} out"
         )
 
 

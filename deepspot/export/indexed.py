@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, advice
 from ..modes import Mode
 from .graph import ExportModule, _cast, pool_bag
 from .metadata import (  # noqa: F401  (the names live in the torch-free metadata module; re-exported here)
@@ -41,7 +41,8 @@ def check_indexed_mode(mode: Mode) -> None:
     """Only modes with neighbours have anything to gather."""
     if not mode.has_neighbors:
         raise ConfigError(
-            f"mode {mode.name!r} ({mode.reference}) has no neighbours, so it has no indexed layout; use --layout dense"
+            f"mode {mode.name!r} ({mode.reference}) has no neighbours, so it has no indexed layout; use "
+            + advice("the dense layout (layout='dense'; export_onnx exports it)", "--layout dense")
         )
 
 

@@ -15,7 +15,7 @@ from types import MappingProxyType
 import torch
 
 from ..checks import PRECISIONS
-from ..errors import ConfigError
+from ..errors import ConfigError, option_value
 from ..modes import MODES, Bag, Mode, get_mode
 
 OUTPUT_NAME = "expression"
@@ -161,7 +161,8 @@ def resolve_io_dtype(precision: str, io_dtype: str | None) -> str:
     if io_dtype not in IO_DTYPES:
         raise ConfigError(f"unknown io dtype {io_dtype!r}; expected one of: {', '.join(IO_DTYPES)}")
     if io_dtype != "fp32" and io_dtype != precision:
-        raise ConfigError(f"--io {io_dtype} needs --precision {io_dtype} (got --precision {precision})")
+        raise ConfigError(f"{option_value('io_dtype', io_dtype, '--io')} needs {option_value('precision', io_dtype)} "
+                          f"(got {option_value('precision', precision)})")  # fmt: skip
     return io_dtype
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendUnavailableError, CheckpointError, ConfigError
+from ..errors import BackendUnavailableError, CheckpointError, ConfigError, advice, option, option_value
 from ..fileio import temporary_folder
 
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
@@ -96,21 +96,23 @@ def preferred_batch_sizes(max_batch: int) -> list[int]:
 def _graph(onnx_path: Path):
     from .info import model_info
 
+    per_item = advice("deepspot.export.export_onnx", "deepspot export --layout dense")
     if onnx_path.is_dir():
         raise ConfigError(
             f"{onnx_path}: an indexed export (encoder + head) is not served this way: its head gathers neighbours "
             "from a whole slide's embedding table, which a Triton request does not carry; serve the per-item graph "
-            "(deepspot export --layout dense)"
+            f"({per_item})"
         )
     if onnx_path.suffix.lower() != ".onnx":
-        raise ConfigError(f"{onnx_path}: Triton's onnxruntime backend serves an .onnx file (deepspot export)")
+        raise ConfigError(f"{onnx_path}: Triton's onnxruntime backend serves an .onnx file "
+                          f"({advice('deepspot.export.export_onnx', 'deepspot export')})")  # fmt: skip
     graph = model_info(onnx_path, check_weights=True)
     meta = graph.metadata
     if meta.get("layout") == "indexed":
         raise ConfigError(
             f"{onnx_path}: the {meta.get('role', 'graph')} of an indexed export is not served this way: the head "
             "gathers neighbours from a whole slide's embedding table, which a Triton request does not carry; serve "
-            "the per-item graph (deepspot export --layout dense)"
+            f"the per-item graph ({per_item})"
         )
     return graph
 
@@ -293,15 +295,16 @@ def check_triton_options(name: str | None = None, max_batch: int = 256, instance
         check_name(name)
     if kind not in KINDS:
         raise ConfigError(f"unknown instance kind {kind!r}; expected gpu or cpu")
-    for value, option, top in ((max_batch, "--max-batch", MAX_BATCH_LIMIT), (instances, "--instances", 64)):
+    for value, arg, top in ((max_batch, "max_batch", MAX_BATCH_LIMIT), (instances, "instances", 64)):
         if not 1 <= value <= top:
-            raise ConfigError(f"{option} must lie in 1..{top}, got {value}")
+            raise ConfigError(f"{option(arg)} must lie in 1..{top}, got {value}")
     if version < 1:
         raise ConfigError(f"the model version must be at least 1, got {version}")
     if fp16 and not tensorrt:
-        raise ConfigError("--fp16 applies to --tensorrt (onnxruntime's CUDA provider runs the graph as exported)")
+        raise ConfigError(f"{option('fp16')} applies to {option('tensorrt')} (onnxruntime's CUDA provider runs the "
+                          "graph as exported)")  # fmt: skip
     if tensorrt and kind != "gpu":
-        raise ConfigError("--tensorrt needs GPU instances (--kind gpu)")
+        raise ConfigError(f"{option('tensorrt')} needs GPU instances ({option_value('kind', 'gpu')})")
     model_config_schema()  # without Triton's schema nothing can be validated
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DeepSpotError
+from ..errors import DeepSpotError, option_value
 from .specs import ExportSpec, Tolerance, get_spec, resolve_io_dtype
 
 CPU = "CPUExecutionProvider"
@@ -64,7 +64,7 @@ def session_from_onnx(path: str | Path, providers: Sequence[str] = (CPU,), threa
     except ImportError:
         raise DeepSpotError(
             "validating an export needs onnxruntime: pip install 'deepspot[cpu]' (or 'deepspot[gpu]'), "
-            "or export with --no-validate"
+            f"or export with {option_value('validate', False, '--no-validate')}"
         ) from None
 
     options = ort.SessionOptions()

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError, folder_hint
+from ..errors import CheckpointError, ConfigError, advice, folder_hint
 from ..metacheck import check_genes, check_scaler, check_size
 from .base import ModelInfo, TensorSpec
 
@@ -42,8 +42,9 @@ def artifact_kind(model: Any) -> str:
         from ..export.metadata import ENCODER_FILE, HEAD_FILE
 
         if (Path(model) / ENCODER_FILE).is_file():  # an indexed export's folder missing its other graph
+            again = advice("deepspot.export.indexed.export_indexed", "--layout indexed")
             raise CheckpointError(f"{model}: an indexed export's folder without {HEAD_FILE}; an indexed export holds "
-                                  f"{ENCODER_FILE} and {HEAD_FILE} (export it again with --layout indexed)")  # fmt: skip
+                                  f"{ENCODER_FILE} and {HEAD_FILE} (export it again with {again})")  # fmt: skip
         raise CheckpointError(f"{model}: a folder, not a model file; expected a file ending in one of {known}")
     if not Path(model).exists():
         raise CheckpointError(f"{model}: no such model file or folder")

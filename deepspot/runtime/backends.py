@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..checks import at_least, check_precision, check_threads
-from ..errors import BackendUnavailableError, ConfigError
+from ..errors import BackendUnavailableError, ConfigError, advice, option, option_value
 from .artifacts import artifact_kind, read_onnx
 from ._onnxruntime import DRIVER_HINT, GPU_INSTALL, OrtInstall, import_ort, ort_install
 from .base import ModelInfo, Runner
@@ -219,7 +219,7 @@ def select_backend(
         allow_fallback: Permit another backend when ``requested`` cannot run; the switch is warned about.
         probe: What the machine offers (detected when ``None``).
         kind: What the model file is (``model``, ``onnx``, ``plan``); a plan runs on ``tensorrt`` only.
-        fallback_hint: Say in the error that ``--allow-fallback`` permits another backend, where it would (never
+        fallback_hint: Say in the error that ``allow_fallback`` permits another backend, where it would (never
             for a backend without a fallback, nor for a plan); ``False`` where the caller does not take that option
             (a cohort).
 
@@ -251,7 +251,9 @@ def select_backend(
             break
         name = get_backend(name).fallback
     could_fall_back = fallback_hint and not allow_fallback and get_backend(requested).fallback is not None
-    hint = " (--allow-fallback permits another backend)" if could_fall_back and kind != "plan" else ""
+    hint = ""
+    if could_fall_back and kind != "plan":
+        hint = f" ({option_value('allow_fallback', True)} permits another backend)"
     raise BackendUnavailableError(reasons[0] + hint)
 
 
@@ -299,10 +301,10 @@ class RunnerOptions:
     def __post_init__(self):
         # Checked here, before any work: 10,000 threads made a machine unusable, and a batch of 0 meant the default.
         check_threads(self.threads)
-        at_least(self.batch_size, "--batch-size")
+        at_least(self.batch_size, option("batch_size"))
         # A GPU index below 0 was passed over on the CPU backends, and an unknown precision was taken for one the
         # graph lacks ("export it with --precision FP32").
-        at_least(self.device, "--device", 0)
+        at_least(self.device, option("device"), 0)
         check_precision(self.precision)
 
 
@@ -343,7 +345,9 @@ def load_runner(
     if kind == "plan" and requested != "tensorrt":
         raise ConfigError(f"{model}: a TensorRT plan runs on the tensorrt backend only, not {requested!r}")
     if kind != "plan" and b.runs != kind:
-        what = "a checkpoint or model" if b.runs == "model" else "an ONNX file (deepspot export)"
+        what = "a checkpoint or model"
+        if b.runs != "model":
+            what = f"an ONNX file ({advice('deepspot.export.export_onnx', 'deepspot export')})"
         if not isinstance(model, (str, Path)):  # its repr is the whole module tree
             given = f"an in-memory {type(model).__name__} is a model (deepspot.export.export_onnx writes its graph)"
         else:
@@ -371,7 +375,7 @@ def _check_io(io: str | None, inputs: dict[str, Any], model: Any) -> None:
     if have and have != {np.dtype(FEATURE_DTYPES[io]).name}:
         exported = "fp16" if have == {"float16"} else "fp32"
         raise ConfigError(f"{model} takes {exported} features (its input dtype is fixed at export); export it with "
-                          f"--io {io} to take {io} features")  # fmt: skip
+                          f"{option_value('io_dtype', io, '--io')} to take {io} features")  # fmt: skip
 
 
 def _build(model: Any, kind: str, name: str, o: RunnerOptions) -> Runner:
@@ -423,7 +427,7 @@ def onnx_precision(model: Any, info: ModelInfo | None, precision: str | None, ba
     if backend in ("ort-cpu", "ort-cuda") and precision != exported:
         raise ConfigError(
             f"{model} was exported at {exported}; onnxruntime runs it as exported, so export it with "
-            f"--precision {precision} (or use ort-trt / tensorrt, which can lower the precision)"
+            f"{option_value('precision', precision)} (or use ort-trt / tensorrt, which can lower the precision)"
         )
     return precision
 
@@ -432,14 +436,14 @@ def _without_gpu_options(o: RunnerOptions, backend: str) -> RunnerOptions:
     """The options for a backend fallen back to: the GPU's math mode and graph replay, asked of the GPU backend, are
     left out where the fallback cannot take them (a run that may fall back must not fail for having asked), with a
     warning that says so."""
-    dropped = {"--tf32": o.tf32 and backend in ("torch", "ort-cpu"),
-               "--cuda-graph": o.cuda_graph and backend not in ("ort-cuda", "ort-trt")}  # fmt: skip
-    names = [flag for flag, drop in dropped.items() if drop]
+    dropped = {"tf32": o.tf32 and backend in ("torch", "ort-cpu"),
+               "cuda_graph": o.cuda_graph and backend not in ("ort-cuda", "ort-trt")}  # fmt: skip
+    names = [option(name) for name, drop in dropped.items() if drop]
     if not names:
         return o
     warnings.warn(f"{' and '.join(names)} {'does' if len(names) == 1 else 'do'} not apply on {backend}; running "
                   "without", FallbackWarning, stacklevel=3)  # fmt: skip
-    return replace(o, tf32=o.tf32 and not dropped["--tf32"], cuda_graph=o.cuda_graph and not dropped["--cuda-graph"])
+    return replace(o, tf32=o.tf32 and not dropped["tf32"], cuda_graph=o.cuda_graph and not dropped["cuda_graph"])
 
 
 def check_gpu_options(o: RunnerOptions, backend: str) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, option
 from ..modes import Mode, get_mode
 from ..scaler import Scaler
 
@@ -95,7 +95,7 @@ class ModelInfo:
         """Refuse ``--inverse-transform`` for a model with no scaler (``model`` names it in the message)."""
         if self.scaler is None and not self.fold_scaler:
             raise ConfigError(f"{model}: the model has no scaler, so there is no original scale to map back to; "
-                              "leave out --inverse-transform")  # fmt: skip
+                              f"leave out {option('inverse_transform')}")  # fmt: skip
 
     def inverse_transform(self, pred: np.ndarray) -> np.ndarray:
         """Map predictions to the original scale, unless the graph already did (or there is no scaler)."""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checks import at_least
-from ..errors import ConfigError
+from ..errors import ConfigError, option, option_value
 from .bench_common import (  # noqa: F401  (moved to bench_common; re-exported, the names users import from here)
     GPU_STREAM_BATCHES,
     WORKLOADS,
@@ -102,15 +102,16 @@ def run_bench(
 
     w = get_workload(workload) if isinstance(workload, str) else workload
     w = w.quick() if quick else w
-    at_least(repeats, "--repeats")
-    at_least(warmup, "--warmup", 0)
+    at_least(repeats, option("repeats"))
+    at_least(warmup, option("warmup"), 0)
     if batch_size is not None:
-        at_least(batch_size, "--batch-size")
+        at_least(batch_size, option("batch_size"))
     if isinstance(model, (str, Path)) and artifact_kind(model) == "onnx":
         return _bench_onnx(w, Path(model), backends, batch_size, repeats, warmup, seed, options, allow_fallback)
     from ..errors import require_torch
 
-    torch = require_torch("bench with eager PyTorch as the baseline (or --model MODEL.onnx to compare ONNX backends)")
+    torch = require_torch(f"bench with eager PyTorch as the baseline (or {option_value('model', 'MODEL.onnx')} to "
+                          "compare ONNX backends)")  # fmt: skip
     from ..export import export_onnx
     from .torch_runner import TorchRunner
     if w.layout == "indexed":
@@ -119,7 +120,8 @@ def run_bench(
         return run_slide_bench(w, backends, batch_size, repeats, warmup, seed, options, allow_fallback, model,
                                workdir, n_items=n_items, cli=cli)  # fmt: skip
     if cli:
-        raise ConfigError("--cli times `deepspot infer` on a whole slide: use it with visium-slide or xenium-slide")
+        raise ConfigError(f"{option('cli')} times `deepspot infer` on a whole slide: use it with visium-slide or "
+                          "xenium-slide")  # fmt: skip
     requested = list(dict.fromkeys(backends))
     for name in requested:
         get_backend(name)

@@ -32,7 +32,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, DeepSpotError, InputError
+from ..errors import (
+    ConfigError,
+    DeepSpotError,
+    InputError,
+    advice,
+    command_line,
+    from_command_line,
+    option,
+    option_value,
+)
 from ..fileio import atomic_path, check_output_folder, file_sha256, refuse_inputs, remove_leftovers
 
 FORMATS = ("h5ad", "npz", "npy")
@@ -147,7 +156,8 @@ def plan_slides(
     if fmt not in FORMATS:
         raise ConfigError(f"unknown output format {fmt!r}; expected one of: {', '.join(FORMATS)}")
     if bool(inputs) == (manifest is not None):
-        raise ConfigError("give the slides either as --input A.npz B.npz ... or as --manifest slides.csv")
+        bundles = advice("inputs=['A.npz', 'B.npz', ...]", "--input A.npz B.npz ...")
+        raise ConfigError(f"give the slides either as {bundles} or as {option_value('manifest', 'slides.csv')}")
     rows = read_manifest(manifest) if manifest is not None else [{"slide": slide_name(p), "input": str(p)} for p in inputs]
     output_dir = Path(output_dir)
     slides, seen = [], set()
@@ -170,11 +180,11 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     try:
         i, n = (int(part) for part in text.split("/"))
     except ValueError:
-        raise ConfigError(f"--shard takes I/N with integers, such as 0/4; got {text!r}") from None
+        raise ConfigError(f"{option('shard')} takes I/N with integers, such as 0/4; got {text!r}") from None
     if n < 1:
-        raise ConfigError(f"--shard {text}: N (the number of shards) must be at least 1, got {n}")
+        raise ConfigError(f"{option_value('shard', text)}: N (the number of shards) must be at least 1, got {n}")
     if not 0 <= i < n:
-        raise ConfigError(f"--shard {text}: I must lie in 0..{n - 1}, got {i}")
+        raise ConfigError(f"{option_value('shard', text)}: I must lie in 0..{n - 1}, got {i}")
     return i, n
 
 
@@ -382,10 +392,12 @@ def _stop(signum, frame) -> None:
     raise _Stopped()
 
 
-def _worker(model: Any, slides: list[Slide], settings: CohortSettings, device: str, taken, done) -> None:
+def _worker(model: Any, slides: list[Slide], settings: CohortSettings, device: str, taken, done,
+            from_cli: bool) -> None:  # fmt: skip
     """A device's worker process: takes the next slide index from the shared counter ``taken`` until none is left,
     reports to ``done``. SIGTERM (the parent stopping the cohort) unwinds the slide in progress, so its temporary
-    files go with it."""
+    files go with it. ``from_cli``: the cohort came from the command line, so errors name its flags (a spawned
+    process does not inherit the parent's context)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the workers
@@ -401,7 +413,8 @@ def _worker(model: Any, slides: list[Slide], settings: CohortSettings, device: s
             yield slides[i]
 
     try:
-        _run_slides(model, take(), settings, device, done.put)
+        with command_line(from_cli):
+            _run_slides(model, take(), settings, device, done.put)
     except _Stopped:
         return
     except BaseException as e:  # noqa: BLE001  a worker that cannot start (no such GPU) reports it and ends
@@ -439,13 +452,14 @@ def check_setup(model: Any, backend: str | None, devices: Sequence[str] | None,
     on_gpu = get_backend(name).device == "cuda"
     for d in devices or ():
         if d != "cpu" and not d.isdigit():
-            raise ConfigError(f"--devices: {d!r} is neither a GPU index (0, 1, ...) nor cpu")
+            raise ConfigError(f"{option('devices')}: {d!r} is neither a GPU index (0, 1, ...) nor cpu")
     gpus = [d for d in devices or () if d != "cpu"]
     if gpus and not on_gpu:
-        raise ConfigError(f"--devices {','.join(devices)} names GPUs, but backend {name!r} runs on the CPU; add "
-                          "--backend ort-cuda (or torch-cuda), or give --devices cpu,cpu for CPU workers")  # fmt: skip
+        raise ConfigError(f"{_devices(devices)} names GPUs, but backend {name!r} runs on the CPU; add "
+                          f"{option_value('backend', 'ort-cuda')} (or torch-cuda), or give {_devices(['cpu', 'cpu'])} "
+                          "for CPU workers")  # fmt: skip
     if on_gpu and devices and len(gpus) < len(devices):
-        raise ConfigError(f"--devices {','.join(devices)}: backend {name!r} runs on a GPU, so give GPU indices only")
+        raise ConfigError(f"{_devices(devices)}: backend {name!r} runs on a GPU, so give GPU indices only")
     select_backend(name, kind=kind, fallback_hint=False)  # says why the backend cannot run here, once, instead of once per slide
     if inverse_transform and kind == "onnx":
         from ..export import read_model_metadata
@@ -458,6 +472,11 @@ def check_setup(model: Any, backend: str | None, devices: Sequence[str] | None,
             info.check_inverse_transform(model)
 
 
+def _devices(devices: Sequence[str]) -> str:
+    """A device list as the caller gave it: ``devices=['0', '1']``, or ``--devices 0,1`` on the command line."""
+    return advice(f"devices={list(devices)!r}", f"--devices {','.join(devices)}")
+
+
 def check_output_dir(output_dir: str | Path, model: Any, slides: Sequence[Slide]) -> Path:
     """Refuse, before any work, an ``--output-dir`` that is a file, whose parent folder is missing (deepspot makes the
     folder itself, never its parents: a typo fails at once), or that is one of the run's inputs or lies inside one (a
@@ -465,9 +484,9 @@ def check_output_dir(output_dir: str | Path, model: Any, slides: Sequence[Slide]
     of the input, and a bundle folder would no longer load."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise InputError(f"{output_dir}: exists and is not a folder; --output-dir takes a folder")
+        raise InputError(f"{output_dir}: exists and is not a folder; {option('output_dir')} takes a folder")
     if not output_dir.is_dir():
-        check_output_folder(output_dir, "--output-dir")
+        check_output_folder(output_dir, option("output_dir"))
     refuse_inputs(output_dir, [model, *(slide.input for slide in slides)], "cohort's outputs")
     # A manifest's own output paths: their folders must exist too (a typo in one row would fail that slide only,
     # after the others had run).
@@ -475,7 +494,7 @@ def check_output_dir(output_dir: str | Path, model: Any, slides: Sequence[Slide]
         folder = slide.output.parent
         if folder != output_dir and not folder.is_dir():
             raise InputError(f"{slide.output}: the output folder of slide {slide.name!r} does not exist (deepspot "
-                             "makes --output-dir, not the folders a manifest names)")  # fmt: skip
+                             f"makes {option('output_dir')}, not the folders a manifest names)")  # fmt: skip
     return output_dir
 
 
@@ -576,7 +595,8 @@ def _run_workers(model, todo: list[Slide], settings: CohortSettings, devices: li
     # Slides are handed out by a shared counter, not a queue of indices: a queue's feeder thread would block the
     # parent's exit on a full pipe when no worker is left to read it (thousands of slides, every worker failed).
     taken, results = ctx.Value("q", 0), ctx.Queue()
-    workers = [ctx.Process(target=_worker, args=(model, todo, settings, d, taken, results), daemon=True)
+    from_cli = from_command_line()
+    workers = [ctx.Process(target=_worker, args=(model, todo, settings, d, taken, results, from_cli), daemon=True)
                for d in devices[: len(todo)]]  # fmt: skip  (no more workers than slides)
     for w in workers:
         w.start()

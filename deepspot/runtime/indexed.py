@@ -30,7 +30,7 @@ import numpy as np
 from .._pages import release_rows
 from ..checks import available_memory
 from ..data import MAX_BAG
-from ..errors import CheckpointError, ConfigError, InputError
+from ..errors import CheckpointError, ConfigError, InputError, advice, option_value
 from ..fileio import ensure_free_space, preallocate, temp_prefix, temporary_file
 from ..export.metadata import (
     ENCODER_FILE,
@@ -251,7 +251,8 @@ def pipeline_from_folder(folder, backend: str | None = None, options=None, allow
             raise CheckpointError(f"{folder}: no {path.name}; an indexed export holds {ENCODER_FILE} and {HEAD_FILE}")
         meta = read_model_metadata(path)
         if meta.get("layout") != "indexed" or meta.get("role") != role:
-            raise CheckpointError(f"{path}: not the {role} of an indexed export (deepspot export --layout indexed)")
+            how = advice("deepspot.export.indexed.export_indexed", "deepspot export --layout indexed")
+            raise CheckpointError(f"{path}: not the {role} of an indexed export ({how})")
         metas[role] = meta
     pairs = [metas[role].get("pair_id") for role in ("encoder", "head")]
     if not all(isinstance(p, str) and p for p in pairs):
@@ -503,7 +504,9 @@ def load_pipeline(model, backend: str | None = None, options=None, allow_fallbac
     if kind != "model":
         raise ConfigError(
             f"{model}: a per-item graph cannot run the indexed layout (chosen because the bundle holds "
-            "neighbor_index); export with --layout indexed, or pass --layout dense to gather neighbour bags per batch"
+            "neighbor_index); "
+            + advice("export it with deepspot.export.indexed.export_indexed", "export with --layout indexed")
+            + f", or pass {option_value('layout', 'dense')} to gather neighbour bags per batch"
         )
     requested = backend or "torch"
     if get_backend(requested).runs != "model":

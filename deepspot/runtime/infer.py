@@ -21,7 +21,7 @@ import numpy as np
 
 from ..checks import at_least
 from ..data import FEATURE_KEYS, MAX_BAG
-from ..errors import ConfigError, DeepSpotWarning
+from ..errors import ConfigError, DeepSpotWarning, advice, option, option_value
 from ..fileio import (
     atomic_path,
     check_clobber,
@@ -219,7 +219,7 @@ def infer(
     data = as_bundle(bundle, mmap=True)
     layout = resolve_layout(layout, data, model)
     if batch_size is not None:
-        at_least(batch_size, "--batch-size")  # 0 is not "the default"
+        at_least(batch_size, option("batch_size"))  # 0 is not "the default"
     defaulted = batch_size is None
     batch_size = batch_size or default_batch_size(model, backend, data)
     owned = session is None
@@ -342,25 +342,31 @@ def check_backend_options(
 
     check_layout_options(None, table_dtype=table_dtype)
     if torch_graph not in TORCH_GRAPHS:
-        raise ConfigError(f"unknown --torch-graph {torch_graph!r}; expected one of: {', '.join(TORCH_GRAPHS)}")
+        raise ConfigError(f"unknown {option('torch_graph')} {torch_graph!r}; expected one of: "
+                          f"{', '.join(TORCH_GRAPHS)}")  # fmt: skip
     kind = "onnx" if is_indexed_folder(model) else artifact_kind(model)
     name = backend or DEFAULT_BACKEND[kind]
     b = get_backend(name)  # an unknown name is said as such, first
     torch = name in ("torch", "torch-cuda")
     if compile and not torch:
-        raise ConfigError(f"--compile applies to the torch backends (torch, torch-cuda), not {name}; leave it out")
+        raise ConfigError(f"{option('compile')} applies to the torch backends (torch, torch-cuda), not {name}; "
+                          "leave it out")  # fmt: skip
     if torch_graph != "eager" and not torch:
         raise ConfigError(
-            f"--torch-graph applies to the torch backends (torch, torch-cuda), not {name}; {model} runs as exported"
+            f"{option('torch_graph')} applies to the torch backends (torch, torch-cuda), not {name}; {model} runs as "
+            "exported"
         )
-    if at_least(device, "--device", 0) != 0 and b.device == "cpu":
-        raise ConfigError(f"--device {device} names a GPU, but backend {name!r} runs on the CPU")
+    if at_least(device, option("device"), 0) != 0 and b.device == "cpu":
+        raise ConfigError(f"{option_value('device', device)} names a GPU, but backend {name!r} runs on the CPU")
     if cache_dir is not None and name not in ("ort-trt", "tensorrt"):
-        raise ConfigError(f"--cache-dir holds TensorRT engines: it applies to ort-trt and tensorrt, not {name}")
+        raise ConfigError(f"{option('cache_dir')} holds TensorRT engines: it applies to ort-trt and tensorrt, "
+                          f"not {name}")  # fmt: skip
     if table_dtype != "fp32" and kind != "model":
+        how = advice("deepspot.export.indexed.export_indexed(..., table_dtype='fp16')",
+                     "deepspot export --layout indexed --table-dtype fp16")  # fmt: skip
         raise ConfigError(
-            f"--table-dtype applies to the indexed layout run from a checkpoint; {model} is an export, whose table "
-            "dtype was fixed when it was exported (deepspot export --layout indexed --table-dtype fp16)"
+            f"{option('table_dtype')} applies to the indexed layout run from a checkpoint; {model} is an export, whose "
+            f"table dtype was fixed when it was exported ({how})"
         )
     return name
 
@@ -397,14 +403,15 @@ def resolve_layout(layout: str | None, data, model: Any) -> str:
     if layout is None:
         layout = "indexed" if data.layout == "indexed" or indexed_export else "dense"
     if layout == "indexed" and "neighbor_index" not in data:
+        build = advice("deepspot.layout.write_bundle(..., index=True)", "deepspot bundle --index")
         if indexed_export:
             raise ConfigError(
                 f"{data.source}: holds neighbour features, and {model} is an indexed export, which takes neighbour "
-                "indices: build the bundle with deepspot bundle --index, or run the per-item .onnx export"
+                f"indices: build the bundle with {build}, or run the per-item .onnx export"
             )
         raise ConfigError(
-            f"{data.source}: the indexed layout needs 'neighbor_index' in the bundle (deepspot bundle --index); "
-            "this bundle holds neighbour features, so run it with --layout dense"
+            f"{data.source}: the indexed layout needs 'neighbor_index' in the bundle ({build}); this bundle holds "
+            f"neighbour features, so run it with {option_value('layout', 'dense')}"
         )
     if layout == "dense" and is_indexed_folder(model):
         raise ConfigError(f"{model}: an indexed export (encoder + head) runs the indexed layout only")
@@ -420,7 +427,8 @@ def _infer_indexed(session, data, output, batch_size, inverse_transform, progres
     info = pipeline.info
     mode = data.validate(info.family, info.mode, input_size=info.input_size, allow_index=True)
     if not mode.has_neighbors:
-        raise ConfigError(f"mode {mode.name!r} has no neighbours, so it has no indexed layout; use --layout dense")
+        raise ConfigError(f"mode {mode.name!r} has no neighbours, so it has no indexed layout; use "
+                          f"{option_value('layout', 'dense')}")  # fmt: skip
     n = check_indexed_inputs(data.arrays, info, source=data.source, max_bag=max_bag,
                              dtypes=pipeline.feature_dtypes())  # fmt: skip
     _warn_if_empty(n, data)

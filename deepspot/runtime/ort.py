@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..checks import available_cpus, check_threads
-from ..errors import BackendUnavailableError, ConfigError, InputError
+from ..errors import BackendUnavailableError, ConfigError, InputError, advice
 from ._onnxruntime import DRIVER_HINT, import_ort, ort_install
 from .base import ModelInfo, Runner, TensorSpec, check_feed, conform_feed
 from .profiles import Profile, trt_profile_options
@@ -161,8 +161,9 @@ def session_from_onnx(
     except Exception as e:  # onnxruntime's exception classes are not a stable import
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "graph capture" in first.lower():  # a node that cannot run inside a CUDA graph (onnxruntime says which)
+            without = advice("RunnerOptions(cuda_graph=False)", "--no-cuda-graph")
             raise ConfigError(f"{path}: onnxruntime cannot capture it as a CUDA graph ({first}); run it without "
-                              "(--no-cuda-graph, or RunnerOptions(cuda_graph=False))") from None  # fmt: skip
+                              f"({without})") from None  # fmt: skip
         raise CheckpointError(f"{path}: onnxruntime cannot load it ({first})") from None
     if names[0] not in session.get_providers():
         # onnxruntime lists a GPU provider as available even when loading it fails, then runs on the CPU.

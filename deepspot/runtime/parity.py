@@ -18,7 +18,7 @@ import numpy as np
 
 from .._pages import release_rows, row_blocks
 from ..checks import at_least, check_memory, finite_at_least
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, option, option_value
 from ..fileio import atomic_path, numpy_error
 from .backends import get_backend
 from .base import Runner
@@ -66,9 +66,9 @@ def tolerance_for(precision: str, atol: float | None = None, rtol: float | None 
 
 
 def _check_tolerances(atol: float | None, rtol: float | None) -> None:
-    for value, option in ((atol, "--atol"), (rtol, "--rtol")):
+    for value, name in ((atol, "atol"), (rtol, "rtol")):
         if value is not None:
-            finite_at_least(float(value), option)
+            finite_at_least(float(value), option(name))
 
 
 def check_parity_options(batch_size: int = 256, n_random: int | None = None, atol: float | None = None,
@@ -79,11 +79,11 @@ def check_parity_options(batch_size: int = 256, n_random: int | None = None, ato
         ConfigError: ``batch_size`` or ``n_random`` below 1, a tolerance that is negative, NaN or infinite, or a
             negative seed.
     """
-    at_least(batch_size, "--batch-size")
+    at_least(batch_size, option("batch_size"))
     if n_random is not None:
-        at_least(n_random, "--random")
+        at_least(n_random, option("n_random", "--random"))
     _check_tolerances(atol, rtol)
-    at_least(seed, "--seed", 0)
+    at_least(seed, option("seed"), 0)
 
 
 def _check_items(n: int, source: Any) -> None:
@@ -288,7 +288,8 @@ def random_inputs(info, n: int, bag_sizes: Mapping[str, int] | None = None, seed
     specs = info.input_specs()
     tiles_of = {name: 1 if spec.shape[1] == 1 else sizes.get(name, 4) for name, spec in specs.items()}
     check_memory(4 * n * sum(tiles_of.values()) * info.input_size,
-                 f"--random {n} items of {sum(tiles_of.values())} tiles of {info.input_size} features")  # fmt: skip
+                 f"{option_value('n_random', n, '--random')} items of {sum(tiles_of.values())} tiles of "
+                 f"{info.input_size} features")  # fmt: skip
     rng = np.random.default_rng(seed)
     inputs = {}
     for name in specs:
@@ -412,7 +413,8 @@ def random_slide(info, n: int, k: int = 6, n_subspots: int = 9, seed: int = 0) -
     mode = info.mode_spec
     tiles = 1 + n_subspots * ("subspot" in mode.input_names)
     check_memory(n * (4 * tiles * info.input_size + 8 * k),
-                 f"--random {n} items of {tiles} tiles of {info.input_size} features")  # fmt: skip
+                 f"{option_value('n_random', n, '--random')} items of {tiles} tiles of {info.input_size} "
+                 "features")  # fmt: skip
     rng = np.random.default_rng(seed)
     arrays = {mode.bags[0].name: rng.standard_normal((n, info.input_size), dtype=np.float32)}
     if "subspot" in mode.input_names:

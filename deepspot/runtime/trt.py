@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, CheckpointError, ConfigError
+from ..errors import BackendUnavailableError, CheckpointError, ConfigError, advice
 from ..fileio import atomic_path
 from ._cuda import PinnedPool
 from .artifacts import checked_info
@@ -74,7 +74,8 @@ def read_plan_header(path: str | Path) -> tuple[dict[str, Any], int]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         if f.read(len(MAGIC)) != MAGIC:
-            raise CheckpointError(f"{path}: not a deepspot TensorRT plan; build one with `deepspot engine build`")
+            build = advice("deepspot.runtime.trt.engine_from_onnx", "`deepspot engine build`")
+            raise CheckpointError(f"{path}: not a deepspot TensorRT plan; build one with {build}")
         raw = f.read(8)
         length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
         if not 0 < length <= min(MAX_HEADER_BYTES, size - len(MAGIC) - 8):

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import typer
 from typer.testing import CliRunner
 
 import deepspot.data
 from deepspot.cli import app
+
+from _cli import error_line
 
 runner = CliRunner()
 
@@ -47,3 +50,23 @@ def test_other_runtime_errors_are_not_taken_for_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(deepspot.data, "synth_bundle", bug)
     result = runner.invoke(app, ["synth", str(tmp_path / "b.npz")])
     assert result.exit_code == 1 and isinstance(result.exception, RuntimeError)
+
+
+def test_every_command_runs_with_errors_that_name_its_flags(tmp_path, capsys):
+    from deepspot.cli.core import handle_errors
+    from deepspot.errors import ConfigError, from_command_line, option
+
+    seen = []
+
+    @handle_errors
+    def command() -> None:
+        seen.append(from_command_line())
+        raise ConfigError(f"{option('batch_size')} must be at least 1, got 0")
+
+    with pytest.raises(typer.Exit):
+        command()
+    assert seen == [True] and not from_command_line()  # for the command's duration only
+    assert capsys.readouterr().err == "Error: --batch-size must be at least 1, got 0\n"
+    # A real command, whose check is the library's (synth_bundle's n_subspots, read as --subspots here).
+    result = runner.invoke(app, ["synth", "--subspots", "0", "-o", str(tmp_path / "b.npz")])
+    assert error_line(result) == "Error: --subspots must be at least 1, got 0"

@@ -99,13 +99,13 @@ def test_synth_and_training_refuse_bad_values_from_python_too():
     from deepspot.data import synth_bundle
     from deepspot.train import fit
 
-    with pytest.raises(ConfigError, match="--subspots must be at least 1"):
+    with pytest.raises(ConfigError, match="^n_subspots must be at least 1"):  # the Python argument, not --subspots
         synth_bundle("spot", "subspot", 10, n_subspots=0)
     with pytest.raises(ConfigError, match="random_seed must lie in 0..4294967295"):
         create_model("spot", "spot", input_size=4, output_size=2, random_seed=-1)
     model = create_model("spot", "spot", input_size=4, output_size=2, n_ensemble=1, phi2rho_size=2, lr=float("inf"))
     data = synth_bundle("spot", "spot", 10, input_size=4, genes=2)
-    with pytest.raises(ConfigError, match="--lr must be a finite number of at least 0, got inf"):
+    with pytest.raises(ConfigError, match="^lr must be a finite number of at least 0, got inf"):
         fit(model, {"spot": data["spot"]}, data["target"])
 
 

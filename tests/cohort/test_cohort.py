@@ -273,7 +273,8 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next(tmp_path, model):
 def test_plan_refuses_unclear_requests(tmp_path):
     from deepspot.errors import ConfigError, InputError
 
-    with pytest.raises(ConfigError, match="either as --input"):
+    with pytest.raises(ConfigError, match=r"^give the slides either as inputs=\['A.npz', 'B.npz', ...\] or as "
+                                          "manifest='slides.csv'$"):  # fmt: skip
         plan_slides([], None, tmp_path)
     with pytest.raises(ConfigError, match="unknown output format"):
         plan_slides([tmp_path / "a.npz"], None, tmp_path, "csv")
@@ -310,12 +311,14 @@ def test_shard_and_batch_size_messages_name_what_is_wrong(tmp_path, model):
     from deepspot.runtime import infer
     from deepspot.runtime.cohort import parse_shard
 
-    with pytest.raises(ConfigError, match="N \\(the number of shards\\) must be at least 1, got 0"):
+    with pytest.raises(ConfigError, match="^shard='1/0': N \\(the number of shards\\) must be at least 1, got 0$"):
         parse_shard("1/0")
-    with pytest.raises(ConfigError, match="I must lie in 0..2, got 3"):
+    with pytest.raises(ConfigError, match="^shard='3/3': I must lie in 0..2, got 3$"):
         parse_shard("3/3")
+    with pytest.raises(ConfigError, match="^shard takes I/N with integers, such as 0/4; got 'half'$"):
+        parse_shard("half")
     slide = make_slides(tmp_path / "in", ["a"])[0]
-    with pytest.raises(ConfigError, match="--batch-size must be at least 1, got 0"):
+    with pytest.raises(ConfigError, match="^batch_size must be at least 1, got 0$"):
         infer(model, slide, tmp_path / "p.npy", batch_size=0)  # 0 is not "the default" from Python either
     assert not (tmp_path / "p.npy").exists()
 
@@ -520,3 +523,44 @@ def test_an_output_dir_that_is_an_input_a_file_or_lacks_its_parent_is_refused(tm
     # An output folder that holds the bundles is what most users give: it is taken.
     result = run("infer", model, "-i", *slides, folder, "--output-dir", tmp_path / "in", "--format", "npy")
     assert result.exit_code == 0, result.output
+
+
+def test_a_cohort_s_errors_name_its_arguments_from_python_and_its_flags_from_the_command_line(tmp_path, model):
+    from deepspot.errors import ConfigError
+    from deepspot.runtime.cohort import run_cohort
+
+    from _cli import error_line
+
+    slides = make_slides(tmp_path / "in", ["a", "b"])
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError) as e:
+        run_cohort(model, plan_slides(slides, None, out, "npy"), out, devices=["0", "1"])
+    assert str(e.value) == ("devices=['0', '1'] names GPUs, but backend 'ort-cpu' runs on the CPU; add "
+                            "backend='ort-cuda' (or torch-cuda), or give devices=['cpu', 'cpu'] for CPU workers")  # fmt: skip
+    result = run("infer", model, "-i", *slides, "--output-dir", out, "--devices", "0,1")
+    assert error_line(result) == ("Error: --devices 0,1 names GPUs, but backend 'ort-cpu' runs on the CPU; add "
+                                  "--backend ort-cuda (or torch-cuda), or give --devices cpu,cpu for CPU workers")  # fmt: skip
+    result = run("infer", model, "-i", *slides, "--output-dir", out, "--shard", "3/3")
+    assert error_line(result) == "Error: --shard 3/3: I must lie in 0..2, got 3"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("from_cli", [False, True])
+def test_a_slide_s_error_in_a_worker_process_names_what_the_caller_gave(tmp_path, model, from_cli):
+    """Spawned workers start with a fresh context: a cohort run from the command line tells them so, and their slides'
+    errors name its flags; one run from Python, its arguments."""
+    from deepspot.runtime.cohort import CohortSettings, run_cohort
+
+    slides = make_slides(tmp_path / "in", ["a", "b"])
+    out = tmp_path / "out"
+    if from_cli:
+        result = run("infer", model, "-i", *slides, "--output-dir", out, "--format", "npy", "--layout", "indexed",
+                     "--devices", "cpu,cpu")  # fmt: skip
+        assert result.exit_code == 1, result.output
+    else:
+        result = run_cohort(model, plan_slides(slides, None, out, "npy"), out, CohortSettings(layout="indexed"),
+                            devices=["cpu", "cpu"])  # fmt: skip
+        assert len(result.failed) == 2
+    errors = [s["error"] for s in record(out).values()]
+    advice = "run it with --layout dense" if from_cli else "run it with layout='dense'"
+    assert len(errors) == 2 and all(e.endswith(f"this bundle holds neighbour features, so {advice}") for e in errors)

@@ -65,7 +65,7 @@ def test_io_dtype_rules():
     assert resolve_io_dtype("fp32", None) == "fp32"
     assert resolve_io_dtype("fp16", "fp16") == "fp16"
     assert resolve_io_dtype("fp16", None) == "fp32"
-    with pytest.raises(ConfigError, match="--io fp16 needs --precision fp16"):
+    with pytest.raises(ConfigError, match="^io_dtype='fp16' needs precision='fp16' \\(got precision='fp32'\\)$"):
         resolve_io_dtype("fp32", "fp16")
     with pytest.raises(ConfigError, match="unknown io dtype"):
         resolve_io_dtype("fp32", "int8")

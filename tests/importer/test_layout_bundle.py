@@ -124,7 +124,7 @@ def test_max_neighbors_pads_to_the_data_set_width(tmp_path):
     coords = {"x_array": x, "y_array": y}
     wide = build_bundle(tmp_path / "f", barcodes, coords, radius=1, max_neighbors=11, index=True)
     assert wide["neighbor_index"].shape == (len(barcodes), 11)
-    with pytest.raises(InputError, match=r"has 8 neighbours within radius 1, more than --max-neighbors 5"):
+    with pytest.raises(InputError, match=r"has 8 neighbours within radius 1, more than max_neighbors=5$"):
         build_bundle(tmp_path / "f", barcodes, coords, radius=1, max_neighbors=5)
 
 

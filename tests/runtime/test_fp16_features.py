@@ -86,7 +86,7 @@ def test_a_feature_dtype_asked_of_a_graph_must_be_the_one_it_was_exported_with(t
                                   phi2rho_size=4)  # fmt: skip
     export_onnx(model, tmp_path / "m32.onnx", validate=False)
     export_onnx(model, tmp_path / "m16.onnx", io_dtype="fp16", precision="fp16", validate=False)
-    with pytest.raises(ConfigError, match=r"takes fp32 features .*export it with --io fp16"):
+    with pytest.raises(ConfigError, match=r"takes fp32 features .*export it with io_dtype='fp16' to take"):
         load_runner(tmp_path / "m32.onnx", "ort-cpu", RunnerOptions(io="fp16"))
     with pytest.raises(ConfigError, match=r"takes fp16 features"):
         load_runner(tmp_path / "m16.onnx", "ort-cpu", RunnerOptions(io="fp32"))

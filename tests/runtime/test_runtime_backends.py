@@ -47,7 +47,7 @@ def test_every_backend_has_an_install_hint_and_a_fallback_chain_that_ends_on_the
 def test_missing_backend_is_an_error_that_says_what_to_install(backend, hint):
     with pytest.raises(BackendUnavailableError) as e:
         select_backend(backend, probe=CPU_ONLY)
-    assert hint in str(e.value) and "--allow-fallback" in str(e.value)
+    assert hint in str(e.value) and "(allow_fallback=True permits another backend)" in str(e.value)
 
 
 def test_the_fallback_hint_is_given_only_where_allow_fallback_would_help():
@@ -60,8 +60,8 @@ def test_the_fallback_hint_is_given_only_where_allow_fallback_would_help():
     ]:
         with pytest.raises(BackendUnavailableError) as e:
             select_backend(backend, probe=probe, kind=kind, **hint)
-        assert "--allow-fallback" not in str(e.value), (backend, str(e.value))
-    with pytest.raises(BackendUnavailableError, match="--allow-fallback permits another backend"):
+        assert "allow_fallback" not in str(e.value), (backend, str(e.value))
+    with pytest.raises(BackendUnavailableError, match="allow_fallback=True permits another backend"):
         select_backend("tensorrt", probe=CPU_ONLY, kind="onnx")
 
 
@@ -91,11 +91,11 @@ def test_a_fallback_leaves_out_the_gpu_options_it_cannot_take(artifacts, tmp_pat
     with pytest.warns(FallbackWarning) as record:
         runner = load_runner(a.onnx, "ort-cuda", options, allow_fallback=True, probe=CPU_ONLY)
     assert runner.backend == "ort-cpu" and options.tf32 and options.cuda_graph  # the caller's options are untouched
-    assert "--tf32 and --cuda-graph do not apply on ort-cpu; running without" in [str(w.message) for w in record]
+    assert "tf32 and cuda_graph do not apply on ort-cpu; running without" in [str(w.message) for w in record]
     assert runner.info.precision == "fp32"
     with pytest.warns(FallbackWarning) as record:
         assert load_runner(a.checkpoint, "torch-cuda", RunnerOptions(tf32=True), True, CPU_ONLY).backend == "torch"
-    assert "--tf32 does not apply on torch; running without" in [str(w.message) for w in record]
+    assert "tf32 does not apply on torch; running without" in [str(w.message) for w in record]
     with pytest.raises(ConfigError, match="tf32 is a math mode of NVIDIA GPUs"):  # asked of a CPU backend: refused
         load_runner(a.onnx, "ort-cpu", RunnerOptions(tf32=True), allow_fallback=True, probe=CPU_ONLY)
 
@@ -352,6 +352,24 @@ def test_cuda_graph_options_and_a_graph_onnxruntime_cannot_capture(artifacts, mo
 
     monkeypatch.setattr(onnxruntime, "InferenceSession", refuse)
     with pytest.raises(ConfigError, match=r"cannot capture it as a CUDA graph \(This session .*\); run it without "
-                                          r"\(--no-cuda-graph") as error:  # fmt: skip
+                                          r"\(RunnerOptions\(cuda_graph=False\)\)$") as error:  # fmt: skip
         ort_module.session_from_onnx(a.onnx)
     assert "\n" not in str(error.value)
+
+
+def test_runner_options_are_named_as_python_gives_them_and_as_flags_on_the_command_line(artifacts, tmp_path):
+    from typer.testing import CliRunner
+
+    from deepspot.cli import app
+
+    from _cli import error_line
+
+    a = artifacts()
+    with pytest.raises(ConfigError, match="^device must be at least 0, got -1$"):
+        RunnerOptions(device=-1)
+    with pytest.raises(ConfigError) as e:
+        load_runner(a.onnx, "ort-cpu", RunnerOptions(precision="fp16"))
+    assert "onnxruntime runs it as exported, so export it with precision='fp16' (or use" in str(e.value)
+    args = ["infer", str(a.onnx), "-i", str(a.bundle), "-o", str(tmp_path / "p.npy")]
+    error_line(CliRunner().invoke(app, [*args, "--precision", "fp16"]),
+               "onnxruntime runs it as exported, so export it with --precision fp16 (or use")  # fmt: skip

@@ -172,3 +172,22 @@ def test_a_gpu_slide_benchmark_streams_the_eager_baseline_through_the_pipeline(m
     assert report.machine["gemm_library"].startswith(("torch ", "numpy "))
     # warm-up and both repeats: the workload's GPU batch, GPU_STREAM_BATCHES of them each time
     assert seen == [w.batch_gpu] * GPU_STREAM_BATCHES * 3
+
+
+def test_run_bench_s_errors_name_its_arguments_from_python_and_its_flags_from_the_command_line():
+    from typer.testing import CliRunner
+
+    from deepspot.cli import app
+
+    from _cli import error_line
+
+    with pytest.raises(ConfigError) as e:
+        run_bench("visium-uni", quick=True, repeats=0)
+    assert str(e.value) == "repeats must be at least 1, got 0"
+    with pytest.raises(ConfigError, match="^cli times `deepspot infer` on a whole slide"):
+        run_bench("visium-uni", quick=True, cli=True)
+    cli = CliRunner()
+    assert error_line(cli.invoke(app, ["bench", "--quick", "--repeats", "0"])) == (
+        "Error: --repeats must be at least 1, got 0"
+    )
+    error_line(cli.invoke(app, ["bench", "--quick", "--cli"]), "Error: --cli times `deepspot infer` on a whole slide")

@@ -339,14 +339,14 @@ def test_runner_options_and_bag_limits_are_checked_for_python_callers_too():
     from deepspot.runtime.ort import session_options
 
     for bad in (10_000, 0, -1):
-        with pytest.raises(ConfigError, match=f"--threads must lie in 1..[0-9]+ .*, got {bad}"):
+        with pytest.raises(ConfigError, match=f"^threads must lie in 1..[0-9]+ .*, got {bad}"):
             RunnerOptions(threads=bad)
-    with pytest.raises(ConfigError, match="--threads must lie in"):
+    with pytest.raises(ConfigError, match="^threads must lie in"):
         session_options(threads=10_000)
-    with pytest.raises(ConfigError, match="--batch-size must be at least 1, got 0"):
+    with pytest.raises(ConfigError, match="^batch_size must be at least 1, got 0"):
         RunnerOptions(batch_size=0)
     assert RunnerOptions(threads=1).threads == 1 and RunnerOptions().threads is None
-    with pytest.raises(ConfigError, match="--max-bag must be at least 1, got 0"):
+    with pytest.raises(ConfigError, match="^max_bag must be at least 1, got 0"):
         check_bag_size("neighbors", 1, "bundle", max_bag=0)
 
 

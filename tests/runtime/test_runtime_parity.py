@@ -229,3 +229,24 @@ def test_parity_against_stored_outputs_makes_no_whole_float64_copy(tmp_path, mon
         tracemalloc.stop()
     assert isinstance(want, np.memmap) and report.passed
     assert peak < n * g * 4 / 2, f"the comparison allocated {peak / 2**20:.1f} MiB for 8 MB operands"
+
+
+def test_check_parity_s_errors_name_its_arguments_from_python_and_its_flags_from_the_command_line(artifacts):
+    from typer.testing import CliRunner
+
+    from deepspot.cli import app
+
+    from _cli import error_line
+
+    a = artifacts()
+    with pytest.raises(ConfigError) as e:
+        check_parity(a.checkpoint, a.onnx, atol=-1)
+    assert str(e.value) == "atol must be a finite number of at least 0, got -1.0"
+    with pytest.raises(ConfigError) as e:
+        check_parity(a.checkpoint, a.onnx, n_random=0)
+    assert str(e.value) == "n_random must be at least 1, got 0"
+    cli = CliRunner()
+    result = cli.invoke(app, ["parity", str(a.checkpoint), str(a.onnx), "--atol", "-1"])
+    assert error_line(result) == "Error: --atol must be a finite number of at least 0, got -1.0"
+    result = cli.invoke(app, ["parity", str(a.checkpoint), str(a.onnx), "--random", "0"])
+    assert error_line(result) == "Error: --random must be at least 1, got 0"

@@ -165,7 +165,7 @@ def test_bad_bundles_are_refused_before_anything_runs(artifacts, tmp_path):
     index["neighbor_index"] = np.zeros((37, 4), dtype=np.int64)
     save_bundle(tmp_path / "indexed.npz", index)
     # A per-item graph does not silently take an indexed bundle: it says how to run it.
-    with pytest.raises(ConfigError, match="cannot run the indexed layout .* --layout dense"):
+    with pytest.raises(ConfigError, match="cannot run the indexed layout .*export_indexed, or pass layout='dense'"):
         infer(a.onnx, tmp_path / "indexed.npz", tmp_path / "out.npy")
     index["neighbor_index"][3, 1] = 37  # out of range, reported by row even on the dense path
     save_bundle(tmp_path / "indexed.npz", index)
@@ -321,3 +321,29 @@ def test_a_bundle_without_items_gives_empty_predictions_and_says_so(tmp_path, ar
     assert "the bundle holds no items, so the predictions have no rows" in result.output
     got = np.load(tmp_path / f"p{suffix}")
     assert (got if suffix == ".npy" else got["predictions"]).shape == (0, a.model.output_size)
+
+
+def test_infer_s_errors_name_its_arguments_from_python_and_its_flags_from_the_command_line(artifacts, tmp_path):
+    """A Python caller read ``--batch-size`` and ``--layout dense``, flags of a command it never ran."""
+    from typer.testing import CliRunner
+
+    from deepspot.cli import app
+
+    from _cli import error_line
+
+    a = artifacts()
+    out = tmp_path / "p.npy"
+    with pytest.raises(ConfigError) as e:
+        infer(a.onnx, a.bundle, out, batch_size=0)
+    assert str(e.value) == "batch_size must be at least 1, got 0"
+    with pytest.raises(ConfigError) as e:
+        infer(a.onnx, a.bundle, out, layout="indexed")
+    assert str(e.value).endswith("the indexed layout needs 'neighbor_index' in the bundle (deepspot.layout.write_bundle"
+                                 "(..., index=True)); this bundle holds neighbour features, so run it with "
+                                 "layout='dense'"), str(e.value)  # fmt: skip
+    cli = CliRunner()
+    args = ["infer", str(a.onnx), "-i", str(a.bundle), "-o", str(out)]
+    assert error_line(cli.invoke(app, [*args, "--batch-size", "0"])) == "Error: --batch-size must be at least 1, got 0"
+    error_line(cli.invoke(app, [*args, "--layout", "indexed"]),
+               "(deepspot bundle --index); this bundle holds neighbour features, so run it with --layout dense")  # fmt: skip
+    assert not out.exists()

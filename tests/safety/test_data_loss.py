@@ -399,3 +399,16 @@ def test_engine_info_on_a_well_formed_header(tmp_path):
     path.write_bytes(_plan(_json(gpu="NVIDIA H200")))
     result = run("engine", "info", path)
     assert result.exit_code == 0 and json.loads(result.output)["gpu"] == "NVIDIA H200"
+
+
+def test_no_clobber_is_named_as_the_caller_gave_it(tmp_path, models, bundle):
+    from deepspot.runtime import infer
+
+    out = tmp_path / "p.npy"
+    out.write_bytes(b"precious")
+    with pytest.raises(deepspot.DeepSpotError) as e:
+        infer(models["onnx"], bundle, out, no_clobber=True)
+    assert str(e.value) == f"{out}: already exists, and no_clobber=True forbids replacing it"
+    result = run("infer", models["onnx"], "-i", bundle, "-o", out, "--no-clobber")
+    assert error_line(result) == f"Error: {out}: already exists, and --no-clobber forbids replacing it"
+    assert out.read_bytes() == b"precious"
