@@ -264,7 +264,8 @@ class OrtCudaAdapter:
     synchronizes its stream after every graph replay (``cudaStreamSynchronize`` in ``CUDAGraphManager::Replay``),
     whatever ``disable_synchronize_execution_providers`` says. :attr:`submit_blocks` says so, and the pipeline then
     calls :meth:`stage` for the next batch (its copy to the device) before it submits this one, on a ring of
-    :data:`~deepspot.runtime.pipeline.STAGED_DEPTH` slots.
+    :data:`~deepspot.runtime.pipeline.STAGED_DEPTH` slots (and one more for the batch whose outputs are being written
+    out meanwhile).
 
     Args:
         runner: The active :class:`~deepspot.runtime.ort.OrtRunner` (with IO binding).
@@ -285,7 +286,8 @@ class OrtCudaAdapter:
         self._pinned: list = []
         # A graph replay returns once the device has run it (onnxruntime synchronizes after it): stage ahead.
         self.submit_blocks = self.io.graphs is not None
-        self.ring = HostRing(default_depth(self), pinned_allocator(cuda, self._pinned))
+        # sized for predict, which holds each batch's slot while another thread writes its outputs out
+        self.ring = HostRing(default_depth(self, hold=True), pinned_allocator(cuda, self._pinned))
         self._slots: dict[int, dict] = {}
         self.sink = None  # slot -> device address of its rows, for an output that stays on the device
         # run_with_iobinding would otherwise wait for the GPU before returning; the events do the waiting.

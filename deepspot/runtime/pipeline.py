@@ -16,7 +16,9 @@ one after the other, the copies and the compute take turns and the bus idles hal
   batch ``i + 1`` would only be enqueued after batch ``i`` computed, and the two would take turns again. So the
   pipeline *stages ahead*: it enqueues the copy of batch ``i + 1`` (:meth:`DeviceAdapter.stage`) before it submits
   batch ``i``, and the ring has one slot more (:data:`STAGED_DEPTH`: one filling, one staged, one computing, one
-  draining). An adapter whose submit does not block runs as before (no batch held back).
+  draining). An adapter whose submit does not block runs as before (no batch held back). For the same reason the
+  consumer may *hold* a batch (``hold``): :func:`~deepspot.runtime.stream.predict` writes each batch's outputs out on
+  a thread of its own while the next batch is submitted, and releases the slot when done (one slot more).
 
 The ring logic is backend-neutral: a :class:`DeviceAdapter` does the device work (``torch-cuda`` with torch streams,
 ``ort-cuda`` with the CUDA runtime and IO binding), and :class:`HostAdapter` does the same steps synchronously on the
@@ -41,6 +43,7 @@ from ._copy import copy_rows, default_copy_threads
 Allocate = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 DEFAULT_DEPTH = 3  # ring slots: one being filled, two in flight
 STAGED_DEPTH = 4  # ring slots when staging ahead: one being filled, one staged, one computing, one draining
+HELD_DEPTH = 1  # one slot more where the consumer holds a batch while it writes it out (``hold``)
 
 
 def stages_ahead(adapter) -> bool:
@@ -49,9 +52,10 @@ def stages_ahead(adapter) -> bool:
     return bool(getattr(adapter, "submit_blocks", False)) and callable(getattr(adapter, "stage", None))
 
 
-def default_depth(adapter) -> int:
-    """The ring's slots for ``adapter``: one more where the pipeline stages ahead."""
-    return STAGED_DEPTH if stages_ahead(adapter) else DEFAULT_DEPTH
+def default_depth(adapter, hold: bool = False) -> int:
+    """The ring's slots for ``adapter``: one more where the pipeline stages ahead, and one more where the consumer
+    holds each batch while it writes it out (:func:`run_pipeline`'s ``hold``)."""
+    return (STAGED_DEPTH if stages_ahead(adapter) else DEFAULT_DEPTH) + (HELD_DEPTH if hold else 0)
 
 
 @dataclass
@@ -83,6 +87,7 @@ class HostRing:
         self._free: queue.Queue[Slot] = queue.Queue()
         for slot in self.slots:
             self._free.put(slot)
+        self._generation = 0  # counts resets: a release from before one is void
         self.allocations = 0  # buffers allocated so far: stays at (inputs + outputs) x depth once warm
 
     def acquire(self, stop: threading.Event) -> Slot | None:
@@ -97,8 +102,20 @@ class HostRing:
         slot.handle = None
         self._free.put(slot)
 
+    def releaser(self, slot: Slot) -> Callable[[], None]:
+        """A call that releases ``slot`` once; it does nothing after :meth:`reset` (which freed the slot already)."""
+        generation, released = self._generation, []
+
+        def release() -> None:
+            if not released and self._generation == generation:
+                released.append(True)
+                self.release(slot)
+
+        return release
+
     def reset(self) -> None:
         """Every slot free again: a call that ended early (an error, a consumer that stopped) leaves slots out."""
+        self._generation += 1
         self._free = queue.Queue()
         for slot in self.slots:
             self.release(slot)
@@ -184,11 +201,15 @@ def run_pipeline(
     prepare: Callable[[int, int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
     ring: HostRing | None = None,
     copy_threads: int | None = None,
-) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    hold: bool = False,
+) -> Iterator[tuple]:
     """Stream ``inputs`` through ``adapter`` in batches; yield ``(start, stop, outputs)`` in order of ``start``.
 
     The yielded outputs are views of the slot's buffers, valid until the next item is requested (copy or write
-    them out at once).
+    them out at once). With ``hold``, they stay valid until the consumer calls the fourth element of what is
+    yielded, ``(start, stop, outputs, release)``: the consumer may write a batch out on another thread while the
+    pipeline goes on with the next ones (the slot is handed out again only once released). Every yielded batch must
+    be released, and released before the generator is closed.
 
     Args:
         inputs: Arrays of ``N`` rows each (memory-mapped bundles welcome: rows are read in the prefetch thread).
@@ -197,7 +218,8 @@ def run_pipeline(
         allocate: Allocates a host buffer (page-locked on a GPU).
         dtypes: Dtype of each input as the graph takes it (default float32).
         depth: Slots in the ring: how many batches may be in flight or being filled at once (default
-            :func:`default_depth`: :data:`STAGED_DEPTH` where the pipeline stages ahead, else :data:`DEFAULT_DEPTH`).
+            :func:`default_depth`: :data:`STAGED_DEPTH` where the pipeline stages ahead, else :data:`DEFAULT_DEPTH`;
+            one more with ``hold``).
         fixed_batch: Pad the last short batch to ``batch_size`` rows (zeros), as CUDA graph replay needs; padded
             rows never reach the caller.
         prepare: Finishes a feed in the prefetch thread (the indexed layout gathers neighbour embeddings there); its
@@ -205,6 +227,7 @@ def run_pipeline(
         ring: A ring to reuse across calls (its buffers stay allocated); default the adapter's own, if it has one.
         copy_threads: Threads that stage each batch into its slot (one core's memory copy is slower than the bus;
             default :func:`~deepspot.runtime._copy.default_copy_threads`).
+        hold: The consumer releases each batch itself (see above).
 
     Where :func:`stages_ahead` holds for ``adapter``, each batch's copy to the device is enqueued
     (``adapter.stage``) before the previous batch is submitted, so that it runs while that batch computes.
@@ -218,7 +241,7 @@ def run_pipeline(
     dtypes = dict(dtypes or {})
     threads = copy_threads or default_copy_threads()
     ahead = stages_ahead(adapter)
-    depth = depth if depth is not None else default_depth(adapter)
+    depth = depth if depth is not None else default_depth(adapter, hold)
     ring = ring if ring is not None else getattr(adapter, "ring", None) or HostRing(depth, allocate)
     specs = adapter.output_specs()
     filled: queue.Queue = queue.Queue()
@@ -295,8 +318,12 @@ def run_pipeline(
                 continue
             slot = in_flight.popleft()
             adapter.wait(slot.handle)
-            yield slot.start, slot.stop, {k: v[: slot.rows] for k, v in slot.result.items()}
-            ring.release(slot)
+            outputs = {k: v[: slot.rows] for k, v in slot.result.items()}
+            if hold:
+                yield slot.start, slot.stop, outputs, ring.releaser(slot)
+            else:
+                yield slot.start, slot.stop, outputs
+                ring.release(slot)
     finally:
         stop.set()
         # An error or an early stop: let the device finish (the copies of a staged batch included) before the buffers
@@ -319,6 +346,7 @@ __all__ = [
     "DEFAULT_DEPTH",
     "STAGED_DEPTH",
     "DeviceAdapter",
+    "HELD_DEPTH",
     "HostAdapter",
     "HostRing",
     "Slot",

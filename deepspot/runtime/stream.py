@@ -8,9 +8,11 @@ has finished. A failed or interrupted run leaves no output file.
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
 from typing import Any
 
 import numpy as np
@@ -25,10 +27,10 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from .._pages import release_rows, row_blocks
 from ..data import MAX_BAG, check_bag_size
 from ..errors import ConfigError, DeepSpotError, InputError
 from ._copy import copy_rows, default_copy_threads, first_nonfinite
-from .._pages import release_rows, row_blocks
 from .base import OUTPUT_NAME, ModelInfo, Runner
 
 CHECK_CHUNK_BYTES = 64 << 20  # finiteness is checked this many bytes at a time, whatever the bundle's size
@@ -276,21 +278,71 @@ def _predict_pipelined(runner, inputs, batch_size, out, inverse_transform, progr
         out = np.empty((n, runner.info.output_size), dtype=np.float32)
     kwargs = {"allocate": allocate} if allocate is not None else {}
     threads = default_copy_threads()
-    with _progress(progress, n) as bar:
-        for start, stop, outputs in run_pipeline(inputs, adapter, batch_size, dtypes=dtypes, fixed_batch=fixed_batch,
-                                                 prepare=prepare, copy_threads=threads, **kwargs):  # fmt: skip
+
+    def write(start: int, stop: int, outputs: dict[str, np.ndarray], release: Callable[[], None]) -> None:
+        try:
             y = outputs.get(OUTPUT_NAME, next(iter(outputs.values())))
             if inverse_transform:
                 y = runner.info.inverse_transform(y)
             # On several threads (one core copies slower than the bus); each checks the rows it copied, in cache.
             bad = copy_rows(out[start:stop], y, threads, check_finite=check_finite)
-            if bad is not None:
-                raise NonFinitePrediction(start + bad)
-            for v in inputs.values():
-                release_rows(v, start, stop)
-            release_rows(out, start, stop)
-            bar(stop - start)
+        finally:
+            release()  # the slot goes back to the ring, for a batch yet to come
+        if bad is not None:
+            raise NonFinitePrediction(start + bad)
+        for v in inputs.values():
+            release_rows(v, start, stop)
+        release_rows(out, start, stop)
+        bar(stop - start)
+
+    with _progress(progress, n) as bar:
+        stream = run_pipeline(inputs, adapter, batch_size, dtypes=dtypes, fixed_batch=fixed_batch, prepare=prepare,
+                              copy_threads=threads, hold=True, **kwargs)  # fmt: skip
+        # Each batch is written out by a thread of its own while the pipeline goes on: the next batch's submit (which
+        # returns only once it has computed, on onnxruntime with CUDA graphs) no longer waits for this one's write.
+        with _Writer() as writer:
+            try:
+                for start, stop, outputs, release in stream:
+                    writer.put(write, start, stop, outputs, release)
+                writer.finish()
+            finally:
+                writer.drain()  # no write still reading a slot when the pipeline hands its slots out again
+                stream.close()
     return out
+
+
+class _Writer:
+    """Writes batches out in order on one thread; an error is raised in the caller at its next :meth:`put` or at
+    :meth:`finish`, the first one only."""
+
+    def __init__(self):
+        self._pool = futures.ThreadPoolExecutor(1, thread_name_prefix="deepspot-write")
+        self._pending: collections.deque = collections.deque()
+
+    def put(self, fn, *args) -> None:
+        self._raise_done()
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def finish(self) -> None:
+        """Wait for every write; raise the first error."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def drain(self) -> None:
+        """Wait for every write, errors dropped (an error is being raised already, or :meth:`finish` raised it)."""
+        futures.wait(self._pending)
+        self._pending.clear()
+
+    def _raise_done(self) -> None:
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.drain()
+        self._pool.shutdown(wait=True)
 
 
 class ItemsPerSecond(ProgressColumn):

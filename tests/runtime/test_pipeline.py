@@ -713,3 +713,115 @@ def test_the_gpu_pipeline_equals_the_plain_loop(artifacts, require, backend):
     with load_runner(a.checkpoint if backend == "torch-cuda" else a.onnx, backend) as runner:
         assert runner.pipeline_adapter(8) is not None
         np.testing.assert_allclose(predict(runner, inputs, 8), predict(runner, inputs, 8, pipelined=False), atol=1e-5)
+
+
+def test_a_held_slot_is_handed_out_again_only_once_released():
+    """``hold``: the consumer keeps a batch's outputs while it writes them out elsewhere; the ring must not give that
+    slot to a later batch meanwhile, whatever order the releases come in."""
+    ring = HostRing(DEFAULT_DEPTH + 1, lambda shape, dtype: np.empty(shape, dtype))
+    stream = run_pipeline(_inputs(), Blocking(), 10, ring=ring, hold=True)
+    held, out = [], np.full((103, G), np.nan, np.float32)
+    for start, stop, outputs, release in stream:
+        held.append((start, stop, outputs, release))
+        if len(held) == 2:  # release the newer first, then the older
+            for start_, stop_, outputs_, release_ in reversed(held):
+                out[start_:stop_] = outputs_["y"]  # still this batch's rows: no later batch wrote into the slot
+                release_()
+                release_()  # a second call does nothing (no slot twice in the ring)
+            held.clear()
+    for start_, stop_, outputs_, release_ in held:
+        out[start_:stop_] = outputs_["y"]
+        release_()
+    inputs = _inputs()
+    np.testing.assert_array_equal(out, np.concatenate([_compute({"x": inputs["x"][i : i + 10]})["y"]
+                                                       for i in range(0, 103, 10)]))  # fmt: skip
+    assert ring._free.qsize() == len(ring.slots)
+
+
+def test_a_release_from_before_the_ring_was_reset_is_void():
+    ring = HostRing(3, lambda shape, dtype: np.empty(shape, dtype))
+    stream = run_pipeline(_inputs(), Scrambled(), 10, ring=ring, hold=True)
+    *_, release = next(stream)
+    stream.close()  # the consumer stops holding a batch: the ring is reset, every slot free
+    release()  # too late: the slot must not go into the ring a second time
+    assert ring._free.qsize() == 3
+
+
+class _AdapterRunner:
+    """The part of a runner that :func:`~deepspot.runtime.stream.predict` uses, with ``adapter`` as its device."""
+
+    info = types.SimpleNamespace(output_size=G)
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def get_input_metadata(self):
+        from deepspot.runtime.base import TensorSpec
+
+        return {"x": TensorSpec("x", ("batch", 2, 4), np.dtype(np.float32))}
+
+    def pipeline_adapter(self, batch_size):
+        return self.adapter, None
+
+
+def test_predict_writes_a_batch_out_while_the_next_one_computes(monkeypatch):
+    """On ort-cuda with CUDA graphs a submit returns only once its batch computed, so the outputs of batch i must be
+    written out (on another thread) while batch i + 1 computes, not between the two. Here the write of the first batch
+    waits until a later batch has been submitted: written on the main thread between submits, it would wait forever
+    (the test gives it 10 s)."""
+    from deepspot.runtime import stream
+
+    adapter = Blocking(batch_size=10)
+    later_submitted = threading.Event()
+    submit = adapter.submit
+
+    def submit_and_tell(slot):
+        handle = submit(slot)
+        if slot.start >= 20:
+            later_submitted.set()
+        return handle
+
+    adapter.submit = submit_and_tell
+    overlapped = []
+    copy_rows = stream.copy_rows
+
+    def slow_copy(dst, src, threads=1, check_finite=False):
+        if not overlapped:
+            overlapped.append(later_submitted.wait(10))
+        return copy_rows(dst, src, threads, check_finite=check_finite)
+
+    monkeypatch.setattr(stream, "copy_rows", slow_copy)
+    inputs = _inputs()
+    got = stream.predict(_AdapterRunner(adapter), inputs, 10)
+    assert overlapped == [True]
+    np.testing.assert_array_equal(got, np.concatenate([_compute({"x": inputs["x"][i : i + 10]})["y"]
+                                                       for i in range(0, 103, 10)]))  # fmt: skip
+    assert adapter.uploading == adapter.pending == set()
+    assert not [t for t in threading.enumerate() if t.name.startswith("deepspot-write")]
+
+
+def test_an_error_in_a_write_stops_predict_and_the_ring_serves_again(monkeypatch):
+    from deepspot.runtime import stream
+
+    adapter = Blocking(batch_size=10)
+    copy_rows, calls = stream.copy_rows, []
+
+    def failing_copy(dst, src, threads=1, check_finite=False):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return copy_rows(dst, src, threads, check_finite=check_finite)
+
+    ring = HostRing(STAGED_DEPTH + 1, lambda shape, dtype: np.empty(shape, dtype))
+    adapter.ring = ring
+    monkeypatch.setattr(stream, "copy_rows", failing_copy)
+    with pytest.raises(OSError, match="No space left"):
+        stream.predict(_AdapterRunner(adapter), _inputs(), 10)
+    assert len(calls) < 11  # it stopped, not ran every batch first
+    assert adapter.uploading == adapter.pending == set() and ring._free.qsize() == len(ring.slots)
+    assert _live_fill_threads() == [] and not [t for t in threading.enumerate() if t.name.startswith("deepspot-write")]
+    monkeypatch.setattr(stream, "copy_rows", copy_rows)
+    inputs = _inputs()
+    np.testing.assert_array_equal(stream.predict(_AdapterRunner(adapter), inputs, 10),
+                                  np.concatenate([_compute({"x": inputs["x"][i : i + 10]})["y"]
+                                                  for i in range(0, 103, 10)]))  # fmt: skip
