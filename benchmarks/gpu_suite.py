@@ -71,7 +71,7 @@ DONE = ("ok", "failed", "skipped")
 #: The child's exit status after a step failed with a sticky CUDA error: the supervisor resumes in a fresh process.
 POISONED = 3
 #: A test hook only: ``step:kind`` makes the child fail at step ``step``'s first recorded case (or at its end, for a
-#: step that records none): ``segv`` and ``kill`` kill the process by that signal, ``hang`` sleeps for an hour,
+#: step that records none): ``segv`` and ``kill`` kill the process by that signal,
 #: ``poison`` raises a sticky CUDA error's message, anything else an ordinary error.
 FAULT = "DEEPSPOT_GPU_SUITE_FAULT"
 #: Seconds a child may run past the end of its step's share of the budget (a case started just before the end runs
@@ -206,8 +206,6 @@ class Suite:
 
             resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))  # no core file
             os.kill(os.getpid(), signal.SIGSEGV if kind == "segv" else signal.SIGKILL)
-        if kind == "hang":
-            time.sleep(3600)
         if kind == "poison":
             raise RuntimeError("CUDA error: an illegal memory access was encountered (injected by the test hook)")
         raise RuntimeError(f"a fault injected by the test hook ({kind})")
@@ -901,13 +899,9 @@ def _run_child(args, started: float) -> int:
     A child still in a step ``args.hang_grace`` seconds after that step's share of the budget ended is hung (a
     deadlocked driver call, a kernel that never ends: nothing in the process could stop it): it is killed, and the
     status says so (``Hung``), so that the next steps still run in a fresh child."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--out", str(args.out),
-               "--budget", repr(args.budget), "--started-at", repr(started)]  # fmt: skip
-    command += ["--smoke"] if args.smoke else []
-    command += ["--work-root", str(args.work_root)] if getattr(args, "work_root", None) else []
     sys.stdout.flush()
     grace = getattr(args, "hang_grace", HANG_GRACE)
-    with subprocess.Popen(command) as child:
+    with subprocess.Popen(_child_command(args, started)) as child:
         while True:
             try:
                 return child.wait(timeout=0.25)
@@ -919,6 +913,13 @@ def _run_child(args, started: float) -> int:
                 child.kill()
                 child.wait()
                 return Hung(child.returncode, f"hung in {step}: killed {late:.0f} s after its share of the budget ended")
+
+
+def _child_command(args, started: float) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", "--out", str(args.out),
+               "--budget", repr(args.budget), "--started-at", repr(started)]  # fmt: skip
+    command += ["--smoke"] if args.smoke else []
+    return command + (["--work-root", str(args.work_root)] if getattr(args, "work_root", None) else [])
 
 
 def _current_step(out: Path) -> str:
