@@ -88,6 +88,7 @@ class HostRing:
         for slot in self.slots:
             self._free.put(slot)
         self._generation = 0  # counts resets: a release from before one is void
+        self._lock = threading.Lock()  # a held batch's release (another thread) against a reset (the pipeline's end)
         self.allocations = 0  # buffers allocated so far: stays at (inputs + outputs) x depth once warm
 
     def acquire(self, stop: threading.Event) -> Slot | None:
@@ -107,18 +108,22 @@ class HostRing:
         generation, released = self._generation, []
 
         def release() -> None:
-            if not released and self._generation == generation:
-                released.append(True)
-                self.release(slot)
+            # Checked and done under the lock: a reset between the check and the release would put the slot in the
+            # ring twice (and the next call on this ring would hand it to two batches).
+            with self._lock:
+                if not released and self._generation == generation:
+                    released.append(True)
+                    self.release(slot)
 
         return release
 
     def reset(self) -> None:
         """Every slot free again: a call that ended early (an error, a consumer that stopped) leaves slots out."""
-        self._generation += 1
-        self._free = queue.Queue()
-        for slot in self.slots:
-            self.release(slot)
+        with self._lock:
+            self._generation += 1
+            self._free = queue.Queue()
+            for slot in self.slots:
+                self.release(slot)
 
     def buffer(self, store: dict[str, np.ndarray], name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         """The slot's buffer ``name`` with ``shape``, allocated once and reused (grown only if a batch is larger)."""

@@ -825,3 +825,45 @@ def test_an_error_in_a_write_stops_predict_and_the_ring_serves_again(monkeypatch
     np.testing.assert_array_equal(stream.predict(_AdapterRunner(adapter), inputs, 10),
                                   np.concatenate([_compute({"x": inputs["x"][i : i + 10]})["y"]
                                                   for i in range(0, 103, 10)]))  # fmt: skip
+
+
+class _SlowReleaseRing(HostRing):
+    """A ring whose releases from another thread than the main one pause just before the slot goes back: the moment
+    at which the main thread may be resetting the ring (the pipeline's generator ending while writes are pending)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pausing = threading.Event()
+
+    def release(self, slot):
+        if threading.current_thread() is not threading.main_thread():
+            self.pausing.set()
+            time.sleep(0.2)
+        super().release(slot)
+
+
+def test_a_release_racing_a_reset_puts_no_slot_in_the_ring_twice():
+    ring = _SlowReleaseRing(3, lambda shape, dtype: np.empty(shape, dtype))
+    stream = run_pipeline(_inputs(), Scrambled(), 10, ring=ring, hold=True)
+    *_, release = next(stream)
+    writer = threading.Thread(target=release)  # the writer thread, releasing its slot
+    writer.start()
+    assert ring.pausing.wait(5)
+    stream.close()  # the ring is reset meanwhile: every slot free, this one included
+    writer.join()
+    assert ring._free.qsize() == 3  # a slot twice would be handed to two batches of the next call
+
+
+def test_predict_leaves_every_slot_in_the_ring_once_when_writes_outlast_the_pipeline():
+    """The pipeline's generator ends (and resets the ring) while the writer thread still writes the last batches
+    out: their releases must not put a slot in the ring a second time, or the adapter's next call hands one slot to
+    two batches and one batch's rows come out as another's."""
+    from deepspot.runtime import stream
+
+    ring = _SlowReleaseRing(DEFAULT_DEPTH + 1, lambda shape, dtype: np.empty(shape, dtype))
+    adapter = HostAdapter(_compute, {"y": ((G,), np.dtype(np.float32))})
+    adapter.ring = ring
+    inputs = _inputs()
+    expected = np.concatenate([_compute({"x": inputs["x"][i : i + 10]})["y"] for i in range(0, 103, 10)])
+    np.testing.assert_array_equal(stream.predict(_AdapterRunner(adapter), inputs, 10), expected)
+    assert ring._free.qsize() == len(ring.slots)
