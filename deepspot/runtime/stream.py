@@ -306,8 +306,10 @@ def _predict_pipelined(runner, inputs, batch_size, out, inverse_transform, progr
                     writer.put(write, start, stop, outputs, release)
                 writer.finish()
             finally:
-                writer.drain()  # no write still reading a slot when the pipeline hands its slots out again
-                stream.close()
+                try:
+                    writer.drain()  # no write still reading a slot when the pipeline hands its slots out again
+                finally:
+                    stream.close()  # even after a Ctrl-C in the wait: the fill thread ends, the device is waited for
     return out
 
 
@@ -341,8 +343,10 @@ class _Writer:
         return self
 
     def __exit__(self, *exc):
-        self.drain()
-        self._pool.shutdown(wait=True)
+        try:
+            self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 class ItemsPerSecond(ProgressColumn):

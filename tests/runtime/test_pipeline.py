@@ -867,3 +867,42 @@ def test_predict_leaves_every_slot_in_the_ring_once_when_writes_outlast_the_pipe
     expected = np.concatenate([_compute({"x": inputs["x"][i : i + 10]})["y"] for i in range(0, 103, 10)])
     np.testing.assert_array_equal(stream.predict(_AdapterRunner(adapter), inputs, 10), expected)
     assert ring._free.qsize() == len(ring.slots)
+
+
+def test_an_interrupt_while_predict_waits_for_its_writes_still_ends_the_pipeline(monkeypatch):
+    """A Ctrl-C that lands while predict waits for the pending writes (after a write failed, or a first Ctrl-C): the
+    pipeline must still be closed (fill thread ended, device waited for, ring reset), not left to the garbage
+    collector while the runner frees the buffers."""
+    from deepspot.runtime import stream
+
+    adapter = Blocking(batch_size=10)
+    ring = HostRing(STAGED_DEPTH + 1, lambda shape, dtype: np.empty(shape, dtype))
+    adapter.ring = ring
+    copy_rows, calls = stream.copy_rows, []
+
+    def failing_copy(dst, src, threads=1, check_finite=False):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return copy_rows(dst, src, threads, check_finite=check_finite)
+
+    drain = stream._Writer.drain
+    interrupted = []
+
+    def interrupted_drain(self):
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt  # the signal handler's exception, raised in the main thread
+        return drain(self)
+
+    monkeypatch.setattr(stream, "copy_rows", failing_copy)
+    monkeypatch.setattr(stream._Writer, "drain", interrupted_drain)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        stream.predict(_AdapterRunner(adapter), _inputs(), 10)
+    try:
+        assert interrupted == [True]
+        assert _live_fill_threads() == []
+        assert adapter.uploading == adapter.pending == set() and ring._free.qsize() == len(ring.slots)
+        assert not [t for t in threading.enumerate() if t.name.startswith("deepspot-write")]
+    finally:
+        del caught  # the traceback holds the pipeline's generator
