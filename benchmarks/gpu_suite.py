@@ -31,8 +31,9 @@ access, a launch failure, a device-side assert: every later CUDA call of the pro
 the child records the step as failed and exits with status 3, and a fresh one resumes likewise (such an error in one
 case or row ends its step: the later ones would fail too). A resumed child takes the earlier steps' results from the
 JSON, and the budget and its shares stay counted from the suite's start; at most one restart per step, none once the
-budget is spent. A child still in a step 45 s after that step's share of the budget ended (``HANG_GRACE``) is taken
-for hung, killed, and the step recorded as failed in the same way. When nothing fails, one child runs everything. ``DEEPSPOT_GPU_SUITE_FAULT=step:kind`` is a test hook
+budget is spent. A child still in a step 45 s after that step's share of the budget ended (``HANG_GRACE``), and 45 s
+after it last recorded a case where that is later (slow, not hung; never past the whole budget), is taken for hung,
+killed, and the step recorded as failed in the same way. When nothing fails, one child runs everything. ``DEEPSPOT_GPU_SUITE_FAULT=step:kind`` is a test hook
 only (see ``FAULT``).
 
 ``--smoke`` runs the same plumbing on the CPU at toy sizes (GPU steps are recorded as skipped, with the reason), so
@@ -349,6 +350,8 @@ def parity(smoke: bool, work: Path, until: float | None = None, partial=None) ->
                 n = 64 if smoke else 512
                 cases[f"{family}/{mode} {backend} {precision}"] = _case(
                     lambda o, c=ckpt, t=target, b=backend, k=n: check_parity(c, t, b, n_random=k, options=o), options)
+                if partial is not None:  # after each case: the supervisor sees a slow step progressing, not hung
+                    partial(cases)
             if "neighbors" in mode:
                 folder = work / f"{family}-{mode}-indexed"
                 export_indexed(model, folder, validate=False)
@@ -896,23 +899,39 @@ class Hung(int):
 def _run_child(args, started: float) -> int:
     """Runs the steps in a child process (a crash there does not end the supervisor); its exit status.
 
-    A child still in a step ``args.hang_grace`` seconds after that step's share of the budget ended is hung (a
-    deadlocked driver call, a kernel that never ends: nothing in the process could stop it): it is killed, and the
-    status says so (``Hung``), so that the next steps still run in a fresh child."""
+    A child still in a step ``args.hang_grace`` seconds after that step's share of the budget ended, and after it last
+    recorded a case where that is later, is hung (a deadlocked driver call, a kernel that never ends: nothing in the
+    process could stop it): it is killed, and the status says so (``Hung``), so that the next steps still run in a
+    fresh child."""
     sys.stdout.flush()
-    grace = getattr(args, "hang_grace", HANG_GRACE)
     with subprocess.Popen(_child_command(args, started)) as child:
-        while True:
-            try:
-                return child.wait(timeout=0.25)
-            except subprocess.TimeoutExpired:
-                pass
-            step = _current_step(args.out)
-            late = time.time() - started - step_deadline(step, args.budget)
-            if late > grace:
-                child.kill()
-                child.wait()
-                return Hung(child.returncode, f"hung in {step}: killed {late:.0f} s after its share of the budget ended")
+        return _watch(child, args, started)
+
+
+def _watch(child, args, started: float) -> int:
+    """Waits for ``child``; kills it as hung (see :func:`_run_child`) and returns :class:`Hung`, else its status.
+
+    A step that still records cases after its share ended is slow, not hung (a case started just before the end runs
+    to its end, and parity records after each): the grace then counts from its last record (the JSON's time), but
+    never from later than the end of the whole budget, so that the supervisor still writes before the runbook's outer
+    ``timeout``."""
+    grace = getattr(args, "hang_grace", HANG_GRACE)
+    while True:
+        try:
+            return child.wait(timeout=0.25)
+        except subprocess.TimeoutExpired:
+            pass
+        step = _current_step(args.out)
+        due = share_end = started + step_deadline(step, args.budget)
+        with contextlib.suppress(OSError):
+            recorded = (args.out / "gpu_suite.json").stat().st_mtime
+            due = min(max(share_end, recorded), started + args.budget)
+        late = time.time() - due
+        if late > grace:
+            child.kill()
+            child.wait()
+            since = "its share of the budget ended" if due == share_end else "it last recorded progress"
+            return Hung(child.returncode, f"hung in {step}: killed {late:.0f} s after {since}")
 
 
 def _child_command(args, started: float) -> list[str]:

@@ -528,3 +528,54 @@ def test_the_table_says_why_steps_had_nothing_to_run_where_there_is_no_gpu(tmp_p
     text = suite.markdown(results)
     assert "## throughput (ok)\nskipped: " + reason in text and "## slides (ok)\nskipped: " + reason in text
     assert f"| spot/spot | {reason} |" in text
+
+
+_SLOW_CHILD = """
+import json, sys, time
+from pathlib import Path
+out = Path(sys.argv[1])
+steps = {"doctor": {"status": "ok"}, "bandwidth": {"status": "ok"}, "gemm": {"status": "ok"}}
+t0 = time.time()
+while time.time() - t0 < {seconds}:  # parity, past its share, recording a case every 0.3 s
+    steps["parity"] = {"status": "running", "result": {"case": time.time()}}
+    (out / "gpu_suite.json").write_text(json.dumps({"steps": steps}))
+    time.sleep(0.3)
+if {finish}:
+    steps.update({name: {"status": "ok"} for name in ("parity", "throughput", "slides")})
+    (out / "gpu_suite.json").write_text(json.dumps({"steps": steps}))
+    sys.exit(0)
+time.sleep(3600)  # hung, after its last record
+"""
+
+
+def _slow_child(suite, tmp_path, monkeypatch, seconds: float, finish: bool):
+    """The supervisor's child is a script that records parity cases for ``seconds``, then ends or hangs."""
+    import argparse
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(_SLOW_CHILD.replace("{seconds}", str(seconds)).replace("{finish}", str(finish)))
+    monkeypatch.setattr(suite, "_child_command", lambda args, started: [sys.executable, str(script), str(args.out)])
+    out = tmp_path / "out"
+    out.mkdir()
+    return lambda budget: argparse.Namespace(out=out, budget=budget, smoke=True, hang_grace=1.0, work_root=None)
+
+
+def test_a_slow_step_that_still_records_cases_is_not_killed_as_hung(tmp_path, monkeypatch):
+    """Parity's share ends at 2 s and the grace is 1 s, but the child records a case every 0.3 s until 4.5 s: slow, not
+    hung (a case started just before the share ended runs to its end). It was killed at 3 s, and the step recorded as
+    failed ("hung in parity")."""
+    suite = _suite()
+    args = _slow_child(suite, tmp_path, monkeypatch, 4.5, True)
+    rc = suite._run_child(args(6.0), time.time())
+    assert rc == 0 and not isinstance(rc, suite.Hung)
+
+
+def test_a_child_that_stops_recording_after_its_share_is_killed_a_grace_later(tmp_path, monkeypatch):
+    suite = _suite()
+    args = _slow_child(suite, tmp_path, monkeypatch, 3.0, False)
+    started = time.time() - 18.0  # parity's share (a third of 60 s) ended 2 s ago
+    rc = suite._run_child(args(60.0), started)
+    took = time.time() - started - 18.0
+    assert isinstance(rc, suite.Hung) and rc.why.startswith("hung in parity: killed 1 s after it last recorded")
+    assert 3.5 < took < 10  # 1 s after its last record (about 3 s), not 1 s after its share ended
