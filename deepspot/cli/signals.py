@@ -6,14 +6,17 @@ half-initialised fails with an ``ImportError`` traceback) is held until that imp
 
 Some C extensions swallow the exception a handler raised inside them and raise their own: PyTorch, building a tensor
 from a buffer, answers a :class:`KeyboardInterrupt` with ``ValueError: could not determine the shape of object
-type ...``, which a loader then reports as an unreadable file. So the handlers also remember the signal
-(:func:`received`), and the commands' error handling treats any error that follows a signal as that signal.
+type ...``, which a loader then reports as an unreadable file. So the handlers also note the signal
+(:mod:`deepspot.interrupts`), and the commands' error handling treats any error that follows a signal as that
+signal.
 """
 
 from __future__ import annotations
 
 import builtins
 import threading
+
+from .. import interrupts
 
 #: Exit codes of a run stopped by Ctrl-C (SIGINT) and by a scheduler (SIGTERM: SLURM at its time limit, preemption).
 INTERRUPTED, TERMINATED = 130, 143
@@ -28,7 +31,6 @@ class _Interrupts:
 
     depth = 0
     pending: type[BaseException] | None = None
-    received: type[BaseException] | None = None
     original_import = builtins.__import__
 
     @classmethod
@@ -47,7 +49,7 @@ class _Interrupts:
     @classmethod
     def handler(cls, exc: type[BaseException]):
         def handle(signum, frame) -> None:
-            cls.received = cls.received or exc
+            interrupts.note(exc)
             if cls.depth > 0:
                 cls.pending = cls.pending or exc
             else:
@@ -68,10 +70,10 @@ def install_import_guard() -> None:
 
 def received() -> type[BaseException] | None:
     """The exception of the first SIGINT or SIGTERM this process handled (``KeyboardInterrupt``, ``Terminated``)."""
-    return _Interrupts.received
+    return interrupts.received()
 
 
 def forget() -> None:
     """Forget a signal handled earlier (for a process that runs more than one command)."""
-    _Interrupts.received = None
+    interrupts.forget()
     _Interrupts.pending = None

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import interrupts
 from ..errors import (
     ConfigError,
     DeepSpotError,
@@ -372,16 +373,24 @@ def _run_slides(model: Any, slides: Iterable[Slide], settings: CohortSettings, d
                 status.items = result.n
                 status.model_sha256 = session.model_hash
                 status.output_bytes = slide.output.stat().st_size
-            except DeepSpotError as e:
-                status.status, status.error = "failed", str(e)
-            except OSError as e:
-                status.status, status.error = "failed", f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
-            except Exception as e:  # noqa: BLE001  a backend's own error (onnxruntime's, CUDA out of memory): this
-                # slide fails, with the error's first line, and the others still run; Ctrl-C and SIGTERM still stop.
-                first = (str(e).strip().splitlines() or [""])[0]
-                status.status, status.error = "failed", f"{type(e).__name__}: {first}" if first else type(e).__name__
+            except Exception as e:  # noqa: BLE001  this slide fails, with its one-line error; the others still run
+                stop = interrupts.received()
+                if stop is not None:  # Ctrl-C or SIGTERM, swallowed by a C extension that raised its own error
+                    raise stop() from e
+                status.status, status.error = "failed", _slide_error(e)
             status.seconds = time.perf_counter() - start
             report(status)
+
+
+def _slide_error(e: Exception) -> str:
+    """A failed slide's one line: a user's mistake or the file system's refusal as it says, a backend's own error
+    (onnxruntime's, CUDA out of memory) by its type and first line."""
+    if isinstance(e, DeepSpotError):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
 class _Stopped(BaseException):
@@ -389,6 +398,7 @@ class _Stopped(BaseException):
 
 
 def _stop(signum, frame) -> None:
+    interrupts.note(_Stopped)
     raise _Stopped()
 
 

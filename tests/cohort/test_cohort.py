@@ -190,6 +190,36 @@ def test_a_backend_error_fails_its_slide_only(tmp_path, model, monkeypatch):
     assert status["s2"].error == "RuntimeError: [ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code"
 
 
+def test_an_interrupt_a_library_swallowed_stops_the_cohort_instead_of_failing_its_slide(tmp_path, model, monkeypatch):
+    """PyTorch, interrupted while it reads a checkpoint, raises its own ValueError instead of the KeyboardInterrupt:
+    the slide must not be recorded as failed with the cohort going on to the next one. The handler noted the signal,
+    and the cohort stops with it."""
+    import importlib
+
+    from deepspot import interrupts
+    from deepspot.runtime import cohort
+
+    infer = importlib.import_module("deepspot.runtime.infer")
+    real, ran = infer.infer, []
+
+    def interrupted(model, bundle, *args, **kwargs):
+        ran.append(Path(bundle).stem)
+        if Path(bundle).stem == "s2":
+            interrupts.note(KeyboardInterrupt)  # what the CLI's handler does, before it raises in the main thread
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+        return real(model, bundle, *args, **kwargs)
+
+    monkeypatch.setattr(infer, "infer", interrupted)
+    slides = make_slides(tmp_path / "in")
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cohort.run_cohort(model, cohort.plan_slides(slides, None, tmp_path / "out", "npy"), tmp_path / "out")
+    finally:
+        interrupts.forget()
+    assert ran == ["s1", "s2"]  # s3 never started
+    assert not (tmp_path / "out" / "s2.npy").exists()
+
+
 @pytest.mark.parametrize("devices, options, message", [
     ("bogus", [], "--devices: 'bogus' is neither a GPU index (0, 1, ...) nor cpu"),
     ("0,1", [], "names GPUs, but backend 'ort-cpu' runs on the CPU"),
