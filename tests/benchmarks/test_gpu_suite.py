@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import pytest
+from _scripts import BENCHMARKS, load_script
 
-SUITE = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_suite.py"
+SUITE = BENCHMARKS / "gpu_suite.py"
 
 
 def _suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", SUITE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_suite")
 
 
 def test_smoke_run_writes_json_and_markdown(tmp_path, monkeypatch):
