@@ -305,6 +305,13 @@ def _predict_pipelined(runner, inputs, batch_size, out, inverse_transform, progr
                 for start, stop, outputs, release in stream:
                     writer.put(write, start, stop, outputs, release)
                 writer.finish()
+            except Exception:
+                # The pipeline failed on a batch after those handed to the writer: a write that failed is about an
+                # earlier batch (a NaN in its predictions, a full disk), and the first error in order is the one said.
+                earlier = writer.first_failure() if writer.raised is None else None
+                if earlier is not None:
+                    raise earlier  # noqa: B904  the pipeline's error stays attached as its context
+                raise
             finally:
                 try:
                     writer.drain()  # no write still reading a slot when the pipeline hands its slots out again
@@ -320,6 +327,7 @@ class _Writer:
     def __init__(self):
         self._pool = futures.ThreadPoolExecutor(1, thread_name_prefix="deepspot-write")
         self._pending: collections.deque = collections.deque()
+        self.raised: BaseException | None = None  # the write error raised in the caller, if one was
 
     def put(self, fn, *args) -> None:
         self._raise_done()
@@ -328,7 +336,14 @@ class _Writer:
     def finish(self) -> None:
         """Wait for every write; raise the first error."""
         while self._pending:
-            self._pending.popleft().result()
+            self._result(self._pending.popleft())
+
+    def first_failure(self) -> BaseException | None:
+        """Wait for every write; the first one's error, if one failed (not raised)."""
+        futures.wait(self._pending)
+        failed = next((f.exception() for f in self._pending if f.exception() is not None), None)
+        self._pending.clear()
+        return failed
 
     def drain(self) -> None:
         """Wait for every write, errors dropped (an error is being raised already, or :meth:`finish` raised it)."""
@@ -337,7 +352,14 @@ class _Writer:
 
     def _raise_done(self) -> None:
         while self._pending and self._pending[0].done():
-            self._pending.popleft().result()
+            self._result(self._pending.popleft())
+
+    def _result(self, future: futures.Future) -> None:
+        try:
+            future.result()
+        except BaseException as e:
+            self.raised = e
+            raise
 
     def __enter__(self):
         return self

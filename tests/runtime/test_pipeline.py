@@ -906,3 +906,34 @@ def test_an_interrupt_while_predict_waits_for_its_writes_still_ends_the_pipeline
         assert not [t for t in threading.enumerate() if t.name.startswith("deepspot-write")]
     finally:
         del caught  # the traceback holds the pipeline's generator
+
+
+def test_a_failed_write_of_an_earlier_batch_is_the_error_raised_over_a_later_batchs(monkeypatch):
+    """The device fails on batch 5 while the write of batch 2 is still running and then fails too: the write's error
+    (an earlier batch's) is the one raised, with the device's attached as its context."""
+    from deepspot.runtime import stream
+
+    adapter = Blocking(batch_size=10, fail_submit_at=5)
+    submitted_5 = threading.Event()
+    submit = adapter.submit
+
+    def submit_and_tell(slot):
+        if slot.start == 50:
+            submitted_5.set()
+        return submit(slot)
+
+    adapter.submit = submit_and_tell
+    copy_rows, calls = stream.copy_rows, []
+
+    def write(dst, src, threads=1, check_finite=False):
+        calls.append(1)
+        if len(calls) == 3:  # batch 2
+            submitted_5.wait(10)
+            raise OSError(28, "No space left on device")
+        return copy_rows(dst, src, threads, check_finite=check_finite)
+
+    monkeypatch.setattr(stream, "copy_rows", write)
+    with pytest.raises(OSError, match="No space left") as raised:
+        stream.predict(_AdapterRunner(adapter), _inputs(), 10)
+    assert "device error in batch 5" in str(raised.value.__context__)
+    assert _live_fill_threads() == [] and not [t for t in threading.enumerate() if t.name.startswith("deepspot-write")]
