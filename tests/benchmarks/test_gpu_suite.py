@@ -393,8 +393,10 @@ def test_the_child_exits_with_its_own_status_after_a_sticky_cuda_error(tmp_path)
 
     suite = _suite()
     env = {**os.environ, suite.FAULT: "doctor:poison"}
+    work = tmp_path / "work"  # the supervisor's folder, which removes what a child ended by os._exit leaves
+    work.mkdir()
     command = [sys.executable, str(SUITE), "--child", "--out", str(tmp_path), "--smoke",
-               "--started-at", repr(time.time())]  # fmt: skip
+               "--started-at", repr(time.time()), "--work-root", str(work)]  # fmt: skip
     assert subprocess.run(command, env=env, check=False).returncode == suite.POISONED
     steps = json.loads((tmp_path / "gpu_suite.json").read_text())["steps"]
     assert list(steps) == ["doctor"] and steps["doctor"]["status"] == "failed" and "restart" in steps["doctor"]
