@@ -747,6 +747,22 @@ def test_a_release_from_before_the_ring_was_reset_is_void():
     assert ring._free.qsize() == 3
 
 
+def _failing_writes(monkeypatch, stream, at: int, before=None) -> list:
+    """``predict``'s writes fail at the ``at``-th (1-based) with a full disk, after ``before()``; the calls so far."""
+    copy_rows, calls = stream.copy_rows, []
+
+    def write(dst, src, threads=1, check_finite=False):
+        calls.append(1)
+        if len(calls) == at:
+            if before is not None:
+                before()
+            raise OSError(28, "No space left on device")
+        return copy_rows(dst, src, threads, check_finite=check_finite)
+
+    monkeypatch.setattr(stream, "copy_rows", write)
+    return calls
+
+
 class _AdapterRunner:
     """The part of a runner that :func:`~deepspot.runtime.stream.predict` uses, with ``adapter`` as its device."""
 
@@ -804,17 +820,10 @@ def test_an_error_in_a_write_stops_predict_and_the_ring_serves_again(monkeypatch
     from deepspot.runtime import stream
 
     adapter = Blocking(batch_size=10)
-    copy_rows, calls = stream.copy_rows, []
-
-    def failing_copy(dst, src, threads=1, check_finite=False):
-        calls.append(1)
-        if len(calls) == 3:
-            raise OSError(28, "No space left on device")
-        return copy_rows(dst, src, threads, check_finite=check_finite)
-
+    copy_rows = stream.copy_rows
+    calls = _failing_writes(monkeypatch, stream, at=3)
     ring = HostRing(STAGED_DEPTH + 1, lambda shape, dtype: np.empty(shape, dtype))
     adapter.ring = ring
-    monkeypatch.setattr(stream, "copy_rows", failing_copy)
     with pytest.raises(OSError, match="No space left"):
         stream.predict(_AdapterRunner(adapter), _inputs(), 10)
     assert len(calls) < 11  # it stopped, not ran every batch first
@@ -878,14 +887,7 @@ def test_an_interrupt_while_predict_waits_for_its_writes_still_ends_the_pipeline
     adapter = Blocking(batch_size=10)
     ring = HostRing(STAGED_DEPTH + 1, lambda shape, dtype: np.empty(shape, dtype))
     adapter.ring = ring
-    copy_rows, calls = stream.copy_rows, []
-
-    def failing_copy(dst, src, threads=1, check_finite=False):
-        calls.append(1)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return copy_rows(dst, src, threads, check_finite=check_finite)
-
+    _failing_writes(monkeypatch, stream, at=2)
     drain = stream._Writer.drain
     interrupted = []
 
@@ -895,7 +897,6 @@ def test_an_interrupt_while_predict_waits_for_its_writes_still_ends_the_pipeline
             raise KeyboardInterrupt  # the signal handler's exception, raised in the main thread
         return drain(self)
 
-    monkeypatch.setattr(stream, "copy_rows", failing_copy)
     monkeypatch.setattr(stream._Writer, "drain", interrupted_drain)
     with pytest.raises(KeyboardInterrupt) as caught:
         stream.predict(_AdapterRunner(adapter), _inputs(), 10)
@@ -923,16 +924,7 @@ def test_a_failed_write_of_an_earlier_batch_is_the_error_raised_over_a_later_bat
         return submit(slot)
 
     adapter.submit = submit_and_tell
-    copy_rows, calls = stream.copy_rows, []
-
-    def write(dst, src, threads=1, check_finite=False):
-        calls.append(1)
-        if len(calls) == 3:  # batch 2
-            submitted_5.wait(10)
-            raise OSError(28, "No space left on device")
-        return copy_rows(dst, src, threads, check_finite=check_finite)
-
-    monkeypatch.setattr(stream, "copy_rows", write)
+    _failing_writes(monkeypatch, stream, at=3, before=lambda: submitted_5.wait(10))  # batch 2, once batch 5 failed
     with pytest.raises(OSError, match="No space left") as raised:
         stream.predict(_AdapterRunner(adapter), _inputs(), 10)
     assert "device error in batch 5" in str(raised.value.__context__)
