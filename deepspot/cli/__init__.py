@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 
+from .. import interrupts
 from . import signals as _signals
 
 
@@ -27,12 +28,8 @@ def main() -> None:
 
         _register()
         run()
-    except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
-        sys.exit(INTERRUPTED)
-    except Terminated:
-        print("Terminated.", file=sys.stderr)
-        sys.exit(TERMINATED)
+    except (KeyboardInterrupt, Terminated) as e:
+        _exit_stopped(type(e))
     except SystemExit as e:
         # typer turns a Ctrl-C outside a command (while it parses the options, say) into a silent exit 130; the
         # commands' own wrapper has said it already where it caught one.
@@ -44,11 +41,16 @@ def main() -> None:
     except Exception:
         # An error that follows a signal is the signal's doing (a C extension swallowed the interrupt and raised
         # its own): say it as the signal, without a traceback.
-        stop = _signals.received()
+        stop = interrupts.received()
         if stop is None:
             raise
-        print("Terminated." if stop is Terminated else "Interrupted.", file=sys.stderr)
-        sys.exit(TERMINATED if stop is Terminated else INTERRUPTED)
+        _exit_stopped(stop)
+
+
+def _exit_stopped(stop: type[BaseException]) -> None:
+    line, code = _signals.stopped(stop)
+    print(line, file=sys.stderr)
+    sys.exit(code)
 
 
 def _register() -> None:

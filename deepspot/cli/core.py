@@ -16,10 +16,11 @@ from typing import Any, Optional
 
 import typer
 
+from .. import interrupts
 from .._version import __version__
 from ..errors import TORCH_MODULES, DeepSpotError, DeepSpotWarning, command_line, torch_missing_message
 from . import signals
-from .signals import INTERRUPTED, TERMINATED, Terminated
+from .signals import Terminated
 
 app = typer.Typer(
     name="deepspot",
@@ -71,14 +72,12 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             with command_line(), _one_line_warnings():
                 return fn(*args, **kwargs)
-        except KeyboardInterrupt:
-            _stop(KeyboardInterrupt)
-        except Terminated:
-            _stop(Terminated)
+        except (KeyboardInterrupt, Terminated) as e:
+            _stop(type(e))
         except Exception as e:
             # After a Ctrl-C or SIGTERM, whatever error the interrupted code raised is the signal's doing: a C
             # extension (PyTorch reading a checkpoint, say) may have swallowed the interrupt and raised its own.
-            stop = signals.received()
+            stop = interrupts.received()
             if stop is not None and not isinstance(e, typer.Exit):
                 _stop(stop)
             _fail_for(fn, e)
@@ -88,11 +87,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _stop(stop: type[BaseException]) -> None:
     """Say that the run was interrupted or terminated, and exit with that signal's code."""
-    if stop is Terminated:
-        _say_stopped("Terminated.")
-        raise typer.Exit(TERMINATED) from None
-    _say_stopped("Interrupted.")
-    raise typer.Exit(INTERRUPTED) from None
+    line, code = signals.stopped(stop)
+    _say_stopped(line)
+    raise typer.Exit(code) from None
 
 
 def _fail_for(fn: Callable[..., Any], e: Exception) -> None:

@@ -7,7 +7,7 @@ half-initialised fails with an ``ImportError`` traceback) is held until that imp
 Some C extensions swallow the exception a handler raised inside them and raise their own: PyTorch, building a tensor
 from a buffer, answers a :class:`KeyboardInterrupt` with ``ValueError: could not determine the shape of object
 type ...``, which a loader then reports as an unreadable file. So the handlers also note the signal
-(:mod:`deepspot.interrupts`), and the commands' error handling treats any error that follows a signal as that
+(:func:`deepspot.interrupts.received`), and the commands' error handling treats any error that follows a signal as that
 signal.
 """
 
@@ -24,6 +24,11 @@ INTERRUPTED, TERMINATED = 130, 143
 
 class Terminated(BaseException):
     """Raised in the main thread on SIGTERM, so that a terminated run cleans up as an interrupted one does."""
+
+
+def stopped(stop: type[BaseException]) -> tuple[str, int]:
+    """The line a run stopped by ``stop`` (``KeyboardInterrupt`` or ``Terminated``) says, and its exit code."""
+    return ("Terminated.", TERMINATED) if stop is Terminated else ("Interrupted.", INTERRUPTED)
 
 
 class _Interrupts:
@@ -66,11 +71,6 @@ def handler(exc: type[BaseException]):
 def install_import_guard() -> None:
     """Hold the handlers' exceptions while the main thread imports a module."""
     builtins.__import__ = _Interrupts.guarded_import
-
-
-def received() -> type[BaseException] | None:
-    """The exception of the first SIGINT or SIGTERM this process handled (``KeyboardInterrupt``, ``Terminated``)."""
-    return interrupts.received()
 
 
 def forget() -> None:

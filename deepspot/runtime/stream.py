@@ -308,13 +308,14 @@ def _predict_pipelined(runner, inputs, batch_size, out, inverse_transform, progr
             except Exception:
                 # The pipeline failed on a batch after those handed to the writer: a write that failed is about an
                 # earlier batch (a NaN in its predictions, a full disk), and the first error in order is the one said.
-                earlier = writer.first_failure() if writer.raised is None else None
+                earlier = writer.drain() if writer.raised is None else None
                 if earlier is not None:
                     raise earlier  # noqa: B904  the pipeline's error stays attached as its context
                 raise
             finally:
                 try:
-                    writer.drain()  # no write still reading a slot when the pipeline hands its slots out again
+                    writer.drain()  # no write still reading a slot when the pipeline hands its slots out again (an
+                    # error of one is dropped: another is being raised already, or finish raised it)
                 finally:
                     stream.close()  # even after a Ctrl-C in the wait: the fill thread ends, the device is waited for
     return out
@@ -338,17 +339,12 @@ class _Writer:
         while self._pending:
             self._result(self._pending.popleft())
 
-    def first_failure(self) -> BaseException | None:
-        """Wait for every write; the first one's error, if one failed (not raised)."""
+    def drain(self) -> BaseException | None:
+        """Wait for every write; the error of the first one that failed and was not raised yet, if any."""
         futures.wait(self._pending)
         failed = next((f.exception() for f in self._pending if f.exception() is not None), None)
         self._pending.clear()
         return failed
-
-    def drain(self) -> None:
-        """Wait for every write, errors dropped (an error is being raised already, or :meth:`finish` raised it)."""
-        futures.wait(self._pending)
-        self._pending.clear()
 
     def _raise_done(self) -> None:
         while self._pending and self._pending[0].done():
