@@ -8,7 +8,7 @@ and the suite goes on:
 
 1. ``doctor``: versions, GPU, driver, CUDA and cuDNN libraries, and which backends run;
 2. ``bandwidth``: host-to-device copies from page-locked and from pageable memory (256 MiB, median of 5), and the
-   host's staging copies on 1-8 threads (``benchmarks/staging_copy.py``);
+   host's staging copies on 1-8 threads and the default count (``benchmarks/staging_copy.py``);
    ``gemm``: the GPU's matrix-product rate at fp32, TF32 and fp16 (each throughput row's ``arithmetic_limit``) and
    its memory bandwidth (with the graph's memory traffic per item, each ONNX row's ``memory_limit``);
 3. ``parity``: ``ort-cuda`` (fp32, tf32, fp16) and ``torch-cuda`` (fp32, tf32, fp16, bf16) against the eager fp32
@@ -86,6 +86,7 @@ def step_deadline(name: str, budget: float) -> float:
     before it) a third, throughput the next third, the slides what is left."""
     share = budget / 3
     return {"throughput": 2 * share, "slides": budget}.get(name, share)
+
 
 # The CUDA errors after which every later CUDA call of the process fails (the context is lost), as torch
 # ("CUDA error: <text>"), onnxruntime ("CUDA failure 700: <text>", "CUDA error cudaErrorIllegalAddress:<text>") and
@@ -175,8 +176,9 @@ class Suite:
                     "error": f"{type(e).__name__}: {e}",
                     "traceback": traceback.format_exc(limit=6),
                     # what it had recorded before it failed (see partial)
-                    **({"result": before["result"]} if before.get("status") == "running" and "result" in before
-                       else {}),
+                    **(
+                        {"result": before["result"]} if before.get("status") == "running" and "result" in before else {}
+                    ),
                 }
                 if _poisons_cuda(e):
                     self.results["steps"][name]["restart"] = "a sticky CUDA error: the next steps run in a new process"
@@ -349,7 +351,8 @@ def parity(smoke: bool, work: Path, until: float | None = None, partial=None) ->
             for backend, precision, target, options in runs:
                 n = 64 if smoke else 512
                 cases[f"{family}/{mode} {backend} {precision}"] = _case(
-                    lambda o, c=ckpt, t=target, b=backend, k=n: check_parity(c, t, b, n_random=k, options=o), options)
+                    lambda o, c=ckpt, t=target, b=backend, k=n: check_parity(c, t, b, n_random=k, options=o), options
+                )
                 if partial is not None:  # after each case: the supervisor sees a slow step progressing, not hung
                     partial(cases)
             if "neighbors" in mode:
@@ -506,10 +509,20 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
             variants.append((f"ort-cpu {features} features", path, "ort-cpu", None, features))
             continue
         variants += [
-            (f"ort-cuda {features} features, CUDA graph", path, "ort-cuda",
-             RunnerOptions(cuda_graph=True, batch_size=batch), features),
-            (f"ort-cuda {features} features, no CUDA graph", path, "ort-cuda",
-             RunnerOptions(cuda_graph=False, batch_size=batch), features),
+            (
+                f"ort-cuda {features} features, CUDA graph",
+                path,
+                "ort-cuda",
+                RunnerOptions(cuda_graph=True, batch_size=batch),
+                features,
+            ),
+            (
+                f"ort-cuda {features} features, no CUDA graph",
+                path,
+                "ort-cuda",
+                RunnerOptions(cuda_graph=False, batch_size=batch),
+                features,
+            ),
         ]
     if not smoke:  # fp32 on the bus, faster math: TF32 products, or an fp16 graph that casts the features
         tf32, plain = RunnerOptions(tf32=True, batch_size=batch), RunnerOptions(batch_size=batch)
@@ -517,8 +530,14 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
             ("ort-cuda fp32 features, TF32, CUDA graph", paths["fp32"], "ort-cuda", tf32, "fp32"),
             ("ort-cuda fp32 features, fp16 graph, CUDA graph", paths["fp16-compute"], "ort-cuda", plain, "fp32"),
             # The staging copies on one thread, as before they were split: what the threads add, side by side.
-            ("ort-cuda fp32 features, CUDA graph, 1 staging thread", paths["fp32"], "ort-cuda",
-             RunnerOptions(cuda_graph=True, batch_size=batch), "fp32", 1),
+            (
+                "ort-cuda fp32 features, CUDA graph, 1 staging thread",
+                paths["fp32"],
+                "ort-cuda",
+                RunnerOptions(cuda_graph=True, batch_size=batch),
+                "fp32",
+                1,
+            ),
         ]
     ckpt_variants = [("torch eager", "torch", RunnerOptions(), "fp32"),
                      ("torch eager, fp16 features", "torch", RunnerOptions(io="fp16"), "fp16")] if smoke else [
@@ -561,7 +580,9 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
             if features not in features_by_dtype:
                 features_by_dtype[features] = _features(w, n, features, features_by_dtype)
             inputs = features_by_dtype[features]
-            with _copy_threads(threads[0] if threads else None):
+            from staging_copy import copy_threads_env
+
+            with copy_threads_env(threads[0] if threads else None):
                 record(name, _row(_measure, path, backend, options, inputs, batch, smoke, rates, w, n, pinned, eager))
         for name, backend, options, features in ckpt_variants:
             if _over(until) or (options.compile and until is not None and until - time.perf_counter() < 60):
@@ -579,23 +600,6 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
         if eager is not None:
             eager.close()
     return result
-
-
-@contextlib.contextmanager
-def _copy_threads(threads: int | None):
-    """``DEEPSPOT_COPY_THREADS`` for one row (the staging copies' threads), restored afterwards."""
-    import os
-
-    before = os.environ.get("DEEPSPOT_COPY_THREADS")
-    if threads is not None:
-        os.environ["DEEPSPOT_COPY_THREADS"] = str(threads)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("DEEPSPOT_COPY_THREADS", None)
-        else:
-            os.environ["DEEPSPOT_COPY_THREADS"] = before
 
 
 def _row(measure, *args) -> dict:
@@ -711,7 +715,8 @@ def slides(smoke: bool, until: float | None = None, partial=None) -> dict:
                     "items_per_s": r.items_per_s,
                     "ratio_to_eager_per_item": r.ratio_to_torch,
                     "input_bytes_per_item": r.input_bytes_per_item,
-                    "bus_limit_items_per_s": pinned * 1e9 / r.input_bytes_per_item if pinned and r.input_bytes_per_item
+                    "bus_limit_items_per_s": pinned * 1e9 / r.input_bytes_per_item
+                    if pinned and r.input_bytes_per_item
                     else None,
                     "fraction_of_limit": r.fraction_of_bus,
                     "phases_s": r.phases_s,  # encoder pass, table to the device, head pass: what bounds the slide
@@ -825,7 +830,8 @@ def markdown(results: dict) -> str:
                     lines.append(f"\n{workload}: x eager is against {paired}{how}")
                     continue
                 baseline = next(
-                    (v for v in (table.get("rows") or {}) if "eager" in v and "items_per_s" in table["rows"][v]), None)
+                    (v for v in (table.get("rows") or {}) if "eager" in v and "items_per_s" in table["rows"][v]), None
+                )
                 if baseline:
                     lines.append(f"\n{workload}: x eager is against {baseline} (timed in the same run, one row after "
                                  "another, not alternated)")  # fmt: skip
@@ -997,7 +1003,8 @@ def _supervise(args, run_child, started: float) -> None:
             why_not = f"the suite's process ended early {attempt + 1} times; no restart left"
         else:
             suite.results.setdefault("restarts", []).append(
-                {"why": why, "failed_step": failed, "suite_seconds": time.time() - started})
+                {"why": why, "failed_step": failed, "suite_seconds": time.time() - started}
+            )
         suite.write()
         if why_not:
             break
