@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from deepspot.runtime import _copy
-from deepspot.runtime._copy import MIN_CHUNK_BYTES, copy_rows, default_copy_threads
+from deepspot.runtime._copy import MAX_COPY_THREADS, MIN_CHUNK_BYTES, copy_rows, default_copy_threads
 from deepspot.runtime.pipeline import HostAdapter, run_pipeline
 
 
@@ -67,7 +69,9 @@ def test_default_threads_leave_cores_for_the_rest_and_can_be_set(monkeypatch):
     from deepspot.errors import ConfigError
 
     monkeypatch.delenv("DEEPSPOT_COPY_THREADS", raising=False)
-    assert 1 <= default_copy_threads() <= 8
+    for cores, threads in ((1, 1), (2, 1), (4, 3), (16, 12), (64, MAX_COPY_THREADS)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)), raising=False)
+        assert default_copy_threads() == threads, cores
     monkeypatch.setenv("DEEPSPOT_COPY_THREADS", "3")
     assert default_copy_threads() == 3
     for bad in ("0", "two", "-1"):
