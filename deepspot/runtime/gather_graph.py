@@ -94,7 +94,8 @@ class OrtGatherHead(OrtRunner):
     ``item_index``, ``neighbor_index`` and the sub-spots cross the bus.
 
     Always uses IO binding: on ``ort-cuda`` the table is an ``OrtValue`` in GPU memory; on ``ort-cpu`` the same code
-    binds host memory, which is how it is tested without a GPU. Unverified on a GPU.
+    binds host memory, which is how it is tested without a GPU. Ran on an NVIDIA H200 (the GPU suite's indexed parity
+    and ``xenium-slide`` rows, 2026-11-29).
 
     Args:
         source: The head's runner as :func:`~deepspot.runtime.backends.load_runner` built it (inactive).
