@@ -87,7 +87,6 @@ def step_deadline(name: str, budget: float) -> float:
     share = budget / 3
     return {"throughput": 2 * share, "slides": budget}.get(name, share)
 
-
 # The CUDA errors after which every later CUDA call of the process fails (the context is lost), as torch
 # ("CUDA error: <text>"), onnxruntime ("CUDA failure 700: <text>", "CUDA error cudaErrorIllegalAddress:<text>") and
 # deepspot.runtime.cuda_libs ("<call> failed: <text> (error 700)") word them: the runtime's texts, enum names and codes.
@@ -176,9 +175,8 @@ class Suite:
                     "error": f"{type(e).__name__}: {e}",
                     "traceback": traceback.format_exc(limit=6),
                     # what it had recorded before it failed (see partial)
-                    **(
-                        {"result": before["result"]} if before.get("status") == "running" and "result" in before else {}
-                    ),
+                    **({"result": before["result"]} if before.get("status") == "running" and "result" in before
+                       else {}),
                 }
                 if _poisons_cuda(e):
                     self.results["steps"][name]["restart"] = "a sticky CUDA error: the next steps run in a new process"
@@ -351,8 +349,7 @@ def parity(smoke: bool, work: Path, until: float | None = None, partial=None) ->
             for backend, precision, target, options in runs:
                 n = 64 if smoke else 512
                 cases[f"{family}/{mode} {backend} {precision}"] = _case(
-                    lambda o, c=ckpt, t=target, b=backend, k=n: check_parity(c, t, b, n_random=k, options=o), options
-                )
+                    lambda o, c=ckpt, t=target, b=backend, k=n: check_parity(c, t, b, n_random=k, options=o), options)
                 if partial is not None:  # after each case: the supervisor sees a slow step progressing, not hung
                     partial(cases)
             if "neighbors" in mode:
@@ -509,20 +506,10 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
             variants.append((f"ort-cpu {features} features", path, "ort-cpu", None, features))
             continue
         variants += [
-            (
-                f"ort-cuda {features} features, CUDA graph",
-                path,
-                "ort-cuda",
-                RunnerOptions(cuda_graph=True, batch_size=batch),
-                features,
-            ),
-            (
-                f"ort-cuda {features} features, no CUDA graph",
-                path,
-                "ort-cuda",
-                RunnerOptions(cuda_graph=False, batch_size=batch),
-                features,
-            ),
+            (f"ort-cuda {features} features, CUDA graph", path, "ort-cuda",
+             RunnerOptions(cuda_graph=True, batch_size=batch), features),
+            (f"ort-cuda {features} features, no CUDA graph", path, "ort-cuda",
+             RunnerOptions(cuda_graph=False, batch_size=batch), features),
         ]
     if not smoke:  # fp32 on the bus, faster math: TF32 products, or an fp16 graph that casts the features
         tf32, plain = RunnerOptions(tf32=True, batch_size=batch), RunnerOptions(batch_size=batch)
@@ -530,14 +517,8 @@ def throughput(smoke: bool, work: Path, bw: dict | None, rates: dict | None = No
             ("ort-cuda fp32 features, TF32, CUDA graph", paths["fp32"], "ort-cuda", tf32, "fp32"),
             ("ort-cuda fp32 features, fp16 graph, CUDA graph", paths["fp16-compute"], "ort-cuda", plain, "fp32"),
             # The staging copies on one thread, as before they were split: what the threads add, side by side.
-            (
-                "ort-cuda fp32 features, CUDA graph, 1 staging thread",
-                paths["fp32"],
-                "ort-cuda",
-                RunnerOptions(cuda_graph=True, batch_size=batch),
-                "fp32",
-                1,
-            ),
+            ("ort-cuda fp32 features, CUDA graph, 1 staging thread", paths["fp32"], "ort-cuda",
+             RunnerOptions(cuda_graph=True, batch_size=batch), "fp32", 1),
         ]
     ckpt_variants = [("torch eager", "torch", RunnerOptions(), "fp32"),
                      ("torch eager, fp16 features", "torch", RunnerOptions(io="fp16"), "fp16")] if smoke else [
@@ -715,8 +696,7 @@ def slides(smoke: bool, until: float | None = None, partial=None) -> dict:
                     "items_per_s": r.items_per_s,
                     "ratio_to_eager_per_item": r.ratio_to_torch,
                     "input_bytes_per_item": r.input_bytes_per_item,
-                    "bus_limit_items_per_s": pinned * 1e9 / r.input_bytes_per_item
-                    if pinned and r.input_bytes_per_item
+                    "bus_limit_items_per_s": pinned * 1e9 / r.input_bytes_per_item if pinned and r.input_bytes_per_item
                     else None,
                     "fraction_of_limit": r.fraction_of_bus,
                     "phases_s": r.phases_s,  # encoder pass, table to the device, head pass: what bounds the slide
@@ -830,8 +810,7 @@ def markdown(results: dict) -> str:
                     lines.append(f"\n{workload}: x eager is against {paired}{how}")
                     continue
                 baseline = next(
-                    (v for v in (table.get("rows") or {}) if "eager" in v and "items_per_s" in table["rows"][v]), None
-                )
+                    (v for v in (table.get("rows") or {}) if "eager" in v and "items_per_s" in table["rows"][v]), None)
                 if baseline:
                     lines.append(f"\n{workload}: x eager is against {baseline} (timed in the same run, one row after "
                                  "another, not alternated)")  # fmt: skip
@@ -1003,8 +982,7 @@ def _supervise(args, run_child, started: float) -> None:
             why_not = f"the suite's process ended early {attempt + 1} times; no restart left"
         else:
             suite.results.setdefault("restarts", []).append(
-                {"why": why, "failed_step": failed, "suite_seconds": time.time() - started}
-            )
+                {"why": why, "failed_step": failed, "suite_seconds": time.time() - started})
         suite.write()
         if why_not:
             break
