@@ -219,11 +219,19 @@ def measure(
     return result
 
 
+def _counts(text: str) -> tuple[int, ...]:
+    """``--threads``: comma-separated whole numbers, each at least 1."""
+    parts = text.split(",")
+    if not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+        raise argparse.ArgumentTypeError(f"expected thread counts such as 8,12,16, got {text!r}")
+    return tuple(int(p) for p in parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=32768)
     parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--threads", default="8,16", help="Copy threads of the rows, comma-separated.")
+    parser.add_argument("--threads", type=_counts, default=(8, 16), help="Copy threads of the rows, comma-separated.")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
         "--backend",
@@ -233,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, default=None, help="Also write the result here.")
     args = parser.parse_args(argv)
-    threads = tuple(int(t) for t in args.threads.split(","))
+    threads = args.threads
     with tempfile.TemporaryDirectory(prefix="deepspot-host-path-") as work:
         result = measure(args.items, args.batch, threads, args.repeats, args.backend, Path(work))
     pinned = result["pinned_gb_per_s"]

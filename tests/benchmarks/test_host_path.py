@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from _scripts import load_script
 
 
@@ -43,3 +44,12 @@ def test_host_rows_run_predict_on_the_threads_they_name(tmp_path, capsys, monkey
         assert result["bus_no_compute"] == why and result["pinned_gb_per_s"] is None
         assert result["rows"].keys() == host.keys()
         assert all(row["fraction_of_limit"] is None for row in result["rows"].values())
+
+
+def test_thread_counts_that_are_not_counts_are_a_usage_error(capsys):
+    script = load_script("host_path")
+    for bad in ("x", "8,0", "8,,12"):
+        with pytest.raises(SystemExit) as stopped:
+            script.main(["--threads", bad])
+        assert stopped.value.code == 2, bad
+        assert "expected thread counts such as 8,12,16" in capsys.readouterr().err
