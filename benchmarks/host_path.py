@@ -39,17 +39,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/staging_copy.py
 
+from gpu_suite import cuda_available  # noqa: E402
 from staging_copy import copy_threads_env  # noqa: E402
+
+from deepspot.runtime.bench_common import bus_bandwidth  # noqa: E402
 
 
 class _Nothing:
     """A device that does nothing: the batch's predictions are whatever its slot held (the host side alone)."""
 
-    def __init__(self, genes: int, depth_hold: bool = True):
+    def __init__(self, genes: int):
         from deepspot.runtime.pipeline import HostRing, default_depth
 
         self.genes = genes
-        self.ring = HostRing(default_depth(self, hold=depth_hold), lambda shape, dtype: np.zeros(shape, dtype))
+        self.ring = HostRing(default_depth(self, hold=True), lambda shape, dtype: np.zeros(shape, dtype))
 
     def output_specs(self):
         return {"y": ((self.genes,), np.dtype(np.float32))}
@@ -115,31 +118,6 @@ def _runner(device, specs: dict[str, tuple[tuple[int, ...], np.dtype]]):
     )
 
 
-def _cuda() -> str | None:
-    """Why the ``bus, no compute`` rows cannot run here, ``None`` if they can."""
-    try:
-        import torch
-    except ImportError:
-        return "PyTorch is not installed"
-    return None if torch.cuda.is_available() else "torch.cuda.is_available() is False"
-
-
-def _pinned_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
-    """Page-locked host-to-device GB/s: the median of ``repeats`` copies of ``nbytes`` after a warm-up (as the GPU
-    suite's bandwidth step measures it, here through PyTorch)."""
-    import torch
-
-    source = torch.ones(nbytes, dtype=torch.uint8, pin_memory=True)
-    target = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        target.copy_(source)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return nbytes / statistics.median(times[1:]) / 1e9
-
-
 def _model_runner(w, features: str, backend: str, batch: int, work: Path):
     """The workload's graph with fp16 arithmetic on ``backend``, taking ``features`` (fp32 or fp16) as they are."""
     from deepspot.runtime import RunnerOptions, load_runner
@@ -170,8 +148,9 @@ def measure(
     w = get_workload("visium-uni")
     shapes = {k: v.shape[1:] for k, v in w.inputs(1).items()}
     genes = w.output_size
-    no_cuda = _cuda()
-    pinned = _pinned_bandwidth() if no_cuda is None else None
+    has_cuda, why = cuda_available()
+    no_cuda = None if has_cuda else why
+    pinned = bus_bandwidth()["pinned_gb_per_s"] if has_cuda else None
     out = np.zeros((items, genes), np.float32)  # touched: page faults are not timed
     result = {"workload": w.name, "backend": backend, "items": items, "batch": batch, "genes": genes,
               "pinned_gb_per_s": pinned, "bus_no_compute": no_cuda or "measured", "rows": {}}  # fmt: skip

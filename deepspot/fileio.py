@@ -29,7 +29,12 @@ def is_short_write(e: OSError) -> bool:
 def check_clobber(path: str | Path, no_clobber: bool) -> None:
     """With ``no_clobber``, refuse an output that exists (before any work is done)."""
     if no_clobber and os.path.lexists(path):
-        raise DeepSpotError(f"{path}: already exists, and {option_value('no_clobber', True)} forbids replacing it")
+        raise _exists(path)
+
+
+def _exists(path: str | Path) -> DeepSpotError:
+    """The error for an output that exists where ``no_clobber`` forbids replacing it."""
+    return DeepSpotError(f"{path}: already exists, and {option_value('no_clobber', True)} forbids replacing it")
 
 
 def ensure_free_space(folder: str | Path, nbytes: int, what: str) -> None:
@@ -120,8 +125,7 @@ def atomic_path(path: str | Path, suffix: str | None = None, no_clobber: bool = 
             try:
                 os.link(tmp_path, path)
             except FileExistsError:
-                raise DeepSpotError(f"{path}: already exists, and {option_value('no_clobber', True)} forbids "
-                                    "replacing it") from None  # fmt: skip
+                raise _exists(path) from None
             tmp_path.unlink()
         else:
             os.replace(tmp_path, path)

@@ -13,7 +13,6 @@ pipeline (:class:`OrtCudaAdapter`) both go through it, across any number of call
 from __future__ import annotations
 
 import contextlib
-
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field

@@ -39,8 +39,8 @@ def test_host_rows_run_predict_on_the_threads_they_name(tmp_path, capsys, monkey
         per_item = 16 * 1024 * (2 if "fp16" in name else 4)  # visium-uni: 16 tiles x 1024 features
         assert row["input_bytes_per_item"] == per_item and row["output_bytes_per_item"] == 5000 * 4
     assert "| host copies alone, fp16 features, 2 copy threads |" in capsys.readouterr().out
-    why = script._cuda()
-    if why is not None:  # no GPU: the rows through the bus say why they are missing, and no fraction is made up
+    has_cuda, why = script.cuda_available()
+    if not has_cuda:  # no GPU: the rows through the bus say why they are missing, and no fraction is made up
         assert result["bus_no_compute"] == why and result["pinned_gb_per_s"] is None
         assert result["rows"].keys() == host.keys()
         assert all(row["fraction_of_limit"] is None for row in result["rows"].values())
